@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build the wheel, install it into a brand-new venv and check the entry points work.
+set -euo pipefail
+tmp=${1:-$(mktemp -d)}
+here=$(cd "$(dirname "$0")/.." && pwd)
+rm -rf "$tmp/dist" "$tmp/venv"
+python -m build --wheel --outdir "$tmp/dist" "$here"
+python -m venv "$tmp/venv"
+"$tmp/venv/bin/pip" install -q "$tmp"/dist/*.whl
+cd "$tmp"
+"$tmp/venv/bin/twistd" twistvpn-node --help >/dev/null
+"$tmp/venv/bin/twistvpn" --help >/dev/null
+"$tmp/venv/bin/twistd" --help | grep -q twistvpn-node
+echo "packaging: ok"

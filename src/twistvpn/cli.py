@@ -1,0 +1,1 @@
+"""The twistvpn command (placeholder until the node helper fills it)."""

@@ -1,0 +1,117 @@
+"""
+The node's one UDP socket.
+
+The forwarder is a thin adapter: it moves datagrams between the socket and
+whoever handles their kind (WireGuard for types 1 to 4, twistvpn's own
+probe, discovery and relay messages for the others; see L{twistvpn.wire}),
+and packets from the TUN device into the WireGuard state.  It holds no
+protocol state of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistvpn.interfaces import IDatagramHandler, IDatagramSender
+from twistvpn.wire import WIREGUARD_TYPES
+
+Address = Any  # a (host, port) tuple, or an endpoint object a route knows
+
+
+@implementer(IDatagramSender)
+class Forwarder(DatagramProtocol):
+    """
+    Dispatches each datagram on its first byte; sends for everyone.
+
+    Endpoints that are not (host, port) tuples (a relay path, say) are sent
+    through a route registered with L{register_route} for their type.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._handlers: dict[int, IDatagramHandler] = {}
+        self._routes: dict[type, Callable[[bytes, Any], None]] = {}
+        self._wireguard: IDatagramHandler | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # -- wiring ---------------------------------------------------------------
+
+    def set_wireguard(self, device: IDatagramHandler) -> None:
+        """Hand WireGuard messages (types 1 to 4) to C{device}."""
+        self._wireguard = device
+
+    def register_handler(self, message_type: int, handler: IDatagramHandler) -> None:
+        if message_type in WIREGUARD_TYPES:
+            raise ValueError(f"message type {message_type} belongs to WireGuard")
+        if not 0 <= message_type <= 255:
+            raise ValueError(f"message type {message_type} is not a byte")
+        self._handlers[message_type] = handler
+
+    def unregister_handler(self, message_type: int) -> None:
+        """Stop dispatching C{message_type}; unknown types are ignored."""
+        self._handlers.pop(message_type, None)
+
+    def register_route(self, endpoint_type: type, send: Callable[[bytes, Any], None]) -> None:
+        """
+        Send datagrams whose endpoint is an instance of C{endpoint_type}
+        with C{send(data, endpoint)} instead of the UDP socket.
+        """
+        self._routes[endpoint_type] = send
+
+    # -- receiving ------------------------------------------------------------
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        self.dispatch(data, addr)
+
+    def dispatch(self, data: bytes, addr: Address) -> None:
+        """
+        Hand C{data} to the handler of its kind.  Also the entry point for
+        datagrams that arrive by another path (a relay), with that path's
+        endpoint as C{addr}, so that roaming follows them there.
+        """
+        if not data:
+            self.counters["drop_empty"] += 1
+            return
+        kind = data[0]
+        if kind in WIREGUARD_TYPES:
+            handler = self._wireguard
+        else:
+            handler = self._handlers.get(kind)
+        if handler is None:
+            self.counters["drop_unknown_type"] += 1
+            return
+        try:
+            handler.datagram_received(data, addr)
+        except Exception:
+            # A handler is not supposed to raise; if one does, the socket
+            # must keep working for every other peer.
+            self.counters["drop_handler_error"] += 1
+            self.log.failure("handler for message type {kind} raised", kind=kind)
+
+    # -- sending --------------------------------------------------------------
+
+    def send_datagram(self, data: bytes, addr: Address) -> None:
+        if type(addr) is not tuple:
+            route = self._routes.get(type(addr))
+            if route is None:
+                self.counters["drop_no_route"] += 1
+                return
+            route(data, addr)
+            return
+        transport = self.transport
+        if transport is None:
+            self.counters["drop_not_listening"] += 1
+            return
+        try:
+            transport.write(data, addr)
+        except OSError:
+            # ENETUNREACH, EPERM from a firewall, a full buffer: the packet
+            # is lost as it would be on the wire; WireGuard retransmits.
+            self.counters["drop_send_error"] += 1
