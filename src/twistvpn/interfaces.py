@@ -185,3 +185,40 @@ class IWireGuardPeer(Interface):
 
 
 # --- the relay (see twistvpn.relay) -----------------------------------------
+
+
+class IRelayPolicy(Interface):
+    """
+    Who may use a relay and who may reach whom through it: a node may relay
+    only to nodes it shares an authorized network with.  The rendezvous's
+    controller is the source of truth (in process when the relay is
+    embedded, over the relay link when it is standalone).  Answers may be
+    plain values or Deferreds; the relay caches them per pair and drops a
+    cached answer as soon as it is told of a revocation.
+    """
+
+    def may_register(node_key):
+        """
+        Return (or return a Deferred firing with) True when C{node_key}
+        (32-byte public key) is an authorized member of some network and
+        may hold a session on the relay.
+        """
+
+    def may_relay(src_key, dst_key):
+        """
+        Return (or return a Deferred firing with) True when the nodes
+        C{src_key} and C{dst_key} share an authorized network.
+        """
+
+    def add_revocation_observer(observer):
+        """
+        Call C{observer(keys)} (keys: a frozenset of node public keys)
+        whenever authorizations involving those nodes may have shrunk
+        (deauthorized, removed, a network deleted), so that flows stop
+        within seconds.
+        """
+
+    def remove_revocation_observer(observer):
+        """
+        Stop calling C{observer}; unknown observers are ignored.
+        """
