@@ -1,0 +1,1 @@
+"""The twistvpn test suite, run with Trial."""
