@@ -11,9 +11,12 @@ protocol state of its own.
 from __future__ import annotations
 
 import collections
+import ipaddress
+import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import error
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -22,6 +25,31 @@ from twistvpn.interfaces import IDatagramHandler, IDatagramSender
 from twistvpn.wire import WIREGUARD_TYPES
 
 Address = Any  # a (host, port) tuple, or an endpoint object a route knows
+
+
+def _unmap(addr: Address) -> Address:
+    """
+    A dual-stack socket reports IPv4 senders as ::ffff:a.b.c.d with IPv6's
+    (host, port); give handlers the plain (a.b.c.d, port) a peer's endpoint
+    is configured as, so that both compare equal.
+    """
+    if type(addr) is tuple and addr and str(addr[0]).startswith("::ffff:"):
+        try:
+            mapped = ipaddress.IPv6Address(addr[0]).ipv4_mapped
+        except ValueError:
+            return addr
+        if mapped is not None:
+            return (str(mapped), addr[1])
+    return addr
+
+
+def _map(addr: tuple) -> tuple:  # type: ignore[type-arg]
+    """The form of C{addr} an IPv6 (dual-stack) socket can send to."""
+    try:
+        ipaddress.IPv4Address(addr[0])
+    except ValueError:
+        return addr
+    return ("::ffff:" + addr[0], addr[1])
 
 
 @implementer(IDatagramSender)
@@ -68,7 +96,7 @@ class Forwarder(DatagramProtocol):
     # -- receiving ------------------------------------------------------------
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
-        self.dispatch(data, addr)
+        self.dispatch(data, _unmap(addr))
 
     def dispatch(self, data: bytes, addr: Address) -> None:
         """
@@ -109,9 +137,11 @@ class Forwarder(DatagramProtocol):
         if transport is None:
             self.counters["drop_not_listening"] += 1
             return
+        if getattr(transport, "addressFamily", None) == socket.AF_INET6:
+            addr = _map(addr)
         try:
             transport.write(data, addr)
-        except OSError:
+        except (OSError, error.MessageLengthError, error.InvalidAddressError):
             # ENETUNREACH, EPERM from a firewall, a full buffer: the packet
             # is lost as it would be on the wire; WireGuard retransmits.
             self.counters["drop_send_error"] += 1

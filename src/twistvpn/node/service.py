@@ -1,0 +1,215 @@
+"""
+The static-mode node: a wg-quick configuration brought to life.
+
+L{StaticNodeService} opens the TUN device and the UDP socket when it starts
+and removes both when it stops.  Everything it builds comes from factories
+it is given, so a test can hand it an in-memory TUN device, a fake
+WireGuard device and a L{MemoryReactor}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from twistvpn.interfaces import ITunDevice, IWireGuardDevice
+from twistvpn.node.config import InterfaceConfig, PeerConfig
+from twistvpn.node.forwarder import Forwarder
+from twistvpn.node.tun import DEFAULT_MTU
+from twistvpn.wireguard.keys import encode_key, public_key
+
+TunFactory = Callable[[str, int], ITunDevice]
+# (private_key, clock, send_datagram, deliver_packet) -> the WireGuard state
+DeviceFactory = Callable[[bytes, Any, Callable[[bytes, Any], None], Callable[[bytes], None]],
+                         IWireGuardDevice]
+Resolver = Callable[[str, int], tuple[str, int]]
+
+# Socket buffers big enough to absorb a burst while Python catches up.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
+    """
+    An endpoint's address, resolving a host name once at start-up as
+    wg-quick does (IPv4 preferred, as wg does).
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host, port
+    except ValueError:
+        pass
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0]), port
+
+
+def routed_prefixes(peers: tuple[PeerConfig, ...]) -> tuple[list[str], list[str]]:
+    """
+    The prefixes to route through the device, and the default routes left
+    out: routing 0.0.0.0/0 through the tunnel would also capture the
+    tunnel's own UDP traffic, which wg-quick avoids with policy routing that
+    twistvpn does not do.
+    """
+    routes: list[str] = []
+    skipped: list[str] = []
+    for peer in peers:
+        for cidr in peer.allowed_ips:
+            target = skipped if ipaddress.ip_network(cidr).prefixlen == 0 else routes
+            if cidr not in target:
+                target.append(cidr)
+    return routes, skipped
+
+
+def _enlarge_buffers(sock: socket.socket) -> None:
+    for forced, plain in (
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+    ):
+        for option in (forced, plain):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
+
+
+class StaticNodeService(service.Service):
+    """
+    A node configured entirely by a wg-quick file: no rendezvous, fixed
+    peers, fixed endpoints (which still roam as WireGuard's do).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: InterfaceConfig,
+        *,
+        interface_name: str,
+        open_tun: TunFactory,
+        make_device: DeviceFactory,
+        resolve: Resolver = resolve_endpoint,
+        listen_interface: str = "::",
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._interface_name = interface_name
+        self._open_tun = open_tun
+        self._make_device = make_device
+        self._resolve = resolve
+        self._listen_interface = listen_interface
+        self.tun: ITunDevice | None = None
+        self.device: IWireGuardDevice | None = None
+        self.forwarder: Forwarder | None = None
+        self.port: Any = None
+
+    @property
+    def listening_port(self) -> int | None:
+        """The UDP port actually bound (ListenPort may be left to the kernel)."""
+        return None if self.port is None else self.port.getHost().port
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _start(self) -> None:
+        config = self._config
+        mtu = config.mtu or DEFAULT_MTU
+        # Resolve first: a bad name should fail before anything is created.
+        endpoints = [
+            None if p.endpoint is None else self._resolve(*p.endpoint) for p in config.peers
+        ]
+        self.tun = tun = self._open_tun(self._interface_name, mtu)
+        self.forwarder = forwarder = Forwarder()
+        self.device = device = self._make_device(
+            config.private_key, self._reactor, forwarder.send_datagram, tun.write
+        )
+        forwarder.set_wireguard(device)  # type: ignore[arg-type]
+        for peer, endpoint in zip(config.peers, endpoints, strict=True):
+            device.add_peer(
+                peer.public_key,
+                preshared_key=peer.preshared_key,
+                endpoint=endpoint,
+                allowed_ips=peer.allowed_ips,
+                persistent_keepalive=peer.persistent_keepalive,
+            )
+        tun.set_addresses(config.addresses)
+        routes, skipped = routed_prefixes(config.peers)
+        for cidr in routes:
+            tun.add_route(cidr)
+        for cidr in skipped:
+            self.log.warn(
+                "not routing {cidr} through {name}: default routes need policy routing, "
+                "which twistvpn does not set up; add narrower AllowedIPs",
+                cidr=cidr,
+                name=tun.name,
+            )
+        self.port = self._listen(config.listen_port or 0, forwarder)
+        tun.start_reading(device.send_packet)
+        self.log.info(
+            "twistvpn node up: interface {name} (mtu {mtu}) addresses {addresses}, "
+            "UDP port {port}, public key {key}, {count} peer(s)",
+            name=tun.name,
+            mtu=mtu,
+            addresses=", ".join(config.addresses) or "none",
+            port=self.listening_port,
+            key=encode_key(public_key(config.private_key)),
+            count=len(config.peers),
+        )
+        for peer, endpoint in zip(config.peers, endpoints, strict=True):
+            self.log.info(
+                "peer {key}: endpoint {endpoint}, allowed IPs {allowed}{keepalive}",
+                key=encode_key(peer.public_key),
+                endpoint="(none yet)" if endpoint is None else f"{endpoint[0]}:{endpoint[1]}",
+                allowed=", ".join(peer.allowed_ips) or "none",
+                keepalive=(
+                    f", keepalive every {peer.persistent_keepalive}s"
+                    if peer.persistent_keepalive
+                    else ""
+                ),
+            )
+
+    def _listen(self, port: int, forwarder: Forwarder) -> Any:
+        try:
+            listening = self._reactor.listenUDP(port, forwarder, interface=self._listen_interface)
+        except CannotListenError:
+            if self._listen_interface != "::":
+                raise
+            # No IPv6 in this network namespace: IPv4 only.
+            listening = self._reactor.listenUDP(port, forwarder, interface="")
+        sock = getattr(listening, "socket", None)
+        if isinstance(sock, socket.socket):
+            _enlarge_buffers(sock)
+        return listening
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._teardown()
+        self.log.info("twistvpn node down: {name} removed", name=self._interface_name)
+        return None
+
+    def _teardown(self) -> None:
+        if self.tun is not None:
+            self.tun.stop_reading()
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None

@@ -1,0 +1,291 @@
+"""
+TUN devices: the kernel's side of the VPN.
+
+L{TunDevice} is the real thing (python-pytun for the file descriptor,
+pyroute2 for addresses and routes, registered with the reactor as a
+reader); L{FakeTunDevice} keeps everything in memory for tests.  Both
+implement L{ITunDevice}, so the node service never knows which it has.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistvpn.interfaces import ITunDevice
+
+DEFAULT_MTU = 1420
+DEFAULT_NAME = "twvpn0"
+# How many packets one reactor wake-up may read before yielding to the
+# other descriptors (the UDP socket above all).
+READ_BATCH = 64
+# Linux interface names are at most IFNAMSIZ - 1 characters.
+MAX_NAME_LENGTH = 15
+
+Receiver = Callable[[bytes], None]
+
+
+def validate_interface_name(name: str) -> str:
+    """
+    Return C{name} if the kernel would take it as an interface name, raise
+    ValueError saying why not otherwise.
+    """
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"interface name must be 1 to {MAX_NAME_LENGTH} characters")
+    if name in (".", "..") or any(c in name for c in "/:% ") or not name.isprintable():
+        raise ValueError(f"interface name {name!r} has characters the kernel refuses")
+    return name
+
+
+def parse_interface_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """An interface address in CIDR form; a bare address gets a host prefix."""
+    return ipaddress.ip_interface(text.strip())
+
+
+class _TunBase:
+    """The bookkeeping the real and the fake device share."""
+
+    def __init__(self, name: str, mtu: int) -> None:
+        self.name = validate_interface_name(name)
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
+        self.addresses: tuple[str, ...] = ()
+        self.routes: list[str] = []
+        self.counters: Counter[str] = Counter()
+        self._receiver: Receiver | None = None
+
+    def _deliver(self, packet: bytes) -> None:
+        receiver = self._receiver
+        if receiver is None:
+            self.counters["drop_not_reading"] += 1
+            return
+        self.counters["rx_packets"] += 1
+        receiver(packet)
+
+    @staticmethod
+    def _normalise_route(cidr: str) -> str:
+        return str(ipaddress.ip_network(cidr, strict=False))
+
+
+@implementer(ITunDevice)
+class FakeTunDevice(_TunBase):
+    """
+    An in-memory TUN device.  Packets the "kernel" sends into the device are
+    injected with L{inject}; packets written to the kernel collect in
+    L{written}.
+    """
+
+    def __init__(self, name: str = DEFAULT_NAME, mtu: int = DEFAULT_MTU) -> None:
+        super().__init__(name, mtu)
+        self.written: list[bytes] = []
+        self.up = False
+        self.closed = False
+
+    def start_reading(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    def stop_reading(self) -> None:
+        self._receiver = None
+
+    def inject(self, packet: bytes) -> None:
+        """Pretend the kernel routed C{packet} into the device."""
+        if self.closed:
+            raise RuntimeError("device is closed")
+        self._deliver(packet)
+
+    def write(self, packet: bytes) -> None:
+        if self.closed:
+            self.counters["drop_closed"] += 1
+            return
+        self.counters["tx_packets"] += 1
+        self.written.append(packet)
+
+    def set_addresses(self, addresses: Iterable[str]) -> None:
+        self.addresses = tuple(str(parse_interface_address(a)) for a in addresses)
+        self.up = True
+
+    def add_route(self, cidr: str) -> None:
+        route = self._normalise_route(cidr)
+        if route not in self.routes:
+            self.routes.append(route)
+
+    def remove_route(self, cidr: str) -> None:
+        route = self._normalise_route(cidr)
+        if route in self.routes:
+            self.routes.remove(route)
+
+    def close(self) -> None:
+        self._receiver = None
+        self.routes = []
+        self.addresses = ()
+        self.up = False
+        self.closed = True
+
+
+@implementer(ITunDevice, IReadDescriptor)
+class TunDevice(_TunBase):
+    """
+    A kernel TUN device (IFF_TUN | IFF_NO_PI), read without blocking from
+    the reactor.
+
+    The device exists from construction until L{close}; it is not
+    persistent, so the kernel also removes it (and its routes) if the
+    process dies.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorFDSet,
+        name: str = DEFAULT_NAME,
+        mtu: int = DEFAULT_MTU,
+        iproute: Any = None,
+    ) -> None:
+        import pytun  # only the real device needs the C extension
+
+        super().__init__(name, mtu)
+        self._reactor = reactor
+        self._tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        self.name = self._tun.name
+        self._fd = self._tun.fileno()
+        os.set_blocking(self._fd, False)
+        # Room for a packet bigger than the MTU, so that one is read whole
+        # and can be counted rather than split.
+        self._read_size = max(mtu, 1500) + 64
+        if iproute is None:
+            from pyroute2 import IPRoute
+
+            iproute = IPRoute()
+        self._ipr = iproute
+        self._index: int = self._ipr.link_lookup(ifname=self.name)[0]
+        self._ipr.link("set", index=self._index, mtu=mtu)
+        self._reading = False
+        self._closed = False
+
+    # -- IReadDescriptor --------------------------------------------------------
+
+    def fileno(self) -> int:
+        return -1 if self._closed else self._fd
+
+    def logPrefix(self) -> str:
+        return f"TunDevice({self.name})"
+
+    def doRead(self) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                packet = os.read(self._fd, self._read_size)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                self.counters["read_error"] += 1
+                self.log.warn("reading {name} failed: {error}", name=self.name, error=e)
+                return
+            if not packet:
+                return
+            try:
+                self._deliver(packet)
+            except Exception:
+                self.counters["drop_receiver_error"] += 1
+                self.log.failure("packet receiver raised")
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._reading = False
+
+    # -- ITunDevice ---------------------------------------------------------------
+
+    def start_reading(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        if not self._reading and not self._closed:
+            self._reading = True
+            self._reactor.addReader(self)
+
+    def stop_reading(self) -> None:
+        if self._reading:
+            self._reactor.removeReader(self)
+            self._reading = False
+        self._receiver = None
+
+    def write(self, packet: bytes) -> None:
+        if self._closed:
+            self.counters["drop_closed"] += 1
+            return
+        try:
+            os.write(self._fd, packet)
+        except BlockingIOError:
+            self.counters["drop_tun_full"] += 1
+        except OSError as e:
+            # EINVAL for a packet the kernel cannot parse: count, carry on.
+            self.counters["drop_write_error"] += 1
+            self.log.debug("writing to {name} failed: {error}", name=self.name, error=e)
+        else:
+            self.counters["tx_packets"] += 1
+
+    def set_addresses(self, addresses: Iterable[str]) -> None:
+        wanted = [parse_interface_address(a) for a in addresses]
+        for old in self.addresses:
+            iface = parse_interface_address(old)
+            self._ignore_missing(
+                self._ipr.addr,
+                "del",
+                index=self._index,
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+            )
+        for iface in wanted:
+            self._ipr.addr(
+                "add",
+                index=self._index,
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+            )
+        self.addresses = tuple(str(i) for i in wanted)
+        self._ipr.link("set", index=self._index, state="up")
+
+    def add_route(self, cidr: str) -> None:
+        route = self._normalise_route(cidr)
+        if route in self.routes:
+            return
+        self._ipr.route("replace", dst=route, oif=self._index)
+        self.routes.append(route)
+
+    def remove_route(self, cidr: str) -> None:
+        route = self._normalise_route(cidr)
+        if route in self.routes:
+            self.routes.remove(route)
+        if not self._closed:
+            self._ignore_missing(self._ipr.route, "del", dst=route, oif=self._index)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.stop_reading()
+        for route in list(self.routes):
+            self.remove_route(route)
+        self._ignore_missing(self._ipr.link, "del", index=self._index)
+        self._closed = True
+        self._tun.close()
+        self._ipr.close()
+
+    @staticmethod
+    def _ignore_missing(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run a netlink request whose target may already be gone."""
+        from pyroute2 import NetlinkError
+
+        try:
+            call(*args, **kwargs)
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV, errno.EADDRNOTAVAIL):
+                raise
