@@ -1,0 +1,102 @@
+"""
+Who may talk to whom through a relay.
+
+L{MembershipPolicy} is an in-memory table of each network's authorized
+members.  The rendezvous feeds it: in process when the relay is embedded
+(its controller calls L{MembershipPolicy.set_members} whenever a network's
+authorized members change), over the relay link when the relay is
+standalone (L{twistvpn.relay.link}).  Answers are local dictionary look-ups,
+so the relay never waits on the rendezvous per packet, and shrinking a
+network tells the relay at once which nodes lost whom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistvpn.interfaces import IRelayPolicy
+
+Observer = Callable[[frozenset[bytes]], None]
+
+
+@implementer(IRelayPolicy)
+class MembershipPolicy:
+    """
+    Nodes may relay to each other when they are authorized members of a
+    common network.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._members: dict[str, frozenset[bytes]] = {}
+        self._networks: dict[bytes, set[str]] = {}
+        self._observers: list[Observer] = []
+
+    # -- IRelayPolicy -------------------------------------------------------------
+
+    def may_register(self, node_key: bytes) -> bool:
+        return bool(self._networks.get(node_key))
+
+    def may_relay(self, src_key: bytes, dst_key: bytes) -> bool:
+        src = self._networks.get(src_key)
+        dst = self._networks.get(dst_key)
+        return bool(src and dst and not src.isdisjoint(dst))
+
+    def add_revocation_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def remove_revocation_observer(self, observer: Observer) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    # -- fed by the rendezvous ----------------------------------------------------
+
+    def networks(self) -> dict[str, frozenset[bytes]]:
+        """Every network's authorized members, as last set."""
+        return dict(self._members)
+
+    def set_members(self, network_id: str, keys: Iterable[bytes]) -> None:
+        """
+        Make C{keys} the authorized members of C{network_id}.  Everyone in
+        the network loses whoever left it, so all of them are revoked when
+        anyone leaves.
+        """
+        new = frozenset(keys)
+        old = self._members.get(network_id, frozenset())
+        if new:
+            self._members[network_id] = new
+        else:
+            self._members.pop(network_id, None)
+        for key in old - new:
+            networks = self._networks.get(key)
+            if networks is not None:
+                networks.discard(network_id)
+                if not networks:
+                    del self._networks[key]
+        for key in new - old:
+            self._networks.setdefault(key, set()).add(network_id)
+        if old - new:
+            self._notify(old)
+
+    def forget_network(self, network_id: str) -> None:
+        """The network was deleted."""
+        self.set_members(network_id, ())
+
+    def replace_all(self, memberships: dict[str, Iterable[bytes]]) -> None:
+        """Make C{memberships} the whole table (a fresh snapshot)."""
+        for network_id in list(self._members):
+            if network_id not in memberships:
+                self.forget_network(network_id)
+        for network_id, keys in memberships.items():
+            self.set_members(network_id, keys)
+
+    def _notify(self, keys: frozenset[bytes]) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(keys)
+            except Exception:
+                self.log.failure("relay revocation observer raised")

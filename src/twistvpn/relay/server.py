@@ -1,0 +1,607 @@
+"""
+The relay: forwards WireGuard datagrams between nodes that have no direct
+path, addressed by node public key.
+
+L{RelayServer} is a plain object.  Time comes from an injected clock, UDP
+leaves through an injected C{write(data, addr)}, and a TCP (TLS) connection
+is a L{StreamConnection} its thin Twisted adapter
+(L{twistvpn.relay.transport}) feeds with frames.  The relay never holds a
+key that decrypts what it carries: it authenticates a node by proof of
+possession of its public key and asks an L{IRelayPolicy} whether two nodes
+share an authorized network.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from twistvpn.interfaces import IRelayPolicy
+from twistvpn.relay import protocol as p
+
+_COOKIE_TIME = struct.Struct(">Q")
+COOKIE_LIFETIME = 30.0
+
+
+@dataclass
+class RelayLimits:
+    """The bounds that keep a relay's memory and bandwidth in check."""
+
+    node_rate: float = 12_500_000.0  # bytes/s a node may send (100 Mbit/s)
+    node_burst: float = 1_000_000.0
+    global_rate: float = 125_000_000.0  # bytes/s for the whole relay (1 Gbit/s)
+    global_burst: float = 4_000_000.0
+    queue_frames: int = 512  # frames waiting for one node's TCP connection
+    queue_bytes: int = 1 << 20
+    pending_frames: int = 16  # frames of one node waiting for an authorization answer
+    max_sessions: int = 100_000
+    idle_timeout: float = 90.0  # a session with no frame for this long is closed
+    auth_timeout: float = 10.0  # a TCP connection must register within this
+    allow_ttl: float = 60.0  # re-ask the policy about an allowed pair this often
+    deny_ttl: float = 5.0  # and about a refused pair this often
+    sweep_interval: float = 2.0
+
+
+class TokenBucket:
+    """Bytes per second with a burst; C{take} is the per-datagram check."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, amount: int, now: float) -> bool:
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp = now
+        if tokens < amount:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - amount
+        return True
+
+
+class Session:
+    """One registered node: its key, its token and how to reach it."""
+
+    kind = ""
+
+    def __init__(self, key: bytes, token: bytes, bucket: TokenBucket, now: float) -> None:
+        self.key = key
+        self.token = token
+        self.bucket = bucket
+        self.last_seen = now
+        # dst key -> clock time until which relaying to it is allowed
+        self.allowed: dict[bytes, float] = {}
+        self.denied: dict[bytes, float] = {}
+        self.asking: set[bytes] = set()
+        self.pending: list[bytes] = []
+
+    def deliver(self, frame: bytes) -> bool:
+        """Send C{frame} to the node; False when it was dropped."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """End the session's transport, if it has its own."""
+
+
+class UDPSession(Session):
+    kind = "udp"
+
+    def __init__(self, key: bytes, token: bytes, bucket: TokenBucket, now: float,
+                 addr: Any, write: Callable[[bytes, Any], None]) -> None:
+        super().__init__(key, token, bucket, now)
+        self.addr = addr
+        self._write = write
+
+    def deliver(self, frame: bytes) -> bool:
+        self._write(frame, self.addr)
+        return True
+
+
+class StreamSession(Session):
+    kind = "tcp"
+
+    def __init__(self, key: bytes, token: bytes, bucket: TokenBucket, now: float,
+                 connection: StreamConnection) -> None:
+        super().__init__(key, token, bucket, now)
+        self.connection = connection
+
+    def deliver(self, frame: bytes) -> bool:
+        return self.connection.write_frame(frame)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class StreamConnection:
+    """
+    One TCP (TLS) connection as the relay sees it: frames in, frames out,
+    and a bounded queue for while the transport asks us to pause.
+    """
+
+    def __init__(self, server: RelayServer, write: Callable[[bytes], None],
+                 lose: Callable[[], None], now: float) -> None:
+        self.server = server
+        self._write = write
+        self._lose = lose
+        self.opened = now
+        self.challenge: bytes | None = None
+        self.session: StreamSession | None = None
+        self.closed = False
+        self.paused = False
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.queued_bytes = 0
+
+    def write_frame(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if not self.paused:
+            self._write(p.frame_for_stream(frame))
+            return True
+        limits = self.server.limits
+        if len(self.queue) >= limits.queue_frames or (
+            self.queued_bytes + len(frame) > limits.queue_bytes
+        ):
+            self.server.drop("queue_full")
+            return False
+        self.queue.append(frame)
+        self.queued_bytes += len(frame)
+        return True
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        while self.queue and not self.paused and not self.closed:
+            frame = self.queue.popleft()
+            self.queued_bytes -= len(frame)
+            self._write(p.frame_for_stream(frame))
+
+    def frame_received(self, frame: bytes) -> None:
+        """One frame from the stream; malformed frames end this connection."""
+        self.server.stream_frame_received(self, frame)
+
+    def stream_malformed(self) -> None:
+        """The stream's framing itself was broken."""
+        self.server.count_malformed("tcp")
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.clear()
+            self.queued_bytes = 0
+            self._lose()
+
+    def connection_lost(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.server.stream_closed(self)
+
+
+class RelayServer:
+    """
+    The relay's state: sessions by node key and by token, the policy's
+    cached answers, rate limits and counters.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, private_key: bytes, public_key: bytes,
+                 policy: IRelayPolicy, limits: RelayLimits | None = None,
+                 relay_id: str = "relay") -> None:
+        self.clock = clock
+        self.relay_id = relay_id
+        self.private_key = private_key
+        self.public_key = public_key
+        self.policy = policy
+        self.limits = limits or RelayLimits()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._secret = os.urandom(32)
+        self._by_key: dict[bytes, Session] = {}
+        self._by_token: dict[bytes, UDPSession] = {}
+        self._streams: set[StreamConnection] = set()
+        self._used_cookies: dict[bytes, float] = {}
+        self._udp_write: Callable[[bytes, Any], None] | None = None
+        now = clock.seconds()
+        self._global = TokenBucket(self.limits.global_rate, self.limits.global_burst, now)
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+
+    # -- life -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.policy.add_revocation_observer(self.revoked)
+        self._sweeper.start(self.limits.sweep_interval, now=False)
+
+    def stop(self) -> None:
+        self.policy.remove_revocation_observer(self.revoked)
+        if self._sweeper.running:
+            self._sweeper.stop()
+        for session in list(self._by_key.values()):
+            self._end(session)
+        for stream in list(self._streams):
+            stream.close()
+
+    def attach_udp(self, write: Callable[[bytes, Any], None]) -> None:
+        """Send UDP frames with C{write(frame, addr)} from now on."""
+        self._udp_write = write
+
+    # -- counters -----------------------------------------------------------------
+
+    def drop(self, reason: str) -> None:
+        self.counters["drop_" + reason] += 1
+
+    def count_malformed(self, transport: str) -> None:
+        self.counters["drop_malformed"] += 1
+        self.counters["malformed_" + transport] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """The counters and gauges, for the admin API (JSON-serialisable)."""
+        sessions = collections.Counter(s.kind for s in self._by_key.values())
+        return {
+            "relay_id": self.relay_id,
+            "public_key": self.public_key.hex(),
+            "sessions_udp": sessions["udp"],
+            "sessions_tcp": sessions["tcp"],
+            "tcp_connections": len(self._streams),
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    def session(self, key: bytes) -> Session | None:
+        return self._by_key.get(key)
+
+    # -- UDP ------------------------------------------------------------------------
+
+    def udp_received(self, frame: bytes, addr: Any) -> None:
+        """One datagram from the relay's UDP socket.  Never raises."""
+        now = self.clock.seconds()
+        self.counters["bytes_in"] += len(frame)
+        self.counters["packets_in"] += 1
+        # The hot path first: a SEND from a registered node.
+        if len(frame) >= p.SEND_PAYLOAD + 1 and frame[1] == p.SEND and frame[0] == 0xF5:
+            session = self._by_token.get(frame[2 : 2 + p.TOKEN])
+            if session is None:
+                self.drop("unknown_token")
+                return
+            if session.addr != addr:
+                # NAT rebinding: the token is the credential, follow it.
+                session.addr = addr
+                self.counters["udp_rebind"] += 1
+            session.last_seen = now
+            self._relay(session, frame, now)
+            return
+        try:
+            kind = p.frame_kind(frame)
+        except p.MalformedFrameError:
+            self.count_malformed("udp")
+            return
+        if kind == p.HELLO:
+            self._udp_out(p.challenge(self._cookie(frame[2:], addr, now)), addr)
+        elif kind == p.AUTH:
+            self._udp_auth(frame, addr, now)
+        elif kind == p.PING:
+            token = frame[2 + p.NONCE :]
+            session = self._by_token.get(token) if token else None
+            if session is not None:
+                session.last_seen = now
+                session.addr = addr
+            self._udp_out(p.pong(frame[2 : 2 + p.NONCE], session is not None), addr)
+        elif kind == p.BYE:
+            session = self._by_token.get(frame[2:])
+            if session is not None:
+                self._end(session)
+        else:
+            # A well-formed frame that only the relay sends.
+            self.count_malformed("udp")
+
+    def _udp_out(self, frame: bytes, addr: Any) -> None:
+        if self._udp_write is None:
+            self.drop("no_udp")
+            return
+        self.counters["bytes_out"] += len(frame)
+        self.counters["packets_out"] += 1
+        self._udp_write(frame, addr)
+
+    def _cookie(self, node_key: bytes, addr: Any, now: float) -> bytes:
+        """A stateless challenge bound to the node key, its address and the time."""
+        stamp = _COOKIE_TIME.pack(int(now))
+        return stamp + self._cookie_tag(stamp, node_key, addr)
+
+    def _cookie_tag(self, stamp: bytes, node_key: bytes, addr: Any) -> bytes:
+        msg = stamp + node_key + repr(addr).encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()[: p.CHALLENGE_LENGTH - 8]
+
+    def _cookie_valid(self, cookie: bytes, node_key: bytes, addr: Any, now: float) -> bool:
+        stamp = cookie[:8]
+        (issued,) = _COOKIE_TIME.unpack(stamp)
+        if not 0 <= now - issued <= COOKIE_LIFETIME:
+            return False
+        if cookie in self._used_cookies:
+            return False
+        return hmac.compare_digest(cookie[8:], self._cookie_tag(stamp, node_key, addr))
+
+    def _udp_auth(self, frame: bytes, addr: Any, now: float) -> None:
+        node_key, cookie, proof = self._split_auth(frame)
+        if not self._cookie_valid(cookie, node_key, addr, now):
+            self.drop("bad_challenge")
+            return
+        if not p.proof_is_valid(self.private_key, self.public_key, node_key, cookie, proof):
+            self.drop("bad_proof")
+            self._udp_out(p.refused(p.REFUSED_BAD_PROOF), addr)
+            return
+        self._used_cookies[cookie] = now
+        write = self._udp_write
+        assert write is not None
+
+        def make(token: bytes, bucket: TokenBucket) -> Session:
+            return UDPSession(node_key, token, bucket, self.clock.seconds(), addr, write)
+
+        self._register(node_key, make, lambda frame: self._udp_out(frame, addr))
+
+    @staticmethod
+    def _split_auth(frame: bytes) -> tuple[bytes, bytes, bytes]:
+        key_end = 2 + p.KEY
+        cookie_end = key_end + p.CHALLENGE_LENGTH
+        return frame[2:key_end], frame[key_end:cookie_end], frame[cookie_end:]
+
+    # -- TCP ------------------------------------------------------------------------
+
+    def stream_opened(self, write: Callable[[bytes], None],
+                      lose: Callable[[], None]) -> StreamConnection:
+        """A TCP (TLS) connection was accepted."""
+        connection = StreamConnection(self, write, lose, self.clock.seconds())
+        self._streams.add(connection)
+        self.counters["connections_tcp"] += 1
+        return connection
+
+    def stream_closed(self, connection: StreamConnection) -> None:
+        self._streams.discard(connection)
+        session = connection.session
+        if session is not None and self._by_key.get(session.key) is session:
+            self._end(session)
+
+    def stream_frame_received(self, connection: StreamConnection, frame: bytes) -> None:
+        now = self.clock.seconds()
+        self.counters["bytes_in"] += len(frame)
+        self.counters["packets_in"] += 1
+        try:
+            kind = p.frame_kind(frame)
+        except p.MalformedFrameError:
+            connection.stream_malformed()
+            return
+        session = connection.session
+        if kind == p.SEND:
+            if session is None or frame[2 : 2 + p.TOKEN] != session.token:
+                connection.stream_malformed()
+                return
+            session.last_seen = now
+            self._relay(session, frame, now)
+        elif kind == p.HELLO:
+            connection.challenge = os.urandom(p.CHALLENGE_LENGTH)
+            self._stream_out(connection, p.challenge(connection.challenge))
+        elif kind == p.AUTH:
+            self._stream_auth(connection, frame)
+        elif kind == p.PING:
+            if session is not None:
+                session.last_seen = now
+            self._stream_out(connection, p.pong(frame[2 : 2 + p.NONCE], session is not None))
+        elif kind == p.BYE:
+            connection.close()
+        else:
+            connection.stream_malformed()
+
+    def _stream_out(self, connection: StreamConnection, frame: bytes) -> None:
+        self.counters["bytes_out"] += len(frame)
+        self.counters["packets_out"] += 1
+        connection.write_frame(frame)
+
+    def _stream_auth(self, connection: StreamConnection, frame: bytes) -> None:
+        node_key, challenge, proof = self._split_auth(frame)
+        expected, connection.challenge = connection.challenge, None  # single use
+        if expected is None or not hmac.compare_digest(expected, challenge):
+            self.drop("bad_challenge")
+            connection.stream_malformed()
+            return
+        if not p.proof_is_valid(self.private_key, self.public_key, node_key, challenge, proof):
+            self.drop("bad_proof")
+            self._stream_out(connection, p.refused(p.REFUSED_BAD_PROOF))
+            connection.close()
+            return
+
+        def make(token: bytes, bucket: TokenBucket) -> Session:
+            session = StreamSession(node_key, token, bucket, self.clock.seconds(), connection)
+            connection.session = session
+            return session
+
+        def refuse(frame: bytes) -> None:
+            self._stream_out(connection, frame)
+            connection.close()
+
+        self._register(node_key, make, refuse)
+
+    # -- registration -----------------------------------------------------------
+
+    def _register(self, node_key: bytes,
+                  make: Callable[[bytes, TokenBucket], Session],
+                  refuse: Callable[[bytes], None]) -> None:
+        """Ask the policy, then replace any older session of C{node_key}."""
+
+        def answered(allowed: object) -> None:
+            if not allowed:
+                self.drop("register_not_authorized")
+                refuse(p.refused(p.REFUSED_NOT_AUTHORIZED))
+                return
+            old = self._by_key.get(node_key)
+            if old is None and len(self._by_key) >= self.limits.max_sessions:
+                self.drop("sessions_full")
+                refuse(p.refused(p.REFUSED_FULL))
+                return
+            if old is not None:
+                self._end(old)
+            now = self.clock.seconds()
+            bucket = TokenBucket(self.limits.node_rate, self.limits.node_burst, now)
+            session = make(os.urandom(p.TOKEN), bucket)
+            self._by_key[node_key] = session
+            if isinstance(session, UDPSession):
+                self._by_token[session.token] = session
+                self.counters["connections_udp"] += 1
+            self.counters["registrations"] += 1
+            session.deliver(p.welcome(session.token))
+            self.counters["packets_out"] += 1
+
+        self._ask(self.policy.may_register, (node_key,), answered)
+
+    def _ask(self, question: Callable[..., Any], args: tuple[bytes, ...],
+             answered: Callable[[object], None]) -> None:
+        """Call the policy, which may answer now or with a Deferred."""
+        try:
+            answer = question(*args)
+        except Exception:
+            self.log.failure("relay policy raised")
+            self.drop("policy_error")
+            answered(False)
+            return
+        if isinstance(answer, Deferred):
+
+            def failed(failure: Any) -> None:
+                self.log.failure("relay policy failed", failure)
+                self.drop("policy_error")
+                answered(False)
+
+            answer.addCallbacks(answered, failed)
+        else:
+            answered(answer)
+
+    def _end(self, session: Session) -> None:
+        if self._by_key.get(session.key) is session:
+            del self._by_key[session.key]
+        if isinstance(session, UDPSession):
+            self._by_token.pop(session.token, None)
+        session.pending.clear()
+        session.close()
+
+    # -- relaying -------------------------------------------------------------------
+
+    def _relay(self, session: Session, frame: bytes, now: float) -> None:
+        """The per-datagram path: limits, authorization, forward."""
+        size = len(frame)
+        if not session.bucket.take(size, now):
+            self.drop("rate_node")
+            return
+        if not self._global.take(size, now):
+            self.drop("rate_global")
+            return
+        dst = frame[p.SEND_DST : p.SEND_PAYLOAD]
+        until = session.allowed.get(dst)
+        if until is None or until < now:
+            self._authorize(session, dst, frame, now)
+            return
+        self._forward(session, dst, frame)
+
+    def _forward(self, session: Session, dst: bytes, frame: bytes) -> None:
+        target = self._by_key.get(dst)
+        if target is None:
+            self.drop("no_such_peer")
+            return
+        out = p.recv(session.key, frame[p.SEND_PAYLOAD :])
+        if target.deliver(out):
+            self.counters["relayed_packets"] += 1
+            self.counters["relayed_bytes"] += len(out) - p.RECV_PAYLOAD
+            self.counters["bytes_out"] += len(out)
+            self.counters["packets_out"] += 1
+
+    def _authorize(self, session: Session, dst: bytes, frame: bytes, now: float) -> None:
+        session.allowed.pop(dst, None)
+        denied_until = session.denied.get(dst)
+        if denied_until is not None and denied_until >= now:
+            self.drop("not_authorized")
+            return
+        if len(session.pending) >= self.limits.pending_frames:
+            self.drop("pending_full")
+            return
+        session.pending.append(frame)
+        if dst in session.asking:
+            return
+        session.asking.add(dst)
+
+        def answered(allowed: object) -> None:
+            session.asking.discard(dst)
+            when = self.clock.seconds()
+            if allowed:
+                session.allowed[dst] = when + self.limits.allow_ttl
+                session.denied.pop(dst, None)
+            else:
+                session.denied[dst] = when + self.limits.deny_ttl
+            waiting = [f for f in session.pending if f[p.SEND_DST : p.SEND_PAYLOAD] == dst]
+            session.pending = [f for f in session.pending if f[p.SEND_DST : p.SEND_PAYLOAD] != dst]
+            if self._by_key.get(session.key) is not session:
+                return
+            for waiting_frame in waiting:
+                if allowed:
+                    self._forward(session, dst, waiting_frame)
+                else:
+                    self.drop("not_authorized")
+
+        self._ask(self.policy.may_relay, (session.key, dst), answered)
+
+    # -- revocation and housekeeping -----------------------------------------------
+
+    def revoked(self, keys: frozenset[bytes]) -> None:
+        """
+        Authorizations involving C{keys} may have shrunk: forget every
+        cached answer about them, and end the sessions of nodes that may no
+        longer register at all.
+        """
+        self.counters["revocations"] += 1
+        for session in list(self._by_key.values()):
+            if session.key in keys:
+                session.allowed.clear()
+            else:
+                for key in keys:
+                    session.allowed.pop(key, None)
+        for key in keys:
+            session = self._by_key.get(key)
+            if session is None:
+                continue
+
+            def answered(allowed: object, session: Session = session) -> None:
+                if not allowed and self._by_key.get(session.key) is session:
+                    self.counters["sessions_revoked"] += 1
+                    self._end(session)
+
+            self._ask(self.policy.may_register, (key,), answered)
+
+    def sweep(self) -> None:
+        """Close idle sessions and connections that never registered."""
+        now = self.clock.seconds()
+        limits = self.limits
+        for session in list(self._by_key.values()):
+            if now - session.last_seen > limits.idle_timeout:
+                self.counters["closed_idle"] += 1
+                self._end(session)
+        for stream in list(self._streams):
+            if stream.session is None and now - stream.opened > limits.auth_timeout:
+                self.counters["closed_unauthenticated"] += 1
+                stream.close()
+        stale = now - COOKIE_LIFETIME - 1
+        for cookie, used in list(self._used_cookies.items()):
+            if used < stale:
+                del self._used_cookies[cookie]

@@ -1,0 +1,103 @@
+"""
+An in-memory internet for relay tests: UDP sockets whose datagrams arrive
+after a latency on a L{Clock}, a switch that blocks UDP for chosen
+addresses (a network that only lets TCP out), and TCP connections between a
+relay and its clients made of Twisted's fake transports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.test import iosim
+
+from twistvpn.relay.server import RelayServer
+from twistvpn.relay.transport import RelayClientStreamProtocol, RelayStreamFactory
+
+Addr = tuple[str, int]
+
+
+class MemoryUDPTransport:
+    """The transport of one bound DatagramProtocol."""
+
+    def __init__(self, internet: MemoryInternet, addr: Addr) -> None:
+        self.internet = internet
+        self.addr = addr
+
+    def write(self, data: bytes, addr: Addr) -> None:
+        self.internet.send(data, self.addr, addr)
+
+    def getHost(self) -> Addr:
+        return self.addr
+
+
+class MemoryInternet:
+    """Delivers datagrams between bound protocols; UDP can be blocked per address."""
+
+    def __init__(self, clock: Clock, latency: float = 0.005) -> None:
+        self.clock = clock
+        self.latency = latency
+        self.sockets: dict[Addr, Any] = {}
+        self.udp_blocked: set[Addr] = set()
+        self.pumps: list[iosim.IOPump] = []
+        self.extra_latency: dict[Addr, float] = {}  # added to datagrams to or from
+        self.sent = 0
+        self.lost = 0
+
+    def bind(self, protocol: Any, addr: Addr) -> None:
+        self.sockets[addr] = protocol
+        protocol.makeConnection(MemoryUDPTransport(self, addr))
+
+    def send(self, data: bytes, src: Addr, dst: Addr) -> None:
+        self.sent += 1
+        if src in self.udp_blocked or dst in self.udp_blocked:
+            self.lost += 1
+            return
+        latency = (self.latency + self.extra_latency.get(src, 0.0)
+                   + self.extra_latency.get(dst, 0.0))
+        self.clock.callLater(latency, self._deliver, data, src, dst)
+
+    def _deliver(self, data: bytes, src: Addr, dst: Addr) -> None:
+        protocol = self.sockets.get(dst)
+        if protocol is None:
+            self.lost += 1
+            return
+        protocol.datagramReceived(data, src)
+
+    def stream_connector(self, server: RelayServer) -> Any:
+        """A C{connect_stream} for a RelayClient, connecting to C{server}."""
+        factory = RelayStreamFactory(server)
+
+        def connect(info: Any, receiver: Any) -> Deferred[Any]:
+            server_proto = factory.buildProtocol(None)
+            client_proto = RelayClientStreamProtocol(receiver, tls=False)
+            pump = iosim.connect(
+                server_proto, iosim.makeFakeServer(server_proto),
+                client_proto, iosim.makeFakeClient(client_proto),
+                greet=False, clock=self.clock,
+            )
+            self.pumps.append(pump)
+            return client_proto.ready
+
+        return connect
+
+    def run(self, seconds: float, step: float = 0.005) -> None:
+        """Let C{seconds} of simulated time pass, moving every byte."""
+        steps = max(1, round(seconds / step))
+        for _ in range(steps):
+            self.flush()
+            self.clock.advance(step)
+        self.flush()
+
+    def flush(self) -> None:
+        for _ in range(100):
+            moved = False
+            for pump in list(self.pumps):
+                if pump.pump(advanceClock=False):
+                    moved = True
+                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                    self.pumps.remove(pump)
+            if not moved:
+                return
