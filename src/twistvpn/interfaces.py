@@ -184,6 +184,165 @@ class IWireGuardPeer(Interface):
 # --- the rendezvous (see twistvpn.rendezvous) -------------------------------
 
 
+class IControlSession(Interface):
+    """
+    The rendezvous's side of one node's control connection, as the
+    controller sees it: where it pushes that node's news.
+    """
+
+    public_key = Attribute("The registered node's static public key (32 bytes).")
+    rtt = Attribute("The last measured round-trip time in seconds, or None.")
+
+    def send_map(network_id, netmap):
+        """
+        Push C{netmap} (a L{twistvpn.rendezvous.netmap.NetworkMap}) of
+        network C{network_id} (str), replacing any map sent before.
+        """
+
+    def send_punch(network_id, punch):
+        """
+        Tell the node to start traversal towards a peer now: C{punch} is a
+        L{twistvpn.rendezvous.netmap.Punch}.
+        """
+
+    def send_revoked(network_id, reason):
+        """
+        Tell the node it is no longer an authorized member of
+        C{network_id}: C{reason} is "deauthorized", "deleted" or
+        "network deleted".  It must drop every peer of that network.
+        """
+
+    def close(reason):
+        """
+        End the connection (a newer one for the same node replaced it, or
+        the service is stopping); C{reason} (str) is for the log.
+        """
+
+
+class INetworkController(Interface):
+    """
+    The network controller as its front ends (the AMP control protocol, UDP
+    discovery, the admin API) use it.  Changes are persisted before a call
+    returns; pushes to connected nodes follow shortly after.
+    """
+
+    def register_node(public_key, name, session):
+        """
+        Record a node that proved possession of C{public_key} and attach
+        its L{IControlSession}, closing any older session of the same node.
+        Returns the node ID (str) admins see.
+        """
+
+    def detach(session):
+        """
+        The connection of C{session} is gone: the node is offline and its
+        subscriptions end.  Unknown sessions are ignored.
+        """
+
+    def join(public_key, network_id):
+        """
+        Make the registered node a member of C{network_id} (pending unless
+        the network is public) and subscribe its session to the network's
+        map.  Returns "authorized" or "pending".
+        """
+
+    def leave(public_key, network_id):
+        """
+        Stop sending C{network_id}'s map to the node; membership stays.
+        """
+
+    def set_local_endpoints(public_key, endpoints):
+        """
+        Record the node's own (LAN) addresses, a sequence of "host:port".
+        """
+
+    def record_endpoint(public_key, endpoint, which):
+        """
+        Record the address (a (host, port) tuple) at which discovery port
+        C{which} (0 or 1) saw the node.  Returns False for unknown nodes.
+        """
+
+    def request_punch(public_key, network_id, peer_key):
+        """
+        Coordinate traversal between the node and C{peer_key}, both
+        authorized members of C{network_id} and online.
+        """
+
+    def create_network(name, subnet=None, private=True):
+        """
+        Create a network and return its description (a dict with "id").
+        Without C{subnet}, a free /24 of 100.64.0.0/10 is used.
+        """
+
+    def list_networks():
+        """Every network's description (list of dicts)."""
+
+    def delete_network(network_id):
+        """Delete a network, telling its connected members."""
+
+    def list_members(network_id):
+        """Every member of a network (list of dicts)."""
+
+    def authorize(network_id, node):
+        """
+        Authorize a member (C{node}: node ID or public key in text form),
+        assigning the next free IP unless it has one.  Returns the member.
+        """
+
+    def deauthorize(network_id, node):
+        """Revoke a member's authorization at once.  Returns the member."""
+
+    def delete_member(network_id, node):
+        """Remove a member and release its IP."""
+
+    def set_ip(network_id, node, ip):
+        """
+        Give a member C{ip} (str), which must be a host address of the
+        network's subnet that no other member has.  Returns the member.
+        """
+
+
+class IRendezvousListener(Interface):
+    """
+    What a node does with the news its control connection brings (the
+    node-side client calls these).
+    """
+
+    def connected(node_id):
+        """
+        Registration succeeded on a new connection (C{node_id} is this
+        node's ID as admins see it).  Joins are sent next.
+        """
+
+    def disconnected(reason):
+        """
+        The control connection is gone (C{reason}: str); the client
+        reconnects by itself.  Maps received so far stay valid.
+        """
+
+    def join_status(network_id, status):
+        """The rendezvous answered a join: "authorized" or "pending"."""
+
+    def map_received(network_id, netmap):
+        """
+        A new L{twistvpn.rendezvous.netmap.NetworkMap} of C{network_id}
+        replaces the previous one.
+        """
+
+    def punch_requested(network_id, punch):
+        """
+        Start traversal towards C{punch.peer_key} after C{punch.delay}
+        seconds (a L{twistvpn.rendezvous.netmap.Punch}).
+        """
+
+    def revoked(network_id, reason):
+        """
+        This node is no longer an authorized member of C{network_id}: drop
+        its peers.  C{reason} as in L{IControlSession.send_revoked}.
+        """
+
+
+
 # --- the relay (see twistvpn.relay) -----------------------------------------
 
 

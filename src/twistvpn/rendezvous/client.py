@@ -1,0 +1,330 @@
+"""
+The node's side of the control channel.
+
+L{RendezvousClient} keeps one TLS connection to the rendezvous (reconnecting
+with exponential backoff), registers with proof of possession of the node's
+static key, joins the node's networks after every (re)connection, and hands
+what the rendezvous pushes to an L{IRendezvousListener}::
+
+    client = RendezvousClient.from_address(
+        reactor, "twistvpn://rdv.example.org:8443#sha256=...",
+        private_key, "laptop", listener, networks=["8f3a5c0d9e1b2a47"])
+    client.setServiceParent(node_service)
+
+The latest map of each network stays available in C{client.maps}.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from twistvpn.interfaces import IRendezvousListener
+from twistvpn.rendezvous import auth
+from twistvpn.rendezvous.netmap import MAX_ENDPOINTS, MapError, NetworkMap, Punch
+from twistvpn.rendezvous.protocol import (
+    PROTOCOL_VERSION,
+    Challenge,
+    Join,
+    Leave,
+    NetworkMapPush,
+    Ping,
+    PunchPush,
+    Register,
+    RequestPunch,
+    RevokedPush,
+    SetLocalEndpoints,
+)
+from twistvpn.rendezvous.tls import RendezvousAddress, client_creator, parse_address
+from twistvpn.wireguard.keys import public_key
+
+CONNECT_TIMEOUT = 15
+
+
+class NotConnectedError(Exception):
+    """The control connection is down; the request was not sent."""
+
+
+class ServerKeyMismatchError(auth.AuthError):
+    """The rendezvous presented a server key other than the expected one."""
+
+
+class ControlClientProtocol(amp.AMP):
+    """Thin adapter: pushes from the rendezvous go to the client object."""
+
+    def __init__(self, client: RendezvousClient) -> None:
+        super().__init__()
+        self._client = client
+
+    @NetworkMapPush.responder
+    def map_pushed(self, network_id: str, netmap: bytes) -> dict[str, Any]:
+        self._client._map_pushed(self, network_id, netmap)
+        return {}
+
+    @PunchPush.responder
+    def punch_pushed(
+        self, network_id: str, peer_key: bytes, candidates: list[str], delay: float, punch_id: str
+    ) -> dict[str, Any]:
+        self._client._punch_pushed(
+            self, network_id, Punch(peer_key, tuple(candidates), delay, punch_id)
+        )
+        return {}
+
+    @RevokedPush.responder
+    def revoked_pushed(self, network_id: str, reason: str) -> dict[str, Any]:
+        self._client._revoked_pushed(self, network_id, reason)
+        return {}
+
+    @Ping.responder
+    def ping(self) -> dict[str, Any]:
+        return {}
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._client._connection_lost(self, reason)
+
+
+class _ClientFactory(Factory):
+    def __init__(self, client: RendezvousClient) -> None:
+        self._client = client
+
+    def buildProtocol(self, addr: Any) -> ControlClientProtocol:
+        protocol = ControlClientProtocol(self._client)
+        protocol.factory = self
+        return protocol
+
+
+class RendezvousClient(Service):
+    """A node's registration with a rendezvous and its membership of networks."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        private_key: bytes,
+        name: str,
+        listener: IRendezvousListener,
+        *,
+        clock: IReactorTime,
+        networks: Iterable[str] = (),
+        local_endpoints: Iterable[str] = (),
+        server_key: bytes | None = None,
+        retry_policy: Callable[[int], float] | None = None,
+    ) -> None:
+        self.private_key = private_key
+        self.public_key = public_key(private_key)
+        self.name = name
+        self.listener = listener
+        self.networks: list[str] = list(dict.fromkeys(networks))
+        self.local_endpoints: list[str] = list(local_endpoints)[:MAX_ENDPOINTS]
+        self.expected_server_key = server_key
+        self.server_key: bytes | None = None
+        self.node_id: str | None = None
+        self.udp_ports: list[int] = []
+        self.maps: dict[str, NetworkMap] = {}
+        self.status: dict[str, str] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._protocol: ControlClientProtocol | None = None
+        self._service = ClientService(
+            endpoint,
+            _ClientFactory(self),
+            retryPolicy=retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+            clock=clock,
+            prepareConnection=self._prepare,
+        )
+
+    @classmethod
+    def from_address(
+        cls,
+        reactor: Any,
+        address: str | RendezvousAddress,
+        private_key: bytes,
+        name: str,
+        listener: IRendezvousListener,
+        *,
+        ca_pem: bytes | None = None,
+        **kwargs: Any,
+    ) -> RendezvousClient:
+        """
+        A client for C{twistvpn://HOST:PORT#sha256=FP}: TLS pinned to the
+        fingerprint, or checked against CAs (C{ca_pem}, else the system's)
+        when the address has none.
+        """
+        if isinstance(address, str):
+            address = parse_address(address)
+        endpoint = wrapClientTLS(
+            client_creator(address, ca_pem),
+            HostnameEndpoint(reactor, address.host, address.port, timeout=CONNECT_TIMEOUT),
+        )
+        kwargs.setdefault("clock", reactor)
+        return cls(endpoint, private_key, name, listener, **kwargs)
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self._service.stopService()
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    def when_connected(self, fail_after_failures: int | None = None) -> defer.Deferred[Any]:
+        """Fires with the protocol once registered (now, or after reconnecting)."""
+        return self._service.whenConnected(failAfterFailures=fail_after_failures)
+
+    # -- requests -------------------------------------------------------------
+
+    def join(self, network_id: str) -> defer.Deferred[str | None]:
+        """
+        Join C{network_id}, now and after every reconnection.  Fires with
+        "authorized" or "pending", or None when offline (the join is sent
+        once connected).
+        """
+        network_id = network_id.lower()
+        if network_id not in self.networks:
+            self.networks.append(network_id)
+        if self._protocol is None:
+            return defer.succeed(None)
+        return self._join(self._protocol, network_id)
+
+    def leave(self, network_id: str) -> defer.Deferred[None]:
+        """Stop being sent C{network_id}'s map (membership stays)."""
+        network_id = network_id.lower()
+        if network_id in self.networks:
+            self.networks.remove(network_id)
+        self.maps.pop(network_id, None)
+        self.status.pop(network_id, None)
+        if self._protocol is None:
+            return defer.succeed(None)
+        return self._protocol.callRemote(Leave, network_id=network_id).addCallback(lambda _: None)
+
+    def set_local_endpoints(self, endpoints: Iterable[str]) -> defer.Deferred[None]:
+        """Tell the rendezvous this node's LAN addresses ("host:port")."""
+        self.local_endpoints = list(endpoints)[:MAX_ENDPOINTS]
+        if self._protocol is None:
+            return defer.succeed(None)
+        return self._protocol.callRemote(
+            SetLocalEndpoints, endpoints=self.local_endpoints
+        ).addCallback(lambda _: None)
+
+    def request_punch(self, network_id: str, peer_key: bytes) -> defer.Deferred[None]:
+        """
+        Ask the rendezvous to make both this node and C{peer_key} start
+        traversal at once; both then get L{IRendezvousListener.punch_requested}.
+        """
+        if self._protocol is None:
+            return defer.fail(NotConnectedError("not connected to the rendezvous"))
+        return self._protocol.callRemote(
+            RequestPunch, network_id=network_id, peer_key=peer_key
+        ).addCallback(lambda _: None)
+
+    # -- connection setup -----------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _prepare(self, protocol: ControlClientProtocol) -> Any:
+        """Register and join on a fresh connection; a failure makes it retry."""
+        hello = yield protocol.callRemote(Challenge)
+        if hello["protocol"] != PROTOCOL_VERSION:
+            raise auth.AuthError(f"rendezvous speaks protocol {hello['protocol']}")
+        server_key = hello["server_key"]
+        if self.expected_server_key is not None and server_key != self.expected_server_key:
+            self.counters["server_key_mismatch"] += 1
+            raise ServerKeyMismatchError("the rendezvous's server key is not the expected one")
+        proof = auth.registration_proof(
+            self.private_key, self.public_key, server_key, hello["challenge"]
+        )
+        registered = yield protocol.callRemote(
+            Register,
+            public_key=self.public_key,
+            proof=proof,
+            name=self.name,
+            local_endpoints=self.local_endpoints,
+        )
+        self.server_key = server_key
+        self.node_id = registered["node_id"]
+        self.udp_ports = list(registered["udp_ports"])
+        self._protocol = protocol
+        self._revisions: dict[str, int] = {}
+        self.counters["registrations"] += 1
+        self.listener.connected(self.node_id)
+        for network_id in list(self.networks):
+            yield self._join(protocol, network_id)
+
+    def _join(self, protocol: ControlClientProtocol, network_id: str) -> defer.Deferred[str]:
+        def joined(answer: dict[str, str]) -> str:
+            status = answer["status"]
+            self.status[network_id] = status
+            self.listener.join_status(network_id, status)
+            return status
+
+        return protocol.callRemote(Join, network_id=network_id).addCallback(joined)
+
+    def _connection_lost(self, protocol: ControlClientProtocol, reason: Failure) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self.counters["disconnections"] += 1
+        self.listener.disconnected(reason.getErrorMessage())
+
+    # -- pushes ---------------------------------------------------------------
+
+    def _current(self, protocol: ControlClientProtocol, network_id: str) -> bool:
+        """Only pushes for our networks on the registered connection count."""
+        if protocol is not self._protocol or network_id not in self.networks:
+            self.counters["drop_unexpected_push"] += 1
+            return False
+        return True
+
+    def _map_pushed(self, protocol: ControlClientProtocol, network_id: str, data: bytes) -> None:
+        if not self._current(protocol, network_id):
+            return
+        try:
+            netmap = NetworkMap.from_json(data)
+        except MapError:
+            self.counters["drop_bad_map"] += 1
+            self.log.failure("malformed network map for {network}", network=network_id)
+            return
+        if netmap.network_id != network_id or netmap.revision < self._revisions.get(network_id, -1):
+            self.counters["drop_stale_map"] += 1
+            return
+        self._revisions[network_id] = netmap.revision
+        self.maps[network_id] = netmap
+        self.status[network_id] = "authorized"
+        self.counters["maps"] += 1
+        self.listener.map_received(network_id, netmap)
+
+    def _punch_pushed(self, protocol: ControlClientProtocol, network_id: str, punch: Punch) -> None:
+        if self._current(protocol, network_id):
+            self.counters["punches"] += 1
+            self.listener.punch_requested(network_id, punch)
+
+    def _revoked_pushed(
+        self, protocol: ControlClientProtocol, network_id: str, reason: str
+    ) -> None:
+        if not self._current(protocol, network_id):
+            return
+        self.maps.pop(network_id, None)
+        self.status[network_id] = "pending" if reason == "deauthorized" else reason
+        if reason != "deauthorized":
+            # Deleted: a join would make it a new pending member; the
+            # admin decides that, not a reconnecting node.
+            self.networks.remove(network_id)
+        self.counters["revoked"] += 1
+        self.listener.revoked(network_id, reason)

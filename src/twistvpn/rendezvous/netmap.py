@@ -1,0 +1,189 @@
+"""
+What the rendezvous tells members about their network, in one format that
+both the server (which builds it) and the node-side client (which reads it)
+use.
+
+A network map is JSON::
+
+    {"network": {"id": "8f3a...", "name": "home", "subnet": "100.64.0.0/24"},
+     "revision": 12,
+     "members": [{"node_id": "a1b2c3d4e5", "public_key": "<base64>",
+                  "name": "laptop", "ip": "100.64.0.1",
+                  "endpoints": ["203.0.113.7:51820"],
+                  "local_endpoints": ["192.168.1.20:51820"],
+                  "nat_varies": false, "online": true, "last_seen": 1700000000.0}],
+     "relays": []}
+
+It lists every authorized member, the receiving node included (so it
+learns its own managed IP); C{endpoints} are the addresses the discovery
+ports observed, C{nat_varies} whether the two ports saw different mappings
+(an endpoint-dependent NAT).  C{relays} is reserved for the embedded relay:
+a list of {"host", "port", "public_key"} objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twistvpn.wireguard.keys import decode_key, encode_key
+
+MAX_ENDPOINTS = 8
+MAX_NAME_LENGTH = 64
+
+
+class MapError(ValueError):
+    """A map or endpoint is malformed."""
+
+
+def format_endpoint(addr: tuple[str, int]) -> str:
+    """C{("203.0.113.7", 51820)} -> C{"203.0.113.7:51820"}; IPv6 in brackets."""
+    host, port = addr[0], addr[1]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """The inverse of L{format_endpoint}, for IP literals only."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise MapError(f"not an endpoint: {text!r}")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise MapError(f"not host:port: {text!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise MapError(f"not an IP address: {host!r}") from None
+    if (":" in host) != (ip.version == 6) or not 0 < int(port) < 65536:
+        raise MapError(f"not an endpoint: {text!r}")
+    return str(ip), int(port)
+
+
+def check_endpoints(endpoints: Any) -> tuple[str, ...]:
+    """Validate a list of "host:port" from the network; return it normalized."""
+    if not isinstance(endpoints, list | tuple) or len(endpoints) > MAX_ENDPOINTS:
+        raise MapError(f"at most {MAX_ENDPOINTS} endpoints")
+    return tuple(format_endpoint(parse_endpoint(e)) for e in endpoints)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One authorized member as the map describes it."""
+
+    node_id: str
+    public_key: bytes
+    name: str
+    ip: str
+    endpoints: tuple[str, ...] = ()
+    local_endpoints: tuple[str, ...] = ()
+    nat_varies: bool = False
+    online: bool = False
+    last_seen: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "public_key": encode_key(self.public_key),
+            "name": self.name,
+            "ip": self.ip,
+            "endpoints": list(self.endpoints),
+            "local_endpoints": list(self.local_endpoints),
+            "nat_varies": self.nat_varies,
+            "online": self.online,
+            "last_seen": self.last_seen,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Member:
+        last_seen = d.get("last_seen")
+        return cls(
+            node_id=str(d["node_id"]),
+            public_key=decode_key(d["public_key"]),
+            name=str(d["name"])[:MAX_NAME_LENGTH],
+            ip=str(ipaddress.IPv4Address(d["ip"])),
+            endpoints=check_endpoints(d.get("endpoints", [])),
+            local_endpoints=check_endpoints(d.get("local_endpoints", [])),
+            nat_varies=bool(d.get("nat_varies", False)),
+            online=bool(d.get("online", False)),
+            last_seen=None if last_seen is None else float(last_seen),
+        )
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Every address worth probing, observed ones first."""
+        return tuple(dict.fromkeys(self.endpoints + self.local_endpoints))
+
+
+@dataclass(frozen=True)
+class NetworkMap:
+    """A network's authorized members, as of one revision."""
+
+    network_id: str
+    name: str
+    subnet: str
+    revision: int
+    members: tuple[Member, ...] = ()
+    relays: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def prefix_length(self) -> int:
+        return ipaddress.IPv4Network(self.subnet).prefixlen
+
+    def member(self, public_key: bytes) -> Member | None:
+        """The member with C{public_key}, or None (not authorized)."""
+        for m in self.members:
+            if m.public_key == public_key:
+                return m
+        return None
+
+    def peers(self, public_key: bytes) -> list[Member]:
+        """Every member except C{public_key}'s."""
+        return [m for m in self.members if m.public_key != public_key]
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "network": {"id": self.network_id, "name": self.name, "subnet": self.subnet},
+                "revision": self.revision,
+                "members": [m.to_dict() for m in self.members],
+                "relays": list(self.relays),
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> NetworkMap:
+        """Parse a map; anything malformed raises L{MapError}."""
+        try:
+            d = json.loads(data)
+            net = d["network"]
+            return cls(
+                network_id=str(net["id"]),
+                name=str(net["name"]),
+                subnet=str(ipaddress.IPv4Network(net["subnet"])),
+                revision=int(d["revision"]),
+                members=tuple(Member.from_dict(m) for m in d["members"]),
+                relays=tuple(dict(r) for r in d.get("relays", [])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MapError(f"malformed network map: {e}") from None
+
+
+@dataclass(frozen=True)
+class Punch:
+    """
+    "Start traversal towards this peer in C{delay} seconds": sent to both
+    peers at once so that their first probes cross in the NATs.
+    C{punch_id} is shared by both sides' messages.
+    """
+
+    peer_key: bytes
+    candidates: tuple[str, ...]
+    delay: float
+    punch_id: str

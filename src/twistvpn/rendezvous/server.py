@@ -1,0 +1,239 @@
+"""
+The rendezvous's end of the control channel: a thin AMP adapter between one
+node's connection and the L{Controller}.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistvpn.interfaces import IControlSession, INetworkController
+from twistvpn.rendezvous import auth
+from twistvpn.rendezvous.controller import InvalidArgumentError
+from twistvpn.rendezvous.netmap import NetworkMap, Punch
+from twistvpn.rendezvous.protocol import (
+    PROTOCOL_VERSION,
+    BoundedAMP,
+    Challenge,
+    Join,
+    Leave,
+    NetworkMapPush,
+    Ping,
+    PunchPush,
+    Register,
+    RequestPunch,
+    RevokedPush,
+    SetLocalEndpoints,
+)
+from twistvpn.wireguard.keys import public_key
+
+# A connection that has not registered by then is dropped.
+REGISTER_TIMEOUT = 30.0
+# Registered connections are pinged this often; a ping unanswered for
+# PING_TIMEOUT drops the connection (the node is then offline).
+PING_INTERVAL = 45.0
+PING_TIMEOUT = 30.0
+MAX_CHALLENGES = 8
+
+
+@implementer(IControlSession)
+class ControlServerProtocol(BoundedAMP):
+    """One node's control connection."""
+
+    log = Logger()
+
+    def __init__(self, service: ControlServerFactory) -> None:
+        super().__init__()
+        self._service = service
+        self.public_key: bytes | None = None
+        self.node_id: str | None = None
+        self.rtt: float | None = None
+        self._challenge: bytes | None = None
+        self._challenges_issued = 0
+        self._timer: IDelayedCall | None = None
+        self._closed = False
+
+    # -- connection lifetime ---------------------------------------------------
+
+    @property
+    def _clock(self) -> IReactorTime:
+        return self._service.clock
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._service.counters["connections"] += 1
+        self._timer = self._clock.callLater(REGISTER_TIMEOUT, self._timed_out, "register")
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed = True
+        self._cancel_timer()
+        if self.public_key is not None:
+            self._service.controller.detach(self)
+        super().connectionLost(reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, what: str) -> None:
+        self._timer = None
+        self._service.counters[f"timeout_{what}"] += 1
+        self.close(f"{what} timeout")
+
+    def box_too_big(self) -> None:
+        self._service.counters["drop_box_too_big"] += 1
+
+    def _schedule_ping(self) -> None:
+        self._cancel_timer()
+        self._timer = self._clock.callLater(PING_INTERVAL, self._ping)
+
+    def _ping(self) -> None:
+        """Measure the round trip; no answer in time means a dead peer."""
+        sent = self._clock.seconds()
+        self._timer = self._clock.callLater(PING_TIMEOUT, self._timed_out, "ping")
+
+        def answered(_: Any) -> None:
+            self.rtt = self._clock.seconds() - sent
+            if not self._closed:
+                self._schedule_ping()
+
+        self.callRemote(Ping).addCallbacks(answered, lambda _: None)
+
+    # -- commands -------------------------------------------------------------
+
+    @Challenge.responder
+    def challenge(self) -> dict[str, Any]:
+        if self.public_key is not None:
+            raise InvalidArgumentError("already registered")
+        self._challenges_issued += 1
+        if self._challenges_issued > MAX_CHALLENGES:
+            raise InvalidArgumentError("too many challenges")
+        self._challenge = auth.new_challenge()
+        return {
+            "challenge": self._challenge,
+            "server_key": self._service.server_public,
+            "protocol": PROTOCOL_VERSION,
+        }
+
+    @Register.responder
+    def register(
+        self, public_key: bytes, proof: bytes, name: str, local_endpoints: list[str]
+    ) -> dict[str, Any]:
+        # The challenge is used up by any attempt, right or wrong, so a
+        # proof can never be replayed, not even on this connection.
+        challenge, self._challenge = self._challenge, None
+        if self.public_key is not None:
+            raise InvalidArgumentError("already registered")
+        if challenge is None:
+            self._service.counters["auth_no_challenge"] += 1
+            raise auth.AuthError("ask for a challenge first")
+        if not auth.verify_registration(
+            self._service.server_private,
+            self._service.server_public,
+            public_key,
+            challenge,
+            proof,
+        ):
+            self._service.counters["auth_failed"] += 1
+            raise auth.AuthError("the proof of possession does not verify")
+        controller = self._service.controller
+        node_id = controller.register_node(public_key, name, self)
+        self.public_key, self.node_id = public_key, node_id
+        try:
+            controller.set_local_endpoints(public_key, local_endpoints)
+        except InvalidArgumentError:
+            self._service.counters["bad_local_endpoints"] += 1
+        self._schedule_ping()
+        self._clock.callLater(0, self._ping_now)
+        return {"node_id": node_id, "udp_ports": list(self._service.udp_ports)}
+
+    def _ping_now(self) -> None:
+        if not self._closed:
+            self._ping()
+
+    def _registered(self) -> bytes:
+        if self.public_key is None:
+            raise InvalidArgumentError("register first")
+        return self.public_key
+
+    @Join.responder
+    def join(self, network_id: str) -> dict[str, Any]:
+        return {"status": self._service.controller.join(self._registered(), network_id)}
+
+    @Leave.responder
+    def leave(self, network_id: str) -> dict[str, Any]:
+        self._service.controller.leave(self._registered(), network_id)
+        return {}
+
+    @SetLocalEndpoints.responder
+    def set_local_endpoints(self, endpoints: list[str]) -> dict[str, Any]:
+        self._service.controller.set_local_endpoints(self._registered(), endpoints)
+        return {}
+
+    @RequestPunch.responder
+    def request_punch(self, network_id: str, peer_key: bytes) -> dict[str, Any]:
+        self._service.controller.request_punch(self._registered(), network_id, peer_key)
+        return {}
+
+    @Ping.responder
+    def ping(self) -> dict[str, Any]:
+        return {}
+
+    # -- IControlSession --------------------------------------------------------
+
+    def send_map(self, network_id: str, netmap: NetworkMap) -> None:
+        if not self._closed:
+            self.callRemote(NetworkMapPush, network_id=network_id, netmap=netmap.to_json())
+
+    def send_punch(self, network_id: str, punch: Punch) -> None:
+        if not self._closed:
+            self.callRemote(
+                PunchPush,
+                network_id=network_id,
+                peer_key=punch.peer_key,
+                candidates=list(punch.candidates),
+                delay=punch.delay,
+                punch_id=punch.punch_id,
+            )
+
+    def send_revoked(self, network_id: str, reason: str) -> None:
+        if not self._closed:
+            self.callRemote(RevokedPush, network_id=network_id, reason=reason)
+
+    def close(self, reason: str) -> None:
+        self.log.info(
+            "closing control connection of {node}: {reason}", node=self.node_id, reason=reason
+        )
+        if self.transport is not None and not self._closed:
+            self.transport.loseConnection()
+
+
+class ControlServerFactory(Factory):
+    """Builds a L{ControlServerProtocol} per connection; holds what they share."""
+
+    def __init__(
+        self,
+        controller: INetworkController,
+        server_private: bytes,
+        clock: IReactorTime,
+        udp_ports: tuple[int, ...] = (),
+    ) -> None:
+        self.controller = controller
+        self.server_private = server_private
+        self.server_public = public_key(server_private)
+        self.clock = clock
+        self.udp_ports = udp_ports
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def buildProtocol(self, addr: Any) -> ControlServerProtocol:
+        protocol = ControlServerProtocol(self)
+        protocol.factory = self
+        return protocol
