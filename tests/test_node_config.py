@@ -63,8 +63,9 @@ class ParseTests(unittest.TestCase):
 
     def test_minimal(self) -> None:
         config = parse_config(f"[Interface]\nPrivateKey={PRIVATE}\n")
-        self.assertEqual((config.addresses, config.listen_port, config.mtu, config.peers),
-                         ((), None, None, ()))
+        self.assertEqual(
+            (config.addresses, config.listen_port, config.mtu, config.peers), ((), None, None, ())
+        )
 
     def test_allowed_ips_normalised(self) -> None:
         """A host-bits-set prefix is taken as its network, as wg does."""
@@ -113,8 +114,7 @@ class ParseTests(unittest.TestCase):
         self.assertError(self.interface("MTU = 100"), 3, "MTU", "576..65535")
 
     def test_duplicate_key(self) -> None:
-        self.assertError(self.interface("ListenPort = 1\nListenPort = 2"), 4, "ListenPort",
-                         "twice")
+        self.assertError(self.interface("ListenPort = 1\nListenPort = 2"), 4, "ListenPort", "twice")
 
     def test_empty_value(self) -> None:
         self.assertError(self.interface("MTU ="), 3, "MTU", "empty value")
@@ -138,8 +138,9 @@ class ParseTests(unittest.TestCase):
         self.assertError("\n[Interface]\nListenPort = 5\n", 2, "PrivateKey", "missing")
 
     def test_missing_public_key(self) -> None:
-        self.assertError(self.interface("[Peer]\nAllowedIPs = 100.64.0.2/32"), 3, "PublicKey",
-                         "missing")
+        self.assertError(
+            self.interface("[Peer]\nAllowedIPs = 100.64.0.2/32"), 3, "PublicKey", "missing"
+        )
 
     def test_duplicate_peer(self) -> None:
         peer = f"[Peer]\nPublicKey = {PEER1}\n"
@@ -153,17 +154,27 @@ class ParseTests(unittest.TestCase):
             ("[2001:db8::1]51820", "[address]:port"),
             ("[not-v6]:51820", "IPv6"),
         ]:
-            self.assertError(self.interface(f"[Peer]\nPublicKey = {PEER1}\nEndpoint = {endpoint}"),
-                             5, "Endpoint", fragment)
+            self.assertError(
+                self.interface(f"[Peer]\nPublicKey = {PEER1}\nEndpoint = {endpoint}"),
+                5,
+                "Endpoint",
+                fragment,
+            )
 
     def test_bad_allowed_ips(self) -> None:
-        self.assertError(self.interface(f"[Peer]\nPublicKey = {PEER1}\nAllowedIPs = 100.64/33"),
-                         5, "AllowedIPs", "100.64/33")
+        self.assertError(
+            self.interface(f"[Peer]\nPublicKey = {PEER1}\nAllowedIPs = 100.64/33"),
+            5,
+            "AllowedIPs",
+            "100.64/33",
+        )
 
     def test_bad_keepalive(self) -> None:
         self.assertError(
             self.interface(f"[Peer]\nPublicKey = {PEER1}\nPersistentKeepalive = -1"),
-            5, "PersistentKeepalive", "whole number",
+            5,
+            "PersistentKeepalive",
+            "whole number",
         )
 
     def test_endpoint_hostname(self) -> None:

@@ -99,8 +99,9 @@ class ForwarderTests(unittest.TestCase):
     def test_v4_mapped_sender_unmapped(self) -> None:
         self.forwarder.datagramReceived(b"\x01", ("::ffff:203.0.113.9", 5))
         self.forwarder.datagramReceived(b"\x01", ("2001:db8::1", 5))
-        self.assertEqual([a for _, a in self.wireguard.received],
-                         [("203.0.113.9", 5), ("2001:db8::1", 5)])
+        self.assertEqual(
+            [a for _, a in self.wireguard.received], [("203.0.113.9", 5), ("2001:db8::1", 5)]
+        )
 
     def test_send(self) -> None:
         self.forwarder.send_datagram(b"data", ("203.0.113.2", 51820))
@@ -116,8 +117,11 @@ class ForwarderTests(unittest.TestCase):
         self.assertEqual(sent, [("::ffff:203.0.113.2", 1), ("2001:db8::2", 1)])
 
     def test_send_errors_counted(self) -> None:
-        for exception in (OSError(101, "unreachable"), error.MessageLengthError(),
-                          error.InvalidAddressError("x", "y")):
+        for exception in (
+            OSError(101, "unreachable"),
+            error.MessageLengthError(),
+            error.InvalidAddressError("x", "y"),
+        ):
             self.forwarder.transport = FailingTransport(exception)
             self.forwarder.send_datagram(b"x", ("203.0.113.2", 1))
         self.assertEqual(self.forwarder.counters["drop_send_error"], 3)

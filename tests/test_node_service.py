@@ -62,8 +62,9 @@ class FakePeer:
 class FakeWireGuardDevice:
     """Records what the node asks of the WireGuard state."""
 
-    def __init__(self, private_key: bytes, clock: Any, send_datagram: Any,
-                 deliver_packet: Any) -> None:
+    def __init__(
+        self, private_key: bytes, clock: Any, send_datagram: Any, deliver_packet: Any
+    ) -> None:
         self.public_key = public_key(private_key)
         self.clock = clock
         self.send_datagram = send_datagram
@@ -75,12 +76,23 @@ class FakeWireGuardDevice:
         self.packets: list[bytes] = []
         self.closed = False
 
-    def add_peer(self, public_key: bytes, preshared_key: bytes | None = None,
-                 endpoint: Any = None, allowed_ips: Any = (),
-                 persistent_keepalive: int = 0) -> FakePeer:
-        self.added.append(dict(public_key=public_key, preshared_key=preshared_key,
-                               endpoint=endpoint, allowed_ips=tuple(allowed_ips),
-                               persistent_keepalive=persistent_keepalive))
+    def add_peer(
+        self,
+        public_key: bytes,
+        preshared_key: bytes | None = None,
+        endpoint: Any = None,
+        allowed_ips: Any = (),
+        persistent_keepalive: int = 0,
+    ) -> FakePeer:
+        self.added.append(
+            dict(
+                public_key=public_key,
+                preshared_key=preshared_key,
+                endpoint=endpoint,
+                allowed_ips=tuple(allowed_ips),
+                persistent_keepalive=persistent_keepalive,
+            )
+        )
         peer = self._peers[public_key] = FakePeer(public_key, endpoint, tuple(allowed_ips))
         return peer
 
@@ -119,8 +131,14 @@ class StaticNodeServiceTests(unittest.TestCase):
             self.devices.append(FakeWireGuardDevice(*args))
             return self.devices[-1]
 
-        return StaticNodeService(self.reactor, config, interface_name="tvtest0",
-                                 open_tun=open_tun, make_device=make_device, **kwargs)
+        return StaticNodeService(
+            self.reactor,
+            config,
+            interface_name="tvtest0",
+            open_tun=open_tun,
+            make_device=make_device,
+            **kwargs,
+        )
 
     def test_fakes(self) -> None:
         device = FakeWireGuardDevice(PRIVATE, self.reactor, None, None)
@@ -135,12 +153,25 @@ class StaticNodeServiceTests(unittest.TestCase):
         # Default routes would swallow the tunnel's own traffic: left out, with a warning.
         self.assertEqual(tun.routes, ["100.64.0.2/32", "100.64.8.0/24", "100.64.0.3/32"])
         self.assertEqual(device.clock, self.reactor)
-        self.assertEqual(device.added, [
-            dict(public_key=PEER1, preshared_key=PSK, endpoint=("203.0.113.2", 51820),
-                 allowed_ips=("100.64.0.2/32", "100.64.8.0/24"), persistent_keepalive=25),
-            dict(public_key=PEER2, preshared_key=None, endpoint=None,
-                 allowed_ips=("100.64.0.3/32", "0.0.0.0/0"), persistent_keepalive=0),
-        ])
+        self.assertEqual(
+            device.added,
+            [
+                dict(
+                    public_key=PEER1,
+                    preshared_key=PSK,
+                    endpoint=("203.0.113.2", 51820),
+                    allowed_ips=("100.64.0.2/32", "100.64.8.0/24"),
+                    persistent_keepalive=25,
+                ),
+                dict(
+                    public_key=PEER2,
+                    preshared_key=None,
+                    endpoint=None,
+                    allowed_ips=("100.64.0.3/32", "0.0.0.0/0"),
+                    persistent_keepalive=0,
+                ),
+            ],
+        )
         self.assertEqual(list(self.reactor.udpPorts), [51820])
         self.assertEqual(self.service.listening_port, 51820)
 
@@ -197,9 +228,10 @@ class StaticNodeServiceTests(unittest.TestCase):
 
     def test_routed_prefixes(self) -> None:
         config = parse_config(CONFIG + "AllowedIPs = ::/0\n", "wg0.conf")
-        self.assertEqual(routed_prefixes(config.peers),
-                         (["100.64.0.2/32", "100.64.8.0/24", "100.64.0.3/32"],
-                          ["0.0.0.0/0", "::/0"]))
+        self.assertEqual(
+            routed_prefixes(config.peers),
+            (["100.64.0.2/32", "100.64.8.0/24", "100.64.0.3/32"], ["0.0.0.0/0", "::/0"]),
+        )
 
 
 class OptionsTests(unittest.TestCase):
@@ -235,8 +267,9 @@ class OptionsTests(unittest.TestCase):
         self.assertUsageError([], "--config is required")
 
     def test_missing_file(self) -> None:
-        self.assertUsageError(["--config", "/nonexistent/wg0.conf"], "/nonexistent/wg0.conf",
-                              "No such file")
+        self.assertUsageError(
+            ["--config", "/nonexistent/wg0.conf"], "/nonexistent/wg0.conf", "No such file"
+        )
 
     def test_bad_interface(self) -> None:
         self.assertUsageError(["--config", self.write(), "--interface", "x" * 16], "--interface")
@@ -257,8 +290,9 @@ class OptionsTests(unittest.TestCase):
 
     def test_private_key_file_refused(self) -> None:
         key_path = self.write(encode_key(bytes([9] * 32)), mode=0o640)
-        self.assertUsageError(["--config", self.write(), "--private-key-file", key_path],
-                              "too open")
+        self.assertUsageError(
+            ["--config", self.write(), "--private-key-file", key_path], "too open"
+        )
         bad = self.write("garbage")
         self.assertUsageError(["--config", self.write(), "--private-key-file", bad], bad)
 

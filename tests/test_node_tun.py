@@ -193,23 +193,29 @@ class TunDeviceTests(unittest.TestCase):
         self.device.add_route("100.64.1.0/24")
         self.device.add_route("100.64.1.0/24")
         del self.ipr.calls[0]
-        self.assertEqual(self.ipr.calls, [
-            ("addr", "add", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
-            ("link", "set", {"index": 7, "state": "up"}),
-            ("addr", "del", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
-            ("addr", "add", {"index": 7, "address": "100.64.0.2", "prefixlen": 24}),
-            ("addr", "add", {"index": 7, "address": "fd00::2", "prefixlen": 64}),
-            ("link", "set", {"index": 7, "state": "up"}),
-            ("route", "replace", {"dst": "100.64.1.0/24", "oif": 7}),
-        ])
+        self.assertEqual(
+            self.ipr.calls,
+            [
+                ("addr", "add", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
+                ("link", "set", {"index": 7, "state": "up"}),
+                ("addr", "del", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
+                ("addr", "add", {"index": 7, "address": "100.64.0.2", "prefixlen": 24}),
+                ("addr", "add", {"index": 7, "address": "fd00::2", "prefixlen": 64}),
+                ("link", "set", {"index": 7, "state": "up"}),
+                ("route", "replace", {"dst": "100.64.1.0/24", "oif": 7}),
+            ],
+        )
         self.ipr.calls.clear()
         self.device.start_reading(lambda p: None)
         self.device.close()
-        self.assertEqual(self.ipr.calls, [
-            ("route", "del", {"dst": "100.64.1.0/24", "oif": 7}),
-            ("link", "del", {"index": 7}),
-            ("close", "", {}),
-        ])
+        self.assertEqual(
+            self.ipr.calls,
+            [
+                ("route", "del", {"dst": "100.64.1.0/24", "oif": 7}),
+                ("link", "del", {"index": 7}),
+                ("close", "", {}),
+            ],
+        )
         self.assertTrue(self.made[0].closed)
         self.assertEqual(self.reactor.readers, [])
         self.assertEqual(self.device.fileno(), -1)

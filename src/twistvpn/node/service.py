@@ -26,8 +26,9 @@ from twistvpn.wireguard.keys import encode_key, public_key
 
 TunFactory = Callable[[str, int], ITunDevice]
 # (private_key, clock, send_datagram, deliver_packet) -> the WireGuard state
-DeviceFactory = Callable[[bytes, Any, Callable[[bytes, Any], None], Callable[[bytes], None]],
-                         IWireGuardDevice]
+DeviceFactory = Callable[
+    [bytes, Any, Callable[[bytes, Any], None], Callable[[bytes], None]], IWireGuardDevice
+]
 Resolver = Callable[[str, int], tuple[str, int]]
 
 # Socket buffers big enough to absorb a burst while Python catches up.

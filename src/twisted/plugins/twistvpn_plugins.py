@@ -1,0 +1,10 @@
+"""twistd plugins for twistvpn: one ServiceMaker per process kind."""
+
+from twisted.application.service import ServiceMaker
+
+twistvpn_node = ServiceMaker(
+    "twistvpn node",
+    "twistvpn.node.node_tap",
+    "A twistvpn node: a TUN device and the WireGuard protocol (static mode: a wg-quick file)",
+    "twistvpn-node",
+)

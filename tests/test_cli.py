@@ -1,0 +1,126 @@
+"""Tests for the twistvpn command's key commands and its extension point."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+from twistvpn import cli
+from twistvpn.wireguard.keys import decode_key, encode_key, public_key
+
+WG = shutil.which("wg")
+
+
+class CLITests(unittest.TestCase):
+    def run_cli(self, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdin", io.StringIO(stdin))
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        try:
+            status = cli.main(list(argv))
+        except SystemExit as e:
+            status = int(e.code or 0)
+        return status, out.getvalue(), err.getvalue()
+
+    def test_genkey(self) -> None:
+        status, out, _ = self.run_cli("genkey")
+        self.assertEqual(status, 0)
+        self.assertTrue(out.endswith("\n"))
+        key = decode_key(out)
+        # Clamped as wg genkey's are.
+        self.assertEqual(key[0] & 7, 0)
+        self.assertEqual(key[31] & 0xC0, 0x40)
+        self.assertNotEqual(self.run_cli("genkey")[1], out)
+
+    def test_genpsk(self) -> None:
+        status, out, _ = self.run_cli("genpsk")
+        self.assertEqual(status, 0)
+        self.assertEqual(len(decode_key(out)), 32)
+
+    def test_pubkey(self) -> None:
+        private = bytes(range(32))
+        status, out, _ = self.run_cli("pubkey", stdin=encode_key(private) + "\n")
+        self.assertEqual(status, 0)
+        self.assertEqual(out, encode_key(public_key(private)) + "\n")
+
+    def test_pubkey_bad_input(self) -> None:
+        for text in ("", "garbage\n", encode_key(bytes(32))[:-2] + "\n"):
+            status, out, err = self.run_cli("pubkey", stdin=text)
+            self.assertEqual((status, out), (1, ""))
+            self.assertIn("unable to read private key", err)
+
+    def test_genkey_warns_about_world_readable_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            os.chmod(path, 0o644)
+            err = io.StringIO()
+            cli._warn_if_world_accessible(f, err)
+            self.assertIn("world accessible", err.getvalue())
+            os.chmod(path, 0o600)
+            err = io.StringIO()
+            cli._warn_if_world_accessible(f, err)
+            self.assertEqual(err.getvalue(), "")
+
+    def test_no_command(self) -> None:
+        status, _, err = self.run_cli()
+        self.assertEqual(status, 2)
+        self.assertIn("genkey", err)
+
+    def test_lab_registered(self) -> None:
+        parser = cli.build_parser()
+        args = parser.parse_args(["lab", "--seconds", "2"])
+        self.assertEqual(args.seconds, 2.0)
+        self.assertRaises(SystemExit, parser.parse_args, ["lab", "--seconds", "0"])
+
+    def test_modules_extend_the_command(self) -> None:
+        """A module exposing register(subparsers) adds commands."""
+        module = type(sys)("twistvpn_test_extension")
+
+        def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+            subparsers.add_parser("hello").set_defaults(func=lambda args: 7)
+
+        module.register = register  # type: ignore[attr-defined]
+        self.patch(sys, "modules", {**sys.modules, module.__name__: module})
+        self.patch(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, module.__name__])
+        self.assertEqual(self.run_cli("hello")[0], 7)
+
+
+class WireGuardCompatibilityTests(unittest.TestCase):
+    """Byte for byte what the real wg prints and reads."""
+
+    skip = None if WG else "wg (wireguard-tools) is not installed"
+
+    def twistvpn(self, *argv: str, stdin: str = "") -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "twistvpn", *argv],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+
+    def wg(self, *argv: str, stdin: str = "") -> str:
+        return subprocess.run(
+            [WG, *argv], input=stdin, capture_output=True, text=True, check=True, timeout=10
+        ).stdout  # type: ignore[list-item]
+
+    def test_our_keys_in_wg(self) -> None:
+        private = self.twistvpn("genkey")
+        self.assertEqual(self.wg("pubkey", stdin=private), self.twistvpn("pubkey", stdin=private))
+
+    def test_wg_keys_in_ours(self) -> None:
+        private = self.wg("genkey")
+        self.assertEqual(self.twistvpn("pubkey", stdin=private), self.wg("pubkey", stdin=private))
+
+    def test_unclamped_and_psk(self) -> None:
+        """Any 32 bytes are a key to wg pubkey (it clamps); so to ours."""
+        for text in (self.wg("genpsk"), self.twistvpn("genpsk"), encode_key(b"\xff" * 32) + "\n"):
+            self.assertEqual(self.twistvpn("pubkey", stdin=text), self.wg("pubkey", stdin=text))
