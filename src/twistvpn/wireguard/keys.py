@@ -14,7 +14,7 @@ from nacl.bindings import crypto_scalarmult_base
 KEY_LENGTH = 32
 
 
-class InvalidKey(ValueError):
+class InvalidKey(ValueError):  # noqa: N818 (public name others use)
     """A key in text form is not 32 bytes of base64."""
 
 
