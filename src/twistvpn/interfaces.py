@@ -181,6 +181,126 @@ class IWireGuardPeer(Interface):
 # --- NAT traversal (see twistvpn.traversal) ---------------------------------
 
 
+class ITraversalContext(Interface):
+    """
+    Everything one traversal strategy may use to reach one peer, handed in
+    explicitly so that a strategy can be tested alone.  Probes sent through
+    it are authenticated; a probe that is answered verifies a path, which
+    the context reports to the path manager (and lists in C{verified}).
+    """
+
+    strategy = Attribute("The name of the strategy this context serves (str).")
+    local = Attribute("This node's candidates (twistvpn.traversal.Candidates).")
+    peer = Attribute("The peer's candidates (twistvpn.traversal.Candidates).")
+    peer_key = Attribute("The peer's static public key (32 bytes).")
+    is_initiator = Attribute(
+        "True on exactly one of the two sides (the lower public key), so "
+        "that asymmetric strategies can pick roles without talking."
+    )
+    clock = Attribute("An IReactorTime; strategies never use real time.")
+    random = Attribute("A random.Random; seeded in tests.")
+    probes_sent = Attribute("Probes sent through this context (int).")
+    verified = Attribute("Paths verified by this context's probes (list).")
+
+    def send_probe(endpoint):
+        """
+        Send one authenticated probe to C{endpoint}: a (host, port) tuple,
+        from the node's UDP socket, or an endpoint of a socket from
+        L{open_socket}.  Its answer, if any, verifies the path.
+        """
+
+    def open_socket():
+        """
+        Open an extra UDP socket (for strategies that need many NAT
+        mappings) and return it; C{socket.endpoint(addr)} names C{addr} as
+        reached from that socket.  Sockets close with the context unless a
+        verified path uses them.
+        """
+
+
+class ITraversalStrategy(Interface):
+    """
+    A way of finding a direct path to a peer through NATs.  Found as a
+    plugin (C{twisted.plugin.getPlugins(ITraversalStrategy,
+    twistvpn.plugins)}), so the objects also provide C{IPlugin}.
+    """
+
+    name = Attribute("A short unique name (str), carried in probes.")
+
+    def applicable(context):
+        """
+        Return True when this strategy can help with the peer described by
+        C{context} (an L{ITraversalContext}); inapplicable strategies are
+        not started.  Both peers see the same candidates, so both decide
+        alike.
+        """
+
+    def start(context):
+        """
+        Start sending probes through C{context}; return a Deferred that
+        fires (with None) when the strategy has nothing more to try.
+        Cancelling the Deferred stops it at once.  Verified paths are
+        reported by the context, not by the Deferred.
+        """
+
+
+class IRelayProvider(Interface):
+    """
+    The path of last resort: a relay that carries a peer's encrypted
+    datagrams when no direct path exists.
+    """
+
+    def open_relay(peer_key):
+        """
+        Return a Deferred firing with an endpoint through which datagrams
+        reach the peer with static public key C{peer_key} via a relay; the
+        forwarder routes it (C{Forwarder.register_route}).  Fails when no
+        relay is reachable.
+        """
+
+    def close_relay(peer_key):
+        """
+        Release the relay path to C{peer_key}; unknown keys are ignored.
+        """
+
+
+class IPathManager(Interface):
+    """
+    Chooses and keeps the best working path to one peer: runs traversal
+    strategies, ranks verified paths (LAN, then direct, then relay; then by
+    round-trip time), keeps the chosen one alive and falls back when it dies.
+    """
+
+    kind = Attribute("'lan', 'direct', 'relay' or 'none' (str).")
+    endpoint = Attribute("The chosen path's endpoint, or None.")
+    rtt = Attribute("The chosen path's smoothed round-trip time (s), or None.")
+    history = Attribute("Past and current attempts, oldest first (list).")
+
+    def start():
+        """Begin finding a path (an attempt starts at once)."""
+
+    def stop():
+        """Stop every strategy, timer and socket; leave the peer's endpoint."""
+
+    def update_candidates(local=None, peer=None):
+        """
+        New candidates from the rendezvous (C{None} keeps the old); an
+        attempt starts at once when no direct path is in use.
+        """
+
+    def punch_now():
+        """
+        The rendezvous says both sides start now: begin an attempt at once,
+        resetting the retry backoff.
+        """
+
+    def status():
+        """
+        A dict for the status CLI: kind, endpoint, rtt, strategy, and the
+        attempts' history.
+        """
+
+
 # --- the rendezvous (see twistvpn.rendezvous) -------------------------------
 
 

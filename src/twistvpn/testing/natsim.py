@@ -1,0 +1,546 @@
+"""
+A simulated internet of hosts, LANs and NAT routers, driven by a clock.
+
+Shipped in the package so that plugin authors can test traversal strategies,
+and so that any UDP protocol (discovery, a relay) can be tested behind NATs
+without a kernel.  Everything is deterministic for a given seed.
+
+Building a network::
+
+    net = Internet(seed=7)                          # its own Clock, or clock=
+    server = net.add_public_host("203.0.113.10")    # no NAT
+    home = net.add_nat("easy")                      # a preset name or a NATBehavior
+    laptop = net.add_host(home)                     # 192.168.N.x behind it
+    port = laptop.reactor.listenUDP(0, SomeDatagramProtocol())
+    net.run(5.0)                                    # 5 simulated seconds
+
+Each L{Host} has a C{reactor} (L{SimReactor}) providing C{IReactorUDP} and
+C{IReactorTime}: C{listenUDP(port, protocol)} returns a L{SimPort} whose
+C{write(data, (host, port))} routes through the simulated network, and
+C{callLater} runs on the shared clock.  So the real forwarder, strategies and
+any C{DatagramProtocol} run unchanged on top.
+
+A datagram from a host behind a NAT is translated on the way out (mapping),
+checked on the way in (filtering), and delivered after the sum of the two
+hosts' link latencies; each link drops a packet with its loss probability.
+NAT behaviour follows RFC 4787:
+
+  - mapping: endpoint-independent (C{EIM}), address-dependent (C{ADM}),
+    address-and-port-dependent (C{APDM});
+  - filtering: the same three (C{EIF}, C{ADF}, C{APDF});
+  - port assignment: C{PRESERVE}, C{SEQUENTIAL}, C{RANDOM};
+  - hairpinning on or off; a mapping timeout refreshed by outbound traffic
+    only; or all UDP blocked.
+
+Presets by name (L{PRESETS}): C{open} (a public address, no NAT), C{easy}
+(EIM, APDF, port preserving: Linux MASQUERADE), C{easyaf} (EIM, ADF),
+C{hard} (APDM, random ports), C{hard-sequential} (APDM, sequential ports),
+C{udpblock}.  Two hosts behind one NAT: call L{Internet.add_host} twice with
+the same NAT (build it with C{hairpin=True} or not).
+
+Simplifications, on purpose: datagrams to a private address that is not on
+the sender's own LAN are dropped at the router (a real one would NAT them
+toward its ISP, which drops them); no fragmentation, no ICMP, no cross
+traffic from other users of a NAT.
+
+L{Internet.run} moves the clock from event to event (never skipping one), so
+a long simulated run costs only as much as the packets and timers in it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import (
+    IReactorTime,
+    IReactorUDP,
+    IUDPTransport,
+)
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+# RFC 4787 mapping and filtering behaviours.
+EIM, ADM, APDM = "endpoint-independent", "address-dependent", "address-and-port-dependent"
+EIF, ADF, APDF = EIM, ADM, APDM
+PRESERVE, SEQUENTIAL, RANDOM = "preserve", "sequential", "random"
+
+LOW_PORT = 1024
+HIGH_PORT = 65535
+
+Addr = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class NATBehavior:
+    """What a NAT does with UDP, in RFC 4787's terms."""
+
+    mapping: str = EIM
+    filtering: str = APDF
+    ports: str = PRESERVE
+    hairpin: bool = False
+    timeout: float = 30.0
+    udp_blocked: bool = False
+
+    def __post_init__(self) -> None:
+        for field, value in (("mapping", self.mapping), ("filtering", self.filtering)):
+            if value not in (EIM, ADM, APDM):
+                raise ValueError(f"unknown {field} behaviour {value!r}")
+        if self.ports not in (PRESERVE, SEQUENTIAL, RANDOM):
+            raise ValueError(f"unknown port assignment {self.ports!r}")
+        if self.timeout <= 0:
+            raise ValueError("a mapping timeout must be positive")
+
+
+PRESETS: dict[str, NATBehavior | None] = {
+    "open": None,
+    "easy": NATBehavior(EIM, APDF, PRESERVE),
+    "easyaf": NATBehavior(EIM, ADF, PRESERVE),
+    "hard": NATBehavior(APDM, APDF, RANDOM),
+    "hard-sequential": NATBehavior(APDM, APDF, SEQUENTIAL),
+    "udpblock": NATBehavior(udp_blocked=True),
+}
+
+
+def behavior(preset: str | NATBehavior, **changes: Any) -> NATBehavior:
+    """A preset's behaviour (by name), with C{changes} applied."""
+    if isinstance(preset, NATBehavior):
+        base = preset
+    else:
+        try:
+            found = PRESETS[preset]
+        except KeyError:
+            raise ValueError(f"unknown NAT preset {preset!r}") from None
+        if found is None:
+            raise ValueError(f"preset {preset!r} is a public address, not a NAT")
+        base = found
+    return replace(base, **changes) if changes else base
+
+
+# RFC 1918, link-local and loopback.  (Python's C{is_private} also covers
+# the documentation ranges that the simulated internet itself uses.)
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8"))
+
+
+def is_private(ip: str) -> bool:
+    """True for addresses that the simulated internet does not route."""
+    address = ipaddress.ip_address(ip)
+    return any(address in net for net in _PRIVATE)
+
+
+class _Mapping:
+    __slots__ = ("key", "internal", "port", "expires", "allowed")
+
+    def __init__(self, key: Any, internal: Addr, port: int, expires: float) -> None:
+        self.key = key
+        self.internal = internal
+        self.port = port
+        self.expires = expires
+        self.allowed: set[Any] = set()
+
+
+class NAT:
+    """
+    A NAT router: one public address, a LAN behind it.  Its translation is
+    a pure function of the packet, the time and its table, so every test
+    can reason about it.
+    """
+
+    def __init__(
+        self, internet: Internet, public_ip: str, subnet: str, behavior: NATBehavior,
+        link: Link,
+    ) -> None:
+        self.internet = internet
+        self.public_ip = public_ip
+        self.subnet = ipaddress.ip_network(subnet)
+        self.behavior = behavior
+        self.link = link
+        self.hosts: dict[str, Host] = {}
+        self._rng = internet.random
+        self._mappings: dict[Any, _Mapping] = {}
+        self._by_port: dict[int, _Mapping] = {}
+        self._forwards: dict[int, Addr] = {}
+        self._next_port = self._rng.randrange(LOW_PORT, HIGH_PORT)
+        self._next_ip = 2
+
+    @property
+    def hairpin(self) -> bool:
+        return self.behavior.hairpin
+
+    def reboot(self) -> None:
+        """Forget every dynamic mapping (a power cycle); static forwards stay."""
+        self._mappings.clear()
+        self._by_port.clear()
+        self._next_port = self._rng.randrange(LOW_PORT, HIGH_PORT)
+
+    def forward_port(self, external_port: int, internal: Addr) -> None:
+        """A static port forward, as a user configures on a home router."""
+        self._forwards[external_port] = internal
+
+    def mappings(self, now: float) -> dict[int, Addr]:
+        """The live mappings, external port to internal address (for tests)."""
+        return {p: m.internal for p, m in self._by_port.items() if m.expires > now}
+
+    # -- translation ----------------------------------------------------------
+
+    def _key(self, internal: Addr, dst: Addr) -> Any:
+        mapping = self.behavior.mapping
+        if mapping == EIM:
+            return internal
+        if mapping == ADM:
+            return (internal, dst[0])
+        return (internal, dst)
+
+    def _port_free(self, port: int, now: float) -> bool:
+        if port in self._forwards:
+            return False
+        m = self._by_port.get(port)
+        if m is None:
+            return True
+        if m.expires <= now:
+            self._drop(m)
+            return True
+        return False
+
+    def _drop(self, m: _Mapping) -> None:
+        self._by_port.pop(m.port, None)
+        if self._mappings.get(m.key) is m:
+            del self._mappings[m.key]
+
+    def _allocate(self, wanted: int, now: float) -> int:
+        ports = self.behavior.ports
+        span = HIGH_PORT - LOW_PORT + 1
+        if ports == RANDOM:
+            for _ in range(span):
+                port = self._rng.randrange(LOW_PORT, HIGH_PORT + 1)
+                if self._port_free(port, now):
+                    return port
+            raise RuntimeError("NAT port space exhausted")
+        start = wanted if ports == PRESERVE and wanted >= LOW_PORT else self._next_port
+        for i in range(span):
+            port = LOW_PORT + (start - LOW_PORT + i) % span
+            if self._port_free(port, now):
+                if ports == SEQUENTIAL:
+                    self._next_port = port + 1 if port < HIGH_PORT else LOW_PORT
+                return port
+        raise RuntimeError("NAT port space exhausted")
+
+    def outbound(self, internal: Addr, dst: Addr, now: float) -> int:
+        """The external port for a packet from C{internal} to C{dst}."""
+        key = self._key(internal, dst)
+        m = self._mappings.get(key)
+        if m is not None and m.expires <= now:
+            self._drop(m)
+            m = None
+        if m is None:
+            m = _Mapping(key, internal, self._allocate(internal[1], now), 0.0)
+            self._mappings[key] = m
+            self._by_port[m.port] = m
+        m.expires = now + self.behavior.timeout
+        filtering = self.behavior.filtering
+        if filtering == APDF:
+            m.allowed.add(dst)
+        elif filtering == ADF:
+            m.allowed.add(dst[0])
+        return m.port
+
+    def inbound(self, port: int, src: Addr, now: float) -> Addr | None:
+        """Where a packet from C{src} to our C{port} goes, or None (dropped)."""
+        m = self._by_port.get(port)
+        if m is None:
+            return self._forwards.get(port)
+        if m.expires <= now:
+            self._drop(m)
+            return self._forwards.get(port)
+        filtering = self.behavior.filtering
+        if filtering == APDF:
+            ok = src in m.allowed
+        elif filtering == ADF:
+            ok = src[0] in m.allowed
+        else:
+            ok = True
+        return m.internal if ok else None
+
+
+@dataclass
+class Link:
+    """One hop's one-way latency (seconds) and loss probability."""
+
+    latency: float = 0.010
+    loss: float = 0.0
+
+
+@implementer(IReactorTime, IReactorUDP)
+class SimReactor:
+    """
+    A host's view of the simulation: the shared clock and UDP sockets bound
+    to the host's address.
+    """
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._clock = host.internet.clock
+
+    # IReactorTime
+    def seconds(self) -> float:
+        return self._clock.seconds()
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any):
+        return self._clock.callLater(delay, callable, *args, **kw)
+
+    def getDelayedCalls(self):
+        return self._clock.getDelayedCalls()
+
+    # IReactorUDP
+    def listenUDP(self, port: int, protocol: Any, interface: str = "",
+                  maxPacketSize: int = 8192) -> SimPort:
+        return self._host.bind(port, protocol)
+
+
+@implementer(IUDPTransport)
+class SimPort:
+    """A bound UDP socket on a simulated host."""
+
+    def __init__(self, host: Host, port: int, protocol: Any) -> None:
+        self.host = host
+        self.port = port
+        self.protocol = protocol
+        self.connected: Addr | None = None
+        self._broadcast = False
+        self.listening = True
+
+    def write(self, packet: bytes, addr: Addr | None = None) -> None:
+        if addr is None:
+            if self.connected is None:
+                raise ValueError("no address given and the socket is not connected")
+            addr = self.connected
+        if not self.listening:
+            raise OSError("socket closed")
+        self.host.internet.send(self.host, self.port, bytes(packet), (addr[0], int(addr[1])))
+
+    def connect(self, host: str, port: int) -> None:
+        self.connected = (host, port)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self.host.ip, self.port)
+
+    def stopListening(self) -> None:
+        if self.listening:
+            self.listening = False
+            self.host.unbind(self.port)
+            self.protocol.doStop()
+
+    loseConnection = stopListening
+
+    def setBroadcastAllowed(self, enabled: bool) -> None:
+        self._broadcast = bool(enabled)
+
+    def getBroadcastAllowed(self) -> bool:
+        return self._broadcast
+
+
+class Host:
+    """A machine with one address, on the internet or behind a NAT."""
+
+    def __init__(self, internet: Internet, ip: str, nat: NAT | None, link: Link) -> None:
+        self.internet = internet
+        self.ip = ip
+        self.nat = nat
+        self.link = link
+        self.ports: dict[int, SimPort] = {}
+        self.reactor = SimReactor(self)
+        self._next_ephemeral = 40000 + internet.random.randrange(0, 20000)
+
+    def bind(self, port: int, protocol: Any) -> SimPort:
+        if port == 0:
+            for _ in range(65536):
+                candidate = self._next_ephemeral
+                self._next_ephemeral = candidate + 1 if candidate < 65000 else 32768
+                if candidate not in self.ports:
+                    port = candidate
+                    break
+        if port in self.ports:
+            raise OSError(f"{self.ip}:{port} is already bound")
+        sim_port = SimPort(self, port, protocol)
+        self.ports[port] = sim_port
+        protocol.makeConnection(sim_port)
+        return sim_port
+
+    def unbind(self, port: int) -> None:
+        self.ports.pop(port, None)
+
+    def deliver(self, port: int, data: bytes, src: Addr) -> None:
+        sim_port = self.ports.get(port)
+        if sim_port is None:
+            self.internet.counters["drop_port_closed"] += 1
+            return
+        self.internet.counters["delivered"] += 1
+        sim_port.protocol.datagramReceived(data, src)
+
+
+class Internet:
+    """The whole simulated network and its clock."""
+
+    def __init__(self, clock: Clock | None = None, seed: int = 0) -> None:
+        self.clock = clock if clock is not None else Clock()
+        self.random = random.Random(seed)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._public: dict[str, Host | NAT] = {}
+        self._nats: list[NAT] = []
+        self._next_public = 1
+        self._taps: list[Callable[[Addr, Addr, bytes], None]] = []
+
+    # -- building -------------------------------------------------------------
+
+    def _public_ip(self, ip: str | None) -> str:
+        if ip is None:
+            while True:
+                n = self._next_public
+                self._next_public += 1
+                ip = f"203.0.113.{n}" if n < 255 else f"198.51.100.{n - 254}"
+                if ip not in self._public:
+                    break
+        if ip in self._public:
+            raise ValueError(f"{ip} is already on the simulated internet")
+        return ip
+
+    def add_public_host(self, ip: str | None = None, latency: float = 0.010,
+                        loss: float = 0.0) -> Host:
+        """A host with a public address and no NAT (the C{open} preset)."""
+        ip = self._public_ip(ip)
+        host = Host(self, ip, None, Link(latency, loss))
+        self._public[ip] = host
+        return host
+
+    def add_nat(self, preset: str | NATBehavior = "easy", public_ip: str | None = None,
+                latency: float = 0.010, loss: float = 0.0, **changes: Any) -> NAT:
+        """A NAT router with a LAN 192.168.N.0/24 behind it."""
+        ip = self._public_ip(public_ip)
+        subnet = f"192.168.{len(self._nats) + 1}.0/24"
+        nat = NAT(self, ip, subnet, behavior(preset, **changes), Link(latency, loss))
+        self._public[ip] = nat
+        self._nats.append(nat)
+        return nat
+
+    def add_host(self, nat: NAT, lan_latency: float = 0.0005) -> Host:
+        """A host on C{nat}'s LAN."""
+        ip = str(nat.subnet.network_address + nat._next_ip)
+        nat._next_ip += 1
+        host = Host(self, ip, nat, Link(lan_latency, 0.0))
+        nat.hosts[ip] = host
+        return host
+
+    def add(self, preset: str, **kw: Any) -> Host:
+        """A host behind a fresh NAT of C{preset}, or a public host for C{open}."""
+        if preset == "open":
+            return self.add_public_host(**kw)
+        return self.add_host(self.add_nat(preset, **kw))
+
+    def tap(self, observer: Callable[[Addr, Addr, bytes], None]) -> None:
+        """Call C{observer(src, dst, data)} for every datagram sent by a host."""
+        self._taps.append(observer)
+
+    # -- moving packets -------------------------------------------------------
+
+    def _lost(self, link: Link) -> bool:
+        return link.loss > 0 and self.random.random() < link.loss
+
+    def send(self, host: Host, sport: int, data: bytes, dst: Addr) -> None:
+        """Route one datagram from C{host}:C{sport} to C{dst}."""
+        counters = self.counters
+        counters["sent"] += 1
+        src: Addr = (host.ip, sport)
+        for observer in self._taps:
+            observer(src, dst, data)
+        dip = dst[0]
+        now = self.clock.seconds()
+        nat = host.nat
+        if nat is None:
+            latency = host.link.latency
+            if self._lost(host.link):
+                counters["drop_loss"] += 1
+                return
+        else:
+            lan = nat.hosts.get(dip)
+            if lan is not None:
+                self.clock.callLater(host.link.latency + lan.link.latency,
+                                     lan.deliver, dst[1], data, src)
+                return
+            if nat.behavior.udp_blocked:
+                counters["drop_udp_blocked"] += 1
+                return
+            if dip == nat.public_ip:
+                if not nat.behavior.hairpin:
+                    counters["drop_no_hairpin"] += 1
+                    return
+                ext = (nat.public_ip, nat.outbound(src, dst, now))
+                self.clock.callLater(2 * host.link.latency, self._arrive, nat, ext, dst[1], data)
+                return
+            if is_private(dip):
+                counters["drop_unroutable"] += 1
+                return
+            src = (nat.public_ip, nat.outbound(src, dst, now))
+            latency = host.link.latency + nat.link.latency
+            if self._lost(nat.link):
+                counters["drop_loss"] += 1
+                return
+        target = self._public.get(dip)
+        if target is None:
+            counters["drop_no_such_host"] += 1
+            return
+        if self._lost(target.link):
+            counters["drop_loss"] += 1
+            return
+        self.clock.callLater(latency + target.link.latency, self._arrive, target, src,
+                             dst[1], data)
+
+    def _arrive(self, target: Host | NAT, src: Addr, port: int, data: bytes) -> None:
+        if isinstance(target, Host):
+            target.deliver(port, data, src)
+            return
+        if target.behavior.udp_blocked:
+            self.counters["drop_udp_blocked"] += 1
+            return
+        internal = target.inbound(port, src, self.clock.seconds())
+        if internal is None:
+            self.counters["drop_filtered"] += 1
+            return
+        host = target.hosts.get(internal[0])
+        if host is None:
+            self.counters["drop_no_such_host"] += 1
+            return
+        host.deliver(internal[1], data, src)
+
+    # -- running --------------------------------------------------------------
+
+    def run(self, duration: float, until: Callable[[], bool] | None = None) -> bool:
+        """
+        Advance the clock by C{duration} seconds, event by event.  With
+        C{until}, stop at the first event after which it is true, and
+        return True; otherwise return False at the end of the duration.
+        """
+        clock = self.clock
+        end = clock.seconds() + duration
+        calls = clock.calls
+        if until is not None and until():
+            return True
+        while calls:
+            when = calls[0].getTime()
+            if when > end:
+                break
+            # Jump exactly to the event's time: adding differences would
+            # accumulate rounding and could leave the event just out of reach.
+            if when > clock.rightNow:
+                clock.rightNow = when
+            clock.advance(0)
+            if until is not None and until():
+                return True
+        if end > clock.seconds():
+            clock.advance(end - clock.seconds())
+        return until is not None and until()

@@ -1,0 +1,225 @@
+"""
+Two twistvpn nodes on the simulated NAT network, each with the real
+forwarder, probe service and path manager: the harness behind the
+traversal tests and C{bench/traversal.py}.
+
+Each node first discovers its mapping from two reflectors at different
+public addresses (as the rendezvous's UDP discovery will), which yields its
+candidates and NAT hints honestly, from what the NATs did; then both path
+managers start at the same moment, as after the rendezvous's "punch now".
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.protocol import DatagramProtocol
+from zope.interface import implementer
+
+from twistvpn.interfaces import IDatagramHandler, ITraversalStrategy
+from twistvpn.node.forwarder import Forwarder
+from twistvpn.testing.fakerelay import FakeRelay
+from twistvpn.testing.natsim import Host, Internet
+from twistvpn.traversal.candidates import Candidates, hints_from_observations
+from twistvpn.traversal.manager import DIRECT, LAN, PathConfig, PathManager
+from twistvpn.traversal.probe import ProbeService
+from twistvpn.wire import DISCOVERY_REQUEST, DISCOVERY_RESPONSE
+from twistvpn.wireguard.keys import clamp, public_key
+
+NODE_PORT = 41641
+PING = 0xFE  # test-only message type: data through the chosen path
+
+
+def _encode_addr(addr: tuple[str, int]) -> bytes:
+    host = addr[0].encode("ascii")
+    return bytes([len(host)]) + host + struct.pack("!H", addr[1])
+
+
+class Reflector(DatagramProtocol):
+    """Answers a discovery request with the address it came from."""
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if data[:1] == bytes([DISCOVERY_REQUEST]):
+            self.transport.write(bytes([DISCOVERY_RESPONSE]) + _encode_addr(addr), addr)
+
+
+@implementer(IDatagramHandler)
+class Inbox:
+    """Collects datagrams of one type that a forwarder dispatches."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, Any]] = []
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received.append((data, addr))
+
+
+@dataclass
+class SimPeer:
+    """The little of an IWireGuardPeer that the path manager touches."""
+
+    public_key: bytes
+    endpoint: Any = None
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+class SimNode:
+    """One node: a host, its forwarder on port 41641, its probe service."""
+
+    def __init__(self, host: Host, rng: random.Random) -> None:
+        self.host = host
+        self.reactor = host.reactor
+        self.private_key = clamp(rng.randbytes(32))
+        self.public_key = public_key(self.private_key)
+        self.forwarder = Forwarder()
+        self.port = host.reactor.listenUDP(NODE_PORT, self.forwarder)
+        self.probes = ProbeService(self.forwarder, host.reactor, self.private_key,
+                                   self.public_key, random_bytes=rng.randbytes)
+        self.discovery = Inbox()
+        self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)
+        self.inbox = Inbox()
+        self.forwarder.register_handler(PING, self.inbox)
+        self.manager: PathManager | None = None
+        self.peer: SimPeer | None = None
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return (self.host.ip, NODE_PORT)
+
+    def discover(self, reflectors: Sequence[tuple[str, int]]) -> None:
+        """Ask each reflector, in order, what it sees."""
+        for reflector in reflectors:
+            self.forwarder.send_datagram(bytes([DISCOVERY_REQUEST]), reflector)
+
+    def candidates(self, reflectors: Sequence[tuple[str, int]]) -> Candidates:
+        seen: dict[Any, tuple[str, int]] = {}
+        for data, addr in self.discovery.received:
+            length = data[1]
+            host = data[2:2 + length].decode("ascii")
+            (port,) = struct.unpack("!H", data[2 + length:4 + length])
+            seen[addr] = (host, port)
+        observed = [seen.get(r) for r in reflectors]
+        public = tuple(o for o in observed[:1] if o is not None)
+        return Candidates(public=public, local=(self.local,),
+                          hints=hints_from_observations(self.local, observed))
+
+    def ping(self, payload: bytes = b"ping") -> None:
+        """Send a datagram to the peer along the chosen path."""
+        assert self.peer is not None
+        self.forwarder.send_datagram(bytes([PING]) + payload, self.peer.endpoint)
+
+
+@dataclass
+class PairResult:
+    """What one run of a pair did."""
+
+    kinds: tuple[str, str]
+    strategy: str | None  # what found the first non-relay path
+    time_to_path: float | None  # until both sides use a LAN/direct path (or relay)
+    probes: int  # probes both sides sent until then (or until the end)
+    relay_at: float | None
+
+
+class Pair:
+    """Two nodes (A and B) on one simulated internet."""
+
+    def __init__(self, a: str, b: str, seed: int = 0, *, same_nat: bool = False,
+                 hairpin: bool = False, latency: float = 0.015, loss: float = 0.0,
+                 strategies: Sequence[ITraversalStrategy] | None = None,
+                 config: PathConfig | None = None, relay: bool = True,
+                 mapping_timeout: float = 30.0) -> None:
+        self.internet = Internet(seed=seed)
+        net = self.internet
+        rng = random.Random(seed ^ 0x5EED)
+        self.reflectors = [(net.add_public_host().ip, 3478), (net.add_public_host().ip, 3478)]
+        for ip, port in self.reflectors:
+            net._public[ip].reactor.listenUDP(port, Reflector())  # type: ignore[union-attr]
+        nat_kw = {"latency": latency, "loss": loss}
+        if same_nat:
+            nat = net.add_nat(a, hairpin=hairpin, timeout=mapping_timeout, **nat_kw)
+            hosts = [net.add_host(nat), net.add_host(nat)]
+        else:
+            hosts = [self._host(net, p, nat_kw, mapping_timeout) for p in (a, b)]
+        self.nats = [h.nat for h in hosts]
+        self.a, self.b = SimNode(hosts[0], rng), SimNode(hosts[1], rng)
+        self.relay = FakeRelay(net.clock) if relay else None
+        self.strategies = strategies
+        self.config = config
+        self.rng = rng
+
+    @staticmethod
+    def _host(net: Internet, preset: str, kw: dict[str, Any], timeout: float) -> Host:
+        if preset == "open":
+            return net.add_public_host(**kw)
+        return net.add_host(net.add_nat(preset, timeout=timeout, **kw))
+
+    @property
+    def nodes(self) -> tuple[SimNode, SimNode]:
+        return (self.a, self.b)
+
+    @property
+    def clock(self):
+        return self.internet.clock
+
+    def start(self) -> None:
+        """Discover, exchange candidates, and start both path managers at once."""
+        for node in self.nodes:
+            node.discover(self.reflectors)
+        self.internet.run(1.0)
+        cands = [node.candidates(self.reflectors) for node in self.nodes]
+        for i, node in enumerate(self.nodes):
+            other = self.nodes[1 - i]
+            node.peer = SimPeer(other.public_key)
+            provider = (self.relay.provider(node.public_key, node.forwarder)
+                        if self.relay is not None else None)
+            node.manager = PathManager(
+                node.peer, node.probes, node.reactor, local=cands[i], remote=cands[1 - i],
+                strategies=self.strategies, relay=provider,
+                rng=random.Random(self.rng.random()), config=self.config)
+        self.started = self.clock.seconds()
+        self.probes_before = sum(n.probes.counters["probe_sent"] for n in self.nodes)
+        for node in self.nodes:
+            node.manager.start()  # type: ignore[union-attr]
+
+    def managers(self) -> tuple[PathManager, PathManager]:
+        assert self.a.manager is not None and self.b.manager is not None
+        return (self.a.manager, self.b.manager)
+
+    def both_direct(self) -> bool:
+        return all(m.kind in (LAN, DIRECT) for m in self.managers())
+
+    def probes_sent(self) -> int:
+        return sum(n.probes.counters["probe_sent"] for n in self.nodes) - self.probes_before
+
+    def run(self, timeout: float = 30.0) -> PairResult:
+        """Run until both sides use a LAN or direct path, or C{timeout}."""
+        found = self.internet.run(timeout, until=self.both_direct)
+        elapsed = self.clock.seconds() - self.started
+        ma, mb = self.managers()
+        relay_at = None
+        for t, event, kind, _ in ma.events:
+            if event == "chosen" and kind == "relay":
+                relay_at = t - self.started
+                break
+        strategy = None
+        if found:
+            firsts = [a for m in (ma, mb) for a in m.history if a.first_path_strategy]
+            strategy = firsts[0].first_path_strategy if firsts else ma.strategy
+        return PairResult((ma.kind, mb.kind), strategy,
+                          elapsed if found else relay_at, self.probes_sent(), relay_at)
+
+
+def summarize(times: Sequence[float]) -> dict[str, float | None]:
+    """Median, 90th percentile and maximum of some durations."""
+    if not times:
+        return {"median": None, "p90": None, "max": None}
+    ordered = sorted(times)
+    return {"median": statistics.median(ordered),
+            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "max": ordered[-1]}

@@ -1,0 +1,474 @@
+"""
+The path manager: one per peer, it finds, chooses and keeps a path.
+
+It runs every applicable strategy in parallel (strategies that would
+disturb each other decline through C{applicable}), collects the paths their
+probes verify, and moves the WireGuard peer to the best one: LAN before
+direct before relay, then the lowest smoothed RTT.  The chosen path is
+probed periodically, often enough to keep NAT mappings open; when it stops
+answering the manager falls back (to the relay) within a few seconds and
+tries again, with exponential backoff while nothing direct works.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistvpn.interfaces import IPathManager, IRelayProvider, ITraversalStrategy
+from twistvpn.traversal.candidates import Candidates, describe
+from twistvpn.traversal.context import TraversalContext
+from twistvpn.traversal.probe import BoundEndpoint, ProbeService, address_of
+from twistvpn.wireguard.keys import encode_key
+
+LAN, DIRECT, RELAY, NONE = "lan", "direct", "relay", "none"
+RANK = {LAN: 0, DIRECT: 1, RELAY: 2}
+KEEPALIVE = "keepalive"
+
+
+@dataclass
+class PathConfig:
+    """The path manager's timers; defaults follow WireGuard and Tailscale."""
+
+    keepalive_interval: float = 25.0  # idle; shortened to fit known NAT timeouts
+    active_interval: float = 2.0  # while the peer carries traffic
+    retry_interval: float = 0.5  # between unanswered liveness probes
+    dead_after: float = 3.0  # no answer for this long: the path is gone
+    settle: float = 0.25  # after a first path, let parallel strategies find a better one
+    backoff_initial: float = 2.0
+    backoff_max: float = 120.0
+    relay_while_trying: bool = True  # Tailscale-like: relay at once, upgrade later
+    triggered_holdoff: float = 1.0  # at most one triggered probe per endpoint per this
+    switch_ratio: float = 0.7  # a same-kind path must be this much faster to switch
+    history_limit: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("keepalive_interval", "active_interval", "retry_interval",
+                     "dead_after", "backoff_initial", "backoff_max"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass
+class Path:
+    """A verified way to reach the peer."""
+
+    endpoint: Any
+    kind: str
+    strategy: str
+    rtt: float | None
+    verified_at: float
+    last_reply: float
+    awaiting: float | None = None  # first unanswered liveness probe
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "endpoint": describe(self.endpoint),
+                "strategy": self.strategy, "rtt": self.rtt, "last_reply": self.last_reply}
+
+
+@dataclass
+class Attempt:
+    """One round of strategies, as the status CLI shows it."""
+
+    number: int
+    reason: str
+    started: float
+    finished: float | None = None
+    outcomes: dict[str, str] = field(default_factory=dict)
+    probes: int = 0
+    result: str | None = None  # the kind of the first path found, or "failed"
+    first_path_at: float | None = None
+    first_path_strategy: str | None = None
+    running: dict[str, tuple[Deferred, TraversalContext]] = field(default_factory=dict)
+    verified_by: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "reason": self.reason, "started": self.started,
+                "finished": self.finished, "outcomes": dict(self.outcomes),
+                "probes": self.probes, "result": self.result,
+                "first_path_at": self.first_path_at,
+                "first_path_strategy": self.first_path_strategy}
+
+
+@implementer(IPathManager)
+class PathManager:
+    """
+    Keeps the best working path to one peer.  C{peer} is the WireGuard peer
+    (L{IWireGuardPeer}, or anything with C{public_key} and an assignable
+    C{endpoint}); the manager moves it by assigning C{peer.endpoint}.
+    """
+
+    log = Logger()
+
+    def __init__(self, peer: Any, probes: ProbeService, clock: IReactorTime, *,
+                 local: Candidates, remote: Candidates,
+                 strategies: Sequence[ITraversalStrategy] | None = None,
+                 relay: IRelayProvider | None = None, rng: random.Random | None = None,
+                 config: PathConfig | None = None,
+                 on_change: Callable[[PathManager], None] | None = None) -> None:
+        if strategies is None:
+            from twistvpn.traversal import load_strategies
+
+            strategies = load_strategies()
+        self.peer = peer
+        self.peer_key: bytes = peer.public_key
+        self.probes = probes
+        self.clock = clock
+        self.local = local
+        self.remote = remote
+        self.strategies = list(strategies)
+        self.relay = relay
+        self.random = rng if rng is not None else random.Random()
+        self.config = config if config is not None else PathConfig()
+        self.on_change = on_change
+        self.history: list[Attempt] = []
+        self.events: list[tuple[float, str, str, str]] = []  # time, event, kind, detail
+        self.keepalives_sent = 0
+        self._paths: dict[Any, Path] = {}
+        self._current: Path | None = None
+        self._attempt: Attempt | None = None
+        self._attempts = 0
+        self._backoff = self.config.backoff_initial
+        self._retry: Any = None
+        self._heartbeat_call: Any = None
+        self._settle_call: Any = None
+        self._triggered: dict[Any, float] = {}
+        self._relay_endpoint: Any = None
+        self._relay_opening = False
+        self._running = False
+        self._activity: tuple[int, int] | None = None
+        probes.add_peer(self.peer_key, self)
+
+    # -- IPathManager ---------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        return self._current.kind if self._current else NONE
+
+    @property
+    def endpoint(self) -> Any:
+        return self._current.endpoint if self._current else None
+
+    @property
+    def rtt(self) -> float | None:
+        return self._current.rtt if self._current else None
+
+    @property
+    def strategy(self) -> str | None:
+        return self._current.strategy if self._current else None
+
+    def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        if self.relay is not None and self.config.relay_while_trying:
+            self._open_relay()
+        self._begin("start")
+
+    def stop(self) -> None:
+        self._running = False
+        if self._attempt is not None:
+            self._cancel_attempt(self._attempt)
+        for name in ("_retry", "_heartbeat_call", "_settle_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        for path in list(self._paths.values()):
+            self._forget(path)
+        self._current = None
+        if self.relay is not None and (self._relay_endpoint is not None or self._relay_opening):
+            self.relay.close_relay(self.peer_key)
+        self._relay_endpoint = None
+        self.probes.remove_peer(self.peer_key)
+
+    def update_candidates(self, local: Candidates | None = None,
+                          peer: Candidates | None = None) -> None:
+        if local is not None:
+            self.local = local
+        if peer is not None:
+            self.remote = peer
+        if self.kind in (NONE, RELAY):
+            self._backoff = self.config.backoff_initial
+            self._begin("new candidates")
+
+    def punch_now(self) -> None:
+        self._backoff = self.config.backoff_initial
+        if self._attempt is not None:
+            self._cancel_attempt(self._attempt)
+        self._begin("punch now")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "peer": encode_key(self.peer_key),
+            "kind": self.kind,
+            "endpoint": describe(self.endpoint) if self.endpoint is not None else None,
+            "rtt": self.rtt,
+            "strategy": self.strategy,
+            "paths": [p.as_dict() for p in self._paths.values()],
+            "attempts": [a.as_dict() for a in self.history],
+            "events": [{"time": t, "event": e, "kind": k, "detail": d}
+                       for t, e, k, d in self.events],
+        }
+
+    # -- attempts -------------------------------------------------------------
+
+    def _begin(self, reason: str) -> None:
+        if not self._running or self._attempt is not None:
+            return
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        self._attempts += 1
+        attempt = Attempt(self._attempts, reason, self.clock.seconds())
+        self._attempt = attempt
+        self.history.append(attempt)
+        del self.history[:-self.config.history_limit]
+        for strategy in self.strategies:
+            context = TraversalContext(self.probes, strategy.name, self.peer_key, self.local,
+                                       self.remote, self.clock, self.random)
+            try:
+                usable = strategy.applicable(context)
+            except Exception:
+                self.log.failure("strategy {name} failed in applicable()", name=strategy.name)
+                usable = False
+            if not usable:
+                attempt.outcomes[strategy.name] = "not applicable"
+                continue
+            attempt.outcomes[strategy.name] = "running"
+            d = maybeDeferred(strategy.start, context)
+            attempt.running[strategy.name] = (d, context)
+            d.addBoth(self._strategy_done, attempt, strategy.name)
+        if not attempt.running and self._attempt is attempt:
+            self._finish(attempt)
+
+    def _strategy_done(self, result: Any, attempt: Attempt, name: str) -> None:
+        _, context = attempt.running.pop(name)
+        attempt.probes += context.probes_sent
+        context.close()
+        if name in attempt.verified_by or context.verified:
+            outcome = "verified"
+        elif isinstance(result, Failure):
+            if result.check(CancelledError):
+                outcome = "cancelled"
+            else:
+                outcome = "error"
+                self.log.failure("strategy {name} failed", result, name=name)
+        else:
+            outcome = "gave up"
+        attempt.outcomes[name] = outcome
+        if not attempt.running and self._attempt is attempt:
+            self._finish(attempt)
+
+    def _cancel_attempt(self, attempt: Attempt) -> None:
+        for d, _ in list(attempt.running.values()):
+            d.cancel()
+
+    def _settled(self) -> None:
+        self._settle_call = None
+        if self._attempt is not None:
+            self._cancel_attempt(self._attempt)
+
+    def _finish(self, attempt: Attempt) -> None:
+        attempt.finished = self.clock.seconds()
+        self._attempt = None
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
+        if attempt.result is not None:
+            self._backoff = self.config.backoff_initial
+            return
+        attempt.result = "failed"
+        if not self._running:
+            return
+        if self.relay is not None and self.kind == NONE:
+            self._open_relay()
+        if self.kind in (NONE, RELAY):
+            delay = self._backoff * self.random.uniform(0.8, 1.2)
+            self._backoff = min(self._backoff * 2, self.config.backoff_max)
+            self._retry = self.clock.callLater(delay, self._begin, "retry")
+
+    # -- what the probe service tells us --------------------------------------
+
+    def path_verified(self, endpoint: Any, rtt: float, tag: str) -> None:
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        path = self._paths.get(endpoint)
+        if path is None:
+            path = Path(endpoint, self._kind_of(endpoint), tag, rtt, now, now)
+            self._paths[endpoint] = path
+            if isinstance(endpoint, BoundEndpoint):
+                self.probes.sockets.retain(endpoint.socket)
+            self.events.append((now, "verified", path.kind, f"{describe(endpoint)} by {tag}"))
+        else:
+            path.rtt = rtt if path.rtt is None else 0.875 * path.rtt + 0.125 * rtt
+            path.last_reply = now
+            path.awaiting = None
+        attempt = self._attempt
+        if attempt is not None and tag != KEEPALIVE:
+            attempt.verified_by.add(tag)
+            if attempt.result is None:
+                attempt.result = path.kind
+                attempt.first_path_at = now
+                attempt.first_path_strategy = tag
+                self._settle_call = self.clock.callLater(self.config.settle, self._settled)
+        self._select()
+        if path is self._current:
+            self._schedule_heartbeat(self._interval())
+
+    def probe_received(self, endpoint: Any, tag: str) -> None:
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        path = self._paths.get(endpoint)
+        if path is not None and now - path.last_reply < self.config.dead_after:
+            return
+        last = self._triggered.get(endpoint)
+        if last is not None and now - last < self.config.triggered_holdoff:
+            return
+        if len(self._triggered) > 4096:
+            self._triggered.clear()
+        self._triggered[endpoint] = now
+        # A triggered check: the peer's probe got here, so ours may get there.
+        self.probes.send_probe(self.peer_key, endpoint, tag)
+        if self._attempt is not None:
+            self._attempt.probes += 1
+        elif self.kind in (NONE, RELAY):
+            # The peer is trying: try with it (strategies like birthday need both).
+            self._backoff = self.config.backoff_initial
+            self._begin("peer probing")
+
+    # -- choosing -------------------------------------------------------------
+
+    def _kind_of(self, endpoint: Any) -> str:
+        if self._relay_endpoint is not None and endpoint == self._relay_endpoint:
+            return RELAY
+        if address_of(endpoint) in self.remote.lan_only():
+            return LAN
+        return DIRECT
+
+    @staticmethod
+    def _score(path: Path) -> tuple[int, float]:
+        return (RANK[path.kind], path.rtt if path.rtt is not None else math.inf)
+
+    def _select(self) -> None:
+        if not self._paths:
+            best = None
+        else:
+            best = min(self._paths.values(), key=self._score)
+        current = self._current
+        if best is None or best is current:
+            return
+        if current is not None and current.endpoint in self._paths:
+            if RANK[best.kind] == RANK[current.kind]:
+                if current.rtt is None or best.rtt is None:
+                    return
+                if best.rtt >= current.rtt * self.config.switch_ratio:
+                    return
+            elif RANK[best.kind] > RANK[current.kind]:
+                return
+        self._current = best
+        self.peer.endpoint = best.endpoint
+        self.events.append((self.clock.seconds(), "chosen", best.kind, describe(best.endpoint)))
+        if best.kind != RELAY:
+            self._schedule_heartbeat(self._interval())
+        elif self._heartbeat_call is not None and self._heartbeat_call.active():
+            self._heartbeat_call.cancel()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _forget(self, path: Path) -> None:
+        if self._paths.get(path.endpoint) is path:
+            del self._paths[path.endpoint]
+            if isinstance(path.endpoint, BoundEndpoint):
+                self.probes.sockets.release(path.endpoint.socket)
+
+    # -- keeping the path -----------------------------------------------------
+
+    def _interval(self) -> float:
+        """Probe often while traffic flows, else just inside NAT timeouts."""
+        active = False
+        rx, tx = getattr(self.peer, "rx_bytes", None), getattr(self.peer, "tx_bytes", None)
+        if isinstance(rx, int) and isinstance(tx, int):
+            active = self._activity is not None and self._activity != (rx, tx)
+            self._activity = (rx, tx)
+        if active:
+            return self.config.active_interval
+        interval = self.config.keepalive_interval
+        for hints in (self.local.hints, self.remote.hints):
+            if hints.mapping_timeout:
+                interval = min(interval, 0.8 * hints.mapping_timeout)
+        return interval
+
+    def _schedule_heartbeat(self, delay: float) -> None:
+        if self._heartbeat_call is not None and self._heartbeat_call.active():
+            self._heartbeat_call.cancel()
+        self._heartbeat_call = self.clock.callLater(delay, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        self._heartbeat_call = None
+        path = self._current
+        if path is None or path.kind == RELAY or not self._running:
+            return
+        now = self.clock.seconds()
+        if path.awaiting is None:
+            path.awaiting = now
+        elif now - path.awaiting >= self.config.dead_after:
+            self._lost(path)
+            return
+        self.keepalives_sent += 1
+        self.probes.send_probe(self.peer_key, path.endpoint, KEEPALIVE)
+        self._schedule_heartbeat(self.config.retry_interval)
+
+    def _lost(self, path: Path) -> None:
+        now = self.clock.seconds()
+        self.events.append((now, "lost", path.kind, describe(path.endpoint)))
+        self._forget(path)
+        # Paths nobody kept alive may have lost their NAT mappings too.
+        for other in list(self._paths.values()):
+            if other.kind != RELAY and now - other.last_reply > self.config.dead_after:
+                self._forget(other)
+        self._current = None
+        self._select()
+        if self.kind == NONE:
+            if self.on_change is not None:
+                self.on_change(self)
+            if self.relay is not None:
+                self._open_relay()
+        self._backoff = self.config.backoff_initial
+        if self._attempt is None:
+            self._begin("path lost")
+
+    # -- the relay ------------------------------------------------------------
+
+    def _open_relay(self) -> None:
+        if self.relay is None or self._relay_opening or self._relay_endpoint is not None:
+            return
+        self._relay_opening = True
+        d = self.relay.open_relay(self.peer_key)
+        d.addCallbacks(self._relay_opened, self._relay_failed)
+
+    def _relay_opened(self, endpoint: Any) -> None:
+        self._relay_opening = False
+        if not self._running:
+            return
+        self._relay_endpoint = endpoint
+        now = self.clock.seconds()
+        self._paths[endpoint] = Path(endpoint, RELAY, RELAY, None, now, now)
+        self.events.append((now, "verified", RELAY, describe(endpoint)))
+        self._select()
+
+    def _relay_failed(self, failure: Failure) -> None:
+        self._relay_opening = False
+        self.events.append((self.clock.seconds(), "relay failed", RELAY,
+                            failure.getErrorMessage()))
