@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from twistvpn.interfaces import IRendezvousListener
 from twistvpn.rendezvous import auth
-from twistvpn.rendezvous.netmap import MAX_ENDPOINTS, MapError, NetworkMap, Punch
+from twistvpn.rendezvous.netmap import MapError, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -66,6 +66,11 @@ class ControlClientProtocol(amp.AMP):
     def __init__(self, client: RendezvousClient) -> None:
         super().__init__()
         self._client = client
+
+    @property
+    def unwrapped(self) -> ControlClientProtocol:
+        """This protocol, also when reached through ClientService's proxy."""
+        return self
 
     @NetworkMapPush.responder
     def map_pushed(self, network_id: str, netmap: bytes) -> dict[str, Any]:
@@ -128,7 +133,7 @@ class RendezvousClient(Service):
         self.name = name
         self.listener = listener
         self.networks: list[str] = list(dict.fromkeys(networks))
-        self.local_endpoints: list[str] = list(local_endpoints)[:MAX_ENDPOINTS]
+        self.local_endpoints: list[str] = list(local_endpoints)
         self.expected_server_key = server_key
         self.server_key: bytes | None = None
         self.node_id: str | None = None
@@ -217,11 +222,11 @@ class RendezvousClient(Service):
 
     def set_local_endpoints(self, endpoints: Iterable[str]) -> defer.Deferred[None]:
         """Tell the rendezvous this node's LAN addresses ("host:port")."""
-        self.local_endpoints = list(endpoints)[:MAX_ENDPOINTS]
+        self.local_endpoints = list(endpoints)
         if self._protocol is None:
             return defer.succeed(None)
-        return self._protocol.callRemote(
-            SetLocalEndpoints, endpoints=self.local_endpoints
+        return self._call(
+            self._protocol, SetLocalEndpoints, endpoints=self.local_endpoints
         ).addCallback(lambda _: None)
 
     def request_punch(self, network_id: str, peer_key: bytes) -> defer.Deferred[None]:
@@ -231,8 +236,8 @@ class RendezvousClient(Service):
         """
         if self._protocol is None:
             return defer.fail(NotConnectedError("not connected to the rendezvous"))
-        return self._protocol.callRemote(
-            RequestPunch, network_id=network_id, peer_key=peer_key
+        return self._call(
+            self._protocol, RequestPunch, network_id=network_id, peer_key=peer_key
         ).addCallback(lambda _: None)
 
     # -- connection setup -----------------------------------------------------
@@ -240,6 +245,7 @@ class RendezvousClient(Service):
     @defer.inlineCallbacks
     def _prepare(self, protocol: ControlClientProtocol) -> Any:
         """Register and join on a fresh connection; a failure makes it retry."""
+        protocol = protocol.unwrapped
         hello = yield protocol.callRemote(Challenge)
         if hello["protocol"] != PROTOCOL_VERSION:
             raise auth.AuthError(f"rendezvous speaks protocol {hello['protocol']}")
@@ -274,7 +280,18 @@ class RendezvousClient(Service):
             self.listener.join_status(network_id, status)
             return status
 
-        return protocol.callRemote(Join, network_id=network_id).addCallback(joined)
+        return self._call(protocol, Join, network_id=network_id).addCallback(joined)
+
+    @staticmethod
+    def _call(protocol: ControlClientProtocol, command: type, **kwargs: Any) -> defer.Deferred:
+        """
+        C{callRemote}, with the answer handed to a fresh Deferred: AMP drops
+        the connection when an error reaches the end of the callRemote
+        chain, and our callers may attach their errbacks late.
+        """
+        result: defer.Deferred[Any] = defer.Deferred()
+        protocol.callRemote(command, **kwargs).chainDeferred(result)
+        return result
 
     def _connection_lost(self, protocol: ControlClientProtocol, reason: Failure) -> None:
         if protocol is not self._protocol:

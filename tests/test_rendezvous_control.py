@@ -1,0 +1,477 @@
+"""
+The control channel end to end in memory: node clients and the AMP server
+over iosim pumps, the controller behind it, one Clock.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.protocols import amp
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from tests.test_rendezvous_support import FakeSession, MemoryEndpoint, World, new_key
+from twistvpn.interfaces import IControlSession, IRendezvousListener
+from twistvpn.rendezvous import auth
+from twistvpn.rendezvous.client import NotConnectedError, ServerKeyMismatchError
+from twistvpn.rendezvous.controller import InvalidArgumentError, NotFoundError, node_id_of
+from twistvpn.rendezvous.protocol import (
+    MAX_INBOUND_BOX,
+    Challenge,
+    Join,
+    Register,
+)
+from twistvpn.rendezvous.server import PING_INTERVAL, REGISTER_TIMEOUT
+from twistvpn.wireguard.keys import public_key
+
+
+def result_of(d: defer.Deferred) -> object:
+    """The result of a Deferred that has fired, or its failure raised."""
+    results: list = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    r = results[0]
+    if hasattr(r, "raiseException"):
+        r.raiseException()
+    return r
+
+
+class RawClient(amp.AMP):
+    """A bare AMP peer, for speaking the protocol wrongly on purpose."""
+
+
+class Registration(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.world = World()
+
+    def test_register(self) -> None:
+        """A node proves its key and gets the node ID derived from it."""
+        client, listener, _ = self.world.node("laptop")
+        self.world.settle()
+        self.assertEqual(listener.events, [("connected", node_id_of(client.public_key))])
+        self.assertEqual(client.udp_ports, [3478, 3479])
+        self.assertEqual(client.server_key, public_key(self.world.server_private))
+        self.assertEqual(self.world.controller.status()["online"], 1)
+        verifyObject(IRendezvousListener, listener)
+
+    def test_server_protocol_is_a_session(self) -> None:
+        client, _, endpoint = self.world.node()
+        self.world.settle()
+        verifyObject(IControlSession, endpoint.pumps[-1].server)
+
+    def _raw(self) -> tuple[RawClient, iosim.IOPump]:
+        raw = RawClient()
+        server = self.world.server_factory.buildProtocol(None)
+        pump = iosim.connect(
+            server, iosim.makeFakeServer(server), raw, iosim.makeFakeClient(raw), greet=False
+        )
+        self.world.pumps.append(pump)
+        return raw, pump
+
+    def _call(self, raw: RawClient, command: type, **kwargs: object) -> object:
+        results: list = []
+        raw.callRemote(command, **kwargs).addBoth(results.append)
+        self.world.flush()
+        return result_of(defer.succeed(None).addCallback(lambda _: results[0]))
+
+    def _register_raw(self, raw: RawClient, private: bytes, challenge: bytes) -> object:
+        server_key = public_key(self.world.server_private)
+        proof = auth.registration_proof(private, public_key(private), server_key, challenge)
+        return self._call(
+            raw,
+            Register,
+            public_key=public_key(private),
+            proof=proof,
+            name="n",
+            local_endpoints=[],
+        )
+
+    def test_replayed_proof_refused(self) -> None:
+        """A proof answers one challenge once; a captured proof is useless."""
+        private, public = new_key()
+        raw, _ = self._raw()
+        hello = self._call(raw, Challenge)
+        proof = auth.registration_proof(private, public, hello["server_key"], hello["challenge"])
+        args = dict(public_key=public, proof=proof, name="n", local_endpoints=[])
+        self.assertEqual(self._call(raw, Register, **args)["node_id"], node_id_of(public))
+        # replayed on another connection, after that connection's challenge
+        other, _ = self._raw()
+        self._call(other, Challenge)
+        self.assertRaises(auth.AuthError, self._call, other, Register, **args)
+        # and the failed attempt used up that challenge too
+        self.assertRaises(auth.AuthError, self._call, other, Register, **args)
+        self.assertEqual(self.world.server_factory.counters["auth_failed"], 1)
+        self.assertEqual(self.world.server_factory.counters["auth_no_challenge"], 1)
+
+    def test_wrong_key_refused(self) -> None:
+        """A proof made with another private key does not verify."""
+        private, public = new_key()
+        impostor, _ = new_key()
+        raw, _ = self._raw()
+        hello = self._call(raw, Challenge)
+        proof = auth.registration_proof(impostor, public, hello["server_key"], hello["challenge"])
+        self.assertRaises(
+            auth.AuthError,
+            self._call,
+            raw,
+            Register,
+            public_key=public,
+            proof=proof,
+            name="n",
+            local_endpoints=[],
+        )
+        self.assertFalse(self.world.controller.is_registered(public))
+
+    def test_low_order_key_refused(self) -> None:
+        """An all-zero public key (a low-order point) cannot register."""
+        raw, _ = self._raw()
+        self._call(raw, Challenge)
+        self.assertRaises(
+            auth.AuthError,
+            self._call,
+            raw,
+            Register,
+            public_key=bytes(32),
+            proof=bytes(16),
+            name="n",
+            local_endpoints=[],
+        )
+
+    def test_commands_before_register_refused(self) -> None:
+        raw, _ = self._raw()
+        self.assertRaises(
+            InvalidArgumentError, self._call, raw, Join, network_id="0123456789abcdef"
+        )
+
+    def test_unregistered_connection_times_out(self) -> None:
+        raw, pump = self._raw()
+        self.world.clock.advance(REGISTER_TIMEOUT + 1)
+        self.world.flush()
+        self.assertTrue(pump.clientIO.disconnected)
+
+    def test_server_key_pin(self) -> None:
+        """A client told to expect another server key refuses to register."""
+        _, wrong = new_key()
+        client, listener, _ = self.world.node(server_key=wrong)
+        self.world.settle()
+        self.assertEqual(listener.of("connected"), [])
+        self.assertEqual(client.counters["server_key_mismatch"], 1)
+        self.assertFalse(self.world.controller.is_registered(client.public_key))
+        self.assertTrue(issubclass(ServerKeyMismatchError, auth.AuthError))
+
+    def test_newer_connection_replaces_older(self) -> None:
+        private, _ = new_key()
+        first, first_listener, _ = self.world.node(private_key=private)
+        self.world.settle()
+        second, second_listener, _ = self.world.node(private_key=private)
+        self.world.settle()
+        self.assertEqual(len(first_listener.of("disconnected")), 1)
+        self.assertEqual(self.world.controller.status()["online"], 1)
+        first.stopService()
+        self.world.settle()
+        self.assertEqual(self.world.controller.status()["online"], 1)
+
+    def test_ping_measures_rtt(self) -> None:
+        client, _, endpoint = self.world.node()
+        self.world.settle()
+        server = endpoint.pumps[-1].server
+        self.assertEqual(server.rtt, 0.0)
+        self.world.clock.advance(PING_INTERVAL)
+        self.world.flush()
+        self.assertIsNotNone(server.rtt)
+        self.assertTrue(client.connected)
+
+
+class Membership(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.world = World()
+        self.controller = self.world.controller
+        self.net = self.controller.create_network("home")["id"]
+
+    def _member(self, name: str, **kwargs: object) -> tuple:
+        client, listener, endpoint = self.world.node(name, networks=(self.net,), **kwargs)
+        self.world.settle()
+        return client, listener, endpoint
+
+    def test_join_is_pending(self) -> None:
+        client, listener, _ = self._member("a")
+        self.assertEqual(listener.of("join_status"), [("join_status", self.net, "pending")])
+        self.assertEqual(listener.maps(), [])
+        [member] = self.controller.list_members(self.net)
+        self.assertEqual(member["node_id"], client.node_id)
+        self.assertFalse(member["authorized"])
+        self.assertIsNone(member["ip"])
+        self.assertTrue(member["online"])
+
+    def test_join_unknown_network(self) -> None:
+        client, listener, _ = self.world.node("a")
+        self.world.settle()
+        d = client.join("ffffffffffffffff")
+        self.world.flush()
+        self.failureResultOf(d, NotFoundError)
+        d = client.join("not-an-id")
+        self.world.flush()
+        self.failureResultOf(d, NotFoundError)
+
+    def test_authorize_pushes_map(self) -> None:
+        """Authorizing sends the node its map (with its IP); peers learn of it."""
+        a, la, _ = self._member("a")
+        self.world.authorize(self.net, a)
+        [netmap] = la.maps()
+        self.assertEqual(netmap.network_id, self.net)
+        self.assertEqual(netmap.member(a.public_key).ip, "100.64.0.1")
+        self.assertEqual(netmap.prefix_length, 24)
+        self.assertEqual(la.of("join_status")[-1][2], "pending")
+        b, lb, _ = self._member("b")
+        self.assertEqual(len(la.maps()), 1, "a pending member changes nobody's map")
+        self.world.authorize(self.net, b)
+        latest = la.maps()[-1]
+        self.assertEqual([m.name for m in latest.members], ["a", "b"])
+        self.assertEqual(latest.member(b.public_key).ip, "100.64.0.2")
+        self.assertEqual(lb.maps()[-1], a.maps[self.net])
+        self.assertEqual([m.name for m in latest.peers(a.public_key)], ["b"])
+        self.assertTrue(latest.member(b.public_key).online)
+
+    def test_pending_member_learns_nothing(self) -> None:
+        a, la, _ = self._member("a")
+        self.world.authorize(self.net, a)
+        spy, lspy, _ = self._member("spy")
+        a.set_local_endpoints(["192.168.1.2:51820"])
+        self.world.settle()
+        self.assertEqual(lspy.maps(), [])
+        self.assertEqual(spy.maps, {})
+        d = spy.request_punch(self.net, a.public_key)
+        self.world.flush()
+        self.failureResultOf(d, NotFoundError)
+        self.assertEqual(lspy.of("punch"), [])
+
+    def test_authorized_member_rejoining_gets_map(self) -> None:
+        a, la, endpoint = self._member("a")
+        self.world.authorize(self.net, a)
+        endpoint.drop()
+        for _ in range(3):
+            self.world.settle(2)  # backoff, reconnect, rejoin, push
+        self.assertEqual(la.of("join_status")[-1], ("join_status", self.net, "authorized"))
+        self.assertEqual(len(la.of("connected")), 2)
+        self.assertEqual(len(la.maps()), 2)
+
+    def test_reconnect_with_backoff(self) -> None:
+        """A refused reconnection is retried later, not in a loop."""
+        a, la, endpoint = self._member("a")
+        self.world.authorize(self.net, a)
+        endpoint.refuse = True
+        endpoint.drop()
+        self.assertFalse(a.connected)
+        self.world.settle(0.1)
+        self.assertEqual(len(la.of("connected")), 1)
+        endpoint.refuse = False
+        for _ in range(10):
+            self.world.settle(5)
+        self.assertTrue(a.connected)
+        self.assertEqual(len(la.of("connected")), 2)
+
+    def test_offline_peer_is_shown_offline(self) -> None:
+        a, la, _ = self._member("a")
+        b, lb, endpoint_b = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        endpoint_b.refuse = True
+        endpoint_b.drop()
+        self.world.settle()
+        self.assertFalse(la.maps()[-1].member(b.public_key).online)
+
+    def test_deauthorize(self) -> None:
+        """The node is told at once; the others drop it from their maps."""
+        a, la, _ = self._member("a")
+        b, lb, _ = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        self.controller.deauthorize(self.net, b.node_id)
+        self.world.flush()
+        self.assertEqual(lb.of("revoked"), [("revoked", self.net, "deauthorized")])
+        self.assertNotIn(self.net, b.maps)
+        self.world.settle()
+        self.assertIsNone(la.maps()[-1].member(b.public_key))
+        self.assertEqual(len(lb.maps()), 1, "no map after deauthorization")
+        # authorizing again gives the same address back
+        self.world.authorize(self.net, b)
+        self.assertEqual(lb.maps()[-1].member(b.public_key).ip, "100.64.0.2")
+
+    def test_delete_member_releases_ip(self) -> None:
+        a, la, _ = self._member("a")
+        b, lb, _ = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        self.controller.delete_member(self.net, a.node_id)
+        self.world.settle()
+        self.assertEqual(la.of("revoked"), [("revoked", self.net, "deleted")])
+        self.assertEqual([m.name for m in lb.maps()[-1].members], ["b"])
+        c, lc, _ = self._member("c")
+        self.world.authorize(self.net, c)
+        self.assertEqual(lc.maps()[-1].member(c.public_key).ip, "100.64.0.1")
+
+    def test_delete_network(self) -> None:
+        a, la, _ = self._member("a")
+        p, lp, _ = self._member("pending")
+        self.world.authorize(self.net, a)
+        self.controller.delete_network(self.net)
+        self.world.settle()
+        self.assertEqual(la.of("revoked"), [("revoked", self.net, "network deleted")])
+        self.assertEqual(lp.of("revoked"), [("revoked", self.net, "network deleted")])
+        self.assertEqual(self.controller.list_networks(), [])
+
+    def test_public_network(self) -> None:
+        net = self.controller.create_network("open", private=False)["id"]
+        client, listener, _ = self.world.node("a", networks=(net,))
+        self.world.settle()
+        self.assertEqual(listener.of("join_status")[-1][2], "authorized")
+        self.assertEqual(listener.maps()[-1].member(client.public_key).ip, "100.64.1.1")
+
+    def test_local_endpoints_in_map(self) -> None:
+        a, la, _ = self._member("a", local_endpoints=["192.168.1.20:51820"])
+        b, lb, _ = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        self.assertEqual(
+            lb.maps()[-1].member(a.public_key).local_endpoints, ("192.168.1.20:51820",)
+        )
+        b.set_local_endpoints(["10.1.1.1:1", "[fd00::1]:2"])
+        self.world.settle()
+        self.assertEqual(
+            la.maps()[-1].member(b.public_key).local_endpoints, ("10.1.1.1:1", "[fd00::1]:2")
+        )
+
+    def test_bad_local_endpoints_refused(self) -> None:
+        a, _, _ = self._member("a")
+        for bad in (["nonsense"], ["1.2.3.4:99999"], ["h.example:1"], ["1.1.1.1:1"] * 9):
+            d = a.set_local_endpoints(bad)
+            self.world.flush()
+            self.failureResultOf(d, InvalidArgumentError)
+        self.assertTrue(a.connected)
+
+    def test_punch(self) -> None:
+        """Both peers are told at once, each with the other's candidates."""
+        a, la, ea = self._member("a", local_endpoints=["192.168.1.2:51820"])
+        b, lb, eb = self._member("b", local_endpoints=["192.168.7.3:51820"])
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        self.controller.record_endpoint(b.public_key, ("198.51.100.9", 40000), 0)
+        d = a.request_punch(self.net, b.public_key)
+        self.world.flush()
+        self.assertIsNone(self.successResultOf(d))
+        [(_, _, pa)] = la.of("punch")
+        [(_, _, pb)] = lb.of("punch")
+        self.assertEqual(pa.peer_key, b.public_key)
+        self.assertEqual(pa.candidates, ("198.51.100.9:40000", "192.168.7.3:51820"))
+        self.assertEqual(pb.peer_key, a.public_key)
+        self.assertEqual(pb.candidates, ("192.168.1.2:51820",))
+        self.assertEqual(pa.punch_id, pb.punch_id)
+        self.assertTrue(0 <= pa.delay <= 0.5)
+        # a second request within a second is coalesced into the first
+        a.request_punch(self.net, b.public_key)
+        self.world.flush()
+        self.assertEqual(len(la.of("punch")), 1)
+
+    def test_punch_offline_peer(self) -> None:
+        a, la, _ = self._member("a")
+        b, lb, eb = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        eb.refuse = True
+        eb.drop()
+        d = a.request_punch(self.net, b.public_key)
+        self.world.flush()
+        self.failureResultOf(d, NotFoundError)
+        b.stopService()
+        self.failureResultOf(b.request_punch(self.net, a.public_key), NotConnectedError)
+
+    def test_large_map(self) -> None:
+        """A map beyond one AMP value (64 KiB) arrives whole."""
+        self.net = self.controller.create_network("big", "100.80.0.0/22")["id"]
+        for i in range(400):
+            private, public = new_key()
+            session = FakeSession(public)
+            self.controller.register_node(public, f"bulk-{i:03d}-" + "x" * 40, session)
+            self.controller.join(public, self.net)
+            self.controller.authorize(self.net, node_id_of(public))
+        a, la, _ = self._member("a")
+        self.world.authorize(self.net, a)
+        netmap = la.maps()[-1]
+        self.assertEqual(len(netmap.members), 401)
+        self.assertGreater(len(netmap.to_json()), 65535)
+
+
+class BadInput(SynchronousTestCase):
+    """Garbage on one connection never harms the others."""
+
+    def setUp(self) -> None:
+        self.world = World()
+        self.net = self.world.controller.create_network("home")["id"]
+        self.good, self.listener, _ = self.world.node("good", networks=(self.net,))
+        self.world.settle()
+        self.world.authorize(self.net, self.good)
+
+    def _attacker(self) -> iosim.IOPump:
+        endpoint = MemoryEndpoint(self.world)
+        return endpoint.connect(_NullFactory())
+
+    def _still_served(self) -> None:
+        self.world.controller.set_ip(self.net, self.good.node_id, "100.64.0.77")
+        self.world.settle()
+        self.assertEqual(self.listener.maps()[-1].member(self.good.public_key).ip, "100.64.0.77")
+
+    def _send(self, data: bytes) -> iosim.IOPump:
+        protocol = self.successResultOf(self._attacker())
+        protocol.transport.write(data)
+        self.world.flush()
+        return self.world.pumps[-1]
+
+    def test_garbage_bytes(self) -> None:
+        pump = self._send(b"\xff" * 300 + b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(pump.serverIO.disconnected)
+        self._still_served()
+
+    def test_malformed_box(self) -> None:
+        """A command lacking arguments is answered with an error and the
+        connection closed (AMP's policy); an unknown command gets an error.
+        The service goes on."""
+        box = amp.AmpBox(_command=b"NoSuchThing", _ask=b"1")
+        pump = self._send(box.serialize())
+        self.assertFalse(pump.serverIO.disconnected)
+        self.assertIn(b"_error_code", pump.client.received)
+        box = amp.AmpBox(_command=b"Register", _ask=b"2", public_key=b"x")
+        pump.client.transport.write(box.serialize())
+        self.world.flush()
+        self.assertTrue(pump.serverIO.disconnected)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self._still_served()
+
+    def test_oversized_box(self) -> None:
+        """AMP bounds each value, not a box's key count: we bound the box."""
+        box = amp.AmpBox({b"k%d" % i: b"v" * 60000 for i in range(MAX_INBOUND_BOX // 60000 + 2)})
+        pump = self._send(box.serialize())
+        self.assertTrue(pump.serverIO.disconnected)
+        self.assertEqual(self.world.server_factory.counters["drop_box_too_big"], 1)
+        self._still_served()
+
+    def test_oversized_name(self) -> None:
+        client, listener, _ = self.world.node("n" * 65)
+        self.world.settle()
+        self.assertEqual(listener.of("connected"), [])
+        self.assertFalse(self.world.controller.is_registered(client.public_key))
+        self._still_served()
+
+
+class _Recorder(amp.AMP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class _NullFactory:
+    def buildProtocol(self, addr: object) -> _Recorder:
+        return _Recorder()
