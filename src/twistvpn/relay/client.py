@@ -17,19 +17,21 @@ time to every relay it knows and calls the nearest its home.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistvpn.interfaces import IDatagramHandler
+from twistvpn.interfaces import IDatagramHandler, IRelayProvider
 from twistvpn.relay import protocol as p
 from twistvpn.wire import RELAY
+from twistvpn.wireguard.keys import decode_key, encode_key
 from twistvpn.wireguard.keys import public_key as derive_public_key
 
 
@@ -51,6 +53,35 @@ class RelayInfo:
     tcp_port: int
     public_key: bytes
     tls_fingerprint: str | None = None  # sha256 of the certificate, hex
+
+    def to_map(self) -> dict[str, Any]:
+        """The relay's entry in a network map's C{relays} list."""
+        return {
+            "id": self.relay_id,
+            "host": self.host,
+            "port": self.udp_port,
+            "tcp_port": self.tcp_port,
+            "public_key": encode_key(self.public_key),
+            "fingerprint": self.tls_fingerprint,
+        }
+
+    @classmethod
+    def from_map(cls, d: Any) -> RelayInfo:
+        """Parse a network map's relay entry; raises ValueError when malformed."""
+        try:
+            host = str(ipaddress.ip_address(d["host"]))
+            udp_port, tcp_port = int(d["port"]), int(d["tcp_port"])
+            fingerprint = d.get("fingerprint")
+            if fingerprint is not None:
+                fingerprint = str(fingerprint).replace(":", "").lower()
+                bytes.fromhex(fingerprint)
+            info = cls(str(d["id"])[:64], host, udp_port, tcp_port,
+                       decode_key(str(d["public_key"])), fingerprint)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"malformed relay entry: {e}") from None
+        if not (0 < udp_port < 65536 and 0 < tcp_port < 65536):
+            raise ValueError("malformed relay entry: port out of range")
+        return info
 
 
 @dataclass
@@ -143,6 +174,7 @@ class _Link:
         self._timer: IDelayedCall | None = None
         self._tick: IDelayedCall | None = None
         self.closed = False
+        self.waiters: list[Deferred[None]] = []
 
     # -- timers -------------------------------------------------------------------
 
@@ -216,6 +248,7 @@ class _Link:
 
     def _retry_later(self) -> None:
         self.registering = None
+        self._fail_waiters(RelayUnavailableError(f"relay {self.info.relay_id} is unreachable"))
         if not self.closed and not self.up:
             self._later(self.client.timings.reconnect, self.ensure)
 
@@ -281,6 +314,9 @@ class _Link:
         self.last_udp_probe = self.client.clock.seconds()
         self._schedule_tick()
         self.client.path_changed(self)
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(None)
         while self.queue and self.up:
             dst, data = self.queue.popleft()
             self.send(dst, data)
@@ -340,7 +376,23 @@ class _Link:
         self._drop_stream()
         self.client.path_changed(self)
 
+    def when_up(self) -> Deferred[None]:
+        """Fires once registered; fails if the relay turns out unreachable."""
+        d: Deferred[None] = Deferred()
+        if self.up:
+            d.callback(None)
+        else:
+            self.waiters.append(d)
+            self.ensure()
+        return d
+
+    def _fail_waiters(self, error: Exception) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.errback(error)
+
     def close(self) -> None:
+        self._fail_waiters(RelayUnavailableError(f"left relay {self.info.relay_id}"))
         if self.up and self.via == "udp":
             self.client.send_udp(p.bye(self.token), self.addr)
         self.closed = True
@@ -366,7 +418,11 @@ class _Link:
         self.ensure()
 
 
-@implementer(IDatagramHandler)
+class RelayUnavailableError(Exception):
+    """No relay could be registered with."""
+
+
+@implementer(IDatagramHandler, IRelayProvider)
 class RelayClient:
     """
     The node's relay client: the forwarder's route for L{RelayEndpoint}s and
@@ -396,6 +452,7 @@ class RelayClient:
         self._pings: dict[bytes, tuple[str, float, str, bool]] = {}
         self._rtt_call: IDelayedCall | None = None
         self._started = False
+        self._opened: dict[bytes, str] = {}  # peer key -> relay, for IRelayProvider
 
     # -- life -----------------------------------------------------------------------
 
@@ -454,6 +511,26 @@ class RelayClient:
             return None
         self._link(relay_id).ensure()
         return RelayEndpoint(relay_id, peer_key)
+
+    # -- IRelayProvider: the path manager's last resort ----------------------------
+
+    def open_relay(self, peer_key: bytes, relay_id: str | None = None) -> Deferred[RelayEndpoint]:
+        """
+        Fire with a L{RelayEndpoint} for C{peer_key} once the relay (the
+        peer's home relay if given and known, else ours) has registered us;
+        fail with L{RelayUnavailableError} when it cannot be reached.
+        """
+        endpoint = self.relay_endpoint(peer_key, relay_id)
+        if endpoint is None:
+            return fail(RelayUnavailableError("no relay is known"))
+        self._opened[peer_key] = endpoint.relay_id
+        d = self._link(endpoint.relay_id).when_up()
+        d.addCallback(lambda _: endpoint)
+        return d
+
+    def close_relay(self, peer_key: bytes) -> None:
+        """The path manager found a better path: the relay may go idle."""
+        self._opened.pop(peer_key, None)
 
     def path(self, relay_id: str) -> str | None:
         """How we reach C{relay_id} now: "udp", "tcp", or None."""
@@ -530,8 +607,11 @@ class RelayClient:
 
     def _idle_links(self, now: float) -> None:
         home = self.home_relay
+        in_use = set(self._opened.values())
         for relay_id, link in list(self._links.items()):
-            if relay_id != home and now - link.last_used > self.timings.idle_close:
+            if relay_id in in_use or relay_id == home:
+                continue
+            if now - link.last_used > self.timings.idle_close:
                 self._close_link(relay_id)
 
     def _ping_udp(self, relay_id: str, addr: tuple[str, int], token: bytes) -> None:

@@ -13,13 +13,18 @@ network tells the relay at once which nodes lost whom.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistvpn.interfaces import IRelayPolicy
+from twistvpn.wireguard.keys import decode_key
 
 Observer = Callable[[frozenset[bytes]], None]
+ChangeObserver = Callable[[str, frozenset[bytes]], None]
 
 
 @implementer(IRelayPolicy)
@@ -35,6 +40,7 @@ class MembershipPolicy:
         self._members: dict[str, frozenset[bytes]] = {}
         self._networks: dict[bytes, set[str]] = {}
         self._observers: list[Observer] = []
+        self._change_observers: list[ChangeObserver] = []
 
     # -- IRelayPolicy -------------------------------------------------------------
 
@@ -55,6 +61,14 @@ class MembershipPolicy:
 
     # -- fed by the rendezvous ----------------------------------------------------
 
+    def add_change_observer(self, observer: ChangeObserver) -> None:
+        """Call C{observer(network_id, members)} after every change of a network."""
+        self._change_observers.append(observer)
+
+    def remove_change_observer(self, observer: ChangeObserver) -> None:
+        if observer in self._change_observers:
+            self._change_observers.remove(observer)
+
     def networks(self) -> dict[str, frozenset[bytes]]:
         """Every network's authorized members, as last set."""
         return dict(self._members)
@@ -67,6 +81,8 @@ class MembershipPolicy:
         """
         new = frozenset(keys)
         old = self._members.get(network_id, frozenset())
+        if new == old:
+            return
         if new:
             self._members[network_id] = new
         else:
@@ -81,6 +97,11 @@ class MembershipPolicy:
             self._networks.setdefault(key, set()).add(network_id)
         if old - new:
             self._notify(old)
+        for change_observer in list(self._change_observers):
+            try:
+                change_observer(network_id, new)
+            except Exception:
+                self.log.failure("relay membership observer raised")
 
     def forget_network(self, network_id: str) -> None:
         """The network was deleted."""
@@ -100,3 +121,48 @@ class MembershipPolicy:
                 observer(keys)
             except Exception:
                 self.log.failure("relay revocation observer raised")
+
+
+class ControllerMembership:
+    """
+    Keeps a L{MembershipPolicy} in step with the rendezvous's controller
+    (L{twistvpn.interfaces.INetworkController}), through its public
+    C{list_networks} and C{list_members}: every C{interval} seconds, and at
+    once when the rendezvous calls L{refresh} after a change.  Polling bounds
+    how long a deauthorization takes to reach the relay even if a change
+    path forgets to call L{refresh}.
+    """
+
+    log = Logger()
+
+    def __init__(self, controller: Any, clock: IReactorTime, interval: float = 2.0,
+                 policy: MembershipPolicy | None = None) -> None:
+        self.controller = controller
+        self.policy = policy if policy is not None else MembershipPolicy()
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def start(self) -> None:
+        self._loop.start(self._interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def refresh(self) -> None:
+        """Read every network's authorized members now."""
+        try:
+            memberships = {}
+            for network in self.controller.list_networks():
+                network_id = network["id"]
+                memberships[network_id] = [
+                    decode_key(m["public_key"])
+                    for m in self.controller.list_members(network_id)
+                    if m["authorized"]
+                ]
+        except Exception:
+            # Keep the last good table; the next round tries again.
+            self.log.failure("reading memberships from the controller failed")
+            return
+        self.policy.replace_all(memberships)
