@@ -22,7 +22,7 @@ from zope.interface import implementer
 from twistvpn.interfaces import IRelayProvider
 
 
-class RelayUnavailable(Exception):
+class RelayUnavailableError(Exception):
     """The relay is down."""
 
 
@@ -73,7 +73,7 @@ class FakeRelayProvider:
 
     def open_relay(self, peer_key: bytes) -> Deferred[RelayEndpoint]:
         if not self.relay.up:
-            return fail(RelayUnavailable("the relay is down"))
+            return fail(RelayUnavailableError("the relay is down"))
 
         def opened() -> RelayEndpoint:
             self.open.add(peer_key)

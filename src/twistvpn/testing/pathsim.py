@@ -92,10 +92,20 @@ class SimNode:
     def local(self) -> tuple[str, int]:
         return (self.host.ip, NODE_PORT)
 
-    def discover(self, reflectors: Sequence[tuple[str, int]]) -> None:
-        """Ask each reflector, in order, what it sees."""
-        for reflector in reflectors:
-            self.forwarder.send_datagram(bytes([DISCOVERY_REQUEST]), reflector)
+    def discover(self, reflectors: Sequence[tuple[str, int]],
+                 retries: Sequence[float] = (0.0, 0.25, 0.5)) -> None:
+        """
+        Ask each reflector, in order, what it sees; ask again (as a STUN
+        client retransmits) those that have not answered.
+        """
+        def ask() -> None:
+            answered = {addr for _, addr in self.discovery.received}
+            for reflector in reflectors:
+                if reflector not in answered:
+                    self.forwarder.send_datagram(bytes([DISCOVERY_REQUEST]), reflector)
+
+        for delay in retries:
+            self.reactor.callLater(delay, ask)
 
     def candidates(self, reflectors: Sequence[tuple[str, int]]) -> Candidates:
         seen: dict[Any, tuple[str, int]] = {}
@@ -130,7 +140,8 @@ class Pair:
     """Two nodes (A and B) on one simulated internet."""
 
     def __init__(self, a: str, b: str, seed: int = 0, *, same_nat: bool = False,
-                 hairpin: bool = False, latency: float = 0.015, loss: float = 0.0,
+                 hairpin: bool = False, latency: float | tuple[float, float] = 0.015,
+                 loss: float = 0.0,
                  strategies: Sequence[ITraversalStrategy] | None = None,
                  config: PathConfig | None = None, relay: bool = True,
                  mapping_timeout: float = 30.0) -> None:
@@ -140,12 +151,14 @@ class Pair:
         self.reflectors = [(net.add_public_host().ip, 3478), (net.add_public_host().ip, 3478)]
         for ip, port in self.reflectors:
             net._public[ip].reactor.listenUDP(port, Reflector())  # type: ignore[union-attr]
-        nat_kw = {"latency": latency, "loss": loss}
+        latencies = latency if isinstance(latency, tuple) else (latency, latency)
         if same_nat:
-            nat = net.add_nat(a, hairpin=hairpin, timeout=mapping_timeout, **nat_kw)
+            nat = net.add_nat(a, hairpin=hairpin, timeout=mapping_timeout,
+                              latency=latencies[0], loss=loss)
             hosts = [net.add_host(nat), net.add_host(nat)]
         else:
-            hosts = [self._host(net, p, nat_kw, mapping_timeout) for p in (a, b)]
+            hosts = [self._host(net, p, {"latency": lat, "loss": loss}, mapping_timeout)
+                     for p, lat in zip((a, b), latencies, strict=True)]
         self.nats = [h.nat for h in hosts]
         self.a, self.b = SimNode(hosts[0], rng), SimNode(hosts[1], rng)
         self.relay = FakeRelay(net.clock) if relay else None
@@ -223,3 +236,96 @@ def summarize(times: Sequence[float]) -> dict[str, float | None]:
     return {"median": statistics.median(ordered),
             "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
             "max": ordered[-1]}
+
+
+PRESET_NAMES = ("open", "easy", "easyaf", "hard", "hard-sequential", "udpblock")
+SAME_NAT = ("same-nat", "same-nat-hairpin")
+
+
+def grid_pairs() -> list[tuple[str, str]]:
+    """Every ordered pair of presets, then two hosts behind one NAT."""
+    pairs = [(a, b) for a in PRESET_NAMES for b in PRESET_NAMES]
+    return pairs + [(s, s) for s in SAME_NAT]
+
+
+def expected(a: str, b: str) -> tuple[str, str | None]:
+    """
+    The path kind a pair should end on and the strategy that should find it
+    (None: any).  Two endpoint-dependent-mapping sides need a relay, unless
+    both are sequential (then each side's k-th new mapping is predictable).
+    """
+    if a in SAME_NAT:
+        return (LAN, "lan")
+    pair = {a, b}
+    if "udpblock" in pair:
+        return ("relay", None)
+    hard = {"hard", "hard-sequential"}
+    if pair <= hard and pair != {"hard-sequential"}:
+        return ("relay", None)
+    if "hard-sequential" in pair:
+        return (DIRECT, "sequential")
+    if "hard" in pair and pair & {"easy"}:
+        return (DIRECT, "birthday")
+    return (DIRECT, "punch")
+
+
+def build(a: str, b: str, seed: int, **kw: Any) -> Pair:
+    """
+    A L{Pair} for a grid cell (the same-NAT cells use an C{easy} NAT).
+    Unless given, each side's one-way latency to the core is drawn from the
+    seed, between 5 and 60 ms, so that times vary as on real links.
+    """
+    if "latency" not in kw:
+        draw = random.Random(seed * 7919 + 1)
+        kw["latency"] = (draw.uniform(0.005, 0.060), draw.uniform(0.005, 0.060))
+    if a in SAME_NAT:
+        return Pair("easy", "easy", seed, same_nat=True, hairpin=a.endswith("hairpin"), **kw)
+    return Pair(a, b, seed, **kw)
+
+
+@dataclass
+class CellStats:
+    """A grid cell over many seeds."""
+
+    pair: tuple[str, str]
+    runs: int
+    kinds: dict[str, int]  # final kind (side A) -> runs
+    strategies: dict[str, int]  # first-path strategy -> runs
+    successes: int  # runs that reached the expected kind within the deadline
+    times: list[float]  # time to the first path of the expected kind, successful runs
+    probes: list[int]  # probes sent until then (or until the deadline)
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.runs if self.runs else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pair": list(self.pair), "runs": self.runs, "kinds": self.kinds,
+                "strategies": self.strategies, "success_rate": self.rate,
+                "time": summarize(self.times),
+                "probes": {"median": statistics.median(self.probes) if self.probes else None,
+                           "max": max(self.probes, default=None)}}
+
+
+def measure(a: str, b: str, seeds: Sequence[int], deadline: float = 15.0,
+            **kw: Any) -> CellStats:
+    """Run a grid cell once per seed, up to C{deadline} simulated seconds each."""
+    want, _ = expected(a, b)
+    kinds: dict[str, int] = {}
+    strategies: dict[str, int] = {}
+    times: list[float] = []
+    probes: list[int] = []
+    successes = 0
+    for seed in seeds:
+        pair = build(a, b, seed, **kw)
+        pair.start()
+        result = pair.run(deadline)
+        kind = result.kinds[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if result.strategy is not None:
+            strategies[result.strategy] = strategies.get(result.strategy, 0) + 1
+        probes.append(result.probes)
+        if kind == want and result.kinds[1] == want and result.time_to_path is not None:
+            successes += 1
+            times.append(result.time_to_path)
+    return CellStats((a, b), len(seeds), kinds, strategies, successes, times, probes)

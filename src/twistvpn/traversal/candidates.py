@@ -26,7 +26,7 @@ class NatHints:
     """
 
     public: bool = False  # no NAT at all: the observed address is local
-    mapping_varies: bool = False  # endpoint-dependent mapping ("hard")
+    mapping_varies: bool | None = False  # endpoint-dependent ("hard"); None: unknown
     port_delta: int | None = None  # step between consecutive new mappings
     last_port: int | None = None  # the newest mapping discovery saw
     udp_blocked: bool = False  # no discovery answer came back
@@ -35,12 +35,17 @@ class NatHints:
     @property
     def sequential(self) -> bool:
         """Endpoint-dependent mapping, but with predictable port steps."""
-        return self.mapping_varies and self.port_delta is not None
+        return self.mapping_varies is True and self.port_delta is not None
 
     @property
     def hard_random(self) -> bool:
         """Endpoint-dependent mapping with unpredictable ports."""
-        return self.mapping_varies and self.port_delta is None
+        return self.mapping_varies is True and self.port_delta is None
+
+    @property
+    def easy(self) -> bool:
+        """Known endpoint-independent mapping behind a NAT."""
+        return self.mapping_varies is False and not self.public and not self.udp_blocked
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ def hints_from_observations(local: Address, observed: Sequence[Address | None],
                             mapping_timeout: float | None = None) -> NatHints:
     """
     Classify a NAT from the endpoints that successive discovery servers (at
-    different addresses, asked in order from one socket) saw for us.
+    different addresses, asked in order from one socket) saw for us; None
+    for a server that did not answer.
     """
     seen = [o for o in observed if o is not None]
     if not seen:
@@ -69,6 +75,9 @@ def hints_from_observations(local: Address, observed: Sequence[Address | None],
     if all(o == local for o in seen):
         return NatHints(public=True, last_port=last, mapping_timeout=mapping_timeout)
     ports = [o[1] for o in seen]
+    if len(seen) < 2:
+        # One answer cannot tell whether the mapping depends on the destination.
+        return NatHints(mapping_varies=None, last_port=last, mapping_timeout=mapping_timeout)
     if len(set(seen)) == 1:
         return NatHints(last_port=last, mapping_timeout=mapping_timeout)
     deltas = {b - a for a, b in zip(ports, ports[1:], strict=False)}

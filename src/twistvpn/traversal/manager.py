@@ -44,6 +44,7 @@ class PathConfig:
     retry_interval: float = 0.5  # between unanswered liveness probes
     dead_after: float = 3.0  # no answer for this long: the path is gone
     settle: float = 0.25  # after a first path, let parallel strategies find a better one
+    confirm_after: float = 1.0  # first probe on a new path, so the peer verifies it too
     backoff_initial: float = 2.0
     backoff_max: float = 120.0
     relay_while_trying: bool = True  # Tailscale-like: relay at once, upgrade later
@@ -314,6 +315,7 @@ class PathManager:
             path.rtt = rtt if path.rtt is None else 0.875 * path.rtt + 0.125 * rtt
             path.last_reply = now
             path.awaiting = None
+        was_current = path is self._current
         attempt = self._attempt
         if attempt is not None and tag != KEEPALIVE:
             attempt.verified_by.add(tag)
@@ -323,7 +325,7 @@ class PathManager:
                 attempt.first_path_strategy = tag
                 self._settle_call = self.clock.callLater(self.config.settle, self._settled)
         self._select()
-        if path is self._current:
+        if was_current:
             self._schedule_heartbeat(self._interval())
 
     def probe_received(self, endpoint: Any, tag: str) -> None:
@@ -381,7 +383,9 @@ class PathManager:
         self.peer.endpoint = best.endpoint
         self.events.append((self.clock.seconds(), "chosen", best.kind, describe(best.endpoint)))
         if best.kind != RELAY:
-            self._schedule_heartbeat(self._interval())
+            # Probe the new path soon: should the peer not have verified it
+            # yet (its own check lost), our probe triggers one.
+            self._schedule_heartbeat(self.config.confirm_after)
         elif self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
         if self.on_change is not None:

@@ -20,9 +20,8 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITraversalContext, ITraversalStrategy
-from twistvpn.traversal.candidates import Address
+from twistvpn.traversal.candidates import Address, NatHints
 from twistvpn.traversal.probe import address_of
-from twistvpn.traversal.candidates import NatHints
 
 LOW_PORT = 1024
 HIGH_PORT = 65535
@@ -211,9 +210,9 @@ class BirthdayStrategy:
         local, peer = context.local.hints, context.peer.hints
         if local.hard_random == peer.hard_random:
             return False
-        easy = peer if local.hard_random else local
-        # A public peer needs no birthday: plain probes reach it.
-        return not easy.mapping_varies and not easy.public
+        # The other side must be known to keep one mapping (and a public
+        # side needs no birthday: plain probes reach it).
+        return (peer if local.hard_random else local).easy
 
     @property
     def duration(self) -> float:
