@@ -11,7 +11,8 @@ import sys
 
 from twisted.trial import unittest
 
-from twistvpn import cli
+from twistvpn import cli, lab
+from twistvpn.testing import netns
 from twistvpn.wireguard.keys import decode_key, encode_key, public_key
 
 WG = shutil.which("wg")
@@ -124,3 +125,49 @@ class WireGuardCompatibilityTests(unittest.TestCase):
         """Any 32 bytes are a key to wg pubkey (it clamps); so to ours."""
         for text in (self.wg("genpsk"), self.twistvpn("genpsk"), encode_key(b"\xff" * 32) + "\n"):
             self.assertEqual(self.twistvpn("pubkey", stdin=text), self.wg("pubkey", stdin=text))
+
+
+class LabTests(unittest.TestCase):
+    """The lab's parts that need no root; tests/test_integration_lab.py runs it."""
+
+    def node(self, label: str, kind: str) -> netns.VpnNode:
+        return netns.VpnNode(
+            label, kind, f"ns-{label}", f"if{label}", "k", "p", "203.0.113.1", "100.64.0.1", 1420
+        )
+
+    def test_refuses_without_requirements(self) -> None:
+        self.patch(netns, "missing_requirements", lambda *programs: "needs root")
+        out = io.StringIO()
+        args = cli.build_parser().parse_args(["lab"])
+        self.assertEqual(lab.run(args, out), 1)
+        self.assertEqual(out.getvalue(), "twistvpn lab: cannot run: needs root\n")
+
+    def test_table(self) -> None:
+        a = self.node("a", netns.TWISTVPN)
+        c = self.node("c", netns.WIREGUARD_GO)
+        text = lab.format_table(
+            [
+                lab.PairResult(a, c, 0.0, 0.512, 4.2e8),
+                lab.PairResult(c, a, 100.0, None, error="timed out"),
+            ]
+        )
+        lines = text.splitlines()
+        self.assertEqual(lines[0].split(), ["pair", "ping", "loss", "RTT", "TCP", "throughput"])
+        self.assertEqual(
+            lines[2].split(),
+            [
+                "a",
+                "(twistvpn)",
+                "->",
+                "c",
+                "(wireguard-go)",
+                "0",
+                "%",
+                "0.51",
+                "ms",
+                "420.0",
+                "Mbit/s",
+            ],
+        )
+        self.assertEqual(lines[3].split()[-4:], ["100", "%", "-", "-"])
+        self.assertEqual(lines[4], "c (wireguard-go) -> a (twistvpn): timed out")

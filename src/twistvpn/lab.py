@@ -172,7 +172,6 @@ def run_lab(
 
 
 def format_table(results: Sequence[PairResult]) -> str:
-    header = ("pair", "ping loss", "RTT", "TCP throughput")
     rows = [
         (
             r.label,
@@ -182,11 +181,17 @@ def format_table(results: Sequence[PairResult]) -> str:
         )
         for r in results
     ]
+    errors = [f"{r.label}: {r.error}" for r in results if r.error]
+    table = columns(("pair", "ping loss", "RTT", "TCP throughput"), rows)
+    return table + "".join(f"{line}\n" for line in errors)
+
+
+def columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: left-aligned columns under a ruled header."""
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in (header, *rows)
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    errors = [f"{r.label}: {r.error}" for r in results if r.error]
-    return "\n".join(lines + errors) + "\n"
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,189 @@
+"""
+Throughput benchmark: twistvpn against stock wireguard-go, in one run, on
+this machine (root; `.venv/bin/python bench/throughput.py`).
+
+Four set-ups, each two network namespaces over a veth pair:
+
+- raw veth (link MTU 1420: the baseline, no VPN);
+- wireguard-go <-> wireguard-go;
+- twistvpn <-> twistvpn;
+- twistvpn <-> wireguard-go (twistvpn sending);
+
+each tunnel with MTU 1420 over a 1500-byte veth.  For each: iperf3 TCP (one
+stream), iperf3 UDP at a fixed offered rate, ping RTT, and the CPU seconds
+the two VPN processes spent per GB moved (from /proc/<pid>/stat).  Prints a
+table with twistvpn's ratio to wireguard-go and writes the numbers as JSON
+to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twistvpn.lab import columns
+from twistvpn.testing import netns
+from twistvpn.testing.netns import TWISTVPN, WIREGUARD_GO
+
+SETUPS: list[tuple[str, list[str] | None]] = [
+    ("raw veth", None),
+    ("wireguard-go <-> wireguard-go", [WIREGUARD_GO, WIREGUARD_GO]),
+    ("twistvpn <-> twistvpn", [TWISTVPN, TWISTVPN]),
+    ("twistvpn <-> wireguard-go", [TWISTVPN, WIREGUARD_GO]),
+]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu(processes: list[netns.Process]) -> float:
+    return sum(p.cpu_seconds() for p in processes)
+
+
+def measure(name: str, kinds: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
+    with netns.Network(prefix="tvb") as network:
+        if kinds is None:
+            a_ns = network.add_namespace("a")
+            b_ns = network.add_namespace("b")
+            network.veth(a_ns, b_ns, "203.0.113.1/24", "203.0.113.2/24", mtu=1420)
+            target = "203.0.113.2"
+            processes: list[netns.Process] = []
+        else:
+            a, b = netns.build_mesh(network, kinds, mtu=1420)
+            a_ns, b_ns, target = a.namespace, b.namespace, b.overlay_ip
+            processes = [n.process for n in (a, b) if n.process is not None]
+        netns.wait_for_ping(network, a_ns, target)
+        pinged = netns.ping(network, a_ns, target, count=args.pings, interval=0.05)
+        loss, rtt = netns.ping_stats(pinged.stdout.decode())
+
+        before = cpu(processes)
+        tcp = netns.iperf3(network, b_ns, a_ns, target, seconds=args.seconds)
+        tcp_cpu = cpu(processes) - before
+        tcp_bytes = tcp["end"]["sum_received"]["bytes"]
+
+        before = cpu(processes)
+        udp = netns.iperf3(
+            network,
+            b_ns,
+            a_ns,
+            target,
+            seconds=args.udp_seconds,
+            udp=True,
+            bitrate=args.udp_rate,
+        )
+        udp_cpu = cpu(processes) - before
+        udp_bps, udp_loss = netns.udp_result(udp)
+        udp_bytes = udp_bps * args.udp_seconds / 8
+    result = {
+        "setup": name,
+        "tcp_bps": netns.tcp_throughput_bps(tcp),
+        "tcp_retransmits": tcp["end"]["sum_sent"].get("retransmits"),
+        "udp_offered": args.udp_rate,
+        "udp_received_bps": udp_bps,
+        "udp_loss_percent": udp_loss,
+        "ping_loss_percent": loss,
+        "rtt_ms": rtt,
+        "cpu_s_per_gb_tcp": tcp_cpu / (tcp_bytes / 1e9) if processes and tcp_bytes else None,
+        "cpu_s_per_gb_udp": udp_cpu / (udp_bytes / 1e9) if processes and udp_bytes else None,
+    }
+    print(f"  {name}: TCP {result['tcp_bps'] / 1e6:.0f} Mbit/s", flush=True)
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    by_name = {r["setup"]: r for r in results}
+    wg = by_name.get("wireguard-go <-> wireguard-go")
+
+    def ratio(r: dict[str, Any]) -> str:
+        if wg is None or r["setup"] == "raw veth" or not wg["tcp_bps"]:
+            return "-"
+        return f"{r['tcp_bps'] / wg['tcp_bps']:.2f}"
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    header = (
+        "setup",
+        "TCP Mbit/s",
+        "vs wg-go",
+        "UDP Mbit/s (loss)",
+        "RTT ms",
+        "CPU s/GB TCP",
+        "CPU s/GB UDP",
+    )
+    rows = [
+        (
+            r["setup"],
+            num(r["tcp_bps"] / 1e6, ".0f"),
+            ratio(r),
+            f"{r['udp_received_bps'] / 1e6:.0f} ({r['udp_loss_percent']:.1f} %)",
+            num(r["rtt_ms"], ".3f"),
+            num(r["cpu_s_per_gb_tcp"], ".1f"),
+            num(r["cpu_s_per_gb_udp"], ".1f"),
+        )
+        for r in results
+    ]
+    return columns(header, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10, help="iperf3 TCP duration")
+    parser.add_argument("--udp-seconds", type=float, default=5, help="iperf3 UDP duration")
+    parser.add_argument("--udp-rate", default="1G", help="iperf3 UDP offered rate (-b)")
+    parser.add_argument("--pings", type=int, default=20, help="pings per set-up")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[name for name, _ in SETUPS],
+        help="run only these set-ups (repeatable)",
+    )
+    parser.add_argument("--no-save", action="store_true", help="do not write JSON")
+    args = parser.parse_args(argv)
+    missing = netns.missing_requirements("wireguard-go", "wg", "iperf3", "ping")
+    if missing:
+        print(f"throughput benchmark: cannot run: {missing}", file=sys.stderr)
+        return 1
+    started = time.time()
+    results = []
+    for name, kinds in SETUPS:
+        if args.only and name not in args.only:
+            continue
+        results.append(measure(name, kinds, args))
+    print()
+    print(table(results))
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+        path = RESULTS / f"throughput-{stamp}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "started": stamp,
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "kernel": platform.release(),
+                        "python": platform.python_version(),
+                    },
+                    "options": {
+                        "seconds": args.seconds,
+                        "udp_seconds": args.udp_seconds,
+                        "udp_rate": args.udp_rate,
+                        "tunnel_mtu": 1420,
+                    },
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
