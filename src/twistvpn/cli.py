@@ -29,6 +29,7 @@ from twistvpn.wireguard.keys import (
 COMMAND_MODULES: list[str] = [
     "twistvpn.cli",  # genkey, pubkey, genpsk (below)
     "twistvpn.lab",
+    "twistvpn.rendezvous.admin_cli",
 ]
 
 

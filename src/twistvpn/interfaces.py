@@ -376,6 +376,12 @@ class INetworkController(Interface):
         Record the node's own (LAN) addresses, a sequence of "host:port".
         """
 
+    def is_registered(public_key):
+        """Whether C{public_key} ever registered (discovery answers only those)."""
+
+    def status():
+        """Counts and counters for the admin API (a dict)."""
+
     def record_endpoint(public_key, endpoint, which):
         """
         Record the address (a (host, port) tuple) at which discovery port
@@ -397,11 +403,17 @@ class INetworkController(Interface):
     def list_networks():
         """Every network's description (list of dicts)."""
 
+    def get_network(network_id):
+        """One network's description; unknown IDs raise NotFoundError."""
+
     def delete_network(network_id):
         """Delete a network, telling its connected members."""
 
     def list_members(network_id):
         """Every member of a network (list of dicts)."""
+
+    def get_member(network_id, node):
+        """One member (C{node}: node ID or public key in text form)."""
 
     def authorize(network_id, node):
         """

@@ -8,3 +8,9 @@ twistvpn_node = ServiceMaker(
     "A twistvpn node: a TUN device and the WireGuard protocol (static mode: a wg-quick file)",
     "twistvpn-node",
 )
+twistvpn_rendezvous = ServiceMaker(
+    "twistvpn rendezvous",
+    "twistvpn.rendezvous.rendezvous_tap",
+    "The twistvpn rendezvous: endpoint discovery, network controller, admin API",
+    "twistvpn-rendezvous",
+)

@@ -1,0 +1,193 @@
+"""
+The admin API: JSON over HTTP, in the shape of ZeroTier's controller API.
+
+Served twice by the rendezvous: on a UNIX socket in the data directory
+(mode 0600, in a 0700 directory: the file system is the access control,
+so no token), and on a TCP endpoint guarded by a bearer token stored in
+the data directory (for remote administration and the web console).
+
+    GET    /api/v1/status
+    GET    /api/v1/networks
+    POST   /api/v1/networks                      {"name", "subnet"?, "private"?}
+    GET    /api/v1/networks/ID
+    DELETE /api/v1/networks/ID
+    GET    /api/v1/networks/ID/members
+    GET    /api/v1/networks/ID/members/NODE
+    POST   /api/v1/networks/ID/members/NODE      {"authorized"?, "ip"?}
+    DELETE /api/v1/networks/ID/members/NODE
+
+Errors are {"error": "one line"} with 400, 401, 404, 405, 409 or 413.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web import resource
+from twisted.web.server import Request
+
+from twistvpn.interfaces import INetworkController
+from twistvpn.rendezvous.controller import (
+    ConflictError,
+    ControllerError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from twistvpn.rendezvous.tls import write_private
+
+MAX_BODY = 64 * 1024
+TOKEN_FILE = "admin-token"
+
+
+class HTTPError(Exception):
+    """An error answer: status code and a one-line message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_STATUS = {NotFoundError: 404, ConflictError: 409, InvalidArgumentError: 400}
+
+
+def load_or_create_token(data_dir: str) -> str:
+    """The API's bearer token, created (0600) on first use."""
+    path = os.path.join(data_dir, TOKEN_FILE)
+    if not os.path.exists(path):
+        write_private(path, (secrets.token_urlsafe(32) + "\n").encode("ascii"))
+    with open(path, encoding="ascii") as f:
+        token = f.read().strip()
+    if len(token) < 16:
+        raise ValueError(f"{path}: the admin token is too short (16 characters at least)")
+    return token
+
+
+class AdminAPI(resource.Resource):
+    """The whole API as one leaf resource; C{token} None means no auth."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        controller: INetworkController,
+        token: str | None,
+        info: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        super().__init__()
+        self._controller = controller
+        self._token = token
+        self._info = info
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        try:
+            self._authenticate(request)
+            method = request.method.decode("ascii", "replace")
+            path = [p.decode("utf-8", "replace") for p in request.postpath]
+            if path[-1:] == [""]:
+                path = path[:-1]
+            body = self._body(request) if method in ("POST", "PUT") else {}
+            result = self._route(method, path, body)
+            code = 201 if method == "POST" and path == ["api", "v1", "networks"] else 200
+        except HTTPError as e:
+            code, result = e.code, {"error": str(e)}
+        except ControllerError as e:
+            code = next(c for cls, c in _STATUS.items() if isinstance(e, cls))
+            result = {"error": str(e)}
+        request.setResponseCode(code)
+        return json.dumps(result, indent=1).encode("utf-8") + b"\n"
+
+    def _authenticate(self, request: Request) -> None:
+        if self._token is None:
+            return
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode("utf-8"), self._token.encode("utf-8")
+        ):
+            request.setHeader(b"www-authenticate", b'Bearer realm="twistvpn"')
+            raise HTTPError(401, "a valid bearer token is required")
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        length = request.getHeader(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            raise HTTPError(413, f"the body must be at most {MAX_BODY} bytes")
+        data = request.content.read(MAX_BODY + 1) if request.content else b""
+        if len(data) > MAX_BODY:
+            raise HTTPError(413, f"the body must be at most {MAX_BODY} bytes")
+        if not data.strip():
+            return {}
+        try:
+            body = json.loads(data)
+        except ValueError as e:
+            raise HTTPError(400, f"the body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return body
+
+    def _route(self, method: str, path: list[str], body: dict[str, Any]) -> Any:
+        c = self._controller
+        if path[:2] != ["api", "v1"]:
+            raise HTTPError(404, "no such resource (the API lives under /api/v1/)")
+        rest = path[2:]
+        routes: dict[tuple[str, int], Callable[[], Any]] = {}
+        if rest == ["status"]:
+            routes[("GET", 1)] = lambda: {**self._info(), **c.status()}
+        elif rest[:1] == ["networks"] and len(rest) == 1:
+            routes[("GET", 1)] = c.list_networks
+            routes[("POST", 1)] = lambda: c.create_network(
+                _field(body, "name", str),
+                _field(body, "subnet", str, None),
+                _field(body, "private", bool, True),
+            )
+        elif rest[:1] == ["networks"] and len(rest) == 2:
+            routes[("GET", 2)] = lambda: c.get_network(rest[1])
+            routes[("DELETE", 2)] = lambda: c.delete_network(rest[1]) or {"deleted": rest[1]}
+        elif rest[:1] == ["networks"] and rest[2:3] == ["members"] and len(rest) == 3:
+            routes[("GET", 3)] = lambda: c.list_members(rest[1])
+        elif rest[:1] == ["networks"] and rest[2:3] == ["members"] and len(rest) == 4:
+            routes[("GET", 4)] = lambda: c.get_member(rest[1], rest[3])
+            routes[("POST", 4)] = lambda: self._update_member(rest[1], rest[3], body)
+            routes[("DELETE", 4)] = lambda: (
+                c.delete_member(rest[1], rest[3]) or {"deleted": rest[3]}
+            )
+        else:
+            raise HTTPError(404, "no such resource")
+        handler = routes.get((method, len(rest)))
+        if handler is None:
+            raise HTTPError(405, f"{method} is not allowed here")
+        return handler()
+
+    def _update_member(self, network_id: str, node: str, body: dict[str, Any]) -> Any:
+        """Like ZeroTier's member POST: change what the body names."""
+        unknown = set(body) - {"authorized", "ip"}
+        if unknown:
+            raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        c = self._controller
+        member = c.get_member(network_id, node)
+        if "ip" in body:
+            member = c.set_ip(network_id, node, _field(body, "ip", str))
+        if "authorized" in body:
+            if _field(body, "authorized", bool):
+                member = c.authorize(network_id, node)
+            else:
+                member = c.deauthorize(network_id, node)
+        return member
+
+
+_MISSING = object()
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    value = body.get(name, default)
+    if value is _MISSING:
+        raise HTTPError(400, f"the field {name!r} is required")
+    if value is not default and not isinstance(value, kind):
+        raise HTTPError(400, f"the field {name!r} must be a {kind.__name__}")
+    return value

@@ -1,0 +1,295 @@
+"""
+C{twistvpn admin}: administer a rendezvous through its admin API.
+
+    twistvpn admin [--data-dir DIR | --url URL --token T] network create NAME [--subnet CIDR]
+    twistvpn admin ... network list | network delete ID
+    twistvpn admin ... member list ID
+    twistvpn admin ... member auth|deauth|delete ID NODE
+    twistvpn admin ... member set-ip ID NODE IP
+    twistvpn admin ... status
+
+With C{--data-dir} (the default) it talks to the UNIX socket in the
+rendezvous's data directory; with C{--url} to the HTTP API, with the token
+from C{--token}, C{--token-file} or C{$TWISTVPN_ADMIN_TOKEN}.  A plain
+synchronous HTTP client: a command-line tool has nothing to wait for
+concurrently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any, TextIO
+from urllib.parse import quote, urlsplit
+
+from twistvpn.rendezvous.admin import TOKEN_FILE
+from twistvpn.rendezvous.rendezvous_tap import DEFAULT_DATA_DIR
+from twistvpn.rendezvous.service import ADMIN_SOCKET
+
+TIMEOUT = 30.0
+
+
+class AdminError(Exception):
+    """What went wrong, in one line."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=TIMEOUT)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AdminClient:
+    """The admin API as method calls; every error is an L{AdminError}."""
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        self._data_dir = data_dir
+        self._url = url
+        self._token = token
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise AdminError(f"bad --url {url!r}: expected http(s)://HOST:PORT")
+            self._prefix = parts.path.rstrip("/")
+            self._target = parts
+        elif data_dir is None:
+            raise AdminError("give --data-dir or --url")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._url is None:
+            assert self._data_dir is not None
+            return _UnixHTTPConnection(os.path.join(self._data_dir, ADMIN_SOCKET))
+        cls = (
+            http.client.HTTPSConnection
+            if self._target.scheme == "https"
+            else http.client.HTTPConnection
+        )
+        return cls(self._target.hostname, self._target.port, timeout=TIMEOUT)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["content-type"] = "application/json"
+        if self._token is not None:
+            headers["authorization"] = f"Bearer {self._token}"
+        prefix = self._prefix if self._url is not None else ""
+        where = self._url or os.path.join(self._data_dir or "", ADMIN_SOCKET)
+        connection = self._connection()
+        try:
+            connection.request(method, prefix + "/api/v1/" + path, data, headers)
+            response = connection.getresponse()
+            payload = response.read()
+        except FileNotFoundError:
+            raise AdminError(f"no rendezvous is running ({where} does not exist)") from None
+        except ConnectionRefusedError:
+            raise AdminError(f"no rendezvous answers at {where}") from None
+        except PermissionError:
+            raise AdminError(f"permission denied: {where} (run as the rendezvous's user)") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise AdminError(f"cannot reach the rendezvous at {where}: {e}") from None
+        finally:
+            connection.close()
+        try:
+            result = json.loads(payload)
+        except ValueError:
+            raise AdminError(f"the rendezvous answered {response.status} without JSON") from None
+        if response.status >= 400:
+            message = result.get("error") if isinstance(result, dict) else None
+            raise AdminError(message or f"HTTP {response.status}")
+        return result
+
+    # -- the API ------------------------------------------------------------
+
+    def create_network(self, name: str, subnet: str | None, private: bool) -> Any:
+        body: dict[str, Any] = {"name": name, "private": private}
+        if subnet is not None:
+            body["subnet"] = subnet
+        return self.request("POST", "networks", body)
+
+    def member(self, network_id: str, node: str, method: str, body: Any = None) -> Any:
+        return self.request(method, f"networks/{_seg(network_id)}/members/{_seg(node)}", body)
+
+
+def _seg(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _ago(then: float | None, now: float) -> str:
+    if then is None:
+        return "never"
+    seconds = max(0, int(now - then))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def table(headers: list[str], rows: list[list[str]], out: TextIO) -> None:
+    """Columns padded to their widest cell, as `zerotier-cli` prints them."""
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    for row in [headers, *rows]:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _print_members(members: list[dict[str, Any]], out: TextIO) -> None:
+    now = time.time()
+    rows = [
+        [
+            m["node_id"],
+            m["name"] or "-",
+            "yes" if m["authorized"] else "no",
+            m["ip"] or "-",
+            _ago(m["last_seen"], now),
+            (m["endpoints"] or ["-"])[0],
+            "yes" if m["online"] else "no",
+        ]
+        for m in members
+    ]
+    table(["NODE", "NAME", "AUTHORIZED", "IP", "LAST SEEN", "ENDPOINT", "ONLINE"], rows, out)
+
+
+def _print_member(m: dict[str, Any], out: TextIO) -> None:
+    state = "authorized" if m["authorized"] else "not authorized"
+    out.write(f"{m['node_id']} {m['name'] or '-'}: {state}, IP {m['ip'] or '-'}\n")
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        client = _client(args)
+        what = (args.admin_object, args.admin_action)
+        if what == ("network", "create"):
+            network = client.create_network(args.name, args.subnet, not args.public)
+            out.write(network["id"] + "\n")
+        elif what == ("network", "list"):
+            networks = client.request("GET", "networks")
+            rows = [
+                [
+                    n["id"],
+                    n["name"],
+                    n["subnet"],
+                    "private" if n["private"] else "public",
+                    str(n["members"]),
+                    str(n["authorized"]),
+                ]
+                for n in networks
+            ]
+            table(["ID", "NAME", "SUBNET", "ACCESS", "MEMBERS", "AUTHORIZED"], rows, out)
+        elif what == ("network", "delete"):
+            client.request("DELETE", f"networks/{_seg(args.network)}")
+        elif what == ("member", "list"):
+            _print_members(client.request("GET", f"networks/{_seg(args.network)}/members"), out)
+        elif what == ("member", "auth"):
+            _print_member(client.member(args.network, args.node, "POST", {"authorized": True}), out)
+        elif what == ("member", "deauth"):
+            _print_member(
+                client.member(args.network, args.node, "POST", {"authorized": False}), out
+            )
+        elif what == ("member", "delete"):
+            client.member(args.network, args.node, "DELETE")
+        elif what == ("member", "set-ip"):
+            _print_member(client.member(args.network, args.node, "POST", {"ip": args.ip}), out)
+        elif what == ("status", None):
+            out.write(json.dumps(client.request("GET", "status"), indent=1) + "\n")
+        else:  # pragma: no cover - argparse allows nothing else
+            raise AdminError(f"unknown command {what}")
+    except AdminError as e:
+        sys.stderr.write(f"twistvpn admin: {e}\n")
+        return 1
+    return 0
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    if args.url is None:
+        if args.token is not None or args.token_file is not None:
+            raise AdminError("--token and --token-file go with --url")
+        return AdminClient(data_dir=args.data_dir or DEFAULT_DATA_DIR)
+    if args.data_dir is not None:
+        raise AdminError("give either --data-dir or --url, not both")
+    token = args.token or os.environ.get("TWISTVPN_ADMIN_TOKEN")
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise AdminError(f"--token-file {args.token_file}: {e.strerror}") from None
+    if not token:
+        raise AdminError(
+            f"--url needs a token (--token, --token-file or $TWISTVPN_ADMIN_TOKEN; "
+            f"it is in the rendezvous's DATA-DIR/{TOKEN_FILE})"
+        )
+    return AdminClient(url=args.url, token=token)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The C{admin} command and its subcommands."""
+    admin = subparsers.add_parser(
+        "admin",
+        help="administer a rendezvous: networks and members",
+        description="Administer a twistvpn rendezvous through its admin API.",
+    )
+    admin.add_argument(
+        "--data-dir",
+        help=f"the rendezvous's data directory, for its admin socket (default {DEFAULT_DATA_DIR})",
+    )
+    admin.add_argument("--url", help="the HTTP admin API, e.g. http://127.0.0.1:8444")
+    admin.add_argument("--token", help="bearer token for --url")
+    admin.add_argument("--token-file", help="file holding the bearer token for --url")
+    objects = admin.add_subparsers(dest="admin_object", metavar="OBJECT", required=True)
+
+    network = objects.add_parser("network", help="create, list and delete networks")
+    actions = network.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
+    p = actions.add_parser("create", help="create a network and print its ID")
+    p.add_argument("name")
+    p.add_argument("--subnet", help="IPv4 CIDR (default: a free /24 of 100.64.0.0/10)")
+    p.add_argument(
+        "--public", action="store_true", help="members need no authorization (default: private)"
+    )
+    actions.add_parser("list", help="list networks")
+    p = actions.add_parser("delete", help="delete a network")
+    p.add_argument("network", metavar="ID")
+
+    member = objects.add_parser("member", help="list and manage a network's members")
+    actions = member.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
+    p = actions.add_parser("list", help="list a network's members")
+    p.add_argument("network", metavar="ID")
+    for action, text in (
+        ("auth", "authorize a member (assigns the next free IP unless it has one)"),
+        ("deauth", "revoke a member's authorization at once"),
+        ("delete", "remove a member and release its IP"),
+    ):
+        p = actions.add_parser(action, help=text)
+        p.add_argument("network", metavar="ID")
+        p.add_argument("node", metavar="NODE", help="node ID (10 hex digits) or public key")
+    p = actions.add_parser("set-ip", help="give a member a managed IP")
+    p.add_argument("network", metavar="ID")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("ip", metavar="IP")
+
+    status = objects.add_parser("status", help="the rendezvous's address, key and counters")
+    status.set_defaults(admin_action=None)
+    admin.set_defaults(func=run)

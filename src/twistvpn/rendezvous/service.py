@@ -1,0 +1,273 @@
+"""
+The rendezvous process: its data directory and the services that listen.
+
+L{prepare_data_dir} does what a first start needs (the directory, mode
+0700; the server key; a self-signed certificate unless one is given; the
+admin token; the database) and L{RendezvousService} hangs the listeners on
+a C{MultiService}.  Both take everything as arguments, the reactor too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
+
+from twistvpn import __version__
+from twistvpn.rendezvous import tls
+from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
+from twistvpn.rendezvous.controller import Controller
+from twistvpn.rendezvous.database import DBError, get_db
+from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
+from twistvpn.rendezvous.server import ControlServerFactory
+from twistvpn.wireguard.keys import (
+    InvalidKey,
+    decode_key,
+    encode_key,
+    generate_private_key,
+    public_key,
+)
+
+SERVER_KEY_FILE = "server.key"
+CERT_FILE = "tls-cert.pem"
+KEY_FILE = "tls-key.pem"
+DB_FILE = "rendezvous.sqlite"
+ADMIN_SOCKET = "admin.sock"
+STATE_FILE = "rendezvous.json"
+
+
+class DataDirError(Exception):
+    """The data directory or a file in it is unusable (one-line message)."""
+
+
+@dataclass
+class DataDir:
+    """What a started rendezvous reads from its directory."""
+
+    path: str
+    server_private: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    token: str
+    db: sqlite3.Connection
+
+    @property
+    def fingerprint(self) -> bytes:
+        return tls.fingerprint(self.cert_pem)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataDirError(f"cannot read {path}: {e.strerror}") from None
+
+
+def prepare_data_dir(
+    path: str,
+    hostname: str,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> DataDir:
+    """Create (on first start) and load the rendezvous's data directory."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise DataDirError(f"cannot create {path}: {e.strerror}") from None
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
+    key_path = os.path.join(path, SERVER_KEY_FILE)
+    if not os.path.exists(key_path):
+        tls.write_private(key_path, (encode_key(generate_private_key()) + "\n").encode())
+    try:
+        server_private = decode_key(_read(key_path).decode("ascii", "replace"))
+    except InvalidKey as e:
+        raise DataDirError(f"{key_path}: {e}") from None
+    if tls_cert is not None and tls_key is not None:
+        cert_pem, key_pem = _read(tls_cert), _read(tls_key)
+    else:
+        cert_path, cert_key_path = os.path.join(path, CERT_FILE), os.path.join(path, KEY_FILE)
+        if not os.path.exists(cert_path) or not os.path.exists(cert_key_path):
+            cert_pem, key_pem = tls.make_self_signed(hostname)
+            tls.write_private(cert_key_path, key_pem)
+            tls.write_private(cert_path, cert_pem)
+        cert_pem, key_pem = _read(cert_path), _read(cert_key_path)
+    try:
+        tls.server_options(cert_pem, key_pem)
+    except tls.TLSConfigError as e:
+        raise DataDirError(str(e)) from None
+    try:
+        token = load_or_create_token(path)
+    except (OSError, ValueError) as e:
+        raise DataDirError(str(e)) from None
+    try:
+        db = get_db(os.path.join(path, DB_FILE))
+    except DBError as e:
+        raise DataDirError(str(e)) from None
+    return DataDir(path, server_private, cert_pem, key_pem, token, db)
+
+
+class _Listening(Service):
+    """Listens when started; stops listening when stopped."""
+
+    def __init__(self, name: str, listen: Callable[[], defer.Deferred[IListeningPort]]) -> None:
+        self.setName(name)
+        self._listen = listen
+        self.port: IListeningPort | None = None
+        self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self.ready.callback(port)
+            return port
+
+        self._listen().addCallbacks(listening, self.ready.errback)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
+class RendezvousService(MultiService):
+    """Every listener of one rendezvous, and the state behind them."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        data: DataDir,
+        hostname: str,
+        control: str = "tcp:8443",
+        udp_ports: tuple[int, int] = (3478, 3479),
+        udp_interface: str = "",
+        admin_http: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.data = data
+        self.hostname = hostname
+        self.controller = Controller(data.db, reactor)
+        self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
+        self.control_factory = ControlServerFactory(
+            self.controller, data.server_private, reactor, udp_ports
+        )
+        self._udp: list[_Listening] = []
+        for which, port in enumerate(udp_ports):
+            protocol = DiscoveryProtocol(self.discovery, which)
+            self._udp.append(
+                self._add(
+                    f"udp{which}",
+                    lambda port=port, protocol=protocol: defer.succeed(
+                        reactor.listenUDP(port, protocol, interface=udp_interface)
+                    ),
+                )
+            )
+        wrapped = TLSMemoryBIOFactory(
+            tls.server_options(data.cert_pem, data.key_pem), False, self.control_factory
+        )
+        self.control = self._add(
+            "control", lambda: serverFromString(reactor, control).listen(wrapped)
+        )
+        socket = data.file(ADMIN_SOCKET)
+        unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
+        self.admin_unix = self._add(
+            "admin-unix", lambda: unix.listen(Site(AdminAPI(self.controller, None, self.info)))
+        )
+        self.admin_http: _Listening | None = None
+        if admin_http is not None:
+            site = Site(AdminAPI(self.controller, data.token, self.info))
+            self.admin_http = self._add(
+                "admin-http", lambda: serverFromString(reactor, admin_http).listen(site)
+            )
+
+    def _add(self, name: str, listen: Callable[[], defer.Deferred[IListeningPort]]) -> _Listening:
+        service = _Listening(name, listen)
+        service.setServiceParent(self)
+        return service
+
+    @property
+    def udp_ports(self) -> tuple[int, ...]:
+        return tuple(s.port.getHost().port for s in self._udp if s.port is not None)
+
+    @property
+    def address(self) -> tls.RendezvousAddress | None:
+        """Where nodes connect, once the control port listens."""
+        if self.control.port is None:
+            return None
+        return tls.RendezvousAddress(
+            self.hostname, self.control.port.getHost().port, self.data.fingerprint
+        )
+
+    def info(self) -> dict[str, Any]:
+        """The facts an admin (or a node's operator) needs."""
+        admin_port = None
+        if self.admin_http is not None and self.admin_http.port is not None:
+            admin_port = self.admin_http.port.getHost().port
+        return {
+            "version": __version__,
+            "url": str(self.address) if self.address else None,
+            "server_key": encode_key(public_key(self.data.server_private)),
+            "udp_ports": list(self.udp_ports),
+            "admin_http_port": admin_port,
+            "discovery": dict(self.discovery.counters),
+            "control": dict(self.control_factory.counters),
+        }
+
+    def startService(self) -> None:
+        super().startService()
+        ready = [s.ready for s in self if isinstance(s, _Listening)]
+        d = defer.gatherResults(ready, consumeErrors=True)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, _: object) -> None:
+        self.control_factory.udp_ports = self.udp_ports
+        info = self.info()
+        tls.write_private(self.data.file(STATE_FILE), (json.dumps(info, indent=1) + "\n").encode())
+        self.log.info(
+            "twistvpn rendezvous ready. Nodes use: {url} (server key {key}; "
+            "discovery on UDP {udp}; admin socket {socket})",
+            url=info["url"],
+            key=info["server_key"],
+            udp=info["udp_ports"],
+            socket=self.data.file(ADMIN_SOCKET),
+        )
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("the rendezvous could not listen; stopping", failure)
+        self.reactor.callLater(0, self.reactor.stop)
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.controller.close()
+        d = defer.maybeDeferred(super().stopService)
+
+        def close(_: object) -> None:
+            self.data.db.close()
+            for name in (STATE_FILE,):
+                try:
+                    os.unlink(self.data.file(name))
+                except OSError:
+                    pass
+
+        return d.addCallback(close)
