@@ -14,6 +14,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from twistvpn.wireguard.keys import InvalidKey, decode_key
 
@@ -118,7 +119,7 @@ def _parse_int(text: str, low: int, high: int) -> int:
     return value
 
 
-def _parse_list(text: str, parse_one) -> list[str]:  # type: ignore[no-untyped-def]
+def _parse_list(text: str, parse_one) -> list[str]:
     items = [item.strip() for item in text.split(",")]
     if any(not item for item in items):
         raise ValueError("empty item in comma-separated list")
@@ -162,9 +163,9 @@ _PEER_KEYS = {
 
 def parse_config(text: str, path: str = "<config>") -> InterfaceConfig:
     """Parse wg-quick text; raise L{ConfigError} at the first problem."""
-    sections: list[tuple[str, int, dict[str, object]]] = []
-    current: dict[str, object] | None = None
-    keys: dict[str, tuple[str, object, bool]] = {}
+    sections: list[tuple[str, int, dict[str, Any]]] = []
+    current: dict[str, Any] | None = None
+    keys: dict[str, tuple[str, Any, bool]] = {}
     seen_interface = False
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -201,18 +202,18 @@ def parse_config(text: str, path: str = "<config>") -> InterfaceConfig:
         if not value:
             raise ConfigError(path, number, key, "empty value")
         try:
-            parsed = parse(value)  # type: ignore[operator]
+            parsed = parse(value)
         except ValueError as e:
             raise ConfigError(path, number, key, str(e)) from None
         if repeatable:
-            current.setdefault(canonical, []).extend(parsed)  # type: ignore[union-attr]
+            current.setdefault(canonical, []).extend(parsed)
         else:
             current[canonical] = parsed
-        current.setdefault("_lines", {})[canonical] = number  # type: ignore[index]
+        current.setdefault("_lines", {})[canonical] = number
     return _assemble(sections, path)
 
 
-def _assemble(sections: list[tuple[str, int, dict[str, object]]], path: str) -> InterfaceConfig:
+def _assemble(sections: list[tuple[str, int, dict[str, Any]]], path: str) -> InterfaceConfig:
     interfaces = [s for s in sections if s[0] == "interface"]
     if not interfaces:
         raise ConfigError(path, None, None, "no [Interface] section")
@@ -229,23 +230,23 @@ def _assemble(sections: list[tuple[str, int, dict[str, object]]], path: str) -> 
         public_key = peer["PublicKey"]
         assert isinstance(public_key, bytes)
         if public_key in public_keys:
-            number = peer["_lines"]["PublicKey"]  # type: ignore[index]
+            number = peer["_lines"]["PublicKey"]
             raise ConfigError(path, number, "PublicKey", "the same peer appears twice")
         public_keys.add(public_key)
         peers.append(
             PeerConfig(
                 public_key=public_key,
-                preshared_key=peer.get("PresharedKey"),  # type: ignore[arg-type]
-                endpoint=peer.get("Endpoint"),  # type: ignore[arg-type]
-                allowed_ips=tuple(peer.get("AllowedIPs", ())),  # type: ignore[call-overload]
-                persistent_keepalive=peer.get("PersistentKeepalive", 0),  # type: ignore[arg-type]
+                preshared_key=peer.get("PresharedKey"),
+                endpoint=peer.get("Endpoint"),
+                allowed_ips=tuple(peer.get("AllowedIPs", ())),
+                persistent_keepalive=peer.get("PersistentKeepalive", 0),
             )
         )
     return InterfaceConfig(
-        private_key=values["PrivateKey"],  # type: ignore[arg-type]
-        addresses=tuple(values.get("Address", ())),  # type: ignore[call-overload]
-        listen_port=values.get("ListenPort"),  # type: ignore[arg-type]
-        mtu=values.get("MTU"),  # type: ignore[arg-type]
+        private_key=values["PrivateKey"],
+        addresses=tuple(values.get("Address", ())),
+        listen_port=values.get("ListenPort"),
+        mtu=values.get("MTU"),
         peers=tuple(peers),
     )
 

@@ -64,9 +64,10 @@ class Forwarder(DatagramProtocol):
     log = Logger()
 
     def __init__(self) -> None:
-        self._handlers: dict[int, IDatagramHandler] = {}
+        # Values provide IDatagramHandler (Any: mypy cannot check zope interfaces).
+        self._handlers: dict[int, Any] = {}
         self._routes: dict[type, Callable[[bytes, Any], None]] = {}
-        self._wireguard: IDatagramHandler | None = None
+        self._wireguard: Any = None
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- wiring ---------------------------------------------------------------
@@ -133,7 +134,7 @@ class Forwarder(DatagramProtocol):
                 return
             route(data, addr)
             return
-        transport = self.transport
+        transport: Any = self.transport
         if transport is None:
             self.counters["drop_not_listening"] += 1
             return

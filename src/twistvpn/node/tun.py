@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -147,7 +147,7 @@ class TunDevice(_TunBase):
 
     def __init__(
         self,
-        reactor: IReactorFDSet,
+        reactor: Any,  # IReactorFDSet
         name: str = DEFAULT_NAME,
         mtu: int = DEFAULT_MTU,
         iproute: Any = None,
