@@ -84,9 +84,7 @@ class HandshakeTests(SynchronousTestCase):
         network.flush()
         self.assertEqual(network.delivered["b"], [A_TO_B])
         self.assertEqual(network.sent_types("b"), [WG_HANDSHAKE_RESPONSE])
-        self.assertEqual(
-            network.sent_types("a"), [WG_HANDSHAKE_INITIATION, WG_TRANSPORT_DATA]
-        )
+        self.assertEqual(network.sent_types("a"), [WG_HANDSHAKE_INITIATION, WG_TRANSPORT_DATA])
         pa, pb = a.get_peer(b.public_key), b.get_peer(a.public_key)
         self.assertEqual(pa.last_handshake, 0)
         self.assertEqual(pb.last_handshake, 0)
