@@ -317,7 +317,7 @@ class DiscoveryClient:
         def run() -> None:
             self._periodic = None
             d = self.netcheck()
-            d.addCallback(on_result)
+            d.addCallback(lambda result: None if self._stopped else on_result(result))
             d.addErrback(lambda f: self.log.failure("netcheck result handler", f))
             d.addBoth(lambda _: self._reschedule(interval, run))
 
