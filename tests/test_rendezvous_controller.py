@@ -1,0 +1,188 @@
+"""
+The controller as a plain object: networks, IP address management, member
+state and coalesced pushes, with fake sessions and a Clock.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from tests.test_rendezvous_support import FakeSession, new_key
+from twistvpn.interfaces import IControlSession, INetworkController
+from twistvpn.rendezvous.controller import (
+    ConflictError,
+    Controller,
+    InvalidArgumentError,
+    NotFoundError,
+    node_id_of,
+)
+from twistvpn.rendezvous.database import get_db
+from twistvpn.wireguard.keys import encode_key
+
+
+class ControllerTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.controller = Controller(get_db(":memory:"), self.clock, push_delay=0.05)
+
+    def node(self, name: str = "n", network: str | None = None) -> tuple[bytes, FakeSession]:
+        _, public = new_key()
+        session = FakeSession(public)
+        self.controller.register_node(public, name, session)
+        if network is not None:
+            self.controller.join(public, network)
+        return public, session
+
+
+class Networks(ControllerTestCase):
+    def test_interface(self) -> None:
+        verifyObject(INetworkController, self.controller)
+        verifyObject(IControlSession, FakeSession(b"k" * 32))
+
+    def test_create(self) -> None:
+        network = self.controller.create_network("home")
+        self.assertEqual(len(network["id"]), 16)
+        int(network["id"], 16)
+        self.assertEqual(network["subnet"], "100.64.0.0/24")
+        self.assertTrue(network["private"])
+        self.assertEqual(self.controller.list_networks(), [network])
+
+    def test_default_subnets_do_not_overlap(self) -> None:
+        self.controller.create_network("taken", "100.64.1.0/25")
+        subnets = [self.controller.create_network(f"n{i}")["subnet"] for i in range(3)]
+        self.assertEqual(subnets, ["100.64.0.0/24", "100.64.2.0/24", "100.64.3.0/24"])
+
+    def test_deleted_subnet_is_free_again(self) -> None:
+        first = self.controller.create_network("a")
+        self.controller.delete_network(first["id"])
+        self.assertEqual(self.controller.create_network("b")["subnet"], "100.64.0.0/24")
+
+    def test_bad_subnets(self) -> None:
+        for bad in ("nonsense", "10.0.0.1/24", "fd00::/64", "10.0.0.0/31", "10.0.0.0/33", ""):
+            self.assertRaises(InvalidArgumentError, self.controller.create_network, "x", bad)
+        self.assertEqual(self.controller.list_networks(), [])
+
+    def test_bad_names(self) -> None:
+        for bad in ("x" * 65, "tab\there", 7):
+            self.assertRaises(InvalidArgumentError, self.controller.create_network, bad)
+
+    def test_unknown_network(self) -> None:
+        for bad in ("0123456789abcdef", "zz", "0123456789ABCDEFX"):
+            self.assertRaises(NotFoundError, self.controller.list_members, bad)
+            self.assertRaises(NotFoundError, self.controller.delete_network, bad)
+
+    def test_ids_are_case_insensitive(self) -> None:
+        network = self.controller.create_network("home")
+        self.assertEqual(self.controller.get_network(network["id"].upper()), network)
+
+
+class Members(ControllerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.net = self.controller.create_network("tiny", "10.1.0.0/30")["id"]
+
+    def test_node_names(self) -> None:
+        """A node is named by its ID or its public key in text form."""
+        public, _ = self.node("a", self.net)
+        by_id = self.controller.authorize(self.net, node_id_of(public))
+        by_key = self.controller.get_member(self.net, encode_key(public))
+        self.assertEqual(by_id, by_key)
+        self.assertEqual(by_id["ip"], "10.1.0.1")
+        self.assertRaises(NotFoundError, self.controller.authorize, self.net, "0000000000")
+        self.assertRaises(NotFoundError, self.controller.authorize, self.net, "x" * 1000)
+
+    def test_not_a_member(self) -> None:
+        public, _ = self.node("a")
+        self.assertRaises(NotFoundError, self.controller.authorize, self.net, node_id_of(public))
+
+    def test_exhaustion(self) -> None:
+        """A /30 holds two members; the third cannot be authorized."""
+        keys = [self.node(str(i), self.net)[0] for i in range(3)]
+        ips = [self.controller.authorize(self.net, node_id_of(k))["ip"] for k in keys[:2]]
+        self.assertEqual(ips, ["10.1.0.1", "10.1.0.2"])
+        e = self.assertRaises(
+            ConflictError, self.controller.authorize, self.net, node_id_of(keys[2])
+        )
+        self.assertIn("no free address", str(e))
+        member = self.controller.get_member(self.net, node_id_of(keys[2]))
+        self.assertFalse(member["authorized"])
+        self.assertIsNone(member["ip"])
+        # deleting a member frees its address
+        self.controller.delete_member(self.net, node_id_of(keys[0]))
+        self.assertEqual(self.controller.authorize(self.net, node_id_of(keys[2]))["ip"], "10.1.0.1")
+
+    def test_set_ip(self) -> None:
+        a, _ = self.node("a", self.net)
+        b, _ = self.node("b", self.net)
+        ida, idb = node_id_of(a), node_id_of(b)
+        self.assertEqual(self.controller.set_ip(self.net, ida, "10.1.0.2")["ip"], "10.1.0.2")
+        # authorizing keeps an address set before
+        self.assertEqual(self.controller.authorize(self.net, ida)["ip"], "10.1.0.2")
+        self.assertEqual(self.controller.authorize(self.net, idb)["ip"], "10.1.0.1")
+        self.assertRaises(ConflictError, self.controller.set_ip, self.net, idb, "10.1.0.2")
+        for bad in ("10.1.0.9", "10.1.0.0", "10.1.0.3", "banana", "fd00::1", "10.1.0.1/32"):
+            self.assertRaises(InvalidArgumentError, self.controller.set_ip, self.net, idb, bad)
+        self.assertEqual(self.controller.set_ip(self.net, idb, "10.1.0.1")["ip"], "10.1.0.1")
+
+    def test_member_fields(self) -> None:
+        self.clock.advance(100)
+        a, session = self.node("laptop", self.net)
+        self.controller.set_local_endpoints(a, ["192.168.1.2:51820"])
+        self.controller.record_endpoint(a, ("198.51.100.1", 1000), 0)
+        self.controller.record_endpoint(a, ("198.51.100.1", 1001), 1)
+        [m] = self.controller.list_members(self.net)
+        self.assertEqual(
+            m,
+            {
+                "node_id": node_id_of(a),
+                "public_key": encode_key(a),
+                "name": "laptop",
+                "authorized": False,
+                "ip": None,
+                "created": 100.0,
+                "last_seen": 100.0,
+                "endpoints": ["198.51.100.1:1000", "198.51.100.1:1001"],
+                "local_endpoints": ["192.168.1.2:51820"],
+                "nat_varies": True,
+                "online": True,
+            },
+        )
+        self.clock.advance(5)
+        self.controller.detach(session)
+        [m] = self.controller.list_members(self.net)
+        self.assertFalse(m["online"])
+        self.assertEqual(m["last_seen"], 105.0)
+
+    def test_pushes_are_coalesced(self) -> None:
+        keys = [self.node(str(i), self.net) for i in range(2)]
+        for public, _ in keys:
+            self.controller.authorize(self.net, node_id_of(public))
+        self.controller.set_local_endpoints(keys[0][0], ["10.0.0.1:1"])
+        self.assertEqual(keys[0][1].maps, [])
+        self.clock.advance(0.05)
+        self.assertEqual(len(keys[0][1].maps), 1)
+        self.assertEqual(len(keys[1][1].maps), 1)
+        netmap = keys[1][1].maps[0][1]
+        self.assertEqual({m.ip for m in netmap.members}, {"10.1.0.1", "10.1.0.2"})
+
+    def test_revision_increases(self) -> None:
+        a, session = self.node("a", self.net)
+        self.controller.authorize(self.net, node_id_of(a))
+        self.clock.advance(1)
+        self.controller.set_local_endpoints(a, ["10.0.0.1:1"])
+        self.clock.advance(1)
+        revisions = [m.revision for _, m in session.maps]
+        self.assertEqual(len(revisions), 2)
+        self.assertLess(revisions[0], revisions[1])
+
+    def test_unregistered_node_cannot_join(self) -> None:
+        _, public = new_key()
+        self.assertRaises(InvalidArgumentError, self.controller.join, public, self.net)
+
+    def test_close(self) -> None:
+        _, session = self.node("a", self.net)
+        self.controller.close()
+        self.assertEqual(session.closed, ["the rendezvous is stopping"])
+        self.assertEqual(self.controller.status()["online"], 0)
