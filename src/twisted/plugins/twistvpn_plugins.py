@@ -14,3 +14,10 @@ twistvpn_rendezvous = ServiceMaker(
     "The twistvpn rendezvous: endpoint discovery, network controller, admin API",
     "twistvpn-rendezvous",
 )
+
+twistvpn_relay = ServiceMaker(
+    "twistvpn relay",
+    "twistvpn.relay.relay_tap",
+    "A standalone twistvpn relay: carries encrypted WireGuard datagrams over UDP or TLS",
+    "twistvpn-relay",
+)

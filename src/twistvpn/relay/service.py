@@ -1,0 +1,225 @@
+"""
+The relay as Twisted services: its UDP socket, its TLS listener, its
+housekeeping and, standalone, its admin page.  Both ways of running it use
+L{relay_services}: C{twistd twistvpn-relay} (L{twistvpn.relay.relay_tap})
+and the rendezvous, which embeds one with L{embedded_relay}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web import resource
+from twisted.web import server as web_server
+
+from twistvpn.relay.client import RelayInfo
+from twistvpn.relay.policy import ControllerMembership
+from twistvpn.relay.server import RelayLimits, RelayServer
+from twistvpn.relay.transport import RelayDatagramProtocol, RelayStreamFactory
+from twistvpn.rendezvous import tls
+from twistvpn.wireguard import keys
+
+
+class StartStopService(service.Service):
+    """Runs a plain object's C{start()} and C{stop()} with the service's life."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def startService(self) -> None:
+        super().startService()
+        self.target.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self.target.stop()
+
+
+class UDPListenService(service.Service):
+    """A UDP port whose number is known once listening (port 0 picks one)."""
+
+    def __init__(self, reactor: Any, port: int, protocol: Any, interface: str = "") -> None:
+        self.reactor = reactor
+        self.requested = port
+        self.protocol = protocol
+        self.interface = interface
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.listenUDP(self.requested, self.protocol,
+                                           interface=self.interface, maxPacketSize=65535)
+        enlarge_socket_buffers(self.port.socket)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+SOCKET_BUFFER = 4 << 20
+
+
+def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> None:
+    """
+    A relay's UDP socket takes bursts from many nodes: the default buffer
+    (about 200 kB) overflows at a few Mbit/s of bursty traffic.  As root
+    the system's limit does not apply (SO_RCVBUFFORCE); otherwise we get
+    what net.core.rmem_max allows.
+    """
+    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+        try:
+            if force is None:
+                raise OSError
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            except OSError:
+                pass
+
+
+class StreamListenService(service.Service):
+    """A stream endpoint listening with a factory; C{listening} fires with the port."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        # A port that cannot be bound must stop twistd with its error, so
+        # listen synchronously where the endpoint allows it (TCP does).
+        d = self.endpoint.listen(self.factory)
+
+        def listened(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self.listening.callback(port)
+            return port
+
+        d.addCallback(listened)
+        d.addErrback(self.listening.errback)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,
+                   tls_options: Any, udp_interface: str = "") -> service.MultiService:
+    """
+    The relay's sockets: UDP on C{udp_port}, TLS on the server endpoint
+    C{tcp} ("tcp:443"), both feeding C{server}.
+    """
+    top = service.MultiService()
+    StartStopService(server).setServiceParent(top)
+    udp = UDPListenService(reactor, udp_port, RelayDatagramProtocol(server), udp_interface)
+    udp.setName("udp")
+    udp.setServiceParent(top)
+    stream = StreamListenService(
+        serverFromString(reactor, tcp),
+        TLSMemoryBIOFactory(tls_options, False, RelayStreamFactory(server)),
+    )
+    stream.setName("tcp")
+    stream.setServiceParent(top)
+    return top
+
+
+# -- keys and certificates in a data directory --------------------------------------
+
+
+def load_or_create_private_key(path: str) -> bytes:
+    """The relay's X25519 key (WireGuard text form), created on first start."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return keys.decode_key(f.read())
+    private = keys.generate_private_key()
+    tls.write_private(path, (keys.encode_key(private) + "\n").encode())
+    return private
+
+
+def load_or_create_tls(data_dir: str, hostname: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate and key in C{data_dir}, made on first start."""
+    cert_path = os.path.join(data_dir, "relay-tls.crt")
+    key_path = os.path.join(data_dir, "relay-tls.key")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        with open(cert_path, "rb") as c, open(key_path, "rb") as k:
+            return c.read(), k.read()
+    cert_pem, key_pem = tls.make_self_signed(hostname)
+    tls.write_private(key_path, key_pem)
+    tls.write_private(cert_path, cert_pem)
+    return cert_pem, key_pem
+
+
+# -- the admin page (standalone) -----------------------------------------------------
+
+
+class StatsResource(resource.Resource):
+    """GET /stats: the relay's counters as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, server: RelayServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(self.server.stats(), indent=1).encode() + b"\n"
+
+
+def admin_site(server: RelayServer) -> web_server.Site:
+    root = resource.Resource()
+    root.putChild(b"stats", StatsResource(server))
+    return web_server.Site(root)
+
+
+# -- embedding in the rendezvous -------------------------------------------------
+
+
+@dataclass
+class EmbeddedRelay:
+    """What the rendezvous holds of the relay it embeds."""
+
+    service: service.MultiService  # hang on the rendezvous's MultiService
+    server: RelayServer  # server.stats() for the admin API
+    membership: ControllerMembership  # call membership.refresh() after a change
+    info: RelayInfo  # its entry for network maps: info.to_map()
+
+
+def embedded_relay(reactor: Any, controller: Any, private_key: bytes, cert_pem: bytes,
+                   key_pem: bytes, host: str, udp_port: int = 443, tcp_port: int = 443,
+                   tcp_interface: str = "", limits: RelayLimits | None = None,
+                   relay_id: str = "embedded", poll_interval: float = 2.0) -> EmbeddedRelay:
+    """
+    A relay inside the rendezvous, using its X25519 key and TLS certificate,
+    told who may talk to whom by its controller in process.  C{host} is
+    the IP address nodes reach it at (the rendezvous's public address).
+    """
+    membership = ControllerMembership(controller, reactor, poll_interval)
+    relay = RelayServer(reactor, private_key, keys.public_key(private_key), membership.policy,
+                        limits, relay_id=relay_id)
+    tcp = f"tcp:{tcp_port}" + (f":interface={tcp_interface}" if tcp_interface else "")
+    services = relay_services(reactor, relay, udp_port, tcp, tls.server_options(cert_pem, key_pem))
+    StartStopService(membership).setServiceParent(services)
+    info = RelayInfo(relay_id, host, udp_port, tcp_port, relay.public_key,
+                     tls.fingerprint(cert_pem).hex())
+    return EmbeddedRelay(services, relay, membership, info)

@@ -1,0 +1,55 @@
+"""
+The relay as real processes on loopback: a rendezvous-side link server, a
+C{twistd -n twistvpn-relay} that logs in to it, and two peers that move a
+stream of datagrams through the relay, over UDP and over TLS, checking the
+bytes of every datagram on arrival and the digest of the whole stream.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistvpn.relay.loopback import Lab, expected_digest
+
+COUNT = 3000
+SIZE = 1200
+
+
+class LoopbackRelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.lab = Lab(tempfile.mkdtemp(prefix="twistvpn-relay-"))
+        self.addCleanup(self.lab.close)
+        self.lab.start_relay()
+
+    def check(self, via: str) -> None:
+        sent, received = self.lab.transfer(via, COUNT, SIZE, timeout=60)
+        self.assertEqual(received["bad"], 0)
+        self.assertEqual(received["bytes"], COUNT * SIZE)
+        self.assertEqual(received["sha256"], expected_digest(COUNT, SIZE))
+        self.assertEqual(sent["bytes"], COUNT * SIZE)
+
+    def test_udp(self) -> None:
+        self.check("udp")
+
+    def test_tcp(self) -> None:
+        self.check("tcp")
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_lists_the_relay(self) -> None:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        out = subprocess.run([twistd, "--help"], capture_output=True, timeout=60, check=True)
+        self.assertIn(b"twistvpn-relay", out.stdout)
+
+    def test_bad_option_is_one_line(self) -> None:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        out = subprocess.run([twistd, "-n", "twistvpn-relay", "--rendezvous", "http://x"],
+                             capture_output=True, timeout=60)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn(b"bad rendezvous address", out.stderr + out.stdout)
+        self.assertNotIn(b"Traceback", out.stderr + out.stdout)
