@@ -130,6 +130,18 @@ class Network:
         return [data[0] for s, _, data in self.sent if src is None or s == src]
 
 
+def hold(store: list[bytes], src: Any = None) -> Callable[[Any, Any, bytes], bool]:
+    """A C{Network.drop} that keeps back (in C{store}) what C{src} (or anyone) sends."""
+
+    def drop(sender: Any, dst: Any, data: bytes) -> bool:
+        if src is None or sender == src:
+            store.append(data)
+            return True
+        return False
+
+    return drop
+
+
 def pair(
     network: Network | None = None, **kw: Any
 ) -> tuple[Network, WireGuardDevice, WireGuardDevice]:
