@@ -166,6 +166,7 @@ class NAT:
         self._mappings: dict[Any, _Mapping] = {}
         self._by_port: dict[int, _Mapping] = {}
         self._forwards: dict[int, Addr] = {}
+        self._flows: dict[tuple[Addr, Addr], _Mapping] = {}  # through a forward
         self._next_port = self._rng.randrange(LOW_PORT, HIGH_PORT)
         self._next_ip = 2
 
@@ -175,13 +176,24 @@ class NAT:
 
     def reboot(self) -> None:
         """Forget every dynamic mapping (a power cycle); static forwards stay."""
+        self._flows.clear()
         self._mappings.clear()
         self._by_port.clear()
         self._next_port = self._rng.randrange(LOW_PORT, HIGH_PORT)
 
     def forward_port(self, external_port: int, internal: Addr) -> None:
-        """A static port forward, as a user configures on a home router."""
+        """
+        A static port forward, as a user configures on a home router.  Like
+        conntrack, a flow that came in through it answers from that port.
+        """
         self._forwards[external_port] = internal
+
+    def _forwarded(self, port: int, src: Addr, now: float) -> Addr | None:
+        internal = self._forwards.get(port)
+        if internal is not None:
+            flow = _Mapping((internal, src), internal, port, now + self.behavior.timeout)
+            self._flows[(internal, src)] = flow
+        return internal
 
     def mappings(self, now: float) -> dict[int, Addr]:
         """The live mappings, external port to internal address (for tests)."""
@@ -233,6 +245,11 @@ class NAT:
 
     def outbound(self, internal: Addr, dst: Addr, now: float) -> int:
         """The external port for a packet from C{internal} to C{dst}."""
+        if self._flows:
+            flow = self._flows.get((internal, dst))
+            if flow is not None and flow.expires > now:
+                flow.expires = now + self.behavior.timeout
+                return flow.port
         key = self._key(internal, dst)
         m = self._mappings.get(key)
         if m is not None and m.expires <= now:
@@ -254,10 +271,10 @@ class NAT:
         """Where a packet from C{src} to our C{port} goes, or None (dropped)."""
         m = self._by_port.get(port)
         if m is None:
-            return self._forwards.get(port)
+            return self._forwarded(port, src, now)
         if m.expires <= now:
             self._drop(m)
-            return self._forwards.get(port)
+            return self._forwarded(port, src, now)
         filtering = self.behavior.filtering
         if filtering == APDF:
             ok = src in m.allowed

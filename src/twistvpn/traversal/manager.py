@@ -70,6 +70,7 @@ class Path:
     verified_at: float
     last_reply: float
     awaiting: float | None = None  # first unanswered liveness probe
+    last_probe: float | None = None  # last liveness probe (None: probe soon)
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "endpoint": describe(self.endpoint),
@@ -315,7 +316,6 @@ class PathManager:
             path.rtt = rtt if path.rtt is None else 0.875 * path.rtt + 0.125 * rtt
             path.last_reply = now
             path.awaiting = None
-        was_current = path is self._current
         attempt = self._attempt
         if attempt is not None and tag != KEEPALIVE:
             attempt.verified_by.add(tag)
@@ -325,8 +325,6 @@ class PathManager:
                 attempt.first_path_strategy = tag
                 self._settle_call = self.clock.callLater(self.config.settle, self._settled)
         self._select()
-        if was_current:
-            self._schedule_heartbeat(self._interval())
 
     def probe_received(self, endpoint: Any, tag: str) -> None:
         if not self._running:
@@ -385,6 +383,7 @@ class PathManager:
         if best.kind != RELAY:
             # Probe the new path soon: should the peer not have verified it
             # yet (its own check lost), our probe triggers one.
+            best.last_probe = None
             self._schedule_heartbeat(self.config.confirm_after)
         elif self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
@@ -417,19 +416,32 @@ class PathManager:
     def _schedule_heartbeat(self, delay: float) -> None:
         if self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
-        self._heartbeat_call = self.clock.callLater(delay, self._heartbeat)
+        self._heartbeat_call = self.clock.callLater(max(0.0, delay), self._heartbeat)
 
     def _heartbeat(self) -> None:
+        """
+        Probe the chosen path when due: every few seconds while traffic
+        flows, else just inside the NAT timeout; when a probe goes
+        unanswered, again and again until C{dead_after}, then give up on it.
+        Ticks at least every C{active_interval} to notice traffic starting.
+        """
         self._heartbeat_call = None
         path = self._current
         if path is None or path.kind == RELAY or not self._running:
             return
         now = self.clock.seconds()
-        if path.awaiting is None:
+        if path.awaiting is not None:
+            if now - path.awaiting >= self.config.dead_after:
+                self._lost(path)
+                return
+        else:
+            interval = self._interval()
+            due = now if path.last_probe is None else path.last_probe + interval
+            if now < due:
+                self._schedule_heartbeat(min(self.config.active_interval, due - now))
+                return
             path.awaiting = now
-        elif now - path.awaiting >= self.config.dead_after:
-            self._lost(path)
-            return
+        path.last_probe = now
         self.keepalives_sent += 1
         self.probes.send_probe(self.peer_key, path.endpoint, KEEPALIVE)
         self._schedule_heartbeat(self.config.retry_interval)

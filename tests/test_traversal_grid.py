@@ -1,0 +1,79 @@
+"""
+The traversal grid: every ordered pair of NAT presets, and two hosts behind
+one NAT (with and without hairpinning), on the simulated network.  Per pair:
+the path kind both sides end on, the strategy that found it, an upper bound
+on simulated time to the first verified path, an upper bound on the probes
+sent until then, and (for the birthday pairs) the success rate over 200
+seeds.  Each side's link latency is drawn from the seed (5-60 ms one way).
+
+The table of measured values is produced by C{bench/traversal.py}.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistvpn.testing.pathsim import expected, grid_pairs, measure
+
+DEADLINE = 15.0  # simulated seconds per run
+BIRTHDAY_SEEDS = range(200)
+SEEDS = range(10)
+
+# (max seconds to the first path, max probes until then), by strategy.
+BOUNDS = {
+    "lan": (0.5, 20),
+    "punch": (1.0, 40),
+    "sequential": (1.0, 150),
+    "birthday": (12.0, 1400),
+}
+RELAY_OPEN_BOUND = 0.1  # the relay is the bridge from the start
+RELAY_PROBE_BOUND = 100  # probes sent in the whole deadline on a relay-only pair
+
+
+class GridTests(SynchronousTestCase):
+    def check(self, a: str, b: str) -> None:
+        kind, strategy = expected(a, b)
+        seeds = BIRTHDAY_SEEDS if strategy == "birthday" else SEEDS
+        stats = measure(a, b, seeds, DEADLINE)
+        if strategy == "birthday":
+            self.assertGreaterEqual(stats.rate, 0.95, stats.as_dict())
+        else:
+            self.assertEqual(stats.successes, stats.runs, stats.as_dict())
+        if kind == "relay":
+            self.assertEqual(stats.kinds, {"relay": stats.runs})
+            self.assertEqual(stats.strategies, {})
+            self.assertLessEqual(max(stats.times), RELAY_OPEN_BOUND)
+            self.assertLessEqual(max(stats.probes), RELAY_PROBE_BOUND)
+            return
+        self.assertEqual(set(stats.strategies), {strategy}, stats.as_dict())
+        time_bound, probe_bound = BOUNDS[strategy]
+        self.assertLessEqual(max(stats.times), time_bound, stats.as_dict())
+        self.assertLessEqual(max(stats.probes), probe_bound, stats.as_dict())
+
+
+def _make(a: str, b: str):
+    def test(self: GridTests) -> None:
+        self.check(a, b)
+
+    test.__doc__ = f"{a} x {b}: {expected(a, b)}"
+    return test
+
+
+for _a, _b in grid_pairs():
+    setattr(GridTests, f"test_{_a}__{_b}".replace("-", "_"), _make(_a, _b))
+
+
+class LossyGridTests(SynchronousTestCase):
+    """With 2 % loss on every link, the strategies still get through."""
+
+    def test_punch(self) -> None:
+        stats = measure("easy", "easyaf", range(20), DEADLINE, loss=0.02)
+        self.assertEqual(stats.successes, 20, stats.as_dict())
+
+    def test_sequential(self) -> None:
+        stats = measure("hard-sequential", "hard-sequential", range(20), DEADLINE, loss=0.02)
+        self.assertEqual(stats.successes, 20, stats.as_dict())
+
+    def test_birthday(self) -> None:
+        stats = measure("easy", "hard", range(100), DEADLINE, loss=0.02)
+        self.assertGreaterEqual(stats.rate, 0.9, stats.as_dict())
