@@ -15,7 +15,12 @@ from zope.interface.verify import verifyObject
 from twistvpn.interfaces import IWireGuardDevice, IWireGuardPeer
 from twistvpn.node import node_tap
 from twistvpn.node.config import parse_config
-from twistvpn.node.service import StaticNodeService, resolve_endpoint, routed_prefixes
+from twistvpn.node.service import (
+    NodeStartError,
+    StaticNodeService,
+    resolve_endpoint,
+    routed_prefixes,
+)
 from twistvpn.node.tun import FakeTunDevice
 from twistvpn.wireguard.keys import encode_key, public_key
 
@@ -209,7 +214,8 @@ class StaticNodeServiceTests(unittest.TestCase):
             raise OSError("address in use")
 
         self.patch(self.reactor, "listenUDP", refuse)
-        self.assertRaises(OSError, self.service.startService)
+        error = self.assertRaises(NodeStartError, self.service.startService)
+        self.assertEqual(str(error), "twistvpn node cannot start: address in use")
         self.assertTrue(self.tuns[0].closed)
         self.assertTrue(self.devices[0].closed)
 
@@ -219,7 +225,7 @@ class StaticNodeServiceTests(unittest.TestCase):
 
         config = parse_config(CONFIG.replace("203.0.113.2", "nowhere.invalid"), "wg0.conf")
         service = self.make_service(config, resolve=unresolvable)
-        self.assertRaises(OSError, service.startService)
+        self.assertRaises(NodeStartError, service.startService)
         self.assertEqual(self.tuns, [])
 
     def test_resolve_literal(self) -> None:

@@ -221,3 +221,22 @@ class TunDeviceTests(unittest.TestCase):
         self.assertEqual(self.device.fileno(), -1)
         self.device.write(b"late")
         self.assertEqual(self.device.counters["drop_closed"], 1)
+
+
+class TunCreationErrorTests(unittest.TestCase):
+    def test_explained(self) -> None:
+        try:
+            import pytun
+        except ImportError:
+            raise unittest.SkipTest("python-pytun is not installed") from None
+        for code, hint in ((errno.EPERM, "needs root"), (errno.EINVAL, "not a TUN device")):
+
+            def refuse(name: str, flags: int, code: int = code) -> None:
+                raise OSError(code, os.strerror(code))
+
+            self.patch(pytun, "TunTapDevice", refuse)
+            error = self.assertRaises(
+                tun.TunError, TunDevice, FakeFDReactor(), "tvx0", iproute=FakeIPRoute()
+            )
+            self.assertIn("cannot create TUN device tvx0: ", str(error))
+            self.assertIn(hint, str(error))

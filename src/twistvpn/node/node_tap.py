@@ -5,6 +5,7 @@ C{twistd twistvpn-node}: the node service's options and construction.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from twisted.application import service
@@ -16,7 +17,7 @@ from twistvpn.node.config import (
     load_config,
     read_private_file,
 )
-from twistvpn.node.service import StaticNodeService
+from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
 from twistvpn.wireguard.keys import InvalidKey, decode_key
 
@@ -66,6 +67,20 @@ class Options(usage.Options):
             self["parsed"] = dataclasses.replace(self["parsed"], private_key=key)
 
 
+class _ExitOnStartError(service.MultiService):
+    """
+    Under twistd, a node that cannot start says why in one line and exits
+    non-zero, rather than a traceback.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except NodeStartError as e:
+            sys.stderr.write(f"{e}\n")
+            raise SystemExit(1) from None
+
+
 def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -74,7 +89,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     from twistvpn.node.tun import TunDevice
     from twistvpn.wireguard.device import WireGuardDevice
 
-    top = service.MultiService()
+    top = _ExitOnStartError()
     node = StaticNodeService(
         reactor,
         config["parsed"],

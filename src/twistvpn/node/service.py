@@ -80,6 +80,15 @@ def _enlarge_buffers(sock: socket.socket) -> None:
                 continue
 
 
+class NodeStartError(RuntimeError):
+    """The node could not set up its device or socket; the message is one line."""
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 class StaticNodeService(service.Service):
     """
     A node configured entirely by a wg-quick file: no rendezvous, fixed
@@ -120,6 +129,9 @@ class StaticNodeService(service.Service):
         super().startService()
         try:
             self._start()
+        except Exception as e:
+            self._teardown()
+            raise NodeStartError(f"twistvpn node cannot start: {_one_line(e)}") from e
         except BaseException:
             self._teardown()
             raise

@@ -34,6 +34,24 @@ MAX_NAME_LENGTH = 15
 Receiver = Callable[[bytes], None]
 
 
+class TunError(OSError):
+    """The TUN device could not be created; the message says why."""
+
+
+def _explain(name: str, error: OSError) -> str:
+    hints = {
+        errno.EPERM: "creating TUN devices needs root (or CAP_NET_ADMIN)",
+        errno.EACCES: "creating TUN devices needs root (or CAP_NET_ADMIN)",
+        errno.ENOENT: "/dev/net/tun is missing (modprobe tun)",
+        errno.ENODEV: "/dev/net/tun is missing (modprobe tun)",
+        errno.EINVAL: "is the name taken by a device that is not a TUN device?",
+        errno.EBUSY: "another process holds a TUN device of that name",
+    }
+    hint = hints.get(error.errno or 0)
+    detail = error.strerror or str(error)
+    return f"cannot create TUN device {name}: {detail}" + (f" ({hint})" if hint else "")
+
+
 def validate_interface_name(name: str) -> str:
     """
     Return C{name} if the kernel would take it as an interface name, raise
@@ -156,7 +174,10 @@ class TunDevice(_TunBase):
 
         super().__init__(name, mtu)
         self._reactor = reactor
-        self._tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        try:
+            self._tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except OSError as e:
+            raise TunError(_explain(name, e)) from e
         self.name = self._tun.name
         self._fd = self._tun.fileno()
         os.set_blocking(self._fd, False)
@@ -168,8 +189,13 @@ class TunDevice(_TunBase):
 
             iproute = IPRoute()
         self._ipr = iproute
-        self._index: int = self._ipr.link_lookup(ifname=self.name)[0]
-        self._ipr.link("set", index=self._index, mtu=mtu)
+        try:
+            self._index: int = self._ipr.link_lookup(ifname=self.name)[0]
+            self._ipr.link("set", index=self._index, mtu=mtu)
+        except Exception:
+            self._tun.close()
+            self._ipr.close()
+            raise
         self._reading = False
         self._closed = False
 
