@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from twisted.web import resource
 from twisted.web import server as web_server
 
 from twistvpn.relay.client import RelayInfo
+from twistvpn.relay.link import RelayLinkServerFactory, RelayLinkService
 from twistvpn.relay.policy import ControllerMembership
 from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.transport import RelayDatagramProtocol, RelayStreamFactory
@@ -208,18 +210,89 @@ class EmbeddedRelay:
 def embedded_relay(reactor: Any, controller: Any, private_key: bytes, cert_pem: bytes,
                    key_pem: bytes, host: str, udp_port: int = 443, tcp_port: int = 443,
                    tcp_interface: str = "", limits: RelayLimits | None = None,
-                   relay_id: str = "embedded", poll_interval: float = 2.0) -> EmbeddedRelay:
+                   relay_id: str = "embedded",
+                   membership: ControllerMembership | None = None) -> EmbeddedRelay:
     """
     A relay inside the rendezvous, using its X25519 key and TLS certificate,
-    told who may talk to whom by its controller in process.  C{host} is
-    the IP address nodes reach it at (the rendezvous's public address).
+    told who may talk to whom by its controller in process (polled, and at
+    once on C{membership.refresh()}).  C{host} is the IP address nodes reach
+    it at (the rendezvous's public address).
     """
-    membership = ControllerMembership(controller, reactor, poll_interval)
+    own_membership = membership is None
+    if membership is None:
+        membership = ControllerMembership(controller, reactor)
     relay = RelayServer(reactor, private_key, keys.public_key(private_key), membership.policy,
                         limits, relay_id=relay_id)
     tcp = f"tcp:{tcp_port}" + (f":interface={tcp_interface}" if tcp_interface else "")
     services = relay_services(reactor, relay, udp_port, tcp, tls.server_options(cert_pem, key_pem))
-    StartStopService(membership).setServiceParent(services)
+    if own_membership:
+        StartStopService(membership).setServiceParent(services)
     info = RelayInfo(relay_id, host, udp_port, tcp_port, relay.public_key,
                      tls.fingerprint(cert_pem).hex())
     return EmbeddedRelay(services, relay, membership, info)
+
+
+# -- everything the rendezvous hosts for relays ------------------------------------------
+
+
+@dataclass
+class RendezvousRelays:
+    """The relays a rendezvous serves: its own, and the standalone ones' link."""
+
+    membership: ControllerMembership
+    embedded: EmbeddedRelay | None
+    link: RelayLinkService | None
+    link_listener: StreamListenService | None
+
+    def stats(self) -> dict[str, Any]:
+        """For the admin API: the embedded relay's counters, the linked relays."""
+        return {
+            "embedded": self.embedded.server.stats() if self.embedded is not None else None,
+            "standalone": list(self.link.relays()) if self.link is not None else [],
+        }
+
+
+def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
+                  server_private: bytes, cert_pem: bytes, key_pem: bytes,
+                  host: str | None, *, embedded: bool = True, udp_port: int = 443,
+                  tcp_port: int = 443, link: str | None = None,
+                  relay_keys: Iterable[bytes] = (),
+                  limits: RelayLimits | None = None) -> RendezvousRelays:
+    """
+    Hang the rendezvous's relay services on C{parent}: the embedded relay
+    (unless C{embedded} is False, C{--no-relay}) at C{host}, an IP address,
+    and, when C{link} is a server endpoint, the link standalone relays whose
+    keys are in C{relay_keys} log in to (TLS with the rendezvous's own
+    certificate, so its C{twistvpn://} fingerprint is theirs too).  Keeps
+    C{controller.relays}, which network maps carry, up to date.
+    """
+    membership = ControllerMembership(controller, reactor)
+    StartStopService(membership).setServiceParent(parent)
+    mine: EmbeddedRelay | None = None
+    if embedded:
+        if host is None:
+            raise ValueError("the embedded relay needs the IP address nodes reach it at")
+        mine = embedded_relay(reactor, controller, server_private, cert_pem, key_pem, host,
+                              udp_port, tcp_port, limits=limits, membership=membership)
+        mine.service.setServiceParent(parent)
+    own = (mine.info.to_map(),) if mine is not None else ()
+    controller.relays = own
+    link_service: RelayLinkService | None = None
+    listener: StreamListenService | None = None
+    if link is not None:
+        authorized = frozenset(relay_keys)
+
+        def relays_changed(linked: tuple[dict[str, Any], ...]) -> None:
+            controller.relays = own + linked
+
+        link_service = RelayLinkService(server_private, keys.public_key(server_private),
+                                        membership.policy, authorized.__contains__,
+                                        relays_changed)
+        listener = StreamListenService(
+            serverFromString(reactor, link),
+            TLSMemoryBIOFactory(tls.server_options(cert_pem, key_pem), False,
+                                RelayLinkServerFactory(link_service)),
+        )
+        listener.setName("relay-link")
+        listener.setServiceParent(parent)
+    return RendezvousRelays(membership, mine, link_service, listener)
