@@ -7,6 +7,7 @@ bytes of every datagram on arrival and the digest of the whole stream.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,24 @@ class PluginTests(SynchronousTestCase):
         self.assertNotEqual(out.returncode, 0)
         self.assertIn(b"bad rendezvous address", out.stderr + out.stdout)
         self.assertNotIn(b"Traceback", out.stderr + out.stdout)
+
+
+class PinTests(SynchronousTestCase):
+    def test_wrong_certificate_refused(self) -> None:
+        """A relay whose certificate is not the one the map pins is not used."""
+        lab = Lab(tempfile.mkdtemp(prefix="twistvpn-relay-"))
+        self.addCleanup(lab.close)
+        lab.start_relay()
+        with open(lab.path("relays.json")) as f:
+            relays = json.load(f)
+        relays[0]["fingerprint"] = "00" * 32
+        with open(lab.path("pinned.json"), "w") as f:
+            json.dump(relays, f)
+        peer = lab.spawn([sys.executable, "-m", "twistvpn.relay.loopback", "peer", "receive",
+                          "--via", "tcp", "--key-file", lab.path("receiver.key"),
+                          "--peer", lab.node_keys["sender"], "--relays-file",
+                          lab.path("pinned.json"), "--ready-file", lab.path("ready.json"),
+                          "--result-file", lab.path("result.json")], "pinned")
+        peer.wait(60)
+        self.assertFalse(os.path.exists(lab.path("ready.json")))
+        self.assertIn("no relay", lab.tail(peer))

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from twistvpn.relay import protocol as p
 from twistvpn.relay.server import RelayServer, StreamConnection
+from twistvpn.rendezvous import tls
 
 
 class RelayDatagramProtocol(DatagramProtocol):
@@ -134,10 +135,8 @@ class RelayClientStreamProtocol(FramedProtocol):
     be used (after the TLS handshake, and the certificate pin if one is set).
     """
 
-    def __init__(self, receiver: Any, fingerprint: str | None = None,
-                 tls: bool = True) -> None:
+    def __init__(self, receiver: Any, tls: bool = True) -> None:
         self.receiver = receiver
-        self.fingerprint = fingerprint
         self.tls = tls
         self.ready: Deferred[RelayClientStreamProtocol] = Deferred()
         self._usable = False
@@ -148,13 +147,6 @@ class RelayClientStreamProtocol(FramedProtocol):
             self._became_usable()
 
     def handshakeCompleted(self) -> None:
-        if self.fingerprint is not None:
-            cert = self.transport.getPeerCertificate()
-            seen = cert.digest("sha256").decode("ascii").replace(":", "").lower() if cert else ""
-            if seen != self.fingerprint.replace(":", "").lower():
-                self.ready.errback(Failure(ValueError("relay certificate does not match its pin")))
-                self.transport.abortConnection()
-                return
         self._became_usable()
 
     def _became_usable(self) -> None:
@@ -181,18 +173,21 @@ class RelayClientStreamProtocol(FramedProtocol):
 def tls_stream_connector(reactor: Any) -> Callable[[Any, Any], Deferred[Any]]:
     """
     A C{connect_stream} for L{twistvpn.relay.client.RelayClient} that opens
-    TLS over TCP to the relay.  The certificate is not checked against any
-    authority: it is pinned by its fingerprint from the network map when
-    the map has one (the relay never sees plaintext anyway, and a node
-    proves who it is inside the connection).
+    TLS over TCP to the relay.  The certificate is pinned by the
+    fingerprint the network map gives; without one it is not checked at all
+    (the relay never sees plaintext, and a node proves who it is inside the
+    connection), so TLS then only hides the traffic from onlookers.
     """
 
     def connect(info: Any, receiver: Any) -> Deferred[Any]:
-        proto = RelayClientStreamProtocol(receiver, info.tls_fingerprint)
-        options = CertificateOptions(verify=False)
-        endpoint = wrapClientTLS(_UnverifiedCreator(options),
-                                 TCP4ClientEndpoint(reactor, info.host, info.tcp_port,
-                                                    timeout=10))
+        proto = RelayClientStreamProtocol(receiver)
+        creator: Any
+        if info.tls_fingerprint:
+            creator = tls.PinnedCertificateCreator(info.host, bytes.fromhex(info.tls_fingerprint))
+        else:
+            creator = _UnverifiedCreator()
+        endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, info.host, info.tcp_port,
+                                                             timeout=10))
         d = connectProtocol(endpoint, proto)
         d.addCallback(lambda _: proto.ready)
         return d
@@ -202,10 +197,10 @@ def tls_stream_connector(reactor: Any) -> Callable[[Any, Any], Deferred[Any]]:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _UnverifiedCreator:
-    """TLS without CA verification; the relay's certificate is pinned instead."""
+    """TLS that accepts any certificate (no pin known)."""
 
-    def __init__(self, options: CertificateOptions) -> None:
-        self._context = options.getContext()
+    def __init__(self) -> None:
+        self._context = CertificateOptions(verify=False).getContext()
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
         connection = Connection(self._context, None)
