@@ -22,7 +22,7 @@ from twistvpn.rendezvous.protocol import (
     Join,
     Register,
 )
-from twistvpn.rendezvous.server import PING_INTERVAL, REGISTER_TIMEOUT
+from twistvpn.rendezvous.server import PING_INTERVAL, PING_TIMEOUT, REGISTER_TIMEOUT
 from twistvpn.wireguard.keys import public_key
 
 
@@ -150,6 +150,21 @@ class Registration(SynchronousTestCase):
         self.world.flush()
         self.assertTrue(pump.clientIO.disconnected)
 
+    def test_dead_connection_dropped(self) -> None:
+        """A registered peer that stops answering pings is dropped (offline)."""
+        private, public = new_key()
+        raw, pump = self._raw()
+        hello = self._call(raw, Challenge)
+        self._register_raw(raw, private, hello["challenge"])
+        self.assertEqual(self.world.controller.status()["online"], 1)
+        self.world.clock.advance(0)
+        self.world.flush()  # the first ping goes out; RawClient cannot answer it
+        self.world.clock.advance(PING_TIMEOUT + 1)
+        self.world.flush()
+        self.assertTrue(pump.clientIO.disconnected)
+        self.assertEqual(self.world.controller.status()["online"], 0)
+        self.assertEqual(self.world.server_factory.counters["timeout_ping"], 1)
+
     def test_server_key_pin(self) -> None:
         """A client told to expect another server key refuses to register."""
         _, wrong = new_key()
@@ -270,6 +285,26 @@ class Membership(SynchronousTestCase):
             self.world.settle(5)
         self.assertTrue(a.connected)
         self.assertEqual(len(la.of("connected")), 2)
+
+    def test_backoff_grows(self) -> None:
+        """Failed attempts are retried ever more slowly, up to a minute."""
+        client, listener, endpoint = self.world.node("a", retry_policy=lambda n: min(60.0, 2.0**n))
+        endpoint.refuse = True
+        endpoint.drop()
+        self.world.flush()
+        times = []
+        for _ in range(600):
+            before = client.counters["attempts"]
+            self.world.clock.advance(1)
+            if client.counters["attempts"] != before:
+                times.append(self.world.clock.seconds())
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        self.assertEqual(gaps[:5], [2.0, 4.0, 8.0, 16.0, 32.0])
+        self.assertEqual(set(gaps[5:]), {60.0})
+        endpoint.refuse = False
+        self.world.clock.advance(60)
+        self.world.flush()
+        self.assertTrue(client.connected)
 
     def test_offline_peer_is_shown_offline(self) -> None:
         a, la, _ = self._member("a")

@@ -20,11 +20,11 @@ import collections
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -66,11 +66,7 @@ class ControlClientProtocol(amp.AMP):
     def __init__(self, client: RendezvousClient) -> None:
         super().__init__()
         self._client = client
-
-    @property
-    def unwrapped(self) -> ControlClientProtocol:
-        """This protocol, also when reached through ClientService's proxy."""
-        return self
+        self.lost = False
 
     @NetworkMapPush.responder
     def map_pushed(self, network_id: str, netmap: bytes) -> dict[str, Any]:
@@ -96,6 +92,7 @@ class ControlClientProtocol(amp.AMP):
         return {}
 
     def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
         super().connectionLost(reason)
         self._client._connection_lost(self, reason)
 
@@ -142,13 +139,17 @@ class RendezvousClient(Service):
         self.status: dict[str, str] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._protocol: ControlClientProtocol | None = None
-        self._service = ClientService(
-            endpoint,
-            _ClientFactory(self),
-            retryPolicy=retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=60.0),
-            clock=clock,
-            prepareConnection=self._prepare,
-        )
+        self._clock = clock
+        self._endpoint = endpoint
+        self._factory = _ClientFactory(self)
+        self._retry_policy = retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=60.0)
+        self._failures = 0
+        self._attempt: defer.Deferred[Any] | None = None
+        self._attempt_protocol: ControlClientProtocol | None = None
+        self._retry: IDelayedCall | None = None
+        self._waiters: list[tuple[defer.Deferred[Any], int | None]] = []
+        self._stopped: defer.Deferred[None] | None = None
+        self._stopping: ControlClientProtocol | None = None
 
     @classmethod
     def from_address(
@@ -180,19 +181,99 @@ class RendezvousClient(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._service.startService()
+        self._stopped = None
+        self._connect()
 
     def stopService(self) -> defer.Deferred[None]:
+        """Stop reconnecting; fires once the connection (if any) is closed."""
         super().stopService()
-        return self._service.stopService()
+        protocol = self._protocol or self._attempt_protocol
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._attempt is not None:
+            self._attempt.cancel()
+        self._fail_waiters(defer.CancelledError("the client stopped"), force=True)
+        if protocol is None or protocol.lost or protocol.transport is None:
+            return defer.succeed(None)
+        self._stopped = defer.Deferred()
+        self._stopping = protocol
+        protocol.transport.loseConnection()
+        return self._stopped
 
     @property
     def connected(self) -> bool:
+        """Whether the client is registered on a live connection."""
         return self._protocol is not None
 
     def when_connected(self, fail_after_failures: int | None = None) -> defer.Deferred[Any]:
-        """Fires with the protocol once registered (now, or after reconnecting)."""
-        return self._service.whenConnected(failAfterFailures=fail_after_failures)
+        """
+        Fires with the protocol once registered (now, or after reconnecting);
+        fails after C{fail_after_failures} failed attempts in a row, if given.
+        """
+        if self._protocol is not None:
+            return defer.succeed(self._protocol)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._waiters.append((d, fail_after_failures))
+        return d
+
+    # -- connecting, with exponential backoff ---------------------------------
+    #
+    # Not ClientService: its prepareConnection cannot survive the connection
+    # dropping during preparation (a TLS handshake refused because the
+    # fingerprint does not match), and a refused handshake must count as a
+    # failed attempt so that backoff grows.
+
+    def _connect(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        self.counters["attempts"] += 1
+        attempt = self._endpoint.connect(self._factory)
+        self._attempt = attempt
+
+        def connected(protocol: ControlClientProtocol) -> Any:
+            self._attempt_protocol = protocol
+            return self._prepare(protocol)
+
+        attempt.addCallback(connected)
+        attempt.addCallbacks(self._registered, self._attempt_failed)
+
+    def _registered(self, protocol: ControlClientProtocol) -> None:
+        self._attempt = self._attempt_protocol = None
+        self._failures = 0
+        waiters, self._waiters = self._waiters, []
+        for d, _ in waiters:
+            d.callback(protocol)
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self._attempt = None
+        protocol, self._attempt_protocol = self._attempt_protocol, None
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.loseConnection()
+        if failure.check(defer.CancelledError) and not self.running:
+            return
+        self._failures += 1
+        self.counters["failed_attempts"] += 1
+        self.log.info(
+            "rendezvous connection attempt {n} failed: {why}",
+            n=self._failures,
+            why=failure.getErrorMessage(),
+        )
+        self._fail_waiters(failure)
+        self._schedule(self._retry_policy(self._failures))
+
+    def _fail_waiters(self, failure: Any, force: bool = False) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d, limit in waiters:
+            if force or (limit is not None and self._failures >= limit):
+                d.errback(failure)
+            else:
+                self._waiters.append((d, limit))
+
+    def _schedule(self, delay: float) -> None:
+        if self.running and self._retry is None:
+            self._retry = self._clock.callLater(delay, self._connect)
 
     # -- requests -------------------------------------------------------------
 
@@ -245,7 +326,6 @@ class RendezvousClient(Service):
     @defer.inlineCallbacks
     def _prepare(self, protocol: ControlClientProtocol) -> Any:
         """Register and join on a fresh connection; a failure makes it retry."""
-        protocol = protocol.unwrapped
         hello = yield protocol.callRemote(Challenge)
         if hello["protocol"] != PROTOCOL_VERSION:
             raise auth.AuthError(f"rendezvous speaks protocol {hello['protocol']}")
@@ -272,6 +352,7 @@ class RendezvousClient(Service):
         self.listener.connected(self.node_id)
         for network_id in list(self.networks):
             yield self._join(protocol, network_id)
+        return protocol
 
     def _join(self, protocol: ControlClientProtocol, network_id: str) -> defer.Deferred[str]:
         def joined(answer: dict[str, str]) -> str:
@@ -294,11 +375,17 @@ class RendezvousClient(Service):
         return result
 
     def _connection_lost(self, protocol: ControlClientProtocol, reason: Failure) -> None:
+        if self._stopped is not None and protocol is self._stopping:
+            stopped, self._stopped, self._stopping = self._stopped, None, None
+            self._clock.callLater(0, stopped.callback, None)
         if protocol is not self._protocol:
-            return
+            return  # an attempt that failed: _attempt_failed retries
         self._protocol = None
         self.counters["disconnections"] += 1
         self.listener.disconnected(reason.getErrorMessage())
+        # A connection that worked is retried at once (after a little
+        # jitter); backoff grows only with attempts that fail.
+        self._schedule(self._retry_policy(0))
 
     # -- pushes ---------------------------------------------------------------
 

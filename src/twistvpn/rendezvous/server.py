@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -69,6 +70,7 @@ class ControlServerProtocol(BoundedAMP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._service.counters["connections"] += 1
+        self._service.connections.add(self)
         self._timer = self._clock.callLater(REGISTER_TIMEOUT, self._timed_out, "register")
 
     def connectionLost(self, reason: Failure) -> None:
@@ -77,6 +79,7 @@ class ControlServerProtocol(BoundedAMP):
         if self.public_key is not None:
             self._service.controller.detach(self)
         super().connectionLost(reason)
+        self._service._lost(self)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -98,6 +101,7 @@ class ControlServerProtocol(BoundedAMP):
     def _ping(self) -> None:
         """Measure the round trip; no answer in time means a dead peer."""
         sent = self._clock.seconds()
+        self._cancel_timer()
         self._timer = self._clock.callLater(PING_TIMEOUT, self._timed_out, "ping")
 
         def answered(_: Any) -> None:
@@ -151,13 +155,10 @@ class ControlServerProtocol(BoundedAMP):
             controller.set_local_endpoints(public_key, local_endpoints)
         except InvalidArgumentError:
             self._service.counters["bad_local_endpoints"] += 1
-        self._schedule_ping()
-        self._clock.callLater(0, self._ping_now)
+        # The first ping measures the round trip punches are timed with.
+        self._cancel_timer()
+        self._timer = self._clock.callLater(0, self._ping)
         return {"node_id": node_id, "udp_ports": list(self._service.udp_ports)}
-
-    def _ping_now(self) -> None:
-        if not self._closed:
-            self._ping()
 
     def _registered(self) -> bytes:
         if self.public_key is None:
@@ -232,6 +233,25 @@ class ControlServerFactory(Factory):
         self.clock = clock
         self.udp_ports = udp_ports
         self.counters: collections.Counter[str] = collections.Counter()
+        self.connections: set[ControlServerProtocol] = set()
+        self._drained: list[defer.Deferred[None]] = []
+
+    def close_all(self) -> defer.Deferred[None]:
+        """Close every connection; fires when all are gone."""
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._drained.append(d)
+        for protocol in list(self.connections):
+            protocol.close("the rendezvous is stopping")
+        return d
+
+    def _lost(self, protocol: ControlServerProtocol) -> None:
+        self.connections.discard(protocol)
+        if not self.connections:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
 
     def buildProtocol(self, addr: Any) -> ControlServerProtocol:
         protocol = ControlServerProtocol(self)
