@@ -31,7 +31,9 @@ from twistvpn.wireguard.messages import (
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_TIMEOUT,
+    TRANSPORT_HEADER,
 )
+from twistvpn.wireguard.noise import NONCE
 
 
 class InterfaceTests(SynchronousTestCase):
@@ -408,6 +410,24 @@ class TimerTests(SynchronousTestCase):
         # one every 25 s of silence (b's passive keepalives need data)
         self.assertEqual(b.counters["keepalive_received"] - received, 4)
 
+    def test_persistent_keepalive_only_in_silence(self) -> None:
+        """Traffic more often than the interval means no persistent keepalives."""
+        network, a, b = pair()
+        a.add_peer(b.public_key, persistent_keepalive=25)
+        network.flush()
+        received = b.counters["keepalive_received"]
+        for _ in range(6):
+            network.advance(10)
+            a.send_packet(A_TO_B)
+            network.flush()
+        # b's passive keepalives answer a's data; a sends none of its own
+        self.assertEqual(b.counters["keepalive_received"], received)
+        # b's last passive keepalive reached a at t=70: 25 s after that, one
+        network.advance(10 + 24.5)
+        self.assertEqual(b.counters["keepalive_received"], received)
+        network.advance(1)
+        self.assertEqual(b.counters["keepalive_received"], received + 1)
+
     def test_rekey_after_time(self) -> None:
         """The initiator rekeys when it sends on a session older than REKEY_AFTER_TIME."""
         network, a, b = self.established()
@@ -479,6 +499,18 @@ class TimerTests(SynchronousTestCase):
         network.flush()
         self.assertIsNot(pa.current, first)
         self.assertEqual(len(network.delivered["b"]), 2)
+
+    def test_receive_counter_limit(self) -> None:
+        """An authentic message numbered REJECT_AFTER_MESSAGES or more is refused."""
+        network, a, b = self.established()
+        session = a.get_peer(b.public_key).current
+        for counter in (REJECT_AFTER_MESSAGES, 2**64 - 1):
+            message = TRANSPORT_HEADER.pack(4, session.remote_index, counter) + (
+                session.send.encrypt(NONCE.pack(counter), A_TO_B + bytes(6), None)
+            )
+            b.datagram_received(message, "a")
+        self.assertEqual(b.counters["drop_replay"], 2)
+        self.assertEqual(network.delivered["b"], [A_TO_B])
 
     def test_keys_zeroed_after_three_reject_times(self) -> None:
         network, a, b = self.established()

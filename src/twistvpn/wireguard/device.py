@@ -82,33 +82,34 @@ _INF = math.inf
 class _Timer:
     """One restartable timer on the injected clock (wireguard-go's C{Timer})."""
 
-    __slots__ = ("_clock", "_function", "_call")
+    __slots__ = ("_clock", "_function", "call")
 
     def __init__(self, clock: IReactorTime, function: Callable[[], None]) -> None:
         self._clock = clock
         self._function = function
-        self._call: IDelayedCall | None = None
+        # The pending call, or None: per-packet code tests it directly.
+        self.call: IDelayedCall | None = None
 
     @property
     def pending(self) -> bool:
-        return self._call is not None
+        return self.call is not None
 
     def mod(self, delay: float) -> None:
         """Fire C{delay} seconds from now, whether or not already pending."""
-        call = self._call
+        call = self.call
         if call is not None:
             call.reset(delay)
         else:
-            self._call = self._clock.callLater(delay, self._fire)
+            self.call = self._clock.callLater(delay, self._fire)
 
     def stop(self) -> None:
-        call = self._call
+        call = self.call
         if call is not None:
-            self._call = None
+            self.call = None
             call.cancel()
 
     def _fire(self) -> None:
-        self._call = None
+        self.call = None
         self._function()
 
 
@@ -198,6 +199,10 @@ class Peer:
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
         self.need_another_keepalive = False
+        # Clock time of the last authenticated packet sent or received; the
+        # persistent keepalive timer reads it when it fires instead of being
+        # pushed back by every packet.
+        self.last_traversal = -_INF
         self.staged: collections.deque[bytes] = collections.deque()
         clock = device.clock
         self.timer_retransmit_handshake = _Timer(clock, self._retransmit_handshake_expired)
@@ -285,34 +290,42 @@ class Peer:
         message = TRANSPORT_HEADER.pack(
             MESSAGE_TRANSPORT, keypair.remote_index, counter
         ) + keypair.send.encrypt(NONCE.pack(counter), packet, None)
-        endpoint = self.endpoint
-        if endpoint is None:
-            device.counters["drop_no_endpoint"] += 1
-        else:
-            device._send_datagram(message, endpoint)
-            self.tx_bytes += len(message)
-        # timers: any authenticated packet traversal / sent / data sent
-        if self.persistent_keepalive:
-            self.timer_persistent_keepalive.mod(self.persistent_keepalive)
-        self.timer_send_keepalive.stop()
-        if length and not self.timer_new_handshake.pending:
+        self.transmit(message, now)
+        if length and self.timer_new_handshake.call is None:
+            # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT.
             self.timer_new_handshake.mod(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + device._jitter())
         # keep the key fresh
         if counter >= REKEY_AFTER_MESSAGES or now >= keypair.rekey_at:
             self.send_initiation(False)
 
-    def send_handshake_message(self, message: bytes) -> None:
-        """Send a handshake message to the current endpoint."""
-        device = self._device
+    def transmit(self, message: bytes, now: float) -> None:
+        """
+        Send an authenticated message (any type) to the current endpoint,
+        and run the timers every authenticated packet sent runs.
+        """
         endpoint = self.endpoint
         if endpoint is None:
-            device.counters["drop_no_endpoint"] += 1
+            self._device.counters["drop_no_endpoint"] += 1
         else:
-            device._send_datagram(message, endpoint)
+            self._device._send_datagram(message, endpoint)
             self.tx_bytes += len(message)
-        if self.persistent_keepalive:
+        self.traversed(now)
+        if self.timer_send_keepalive.call is not None:
+            self.timer_send_keepalive.stop()  # this packet does its job
+
+    def traversed(self, now: float) -> None:
+        """An authenticated packet went either way: persistent keepalive restarts."""
+        self.last_traversal = now
+        if self.persistent_keepalive and self.timer_persistent_keepalive.call is None:
             self.timer_persistent_keepalive.mod(self.persistent_keepalive)
-        self.timer_send_keepalive.stop()
+
+    def authenticated_received(self, addr: Endpoint, size: int, now: float) -> None:
+        """An authenticated message arrived from C{addr}: roam there, count, run timers."""
+        self.endpoint = addr
+        self.rx_bytes += size
+        self.traversed(now)
+        if self.timer_new_handshake.call is not None:
+            self.timer_new_handshake.stop()  # we heard back
 
     def send_initiation(self, is_retry: bool) -> None:
         """
@@ -348,7 +361,7 @@ class Peer:
         device._handshakes[index] = self
         message = self.cookies.add_macs(_INITIATION_HEAD.pack(MESSAGE_INITIATION, index) + body)
         device.counters["handshake_initiation_sent"] += 1
-        self.send_handshake_message(message)
+        self.transmit(message, now)
         self.timer_retransmit_handshake.mod(REKEY_TIMEOUT + device._jitter())
 
     # -- sessions -----------------------------------------------------------------
@@ -448,7 +461,14 @@ class Peer:
         self.erase_sessions()
 
     def _persistent_keepalive_expired(self) -> None:
-        if self.persistent_keepalive:
+        interval = self.persistent_keepalive
+        if not interval:
+            return
+        remaining = self.last_traversal + interval - self._device._seconds()
+        if remaining > 1e-6:
+            # Traffic since the timer was set: wait for the rest of the interval.
+            self.timer_persistent_keepalive.mod(remaining)
+        else:
             self.send_keepalive()
 
 
@@ -697,8 +717,7 @@ class WireGuardDevice:
             self.counters["drop_replay"] += 1
             return
         peer = keypair.peer
-        peer.endpoint = addr
-        peer.rx_bytes += len(data)
+        peer.authenticated_received(addr, len(data), now)
         if keypair is peer.next:
             peer.received_with_next()
             peer.handshake_complete()
@@ -711,13 +730,10 @@ class WireGuardDevice:
             # The session is about to die and we are the side that rekeys.
             peer.sent_last_minute_handshake = True
             peer.send_initiation(False)
-        if peer.persistent_keepalive:
-            peer.timer_persistent_keepalive.mod(peer.persistent_keepalive)
-        peer.timer_new_handshake.stop()
         if not plaintext:
             self.counters["keepalive_received"] += 1
             return
-        if peer.timer_send_keepalive.pending:
+        if peer.timer_send_keepalive.call is not None:
             peer.need_another_keepalive = True
         else:
             peer.timer_send_keepalive.mod(KEEPALIVE_TIMEOUT)
@@ -783,11 +799,7 @@ class WireGuardDevice:
             return
         peer.last_timestamp = timestamp
         peer.last_initiation_consumed = now
-        peer.endpoint = addr
-        peer.rx_bytes += len(data)
-        peer.timer_new_handshake.stop()
-        if peer.persistent_keepalive:
-            peer.timer_persistent_keepalive.mod(peer.persistent_keepalive)
+        peer.authenticated_received(addr, len(data), now)
         # As wireguard-go: answering replaces any handshake we had started;
         # simultaneous initiations settle on the next retry.
         peer._forget_handshake()
@@ -802,7 +814,7 @@ class WireGuardDevice:
         peer.begin_session(Keypair(peer, send_key, receive_key, index, sender, now, False))
         message = peer.cookies.add_macs(_RESPONSE_HEAD.pack(MESSAGE_RESPONSE, index, sender) + body)
         self.counters["handshake_response_sent"] += 1
-        peer.send_handshake_message(message)
+        peer.transmit(message, now)
 
     def _receive_response(self, data: bytes, addr: Endpoint) -> None:
         _, sender, receiver = _RESPONSE_HEAD.unpack_from(data)
@@ -822,11 +834,7 @@ class WireGuardDevice:
             return
         now = self._seconds()
         peer._forget_handshake()
-        peer.endpoint = addr
-        peer.rx_bytes += len(data)
-        peer.timer_new_handshake.stop()
-        if peer.persistent_keepalive:
-            peer.timer_persistent_keepalive.mod(peer.persistent_keepalive)
+        peer.authenticated_received(addr, len(data), now)
         send_key, receive_key = handshake.split()
         peer.begin_session(Keypair(peer, send_key, receive_key, receiver, sender, now, True))
         peer.handshake_complete()
