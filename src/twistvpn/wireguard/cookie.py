@@ -19,7 +19,6 @@ from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_encrypt,
 )
 from nacl.exceptions import CryptoError
-from twisted.internet.interfaces import IReactorTime
 
 from twistvpn.wireguard.messages import (
     COOKIE_REFRESH_TIME,
@@ -44,11 +43,13 @@ def source_bytes(addr: Any) -> bytes:
 
 
 class CookieChecker:
-    """The receiving side: checks mac1 and mac2 and makes cookie replies."""
+    """
+    The receiving side: checks mac1 and mac2 and makes cookie replies.
+    C{clock} provides IReactorTime (typed Any: mypy cannot check zope
+    interfaces).
+    """
 
-    def __init__(
-        self, public_key: bytes, clock: IReactorTime, random: Callable[[int], bytes]
-    ) -> None:
+    def __init__(self, public_key: bytes, clock: Any, random: Callable[[int], bytes]) -> None:
         self._mac1_key = blake2s_hash(LABEL_MAC1, public_key)
         self._cookie_key = blake2s_hash(LABEL_COOKIE, public_key)
         self._clock = clock
@@ -88,7 +89,7 @@ class CookieChecker:
 class CookieGenerator:
     """The sending side, one per peer: adds mac1/mac2, stores cookies."""
 
-    def __init__(self, peer_public_key: bytes, clock: IReactorTime) -> None:
+    def __init__(self, peer_public_key: bytes, clock: Any) -> None:
         self._mac1_key = blake2s_hash(LABEL_MAC1, peer_public_key)
         self._cookie_key = blake2s_hash(LABEL_COOKIE, peer_public_key)
         self._clock = clock
