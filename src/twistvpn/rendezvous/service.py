@@ -260,7 +260,9 @@ class RendezvousService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         self.controller.close()
+        closed = self.control_factory.close_all()
         d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: closed)
 
         def close(_: object) -> None:
             self.data.db.close()
