@@ -29,10 +29,7 @@ class FloodTests(SynchronousTestCase):
     def test_node_rate_limit(self) -> None:
         limits = RelayLimits(node_rate=100_000, node_burst=20_000)
         world = World(limits)
-        a, b = world.pair()
-        b.client.relay_endpoint(a.key)
-        a.client.relay_endpoint(b.key)
-        world.net.run(1)
+        a, b = world.registered_pair()
         message = data_message(0, size=984)  # 1000 bytes, 1042 framed
         for _tenth in range(30):  # 3000 frames over three seconds
             for _ in range(100):
@@ -66,10 +63,7 @@ class FloodTests(SynchronousTestCase):
         """A receiver that cannot keep up gets a bounded queue, then drops."""
         limits = RelayLimits(queue_frames=50, queue_bytes=1 << 20)
         world = World(limits)
-        a, b = world.pair(b_blocked=True)
-        b.client.relay_endpoint(a.key)
-        a.client.relay_endpoint(b.key)
-        world.net.run(5)
+        a, b = world.registered_pair(5, b_blocked=True)
         connection = world.server.session(b.key).connection
         connection.pause()  # b's socket buffer is full
         for n in range(500):
@@ -150,10 +144,7 @@ def connect_raw(world: World) -> tuple[object, iosim.IOPump]:
 class GarbageTests(SynchronousTestCase):
     def test_udp_garbage(self) -> None:
         world = World()
-        a, b = world.pair()
-        b.client.relay_endpoint(a.key)
-        a.client.relay_endpoint(b.key)
-        world.net.run(1)
+        a, b = world.registered_pair()
         junk = [b"", b"\xf5", b"\xf5\x99junk", b"\x00" * 40, p.welcome(b"x" * 8),
                 p.header(p.AUTH) + b"short", os.urandom(1500)]
         for frame in junk:
@@ -165,10 +156,7 @@ class GarbageTests(SynchronousTestCase):
 
     def test_tcp_garbage_closes_that_connection_only(self) -> None:
         world = World()
-        a, b = world.pair(a_blocked=True, b_blocked=True)
-        b.client.relay_endpoint(a.key)
-        a.client.relay_endpoint(b.key)
-        world.net.run(5)
+        a, b = world.registered_pair(5, a_blocked=True, b_blocked=True)
         for garbage in (b"\x00\x00", p.frame_for_stream(b"\xf5\x77"), p.frame_for_stream(b"x")):
             client, pump = connect_raw(world)
             client.transport.write(garbage)
@@ -182,10 +170,7 @@ class GarbageTests(SynchronousTestCase):
 
     def test_send_with_another_token_on_tcp(self) -> None:
         world = World()
-        a, b = world.pair(a_blocked=True)
-        b.client.relay_endpoint(a.key)
-        a.client.relay_endpoint(b.key)
-        world.net.run(5)
+        a, b = world.registered_pair(5, a_blocked=True)
         link = a.client._links["r1"]
         link.stream.connection.write_frame(p.send(b"\x00" * 8, b.key, data_message(1)))
         world.net.run(1)

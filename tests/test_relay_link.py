@@ -29,7 +29,7 @@ from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import get_db
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
-from .test_relay_memory import World, data_message
+from .test_relay_memory import Node, World, data_message
 
 
 @implementer(IControlSession)
@@ -185,7 +185,8 @@ class LinkTests(SynchronousTestCase):
         self.rendezvous = Rendezvous(self.world.clock)
         self.rendezvous.membership.start()
 
-    def test_login_sync_and_deauthorization(self) -> None:
+    def linked(self) -> tuple[Node, Node, StandaloneRelay]:
+        """Two members and a standalone relay logged in to the rendezvous."""
         world, rendezvous = self.world, self.rendezvous
         a, b = world.node(), world.node()
         rendezvous.member(a.key)
@@ -193,6 +194,11 @@ class LinkTests(SynchronousTestCase):
         relay = StandaloneRelay(world, rendezvous)
         relay.link.start()
         relay.run(1)
+        return a, b, relay
+
+    def test_login_sync_and_deauthorization(self) -> None:
+        world, rendezvous = self.world, self.rendezvous
+        a, b, relay = self.linked()
         self.assertTrue(relay.link.synced)
         self.assertEqual(world.policy.networks(),
                          {rendezvous.network_id: frozenset({a.key, b.key})})
@@ -242,13 +248,8 @@ class LinkTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
     def test_fails_closed_without_rendezvous(self) -> None:
-        world, rendezvous = self.world, self.rendezvous
-        a, b = world.node(), world.node()
-        rendezvous.member(a.key)
-        rendezvous.member(b.key)
-        relay = StandaloneRelay(world, rendezvous)
-        relay.link.start()
-        relay.run(1)
+        world = self.world
+        a, b, relay = self.linked()
         a.client.relay_endpoint(b.key)
         relay.run(1)
         self.assertIsNotNone(world.server.session(a.key))

@@ -93,6 +93,14 @@ class World:
         self.policy.set_members(NET, [a.key, b.key])
         return a, b
 
+    def registered_pair(self, seconds: float = 1, **kw: bool) -> tuple[Node, Node]:
+        """Two members, both registered with the relay (as nodes do at start)."""
+        a, b = self.pair(**kw)
+        a.client.relay_endpoint(b.key)
+        b.client.relay_endpoint(a.key)
+        self.net.run(seconds)
+        return a, b
+
 
 class InterfaceTests(SynchronousTestCase):
     def test_policy(self) -> None:
@@ -201,10 +209,7 @@ def ip_packet(src: str, dst: str, payload: bytes) -> bytes:
 class FallbackTests(SynchronousTestCase):
     def test_udp_to_tcp_and_back(self) -> None:
         world = World()
-        a, b = world.pair()
-        a.client.relay_endpoint(b.key)
-        b.client.relay_endpoint(a.key)
-        world.net.run(1)
+        a, b = world.registered_pair()
         self.assertEqual(a.client.path("r1"), "udp")
 
         # The network starts blocking a's UDP: a notices by itself.
@@ -229,10 +234,7 @@ class FallbackTests(SynchronousTestCase):
     def test_relay_forgets(self) -> None:
         """A relay that lost our session (restart, idle) is re-registered with."""
         world = World()
-        a, b = world.pair()
-        a.client.relay_endpoint(b.key)
-        b.client.relay_endpoint(a.key)
-        world.net.run(1)
+        a, b = world.registered_pair()
         world.server._end(world.server.session(a.key))
         world.net.run(a.client.timings.keepalive + 2)
         self.assertEqual(world.server.session(a.key).kind, "udp")

@@ -47,21 +47,10 @@ class StartStopService(service.Service):
         return self.target.stop()
 
 
-class UDPListenService(service.Service):
-    """A UDP port whose number is known once listening (port 0 picks one)."""
+class _ListeningService(service.Service):
+    """A service that holds one listening port and closes it when stopped."""
 
-    def __init__(self, reactor: Any, port: int, protocol: Any, interface: str = "") -> None:
-        self.reactor = reactor
-        self.requested = port
-        self.protocol = protocol
-        self.interface = interface
-        self.port: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self.port = self.reactor.listenUDP(self.requested, self.protocol,
-                                           interface=self.interface, maxPacketSize=65535)
-        enlarge_socket_buffers(self.port.socket)
+    port: Any = None
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -69,6 +58,22 @@ class UDPListenService(service.Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+class UDPListenService(_ListeningService):
+    """A UDP port whose number is known once listening (port 0 picks one)."""
+
+    def __init__(self, reactor: Any, port: int, protocol: Any, interface: str = "") -> None:
+        self.reactor = reactor
+        self.requested = port
+        self.protocol = protocol
+        self.interface = interface
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.listenUDP(self.requested, self.protocol,
+                                           interface=self.interface, maxPacketSize=65535)
+        enlarge_socket_buffers(self.port.socket)
 
 
 SOCKET_BUFFER = 4 << 20
@@ -94,19 +99,18 @@ def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> No
                 pass
 
 
-class StreamListenService(service.Service):
+class StreamListenService(_ListeningService):
     """A stream endpoint listening with a factory; C{listening} fires with the port."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
         self.endpoint = endpoint
         self.factory = factory
-        self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         super().startService()
-        # A port that cannot be bound must stop twistd with its error, so
-        # listen synchronously where the endpoint allows it (TCP does).
+        # TCP endpoints listen synchronously, so a port that cannot be bound
+        # fails startService, and twistd, with its error.
         d = self.endpoint.listen(self.factory)
 
         def listened(port: IListeningPort) -> IListeningPort:
@@ -116,13 +120,6 @@ class StreamListenService(service.Service):
 
         d.addCallback(listened)
         d.addErrback(self.listening.errback)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
 
 
 def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,
