@@ -48,7 +48,8 @@ class PathConfig:
     backoff_initial: float = 2.0
     backoff_max: float = 120.0
     relay_while_trying: bool = True  # Tailscale-like: relay at once, upgrade later
-    triggered_holdoff: float = 1.0  # at most one triggered probe per endpoint per this
+    triggered_holdoff: float = 1.0  # between triggered probes to one endpoint
+    triggered_tries: int = 5
     switch_ratio: float = 0.7  # a same-kind path must be this much faster to switch
     history_limit: int = 32
 
@@ -143,7 +144,7 @@ class PathManager:
         self._retry: Any = None
         self._heartbeat_call: Any = None
         self._settle_call: Any = None
-        self._triggered: dict[Any, float] = {}
+        self._triggered: dict[Any, Any] = {}  # endpoint -> pending re-check
         self._relay_endpoint: Any = None
         self._relay_opening = False
         self._running = False
@@ -185,6 +186,10 @@ class PathManager:
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+        for call in self._triggered.values():
+            if call.active():
+                call.cancel()
+        self._triggered.clear()
         for path in list(self._paths.values()):
             self._forget(path)
         self._current = None
@@ -333,20 +338,32 @@ class PathManager:
         path = self._paths.get(endpoint)
         if path is not None and now - path.last_reply < self.config.dead_after:
             return
-        last = self._triggered.get(endpoint)
-        if last is not None and now - last < self.config.triggered_holdoff:
-            return
+        if endpoint in self._triggered:
+            return  # a triggered check to it is already under way
         if len(self._triggered) > 4096:
-            self._triggered.clear()
-        self._triggered[endpoint] = now
-        # A triggered check: the peer's probe got here, so ours may get there.
-        self.probes.send_probe(self.peer_key, endpoint, tag)
-        if self._attempt is not None:
-            self._attempt.probes += 1
-        elif self.kind in (NONE, RELAY):
+            return
+        self._triggered_check(endpoint, tag, self.config.triggered_tries)
+        if self._attempt is None and self.kind in (NONE, RELAY):
             # The peer is trying: try with it (strategies like birthday need both).
             self._backoff = self.config.backoff_initial
             self._begin("peer probing")
+
+    def _triggered_check(self, endpoint: Any, tag: str, tries: int) -> None:
+        """
+        The peer's probe got here, so ours may get there: probe back, and
+        again while unanswered (a lost check must not leave only one side
+        with the path).
+        """
+        self._triggered.pop(endpoint, None)
+        path = self._paths.get(endpoint)
+        fresh = path is not None and self.clock.seconds() - path.last_reply < 1.0
+        if not self._running or tries <= 0 or fresh:
+            return
+        self.probes.send_probe(self.peer_key, endpoint, tag)
+        if self._attempt is not None:
+            self._attempt.probes += 1
+        self._triggered[endpoint] = self.clock.callLater(
+            self.config.triggered_holdoff, self._triggered_check, endpoint, tag, tries - 1)
 
     # -- choosing -------------------------------------------------------------
 
