@@ -128,7 +128,7 @@ class RelayedTrafficTests(SynchronousTestCase):
         world.net.run(1)
         self.exchange(world, a, b)
         self.assertEqual((a.client.path("r1"), b.client.path("r1")), ("udp", "udp"))
-        self.assertEqual(world.server.counters["relayed_packets"], 2)
+        self.assertEqual(world.server.traffic.relayed_packets, 2)
         self.assertEqual(world.server.stats()["sessions_udp"], 2)
 
     def test_tcp(self) -> None:
@@ -139,7 +139,7 @@ class RelayedTrafficTests(SynchronousTestCase):
         self.exchange(world, a, b)
         self.assertEqual((a.client.path("r1"), b.client.path("r1")), ("tcp", "tcp"))
         self.assertEqual(world.server.stats()["sessions_tcp"], 2)
-        self.assertEqual(world.server.counters["relayed_packets"], 2)
+        self.assertEqual(world.server.traffic.relayed_packets, 2)
 
     def test_udp_to_tcp(self) -> None:
         world = World()
