@@ -214,3 +214,33 @@ def _bare_server() -> RelayServer:
     server = RelayServer(Clock(), private, public_key(private), MembershipPolicy())
     server.attach_udp(lambda data, addr: None)
     return server
+
+
+class SessionEndTests(SynchronousTestCase):
+    def test_bye_ends_udp_session(self) -> None:
+        world = World()
+        a, b = world.registered_pair()
+        a.client.stop()  # says BYE
+        world.net.run(0.1)
+        self.assertIsNone(world.server.session(a.key))
+        self.assertIsNotNone(world.server.session(b.key))
+
+    def test_newer_registration_replaces_older(self) -> None:
+        """The same node registering again (new socket, other path) wins."""
+        world = World()
+        a, b = world.registered_pair(5, a_blocked=True)
+        old = world.server.session(a.key)
+        self.assertEqual(old.kind, "tcp")
+        world.net.udp_blocked.discard(a.addr)
+        a.client._links["r1"].start_udp()
+        world.net.run(1)
+        self.assertEqual(world.server.session(a.key).kind, "udp")
+        self.assertTrue(old.connection.closed)
+        self.assertEqual(a.client.path("r1"), "udp")
+
+    def test_ping_with_stale_token(self) -> None:
+        world = World()
+        replies: list[bytes] = []
+        world.server.attach_udp(lambda data, addr: replies.append(data))
+        world.server.udp_received(p.ping(b"n" * 8, b"t" * 8), ("198.51.100.3", 3))
+        self.assertEqual(replies, [p.pong(b"n" * 8, False)])
