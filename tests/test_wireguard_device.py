@@ -12,6 +12,7 @@ from tests.test_wireguard_fixtures import (
     A_TO_B,
     B_TO_A,
     Network,
+    hold,
     ipv4_packet,
     ipv6_packet,
     pair,
@@ -472,6 +473,23 @@ class TimerTests(SynchronousTestCase):
         network.flush()
         self.assertEqual(a.counters["handshake_initiation_sent"], 2)
 
+    def test_late_packet_on_old_session_does_not_rekey_again(self) -> None:
+        network, a, b = self.established()
+        network.advance(REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT + 1)
+        b.send_packet(B_TO_A)
+        held: list[bytes] = []
+        network.drop = hold(held)
+        b.send_packet(B_TO_A)  # held back
+        network.drop = lambda src, dst, data: False
+        network.flush()
+        self.assertEqual(a.counters["handshake_initiation_sent"], 2)
+        self.assertIsNot(a.get_peer(b.public_key).current, None)
+        network.advance(REKEY_TIMEOUT + 1)
+        a.datagram_received(held[0], "b")  # arrives late, on a's previous session
+        self.assertEqual(len(network.delivered["a"]), 2)
+        network.flush()
+        self.assertEqual(a.counters["handshake_initiation_sent"], 2)
+
     def test_rekey_after_messages(self) -> None:
         network, a, b = self.established()
         pa = a.get_peer(b.public_key)
@@ -522,12 +540,13 @@ class TimerTests(SynchronousTestCase):
 
     def test_expired_session_refuses_to_receive(self) -> None:
         network, a, b = self.established()
-        a.send_packet(A_TO_B)
-        message = network.sent[-1][2]
+        held: list[bytes] = []
+        network.drop = hold(held)
+        a.send_packet(A_TO_B)  # delayed past the session's life
         network.advance(REJECT_AFTER_TIME)
-        network.delivered["b"].clear()
-        b.datagram_received(message, "a")
+        b.datagram_received(held[0], "a")
         self.assertEqual(b.counters["drop_expired"], 1)
+        self.assertEqual(network.delivered["b"], [A_TO_B])
 
     def test_new_handshake_when_peer_silent(self) -> None:
         """Data sent but nothing heard for KEEPALIVE + REKEY_TIMEOUT: a new handshake."""
@@ -541,12 +560,16 @@ class TimerTests(SynchronousTestCase):
     def test_previous_session_still_receives(self) -> None:
         """Packets in flight under the old session are accepted after a rekey."""
         network, a, b = self.established()
-        b.send_packet(B_TO_A)
-        late = network.sent[-1]
-        network.sent.pop()  # hold b's packet back
-        network.advance(REKEY_AFTER_TIME + 1)
+        network.advance(REKEY_AFTER_TIME - 1)
+        held: list[bytes] = []
+        network.drop = hold(held)
+        b.send_packet(B_TO_A)  # still in flight while a rekeys
         network.drop = lambda src, dst, data: False
-        a.get_peer(b.public_key).send_initiation(False)
+        network.advance(2)
+        peer = a.get_peer(b.public_key)
+        first = peer.current
+        peer.send_initiation(False)
         network.flush()
-        a.datagram_received(late[2], "b")
-        self.assertEqual(a.counters["drop_no_session"], 0)
+        self.assertIs(peer.previous, first)
+        a.datagram_received(held[0], "b")
+        self.assertEqual(network.delivered["a"], [B_TO_A])

@@ -721,10 +721,12 @@ class WireGuardDevice:
             peer.received_with_next()
             peer.handshake_complete()
             peer.send_staged()
+        current = peer.current
         if (
-            keypair.is_initiator
+            current is not None
+            and current.is_initiator
             and not peer.sent_last_minute_handshake
-            and now - keypair.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+            and now - current.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
         ):
             # The session is about to die and we are the side that rekeys.
             peer.sent_last_minute_handshake = True
