@@ -33,6 +33,17 @@ from twistvpn.wireguard.keys import clamp, public_key
 
 NODE_PORT = 41641
 PING = 0xFE  # test-only message type: data through the chosen path
+OVERLAY = ("100.64.0.1", "100.64.0.2")  # the nodes' addresses with wireguard=True
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
+    """A minimal IPv4/UDP-protocol packet, as a TUN device would hand over."""
+    import ipaddress
+
+    total = 20 + len(payload)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0,
+                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    return header + payload
 
 
 def _encode_addr(addr: tuple[str, int]) -> bytes:
@@ -86,7 +97,18 @@ class SimNode:
         self.inbox = Inbox()
         self.forwarder.register_handler(PING, self.inbox)
         self.manager: PathManager | None = None
-        self.peer: SimPeer | None = None
+        self.peer: Any = None
+        self.device: Any = None
+        self.delivered: list[bytes] = []
+
+    def add_wireguard(self, rng: random.Random) -> None:
+        """Run the real WireGuard data plane on this node's forwarder."""
+        from twistvpn.wireguard.device import WireGuardDevice
+
+        self.device = WireGuardDevice(self.private_key, self.reactor,
+                                      self.forwarder.send_datagram, self.delivered.append,
+                                      random=rng.randbytes, wall_clock=self.reactor.seconds)
+        self.forwarder.set_wireguard(self.device)
 
     @property
     def local(self) -> tuple[str, int]:
@@ -144,7 +166,7 @@ class Pair:
                  loss: float = 0.0,
                  strategies: Sequence[ITraversalStrategy] | None = None,
                  config: PathConfig | None = None, relay: bool = True,
-                 mapping_timeout: float = 30.0) -> None:
+                 mapping_timeout: float = 30.0, wireguard: bool = False) -> None:
         self.internet = Internet(seed=seed)
         net = self.internet
         rng = random.Random(seed ^ 0x5EED)
@@ -161,6 +183,9 @@ class Pair:
                      for p, lat in zip((a, b), latencies, strict=True)]
         self.nats = [h.nat for h in hosts]
         self.a, self.b = SimNode(hosts[0], rng), SimNode(hosts[1], rng)
+        if wireguard:
+            for node in self.nodes:
+                node.add_wireguard(rng)
         self.relay = FakeRelay(net.clock) if relay else None
         self.strategies = strategies
         self.config = config
@@ -188,7 +213,11 @@ class Pair:
         cands = [node.candidates(self.reflectors) for node in self.nodes]
         for i, node in enumerate(self.nodes):
             other = self.nodes[1 - i]
-            node.peer = SimPeer(other.public_key)
+            if node.device is not None:
+                node.peer = node.device.add_peer(other.public_key,
+                                                 allowed_ips=[f"{OVERLAY[1 - i]}/32"])
+            else:
+                node.peer = SimPeer(other.public_key)
             provider = (self.relay.provider(node.public_key, node.forwarder)
                         if self.relay is not None else None)
             node.manager = PathManager(
