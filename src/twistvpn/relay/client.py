@@ -524,7 +524,7 @@ class RelayClient:
         if endpoint is None:
             return fail(RelayUnavailableError("no relay is known"))
         self._opened[peer_key] = endpoint.relay_id
-        d = self._link(endpoint.relay_id).when_up()
+        d: Deferred[Any] = self._link(endpoint.relay_id).when_up()
         d.addCallback(lambda _: endpoint)
         return d
 

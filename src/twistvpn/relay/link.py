@@ -153,6 +153,7 @@ class RelayLinkResponders(amp.CommandLocator):
     """
 
     relay_link: RelayLinkService
+    callRemote: Any  # from the AMP protocol this is mixed into
     _relay_challenge: bytes | None = None
     _relay_key: bytes | None = None
 
@@ -206,7 +207,7 @@ class RelayLinkServerProtocol(RelayLinkResponders, BoundedAMP):
         super().__init__()
         self.relay_link = service
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.relay_link_lost()
         super().connectionLost(reason)
 
@@ -292,7 +293,7 @@ class RelayLinkProtocol(BoundedAMP):
     def ping(self) -> dict[str, Any]:
         return {}
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self._pinger.running:
             self._pinger.stop()
         self.link.disconnected(self)

@@ -12,7 +12,7 @@ network tells the relay at once which nodes lost whom.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -107,7 +107,7 @@ class MembershipPolicy:
         """The network was deleted."""
         self.set_members(network_id, ())
 
-    def replace_all(self, memberships: dict[str, Iterable[bytes]]) -> None:
+    def replace_all(self, memberships: Mapping[str, Iterable[bytes]]) -> None:
         """Make C{memberships} the whole table (a fresh snapshot)."""
         for network_id in list(self._members):
             if network_id not in memberships:
@@ -153,7 +153,7 @@ class ControllerMembership:
     def refresh(self) -> None:
         """Read every network's authorized members now."""
         try:
-            memberships = {}
+            memberships: dict[str, Iterable[bytes]] = {}
             for network in self.controller.list_networks():
                 network_id = network["id"]
                 memberships[network_id] = [

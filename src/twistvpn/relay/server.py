@@ -82,6 +82,12 @@ class Traffic:
 
     __slots__ = ("bytes_in", "packets_in", "bytes_out", "packets_out",
                  "relayed_packets", "relayed_bytes")
+    bytes_in: int
+    packets_in: int
+    bytes_out: int
+    packets_out: int
+    relayed_packets: int
+    relayed_bytes: int
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -598,11 +604,11 @@ class RelayServer:
                 for key in keys:
                     session.allowed.pop(key, None)
         for key in keys:
-            session = self._by_key.get(key)
-            if session is None:
+            revoked = self._by_key.get(key)
+            if revoked is None:
                 continue
 
-            def answered(allowed: object, session: Session = session) -> None:
+            def answered(allowed: object, session: Session = revoked) -> None:
                 if not allowed and self._by_key.get(session.key) is session:
                     self.counters["sessions_revoked"] += 1
                     self._end(session)

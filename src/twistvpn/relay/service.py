@@ -176,13 +176,13 @@ class StatsResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, server: RelayServer) -> None:
+    def __init__(self, relay: RelayServer) -> None:
         super().__init__()
-        self.server = server
+        self.relay = relay
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.server.stats(), indent=1).encode() + b"\n"
+        return json.dumps(self.relay.stats(), indent=1).encode() + b"\n"
 
 
 def admin_site(server: RelayServer) -> web_server.Site:
