@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -163,8 +165,13 @@ class API(SynchronousTestCase):
 
 class TapOptions(SynchronousTestCase):
     def parse(self, *args: str) -> Options:
+        # short: the admin socket's path must fit in sockaddr_un
+        tmp = tempfile.mkdtemp(prefix="tvr")
+        self.addCleanup(shutil.rmtree, tmp, True)
         options = Options()
-        options.parseOptions(["--data-dir", self.mktemp(), "--hostname", "rdv.example", *args])
+        options.parseOptions(
+            ["--data-dir", os.path.join(tmp, "data"), "--hostname", "rdv.example", *args]
+        )
         return options
 
     def test_defaults(self) -> None:
@@ -225,6 +232,13 @@ class TapOptions(SynchronousTestCase):
         second = makeService(options, FakeReactor())
         self.addCleanup(second.data.db.close)
         self.assertEqual((second.data.server_private, second.data.fingerprint), (key, fp))
+
+    def test_socket_path_too_long(self) -> None:
+        options = self.parse()
+        options["data-dir"] = "/tmp/" + "d" * 120
+        e = self.assertRaises(SystemExit, makeService, options, FakeReactor())
+        self.assertIn("too long", str(e))
+        self.assertFalse(os.path.exists(options["data-dir"]))
 
     def test_bad_data_dir_file(self) -> None:
         options = self.parse()

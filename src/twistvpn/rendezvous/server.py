@@ -42,6 +42,8 @@ REGISTER_TIMEOUT = 30.0
 PING_INTERVAL = 45.0
 PING_TIMEOUT = 30.0
 MAX_CHALLENGES = 8
+# How long stopping waits for connections to close before cutting them.
+CLOSE_TIMEOUT = 2.0
 
 
 @implementer(IControlSession)
@@ -244,7 +246,15 @@ class ControlServerFactory(Factory):
         self._drained.append(d)
         for protocol in list(self.connections):
             protocol.close("the rendezvous is stopping")
-        return d
+
+        def abort() -> None:
+            # A peer that does not take the close (a full window) is cut.
+            for protocol in list(self.connections):
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+
+        call = self.clock.callLater(CLOSE_TIMEOUT, abort)
+        return d.addBoth(lambda result: call.cancel() if call.active() else None)
 
     def _lost(self, protocol: ControlServerProtocol) -> None:
         self.connections.discard(protocol)

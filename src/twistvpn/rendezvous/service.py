@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ KEY_FILE = "tls-key.pem"
 DB_FILE = "rendezvous.sqlite"
 ADMIN_SOCKET = "admin.sock"
 STATE_FILE = "rendezvous.json"
+# sockaddr_un holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 
 
 class DataDirError(Exception):
@@ -85,6 +88,12 @@ def prepare_data_dir(
     tls_key: str | None = None,
 ) -> DataDir:
     """Create (on first start) and load the rendezvous's data directory."""
+    socket_path = os.path.join(path, ADMIN_SOCKET)
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise DataDirError(
+            f"{path}: too long a path for the admin socket {socket_path} "
+            f"(at most {MAX_SOCKET_PATH} bytes)"
+        )
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
@@ -120,6 +129,12 @@ def prepare_data_dir(
     except DBError as e:
         raise DataDirError(str(e)) from None
     return DataDir(path, server_private, cert_pem, key_pem, token, db)
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class _Listening(Service):
@@ -255,7 +270,14 @@ class RendezvousService(MultiService):
         )
 
     def _failed(self, failure: Any) -> None:
-        self.log.failure("the rendezvous could not listen; stopping", failure)
+        reason = failure.value.subFailure if failure.check(defer.FirstError) else failure
+        self.log.critical(
+            "twistvpn-rendezvous: cannot listen: {reason}; stopping",
+            reason=reason.getErrorMessage(),
+        )
+        # twistd has no exit status of its own: leave with 1 once it has
+        # shut down (services stopped, database closed).
+        self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
         self.reactor.callLater(0, self.reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:

@@ -1,0 +1,223 @@
+"""
+A real C{twistd twistvpn-rendezvous} process on loopback: the admin CLI
+as documented, a node registering over pinned TLS and discovering its
+endpoint over UDP, and a SIGKILL followed by a restart that loses nothing.
+Every process started here is killed by its pid, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.test_rendezvous_support import RecordingListener
+from twistvpn import wire
+from twistvpn.node.forwarder import Forwarder
+from twistvpn.rendezvous.client import RendezvousClient
+from twistvpn.rendezvous.controller import node_id_of
+from twistvpn.rendezvous.discovery import DiscoveryClient
+from twistvpn.rendezvous.service import STATE_FILE
+from twistvpn.wireguard.keys import generate_private_key
+
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+CLI = "import sys; from twistvpn.cli import main; sys.exit(main())"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RealProcess(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        # short: the admin socket's path must fit in sockaddr_un
+        self.tmp = tempfile.mkdtemp(prefix="tvr")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.control_port = free_tcp_port()
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> defer.Deferred[dict[str, Any]]:
+        log = open(os.path.join(os.path.dirname(self.data_dir), "twistd.log"), "ab")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "twistvpn-rendezvous",
+                "--data-dir",
+                self.data_dir,
+                "--hostname",
+                "127.0.0.1",
+                "--control",
+                f"tcp:{self.control_port}:interface=127.0.0.1",
+                "--udp-port",
+                "0",
+                "--udp-port2",
+                "0",
+                "--udp-interface",
+                "127.0.0.1",
+                "--admin-http",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        self.process = process
+
+        def kill() -> None:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(10)
+
+        self.addCleanup(kill)
+        return self.wait_ready(process)
+
+    @defer.inlineCallbacks
+    def wait_ready(self, process: subprocess.Popen[bytes]) -> Any:
+        state = os.path.join(self.data_dir, STATE_FILE)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                self.fail(f"twistd exited with {process.returncode}")
+            if os.path.exists(state):
+                with open(state) as f:
+                    text = f.read()
+                if text.endswith("\n"):
+                    return json.loads(text)
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail("the rendezvous did not become ready")
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        os.unlink(os.path.join(self.data_dir, STATE_FILE))
+
+    @defer.inlineCallbacks
+    def admin(self, *args: str, expect: int = 0) -> Any:
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-c", CLI, "admin", *args], env=self.env
+        )
+        self.assertEqual(code, expect, (args, out, err))
+        if expect:
+            self.assertEqual(err.count(b"\n"), 1, err)
+            return err.decode()
+        return out.decode()
+
+    @defer.inlineCallbacks
+    def wait_for(self, predicate: Any, what: str) -> Any:
+        deadline = time.monotonic() + 15
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_admin_and_node(self) -> Any:
+        info = yield self.start()
+        d = ("--data-dir", self.data_dir)
+        net = (yield self.admin(*d, "network", "create", "office")).strip()
+        self.assertEqual(len(net), 16)
+
+        # a node registers over pinned TLS and joins
+        listener = RecordingListener()
+        private = generate_private_key()
+        client = RendezvousClient.from_address(
+            reactor, info["url"], private, "proc-node", listener, networks=[net]
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield client.when_connected(fail_after_failures=3)
+        yield self.wait_for(lambda: listener.of("join_status"), "the join answer")
+        self.assertEqual(listener.of("join_status")[-1][2], "pending")
+        node = node_id_of(client.public_key)
+
+        # ...and discovers its endpoint from its data socket
+        forwarder = Forwarder()
+        port = reactor.listenUDP(0, forwarder, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        discovery = DiscoveryClient(
+            forwarder,
+            reactor,
+            private,
+            client.server_key,
+            [("127.0.0.1", p) for p in info["udp_ports"]],
+        )
+        forwarder.register_handler(wire.DISCOVERY_RESPONSE, discovery)
+        result = yield discovery.netcheck()
+        mine = ("127.0.0.1", port.getHost().port)
+        self.assertEqual(result.mapped, (mine, mine))
+        self.assertFalse(result.varies_by_destination)
+
+        table = yield self.admin(*d, "member", "list", net)
+        header, row = table.splitlines()
+        self.assertEqual(
+            header.split(),
+            ["NODE", "NAME", "AUTHORIZED", "IP", "LAST", "SEEN", "ENDPOINT", "ONLINE"],
+        )
+        self.assertEqual(row.split()[:4], [node, "proc-node", "no", "-"])
+        self.assertIn(f"127.0.0.1:{mine[1]}", row)
+        self.assertEqual(row.split()[-1], "yes")
+
+        out = yield self.admin(*d, "member", "auth", net, node)
+        self.assertIn("authorized, IP 100.64.0.1", out)
+        yield self.wait_for(lambda: listener.maps(), "the map")
+        self.assertEqual(listener.maps()[-1].member(client.public_key).ip, "100.64.0.1")
+
+        err = yield self.admin(*d, "member", "set-ip", net, node, "10.0.0.1", expect=1)
+        self.assertIn("not in the network's subnet", err)
+        err = yield self.admin(*d, "member", "auth", net, "0123456789", expect=1)
+        self.assertIn("unknown node", err)
+        err = yield self.admin(*d, "network", "create", "x", "--subnet", "300.1.0.0/24", expect=1)
+        self.assertIn("bad subnet", err)
+
+        url = f"http://127.0.0.1:{info['admin_http_port']}"
+        token = os.path.join(self.data_dir, "admin-token")
+        listing = yield self.admin("--url", url, "--token-file", token, "network", "list")
+        self.assertIn(f"{net}  office", listing)
+        err = yield self.admin(
+            "--url", url, "--token", "not-the-token", "network", "list", expect=1
+        )
+        self.assertIn("bearer token", err)
+
+        # kill -9 and restart: nothing lost, and the node comes back by itself
+        self.kill9()
+        yield self.wait_for(lambda: not client.connected, "the node to notice")
+        yield self.start()
+        yield client.when_connected()
+        yield self.wait_for(lambda: len(listener.maps()) >= 2, "the map after the restart")
+        self.assertEqual(listener.maps()[-1].member(client.public_key).ip, "100.64.0.1")
+        table = yield self.admin(*d, "member", "list", net)
+        row = table.splitlines()[1].split()
+        self.assertEqual(row[:4], [node, "proc-node", "yes", "100.64.0.1"])
+
+        yield self.admin(*d, "member", "deauth", net, node)
+        yield self.wait_for(lambda: listener.of("revoked"), "the revocation")
+        yield self.admin(*d, "network", "delete", net)
+        self.assertEqual((yield self.admin(*d, "network", "list")).splitlines()[1:], [])
+        # a clean stop removes the state file (twistd re-raises the signal
+        # once it has shut down, so the status is "killed by SIGTERM")
+        self.process.send_signal(signal.SIGTERM)
+        self.assertEqual(self.process.wait(15), -signal.SIGTERM)
+        self.assertFalse(os.path.exists(os.path.join(self.data_dir, STATE_FILE)))
