@@ -22,7 +22,7 @@ from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.transport import RelayStreamFactory
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
-from .test_relay_memory import NET, World, data_message
+from .test_relay_memory import NET, RELAY_ADDR, World, data_message
 
 
 class FloodTests(SynchronousTestCase):
@@ -244,3 +244,31 @@ class SessionEndTests(SynchronousTestCase):
         world.server.attach_udp(lambda data, addr: replies.append(data))
         world.server.udp_received(p.ping(b"n" * 8, b"t" * 8), ("198.51.100.3", 3))
         self.assertEqual(replies, [p.pong(b"n" * 8, False)])
+
+
+class ClientGarbageTests(SynchronousTestCase):
+    def test_garbage_from_the_relay_address(self) -> None:
+        world = World()
+        a, b = world.registered_pair()
+        for junk in (b"\xf5", b"\xf5\x77xx", p.recv(b"k" * 32, b"")[:-1], b"\xf5\x11short"):
+            a.forwarder.datagramReceived(junk, RELAY_ADDR)
+        self.assertEqual(a.client.counters["drop_malformed"], 4)
+        a.forwarder.datagramReceived(p.welcome(b"t" * 8), ("198.51.100.250", 1))
+        self.assertEqual(a.client.counters["drop_unknown_relay"], 1)
+        b.send_to(a, data_message(1))
+        world.net.run(1)
+        self.assertEqual(len(a.wireguard.received), 1)
+
+    def test_garbage_on_tcp_ends_that_stream(self) -> None:
+        world = World()
+        a, b = world.registered_pair(5, a_blocked=True)
+        link = a.client._links["r1"]
+        stream = link.stream
+        stream.frame_received(b"\xf5\x99")
+        self.assertTrue(stream.dead)
+        self.assertEqual(a.client.counters["drop_malformed"], 1)
+        world.net.run(10)  # registers again, over TCP since UDP is still blocked
+        self.assertEqual(a.client.path("r1"), "tcp")
+        b.send_to(a, data_message(2))
+        world.net.run(1)
+        self.assertEqual(a.wireguard.received[-1][0], data_message(2))
