@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from twistvpn.interfaces import IRelayProvider
+from twistvpn.traversal.candidates import ReactorTime
 
 
 class RelayUnavailableError(Exception):
@@ -39,7 +39,7 @@ class RelayEndpoint:
 class FakeRelay:
     """A relay that every registered node can reach instantly and reliably."""
 
-    def __init__(self, clock: IReactorTime, latency: float = 0.040) -> None:
+    def __init__(self, clock: ReactorTime, latency: float = 0.040) -> None:
         self.clock = clock
         self.latency = latency
         self.up = True

@@ -36,7 +36,9 @@ Presets by name (L{PRESETS}): C{open} (a public address, no NAT), C{easy}
 (EIM, APDF, port preserving: Linux MASQUERADE), C{easyaf} (EIM, ADF),
 C{hard} (APDM, random ports), C{hard-sequential} (APDM, sequential ports),
 C{udpblock}.  Two hosts behind one NAT: call L{Internet.add_host} twice with
-the same NAT (build it with C{hairpin=True} or not).
+the same NAT (build it with C{hairpin=True} or not), or
+C{add_pair("same-nat-hairpin", "easy")}; C{add_pair(a, b)} builds any pair of
+presets.
 
 Simplifications, on purpose: datagrams to a private address that is not on
 the sender's own LAN are dropped at the router (a real one would NAT them
@@ -105,6 +107,10 @@ PRESETS: dict[str, NATBehavior | None] = {
     "hard-sequential": NATBehavior(APDM, APDF, SEQUENTIAL),
     "udpblock": NATBehavior(udp_blocked=True),
 }
+
+
+# Two hosts behind one NAT, for L{Internet.add_pair}.
+SAME_NAT = ("same-nat", "same-nat-hairpin")
 
 
 def behavior(preset: str | NATBehavior, **changes: Any) -> NATBehavior:
@@ -453,11 +459,29 @@ class Internet:
         nat.hosts[ip] = host
         return host
 
-    def add(self, preset: str, **kw: Any) -> Host:
-        """A host behind a fresh NAT of C{preset}, or a public host for C{open}."""
+    def add(self, preset: str, latency: float = 0.010, loss: float = 0.0,
+            **changes: Any) -> Host:
+        """
+        A host behind a fresh NAT of C{preset} (with C{changes} to its
+        behaviour, e.g. C{timeout=60}), or a public host for C{open}.
+        """
         if preset == "open":
-            return self.add_public_host(**kw)
-        return self.add_host(self.add_nat(preset, **kw))
+            return self.add_public_host(latency=latency, loss=loss)
+        return self.add_host(self.add_nat(preset, latency=latency, loss=loss, **changes))
+
+    def add_pair(self, a: str, b: str, latency: tuple[float, float] = (0.010, 0.010),
+                 loss: float = 0.0, **changes: Any) -> tuple[Host, Host]:
+        """
+        Two hosts for presets C{a} and C{b}; or, when C{a} is C{same-nat} or
+        C{same-nat-hairpin} (see L{SAME_NAT}), two hosts behind one C{easy}
+        NAT (C{b} names its preset, C{easy} if it is the same name).
+        """
+        if a in SAME_NAT:
+            preset = "easy" if b in SAME_NAT else b
+            nat = self.add_nat(preset, latency=latency[0], loss=loss,
+                               **{"hairpin": a == "same-nat-hairpin", **changes})
+            return (self.add_host(nat), self.add_host(nat))
+        return (self.add(a, latency[0], loss, **changes), self.add(b, latency[1], loss, **changes))
 
     def tap(self, observer: Callable[[Addr, Addr, bytes], None]) -> None:
         """Call C{observer(src, dst, data)} for every datagram sent by a host."""

@@ -21,11 +21,11 @@ from typing import Any
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from twistvpn.interfaces import IDatagramHandler, ITraversalStrategy
+from twistvpn.interfaces import IDatagramHandler
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.testing.fakerelay import FakeRelay
-from twistvpn.testing.natsim import Host, Internet
-from twistvpn.traversal.candidates import Candidates, hints_from_observations
+from twistvpn.testing.natsim import SAME_NAT, Host, Internet
+from twistvpn.traversal.candidates import Candidates, Strategy, hints_from_observations
 from twistvpn.traversal.manager import DIRECT, LAN, PathConfig, PathManager
 from twistvpn.traversal.probe import ProbeService
 from twistvpn.wire import DISCOVERY_REQUEST, DISCOVERY_RESPONSE
@@ -55,8 +55,9 @@ class Reflector(DatagramProtocol):
     """Answers a discovery request with the address it came from."""
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
+        transport: Any = self.transport
         if data[:1] == bytes([DISCOVERY_REQUEST]):
-            self.transport.write(bytes([DISCOVERY_RESPONSE]) + _encode_addr(addr), addr)
+            transport.write(bytes([DISCOVERY_RESPONSE]) + _encode_addr(addr), addr)
 
 
 @implementer(IDatagramHandler)
@@ -93,9 +94,9 @@ class SimNode:
         self.probes = ProbeService(self.forwarder, host.reactor, self.private_key,
                                    self.public_key, random_bytes=rng.randbytes)
         self.discovery = Inbox()
-        self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)
+        self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)  # type: ignore[arg-type]
         self.inbox = Inbox()
-        self.forwarder.register_handler(PING, self.inbox)
+        self.forwarder.register_handler(PING, self.inbox)  # type: ignore[arg-type]
         self.manager: PathManager | None = None
         self.peer: Any = None
         self.device: Any = None
@@ -164,7 +165,7 @@ class Pair:
     def __init__(self, a: str, b: str, seed: int = 0, *, same_nat: bool = False,
                  hairpin: bool = False, latency: float | tuple[float, float] = 0.015,
                  loss: float = 0.0,
-                 strategies: Sequence[ITraversalStrategy] | None = None,
+                 strategies: Sequence[Strategy] | None = None,
                  config: PathConfig | None = None, relay: bool = True,
                  mapping_timeout: float = 30.0, wireguard: bool = False) -> None:
         self.internet = Internet(seed=seed)
@@ -175,12 +176,8 @@ class Pair:
             net._public[ip].reactor.listenUDP(port, Reflector())  # type: ignore[union-attr]
         latencies = latency if isinstance(latency, tuple) else (latency, latency)
         if same_nat:
-            nat = net.add_nat(a, hairpin=hairpin, timeout=mapping_timeout,
-                              latency=latencies[0], loss=loss)
-            hosts = [net.add_host(nat), net.add_host(nat)]
-        else:
-            hosts = [self._host(net, p, {"latency": lat, "loss": loss}, mapping_timeout)
-                     for p, lat in zip((a, b), latencies, strict=True)]
+            a, b = ("same-nat-hairpin" if hairpin else "same-nat"), a
+        hosts = net.add_pair(a, b, latencies, loss, timeout=mapping_timeout)
         self.nats = [h.nat for h in hosts]
         self.a, self.b = SimNode(hosts[0], rng), SimNode(hosts[1], rng)
         if wireguard:
@@ -190,12 +187,6 @@ class Pair:
         self.strategies = strategies
         self.config = config
         self.rng = rng
-
-    @staticmethod
-    def _host(net: Internet, preset: str, kw: dict[str, Any], timeout: float) -> Host:
-        if preset == "open":
-            return net.add_public_host(**kw)
-        return net.add_host(net.add_nat(preset, timeout=timeout, **kw))
 
     @property
     def nodes(self) -> tuple[SimNode, SimNode]:
@@ -268,7 +259,6 @@ def summarize(times: Sequence[float]) -> dict[str, float | None]:
 
 
 PRESET_NAMES = ("open", "easy", "easyaf", "hard", "hard-sequential", "udpblock")
-SAME_NAT = ("same-nat", "same-nat-hairpin")
 
 
 def grid_pairs() -> list[tuple[str, str]]:
@@ -307,8 +297,6 @@ def build(a: str, b: str, seed: int, **kw: Any) -> Pair:
     if "latency" not in kw:
         draw = random.Random(seed * 7919 + 1)
         kw["latency"] = (draw.uniform(0.005, 0.060), draw.uniform(0.005, 0.060))
-    if a in SAME_NAT:
-        return Pair("easy", "easy", seed, same_nat=True, hairpin=a.endswith("hairpin"), **kw)
     return Pair(a, b, seed, **kw)
 
 

@@ -13,15 +13,16 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
 from twistvpn.interfaces import ITraversalStrategy
+from twistvpn.traversal.candidates import Strategy
 
 log = Logger()
 
 
-def load_strategies() -> list[ITraversalStrategy]:
+def load_strategies() -> list[Strategy]:
     """Every strategy plugin, one per name (the first found wins), by name."""
     import twistvpn.plugins
 
-    found: dict[str, ITraversalStrategy] = {}
+    found: dict[str, Strategy] = {}
     for strategy in getPlugins(ITraversalStrategy, twistvpn.plugins):
         if strategy.name in found:
             log.warn("two traversal strategies are named {name}; keeping the first",

@@ -14,6 +14,14 @@ from typing import Any
 
 Address = tuple[str, int]
 
+# Zope interfaces in annotations: mypy cannot check them, so they are Any
+# under names that say which interface is meant.
+ReactorTime = Any  # IReactorTime
+ReactorUDP = Any  # IReactorUDP (and IReactorTime)
+Strategy = Any  # ITraversalStrategy
+Context = Any  # ITraversalContext
+RelayProvider = Any  # IRelayProvider
+
 # The largest step between consecutive mappings we still call "sequential".
 MAX_SEQUENTIAL_DELTA = 8
 

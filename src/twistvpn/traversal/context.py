@@ -8,11 +8,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITraversalContext
-from twistvpn.traversal.candidates import Candidates
+from twistvpn.traversal.candidates import Candidates, ReactorTime
 from twistvpn.traversal.probe import BoundEndpoint, ProbeService
 
 
@@ -44,7 +43,7 @@ class TraversalContext:
     """
 
     def __init__(self, service: ProbeService, strategy: str, peer_key: bytes,
-                 local: Candidates, peer: Candidates, clock: IReactorTime,
+                 local: Candidates, peer: Candidates, clock: ReactorTime,
                  rng: random.Random) -> None:
         self._service = service
         self.strategy = strategy

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistvpn.interfaces import IPathManager, IRelayProvider, ITraversalStrategy
-from twistvpn.traversal.candidates import Candidates, describe
+from twistvpn.interfaces import IPathManager
+from twistvpn.traversal.candidates import Candidates, ReactorTime, RelayProvider, Strategy, describe
 from twistvpn.traversal.context import TraversalContext
 from twistvpn.traversal.probe import BoundEndpoint, ProbeService, address_of
 from twistvpn.wireguard.keys import encode_key
@@ -112,10 +111,10 @@ class PathManager:
 
     log = Logger()
 
-    def __init__(self, peer: Any, probes: ProbeService, clock: IReactorTime, *,
+    def __init__(self, peer: Any, probes: ProbeService, clock: ReactorTime, *,
                  local: Candidates, remote: Candidates,
-                 strategies: Sequence[ITraversalStrategy] | None = None,
-                 relay: IRelayProvider | None = None, rng: random.Random | None = None,
+                 strategies: Sequence[Strategy] | None = None,
+                 relay: RelayProvider | None = None, rng: random.Random | None = None,
                  config: PathConfig | None = None,
                  on_change: Callable[[PathManager], None] | None = None) -> None:
         if strategies is None:

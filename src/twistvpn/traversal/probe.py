@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nacl.bindings import crypto_scalarmult
-from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
 from twistvpn.interfaces import IDatagramHandler
+from twistvpn.traversal.candidates import ReactorUDP
 from twistvpn.wire import PROBE, PROBE_REPLY
 
 MAC_LENGTH = 16
@@ -181,7 +181,7 @@ class SocketPool:
     strategy holds them while it runs, a verified path while it is kept.
     """
 
-    def __init__(self, reactor: IReactorUDP, forwarder: Dispatcher) -> None:
+    def __init__(self, reactor: ReactorUDP, forwarder: Dispatcher) -> None:
         self.reactor = reactor
         self.forwarder = forwarder
         self._ports: dict[int, Any] = {}
@@ -254,7 +254,7 @@ class ProbeService:
     paths and the peer's probes to each peer's listener.
     """
 
-    def __init__(self, forwarder: Dispatcher, reactor: IReactorTime, private_key: bytes,
+    def __init__(self, forwarder: Dispatcher, reactor: ReactorUDP, private_key: bytes,
                  public_key: bytes, *, max_skew: float = 120.0, reply_window: float = 10.0,
                  random_bytes: Callable[[int], bytes] = os.urandom,
                  sockets: SocketPool | None = None) -> None:

@@ -19,15 +19,15 @@ from twisted.internet.defer import Deferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from twistvpn.interfaces import ITraversalContext, ITraversalStrategy
-from twistvpn.traversal.candidates import Address, NatHints
+from twistvpn.interfaces import ITraversalStrategy
+from twistvpn.traversal.candidates import Address, Context, NatHints
 from twistvpn.traversal.probe import address_of
 
 LOW_PORT = 1024
 HIGH_PORT = 65535
 
 
-def paced(context: ITraversalContext, steps: Iterable[tuple[float, Callable[[], Any]]],
+def paced(context: Context, steps: Iterable[tuple[float, Callable[[], Any]]],
           linger: float) -> Deferred[None]:
     """
     Run C{steps}, each C{(delay after the previous step, action)}, on the
@@ -75,14 +75,14 @@ def rounds(times: Sequence[float], action: Callable[[], Any]) -> list[tuple[floa
     return steps
 
 
-def _send_all(context: ITraversalContext, targets: Sequence[Any]) -> Callable[[], None]:
+def _send_all(context: Context, targets: Sequence[Any]) -> Callable[[], None]:
     def send() -> None:
         for target in targets:
             context.send_probe(target)
     return send
 
 
-def _reachable(context: ITraversalContext) -> bool:
+def _reachable(context: Context) -> bool:
     """Both sides have a public endpoint and UDP gets out of both."""
     return (bool(context.local.public) and bool(context.peer.public)
             and not context.local.hints.udp_blocked and not context.peer.hints.udp_blocked)
@@ -104,10 +104,10 @@ class LanStrategy:
         self.times = tuple(times)
         self.linger = linger
 
-    def applicable(self, context: ITraversalContext) -> bool:
+    def applicable(self, context: Context) -> bool:
         return bool(context.peer.lan_only())
 
-    def start(self, context: ITraversalContext) -> Deferred[None]:
+    def start(self, context: Context) -> Deferred[None]:
         targets = context.peer.lan_only()
         return paced(context, rounds(self.times, _send_all(context, targets)), self.linger)
 
@@ -125,12 +125,12 @@ class PunchStrategy:
         self.times = tuple(times)
         self.linger = linger
 
-    def applicable(self, context: ITraversalContext) -> bool:
+    def applicable(self, context: Context) -> bool:
         # On a sequential-port NAT every new destination would take a port
         # that SequentialStrategy has predicted for the peer.
         return _reachable(context) and not context.local.hints.sequential
 
-    def start(self, context: ITraversalContext) -> Deferred[None]:
+    def start(self, context: Context) -> Deferred[None]:
         targets = context.peer.public
         return paced(context, rounds(self.times, _send_all(context, targets)), self.linger)
 
@@ -153,14 +153,14 @@ class SequentialStrategy:
         self.times = tuple(times)
         self.linger = linger
 
-    def applicable(self, context: ITraversalContext) -> bool:
+    def applicable(self, context: Context) -> bool:
         local, peer = context.local.hints, context.peer.hints
         if not _reachable(context) or not (local.sequential or peer.sequential):
             return False
         # A random-port side cannot be predicted and cannot predict.
         return not (local.hard_random or peer.hard_random)
 
-    def targets(self, context: ITraversalContext) -> list[Address]:
+    def targets(self, context: Context) -> list[Address]:
         peer: NatHints = context.peer.hints
         if not peer.sequential:
             return list(context.peer.public)
@@ -170,7 +170,7 @@ class SequentialStrategy:
         ports = (base + delta * (i + 1) for i in range(self.window))
         return [(host, p) for p in ports if LOW_PORT <= p <= HIGH_PORT]
 
-    def start(self, context: ITraversalContext) -> Deferred[None]:
+    def start(self, context: Context) -> Deferred[None]:
         send = _send_all(context, self.targets(context))
         return paced(context, rounds(self.times, send), self.linger)
 
@@ -204,7 +204,7 @@ class BirthdayStrategy:
         self.start_delay = start_delay
         self.linger = linger
 
-    def applicable(self, context: ITraversalContext) -> bool:
+    def applicable(self, context: Context) -> bool:
         if not _reachable(context):
             return False
         local, peer = context.local.hints, context.peer.hints
@@ -219,12 +219,12 @@ class BirthdayStrategy:
         """How long the easy side probes."""
         return self.probes / self.rate
 
-    def start(self, context: ITraversalContext) -> Deferred[None]:
+    def start(self, context: Context) -> Deferred[None]:
         if context.local.hints.hard_random:
             return self._hard(context)
         return self._easy(context)
 
-    def _hard(self, context: ITraversalContext) -> Deferred[None]:
+    def _hard(self, context: Context) -> Deferred[None]:
         targets = list(context.peer.public)
         sockets: list[Any] = []
 
@@ -242,7 +242,7 @@ class BirthdayStrategy:
         return paced(context, rounds(times, spray),
                      self.start_delay + self.duration + self.linger - times[-1])
 
-    def _easy(self, context: ITraversalContext) -> Deferred[None]:
+    def _easy(self, context: Context) -> Deferred[None]:
         host = context.peer.public[0][0]
         ports = context.random.sample(range(LOW_PORT, HIGH_PORT + 1), self.probes)
         interval = 1.0 / self.rate
