@@ -81,6 +81,13 @@ class ServerTests(SynchronousTestCase):
         self.servers[0].datagram_received(self.request(), ("2001:db8::5", 5555, 0, 0))
         self.assertEqual(decode_response(self.key, self.sent[-1][0])[2], ("2001:db8::5", 5555))
 
+    def test_dual_stack_socket(self) -> None:
+        """An IPv4 node seen through an IPv6 socket is recorded as IPv4."""
+        self.servers[0].datagram_received(self.request(), ("::ffff:198.51.100.7", 9, 0, 0))
+        self.assertEqual(decode_response(self.key, self.sent[-1][0])[2], ("198.51.100.7", 9))
+        self.assertEqual(self.sent[-1][1], ("::ffff:198.51.100.7", 9, 0, 0))
+        self.assertEqual(self.controller._nodes[self.node_public].endpoints[0], "198.51.100.7:9")
+
     def test_garbage_dropped(self) -> None:
         good = self.request()
         for data in (

@@ -59,6 +59,15 @@ class DiscoveryError(Exception):
     """No valid answer came back in time."""
 
 
+def _unmapped(host: str) -> str:
+    """A dual-stack socket's ::ffff:a.b.c.d is the IPv4 address a.b.c.d."""
+    if host.startswith("::ffff:"):
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+    return host
+
+
 def _xor(data: bytes, pad: bytes) -> bytes:
     return bytes(a ^ b for a, b in zip(data, pad[: len(data)], strict=True))
 
@@ -183,7 +192,7 @@ class DiscoveryServer:
         elif timestamp <= last:
             return self._drop("replay")
         state.last_timestamp[node_key] = timestamp
-        host, port = addr[0], addr[1]
+        host, port = _unmapped(addr[0]), addr[1]
         state.controller.record_endpoint(node_key, (host, port), self._which)
         state.counters["answered"] += 1
         self._send(encode_response(key, self._which, nonce, (host, port)), addr)
@@ -340,7 +349,7 @@ class DiscoveryClient:
             result.errback(DiscoveryError("stopped"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if addr not in self.servers:
+        if (addr[0], addr[1]) not in self.servers:
             self.counters["drop_unknown_source"] += 1
             return
         try:
