@@ -21,7 +21,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from tests.test_rendezvous_support import FakeSession, new_key
 from twistvpn.cli import build_parser
-from twistvpn.rendezvous import admin_cli, tls
+from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.admin import MAX_BODY, AdminAPI
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.database import get_db
@@ -278,8 +278,3 @@ class CommandLine(SynchronousTestCase):
             ["--url", "ftp://h", "--token", "t", "network", "list"],
         ):
             self.assertEqual(self.run_cli(*argv)[0], 1)
-
-    def test_table(self) -> None:
-        out = io.StringIO()
-        admin_cli.table(["A", "LONGER"], [["xyz", "1"], ["q", ""]], out)
-        self.assertEqual(out.getvalue(), "A    LONGER\nxyz  1\nq\n")

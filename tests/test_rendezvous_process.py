@@ -171,7 +171,7 @@ class RealProcess(TestCase):
         self.assertFalse(result.varies_by_destination)
 
         table = yield self.admin(*d, "member", "list", net)
-        header, row = table.splitlines()
+        header, rule, row = table.splitlines()
         self.assertEqual(
             header.split(),
             ["NODE", "NAME", "AUTHORIZED", "IP", "LAST", "SEEN", "ENDPOINT", "ONLINE"],
@@ -209,13 +209,13 @@ class RealProcess(TestCase):
         yield self.wait_for(lambda: len(listener.maps()) >= 2, "the map after the restart")
         self.assertEqual(listener.maps()[-1].member(client.public_key).ip, "100.64.0.1")
         table = yield self.admin(*d, "member", "list", net)
-        row = table.splitlines()[1].split()
+        row = table.splitlines()[2].split()
         self.assertEqual(row[:4], [node, "proc-node", "yes", "100.64.0.1"])
 
         yield self.admin(*d, "member", "deauth", net, node)
         yield self.wait_for(lambda: listener.of("revoked"), "the revocation")
         yield self.admin(*d, "network", "delete", net)
-        self.assertEqual((yield self.admin(*d, "network", "list")).splitlines()[1:], [])
+        self.assertEqual((yield self.admin(*d, "network", "list")).splitlines()[2:], [])
         # a clean stop removes the state file (twistd re-raises the signal
         # once it has shut down, so the status is "killed by SIGTERM")
         self.process.send_signal(signal.SIGTERM)

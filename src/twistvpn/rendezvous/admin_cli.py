@@ -27,6 +27,7 @@ import time
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
+from twistvpn.lab import columns
 from twistvpn.rendezvous.admin import TOKEN_FILE
 from twistvpn.rendezvous.rendezvous_tap import DEFAULT_DATA_DIR
 from twistvpn.rendezvous.service import ADMIN_SOCKET
@@ -146,15 +147,6 @@ def _ago(then: float | None, now: float) -> str:
     return f"{seconds}s ago"
 
 
-def table(headers: list[str], rows: list[list[str]], out: TextIO) -> None:
-    """Columns padded to their widest cell, as `zerotier-cli` prints them."""
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    for row in [headers, *rows]:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-
-
 def _print_members(members: list[dict[str, Any]], out: TextIO) -> None:
     now = time.time()
     rows = [
@@ -169,7 +161,9 @@ def _print_members(members: list[dict[str, Any]], out: TextIO) -> None:
         ]
         for m in members
     ]
-    table(["NODE", "NAME", "AUTHORIZED", "IP", "LAST SEEN", "ENDPOINT", "ONLINE"], rows, out)
+    out.write(
+        columns(["NODE", "NAME", "AUTHORIZED", "IP", "LAST SEEN", "ENDPOINT", "ONLINE"], rows)
+    )
 
 
 def _print_member(m: dict[str, Any], out: TextIO) -> None:
@@ -198,7 +192,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 ]
                 for n in networks
             ]
-            table(["ID", "NAME", "SUBNET", "ACCESS", "MEMBERS", "AUTHORIZED"], rows, out)
+            out.write(columns(["ID", "NAME", "SUBNET", "ACCESS", "MEMBERS", "AUTHORIZED"], rows))
         elif what == ("network", "delete"):
             client.request("DELETE", f"networks/{_seg(args.network)}")
         elif what == ("member", "list"):
