@@ -13,6 +13,7 @@ network.  Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -21,8 +22,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,36 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise HarnessError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def _signals_safe_for_children() -> Iterator[None]:
+    """
+    pyroute2 forks a short-lived child to open a netlink socket inside a
+    namespace, and then SIGTERMs it.  A child inherits our signal handlers:
+    one that raises (the lab's, KeyboardInterrupt) would unwind this
+    process's stack in the child, running its clean-up a second time.  Here
+    a signal ends a child at once, and reaches this process after the block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+    pending: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        for signum in pending:
+            signal.raise_signal(signum)
 
 
 @dataclass
@@ -155,8 +187,14 @@ class Network:
     def __enter__(self) -> Network:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.close()
+        except HarnessError as e:
+            if exc_type is None:
+                raise
+            # Do not hide the failure that brought us here behind this one.
+            sys.stderr.write(f"netns: while cleaning up after an error: {e}\n")
 
     @property
     def tmpdir(self) -> Path:
@@ -267,7 +305,7 @@ class Network:
     ) -> None:
         """Add addresses to an interface (through netlink) and bring it up."""
         ifaces = [check_address(a) for a in addresses]
-        with NetNS(namespace) as ns:
+        with _signals_safe_for_children(), NetNS(namespace) as ns:
             found = ns.link_lookup(ifname=ifname)
             if not found:
                 raise HarnessError(f"no interface {ifname} in {namespace}")
