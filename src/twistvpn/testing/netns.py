@@ -113,10 +113,10 @@ def _signals_safe_for_children() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        for signum in pending:
-            signal.raise_signal(signum)
+        for restored, old in previous.items():
+            signal.signal(restored, old)
+        for late in pending:
+            signal.raise_signal(late)
 
 
 @dataclass
