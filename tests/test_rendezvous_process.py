@@ -7,12 +7,10 @@ Every process started here is killed by its pid, also on failure.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,10 +26,10 @@ from twistvpn.node.forwarder import Forwarder
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import node_id_of
 from twistvpn.rendezvous.discovery import DiscoveryClient
+from twistvpn.rendezvous.localrun import LocalRendezvous
 from twistvpn.rendezvous.service import STATE_FILE
 from twistvpn.wireguard.keys import generate_private_key
 
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 CLI = "import sys; from twistvpn.cli import main; sys.exit(main())"
 
 
@@ -51,68 +49,15 @@ class RealProcess(TestCase):
         self.data_dir = os.path.join(self.tmp, "data")
         self.control_port = free_tcp_port()
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.process: subprocess.Popen[bytes] | None = None
+        self.rendezvous: LocalRendezvous | None = None
 
-    def start(self) -> defer.Deferred[dict[str, Any]]:
-        log = open(os.path.join(os.path.dirname(self.data_dir), "twistd.log"), "ab")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "twistvpn-rendezvous",
-                "--data-dir",
-                self.data_dir,
-                "--hostname",
-                "127.0.0.1",
-                "--control",
-                f"tcp:{self.control_port}:interface=127.0.0.1",
-                "--udp-port",
-                "0",
-                "--udp-port2",
-                "0",
-                "--udp-interface",
-                "127.0.0.1",
-                "--admin-http",
-                "tcp:0:interface=127.0.0.1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        self.process = process
-
-        def kill() -> None:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(10)
-
-        self.addCleanup(kill)
-        return self.wait_ready(process)
-
-    @defer.inlineCallbacks
-    def wait_ready(self, process: subprocess.Popen[bytes]) -> Any:
-        state = os.path.join(self.data_dir, STATE_FILE)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                self.fail(f"twistd exited with {process.returncode}")
-            if os.path.exists(state):
-                with open(state) as f:
-                    text = f.read()
-                if text.endswith("\n"):
-                    return json.loads(text)
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("the rendezvous did not become ready")
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        os.unlink(os.path.join(self.data_dir, STATE_FILE))
+    def start(self) -> dict[str, Any]:
+        if self.rendezvous is None:
+            log = open(os.path.join(self.tmp, "twistd.log"), "ab")
+            self.addCleanup(log.close)
+            self.rendezvous = LocalRendezvous(self.data_dir, self.control_port, log)
+            self.addCleanup(self.rendezvous.kill)
+        return self.rendezvous.start()
 
     @defer.inlineCallbacks
     def admin(self, *args: str, expect: int = 0) -> Any:
@@ -135,7 +80,7 @@ class RealProcess(TestCase):
 
     @defer.inlineCallbacks
     def test_admin_and_node(self) -> Any:
-        info = yield self.start()
+        info = self.start()
         d = ("--data-dir", self.data_dir)
         net = (yield self.admin(*d, "network", "create", "office")).strip()
         self.assertEqual(len(net), 16)
@@ -202,9 +147,9 @@ class RealProcess(TestCase):
         self.assertIn("bearer token", err)
 
         # kill -9 and restart: nothing lost, and the node comes back by itself
-        self.kill9()
+        self.rendezvous.kill(signal.SIGKILL)
         yield self.wait_for(lambda: not client.connected, "the node to notice")
-        yield self.start()
+        self.start()
         yield client.when_connected()
         yield self.wait_for(lambda: len(listener.maps()) >= 2, "the map after the restart")
         self.assertEqual(listener.maps()[-1].member(client.public_key).ip, "100.64.0.1")
@@ -218,6 +163,5 @@ class RealProcess(TestCase):
         self.assertEqual((yield self.admin(*d, "network", "list")).splitlines()[2:], [])
         # a clean stop removes the state file (twistd re-raises the signal
         # once it has shut down, so the status is "killed by SIGTERM")
-        self.process.send_signal(signal.SIGTERM)
-        self.assertEqual(self.process.wait(15), -signal.SIGTERM)
+        self.assertEqual(self.rendezvous.kill(signal.SIGTERM), -signal.SIGTERM)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, STATE_FILE)))
