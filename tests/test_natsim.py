@@ -4,13 +4,29 @@ The simulated NAT network: RFC 4787 behaviours, presets, the fake reactor.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.interfaces import IReactorTime, IReactorUDP, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from twistvpn.testing import natsim
-from twistvpn.testing.natsim import ADM, APDF, EIF, EIM, Internet, NATBehavior
+from twistvpn.testing.natsim import (
+    ADF,
+    ADM,
+    APDF,
+    APDM,
+    EIF,
+    EIM,
+    PRESERVE,
+    RANDOM,
+    SEQUENTIAL,
+    Internet,
+    NATBehavior,
+)
+
+PORTS = (PRESERVE, SEQUENTIAL, RANDOM)
 
 
 class Recorder(DatagramProtocol):
@@ -276,3 +292,41 @@ class ReactorTests(SynchronousTestCase):
     def test_bad_preset(self) -> None:
         self.assertRaises(ValueError, Internet().add_nat, "nonsense")
         self.assertRaises(ValueError, NATBehavior, mapping="sideways")
+
+
+class PropertyTests(SynchronousTestCase):
+    """RFC 4787's definitions, checked on random traffic."""
+
+    destinations = st.lists(
+        st.tuples(st.sampled_from(["203.0.113.50", "203.0.113.51", "198.51.100.7"]),
+                  st.sampled_from([1000, 2000, 3000])),
+        min_size=1, max_size=12)
+
+    @settings(max_examples=60, deadline=None)
+    @given(destinations, st.sampled_from([EIM, ADM, APDM]), st.sampled_from(list(PORTS)))
+    def test_mapping(self, sent, mapping, ports) -> None:
+        nat = Internet(seed=1).add_nat(NATBehavior(mapping, APDF, ports))
+        internal = ("192.168.1.2", 5000)
+        external = {dst: nat.outbound(internal, dst, 0.0) for dst in sent}
+        key = {EIM: lambda d: None, ADM: lambda d: d[0], APDM: lambda d: d}[mapping]
+        groups = {key(d) for d in external}
+        self.assertEqual(len(set(external.values())), len(groups))
+        for d1, p1 in external.items():
+            for d2, p2 in external.items():
+                self.assertEqual(p1 == p2, key(d1) == key(d2))
+
+    @settings(max_examples=60, deadline=None)
+    @given(destinations, st.tuples(st.sampled_from(["203.0.113.50", "203.0.113.99"]),
+                                   st.sampled_from([1000, 4000])),
+           st.sampled_from([EIF, ADF, APDF]))
+    def test_filtering(self, sent, source, filtering) -> None:
+        nat = Internet(seed=1).add_nat(NATBehavior(EIM, filtering))
+        internal = ("192.168.1.2", 5000)
+        port = 0
+        for dst in sent:
+            port = nat.outbound(internal, dst, 0.0)
+        allowed = {EIF: True, ADF: source[0] in {d[0] for d in sent},
+                   APDF: source in sent}[filtering]
+        self.assertEqual(nat.inbound(port, source, 1.0) == internal, allowed)
+        # After the timeout nothing gets in.
+        self.assertIsNone(nat.inbound(port, source, nat.behavior.timeout + 0.1))

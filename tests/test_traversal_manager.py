@@ -293,3 +293,37 @@ class HintTests(SynchronousTestCase):
         unknown = hints_from_observations(local, [("1.1.1.1", 5), None])
         self.assertIsNone(unknown.mapping_varies)
         self.assertFalse(unknown.easy or unknown.hard_random or unknown.sequential)
+
+
+class RoamingTests(SynchronousTestCase):
+    def test_roamed_to_relay_is_undone(self) -> None:
+        pair = Pair("easy", "easy", seed=1)
+        pair.start()
+        pair.run(5.0)
+        pair.internet.run(1.0)
+        manager = pair.a.manager
+        direct = manager.endpoint
+        relay = next(p["endpoint"] for p in manager.status()["paths"] if p["kind"] == "relay")
+        self.assertTrue(relay.startswith("relay:"))
+        # An authenticated packet came through the relay: WireGuard roamed.
+        pair.a.peer.endpoint = manager.relay_endpoint
+        pair.internet.run(3.0)
+        self.assertEqual(pair.a.peer.endpoint, direct)
+        self.assertIsNotNone(first(manager.events, "reasserted"))
+
+    def test_roamed_to_unverified_endpoint_is_probed(self) -> None:
+        pair = Pair("easy", "easy", seed=1, same_nat=True, hairpin=True)
+        pair.start()
+        pair.run(5.0)
+        pair.internet.run(1.0)
+        manager = pair.a.manager
+        lan = manager.endpoint
+        # Say B's packets arrived through the NAT's hairpin: a direct path
+        # the manager has dropped or never verified.
+        hairpin = next(p for p in manager._paths.values() if p.kind == "direct")
+        manager._forget(hairpin)
+        pair.a.peer.endpoint = hairpin.endpoint
+        pair.internet.run(3.0)
+        paths = {p["endpoint"]: p for p in manager.status()["paths"]}
+        self.assertIn("roaming", {p["strategy"] for p in paths.values()})
+        self.assertEqual(pair.a.peer.endpoint, lan)  # LAN still ranks first

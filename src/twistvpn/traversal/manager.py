@@ -32,6 +32,7 @@ from twistvpn.wireguard.keys import encode_key
 LAN, DIRECT, RELAY, NONE = "lan", "direct", "relay", "none"
 RANK = {LAN: 0, DIRECT: 1, RELAY: 2}
 KEEPALIVE = "keepalive"
+ROAMING = "roaming"
 
 
 @dataclass
@@ -163,6 +164,11 @@ class PathManager:
     @property
     def rtt(self) -> float | None:
         return self._current.rtt if self._current else None
+
+    @property
+    def relay_endpoint(self) -> Any:
+        """The relay path's endpoint, once the relay is open."""
+        return self._relay_endpoint
 
     @property
     def strategy(self) -> str | None:
@@ -446,6 +452,7 @@ class PathManager:
         if path is None or path.kind == RELAY or not self._running:
             return
         now = self.clock.seconds()
+        self._follow_roaming(path)
         if path.awaiting is not None:
             if now - path.awaiting >= self.config.dead_after:
                 self._lost(path)
@@ -461,6 +468,27 @@ class PathManager:
         self.keepalives_sent += 1
         self.probes.send_probe(self.peer_key, path.endpoint, KEEPALIVE)
         self._schedule_heartbeat(self.config.retry_interval)
+
+    def _follow_roaming(self, path: Path) -> None:
+        """
+        WireGuard moves a peer to wherever an authenticated packet came
+        from.  An endpoint we have not verified is probed, so that it
+        becomes a candidate (and wins if it ranks better); a known path
+        that ranks below ours yields to ours again while ours answers.
+        """
+        actual = self.peer.endpoint
+        if actual is None or actual == path.endpoint:
+            return
+        known = self._paths.get(actual)
+        if known is None:
+            if type(actual) is tuple or isinstance(actual, BoundEndpoint):
+                if actual not in self._triggered:
+                    self._triggered_check(actual, ROAMING, 1)
+            return
+        if path.awaiting is None:
+            self.peer.endpoint = path.endpoint
+            self.events.append((self.clock.seconds(), "reasserted", path.kind,
+                                f"{describe(path.endpoint)} over {describe(actual)}"))
 
     def _lost(self, path: Path) -> None:
         now = self.clock.seconds()
