@@ -1,11 +1,11 @@
 """
 Relayed against direct throughput on loopback, measured in the same run.
 
-Starts a rendezvous-side link server and a real C{twistd -n twistvpn-relay}
-(L{twistvpn.relay.loopback.Lab}), then moves the same stream of datagrams
+Starts the rendezvous's relay side and a real C{twistd -n twistvpn-relay}
+that logs in to it (L{twistvpn.relay.loopback.Lab}), then moves the same stream of datagrams
 between two peer processes three ways: directly (UDP socket to UDP
-socket), through the relay over UDP, and through the relay over TLS on
-TCP.  The peers run a go-back-N window and check every datagram's bytes;
+socket), through the standalone relay over UDP, and through it over TLS
+on TCP.  The peers run a go-back-N window and check every datagram's bytes;
 a run counts only if the receiver's digest of the whole stream is right.
 The datagrams are opaque to the relay, exactly as WireGuard messages are,
 so WireGuard's own encryption cost (the same on every path) is left out.

@@ -1,8 +1,10 @@
 """
-The relay as real processes on loopback: a rendezvous-side link server, a
-C{twistd -n twistvpn-relay} that logs in to it, and two peers that move a
-stream of datagrams through the relay, over UDP and over TLS, checking the
-bytes of every datagram on arrival and the digest of the whole stream.
+The relay as real processes on loopback: the rendezvous's relay side (a
+real controller, the embedded relay and the relay link, set up by
+C{attach_relays}), a C{twistd -n twistvpn-relay} that logs in to it, and two
+peers that move a stream of datagrams through a relay, over UDP and over
+TLS, checking the bytes of every datagram on arrival and the digest of the
+whole stream.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ class LoopbackRelayTests(SynchronousTestCase):
         self.addCleanup(self.lab.close)
         self.lab.start_relay()
 
-    def check(self, via: str) -> None:
-        sent, received = self.lab.transfer(via, COUNT, SIZE, timeout=60)
+    def check(self, via: str, relay: str = "standalone") -> None:
+        sent, received = self.lab.transfer(via, COUNT, SIZE, timeout=60, relay=relay)
         self.assertEqual(received["bad"], 0)
         self.assertEqual(received["bytes"], COUNT * SIZE)
         self.assertEqual(received["sha256"], expected_digest(COUNT, SIZE))
@@ -39,6 +41,20 @@ class LoopbackRelayTests(SynchronousTestCase):
 
     def test_tcp(self) -> None:
         self.check("tcp")
+
+    def test_embedded(self) -> None:
+        self.check("udp", relay="embedded")
+        self.check("tcp", relay="embedded")
+
+    def test_advertised(self) -> None:
+        """The rendezvous lists its own relay and the one that logged in."""
+        embedded, standalone = self.lab.relays()
+        self.assertEqual(embedded["id"], "embedded")
+        with open(os.path.join(self.lab.relay_dir, "relay.pub")) as f:
+            self.assertEqual(standalone["public_key"], f.read().strip())
+        for relay in (embedded, standalone):
+            self.assertNotEqual(relay["port"], 0)  # the bound ports, not the requested 0
+            self.assertNotEqual(relay["tcp_port"], 0)
 
 
 class PluginTests(SynchronousTestCase):
@@ -62,7 +78,7 @@ class PinTests(SynchronousTestCase):
         lab = Lab(tempfile.mkdtemp(prefix="twistvpn-relay-"))
         self.addCleanup(lab.close)
         lab.start_relay()
-        with open(lab.path("relays.json")) as f:
+        with open(lab.path("relays-standalone.json")) as f:
             relays = json.load(f)
         relays[0]["fingerprint"] = "00" * 32
         with open(lab.path("pinned.json"), "w") as f:

@@ -1,8 +1,9 @@
 """
 Real processes on loopback, for the relay's integration test and benchmark.
 
-C{python -m twistvpn.relay.loopback link-server ...} serves the relay link
-(the rendezvous's side) with a fixed membership table;
+C{python -m twistvpn.relay.loopback rendezvous ...} is the rendezvous's
+relay side (a real controller, the embedded relay and the relay link, as
+L{twistvpn.relay.service.attach_relays} sets them up);
 C{python -m twistvpn.relay.loopback peer ...} is a node that sends or
 receives a stream of datagrams through a relay (over UDP or TLS) or
 directly, with a go-back-N window so that every byte arrives, and checks
@@ -40,31 +41,70 @@ def payload(seq: int, size: int) -> bytes:
 # -- the processes' main programs ----------------------------------------------------
 
 
-def run_link_server(args: argparse.Namespace) -> None:
+class _Session:
+    """A control session that ignores pushes: the lab's nodes only use relays."""
+
+    def __init__(self, public_key: bytes) -> None:
+        self.public_key = public_key
+
+    def send_map(self, network_id: str, netmap: Any) -> None:
+        pass
+
+    def send_punch(self, network_id: str, punch: Any) -> None:
+        pass
+
+    def send_revoked(self, network_id: str, reason: str) -> None:
+        pass
+
+    def close(self, reason: str) -> None:
+        pass
+
+
+def run_rendezvous(args: argparse.Namespace) -> None:
+    """
+    The rendezvous's relay side, in a process of its own: a real controller
+    (sqlite in the lab's directory) whose network holds the lab's nodes, an
+    embedded relay and the link standalone relays log in to, all through
+    L{attach_relays}, the call the rendezvous makes.
+    """
+    from twisted.application.service import MultiService
     from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ServerEndpoint
-    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.internet.task import LoopingCall
 
-    from twistvpn.relay.link import RelayLinkServerFactory, RelayLinkService
-    from twistvpn.relay.policy import MembershipPolicy
+    from twistvpn.relay.service import attach_relays
     from twistvpn.rendezvous import tls
+    from twistvpn.rendezvous.controller import Controller
+    from twistvpn.rendezvous.database import get_db
 
-    policy = MembershipPolicy()
-    policy.set_members("lab", [keys.decode_key(k) for k in args.members])
-    cert, key = tls.make_self_signed("127.0.0.1")
-    server_private = keys.generate_private_key()
-    relay_keys = {keys.decode_key(k) for k in args.relay_key}
-    service = RelayLinkService(server_private, keys.public_key(server_private), policy,
-                               relay_keys.__contains__, lambda relays: _write_json(
-                                   args.relays_file, [dict(r) for r in relays]))
-    factory = TLSMemoryBIOFactory(tls.server_options(cert, key), False,
-                                  RelayLinkServerFactory(service))
+    controller = Controller(get_db(os.path.join(args.data_dir, "rendezvous.sqlite")), reactor)
+    network_id = controller.create_network("lab")["id"]
+    for text in args.members:
+        key = keys.decode_key(text)
+        controller.register_node(key, "lab", _Session(key))
+        controller.join(key, network_id)
+        controller.authorize(network_id, text)
+    cert, key_pem = tls.make_self_signed("127.0.0.1")
+    top = MultiService()
+    relays = attach_relays(top, reactor, controller, keys.generate_private_key(), cert, key_pem,
+                           "127.0.0.1", udp_port=0, tcp_port=0, interface="127.0.0.1",
+                           link="tcp:0:interface=127.0.0.1",
+                           relay_keys=[keys.decode_key(k) for k in args.relay_key])
+    top.startService()
+    assert relays.link_listener is not None and relays.link_listener.port is not None
+    port = relays.link_listener.port.getHost().port
+    url = f"twistvpn://127.0.0.1:{port}#sha256={tls.fingerprint(cert).hex()}"
+    _write_json(args.address_file, {"url": url, "network_id": network_id})
+    written: list[Any] = []
 
-    def listening(port: Any) -> None:
-        url = f"twistvpn://127.0.0.1:{port.getHost().port}#sha256={tls.fingerprint(cert).hex()}"
-        _write_json(args.address_file, {"url": url})
+    def publish() -> None:
+        # What network maps carry: the embedded relay, then linked ones.
+        current = [dict(r) for r in controller.relays]
+        if current != written:
+            written[:] = current
+            _write_json(args.relays_file, current)
 
-    TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(listening)
+    LoopingCall(publish).start(0.1)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
 
 
@@ -222,9 +262,10 @@ def _write_json(path: str, value: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m twistvpn.relay.loopback")
     sub = parser.add_subparsers(dest="command", required=True)
-    link = sub.add_parser("link-server")
+    link = sub.add_parser("rendezvous")
     link.add_argument("--members", nargs="+", required=True)
     link.add_argument("--relay-key", nargs="+", required=True)
+    link.add_argument("--data-dir", required=True)
     link.add_argument("--address-file", required=True)
     link.add_argument("--relays-file", required=True)
     peer = sub.add_parser("peer")
@@ -241,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     peer.add_argument("--window", type=int, default=128)
     peer.add_argument("--rto", type=float, default=0.3)
     args = parser.parse_args(argv)
-    if args.command == "link-server":
-        run_link_server(args)
+    if args.command == "rendezvous":
+        run_rendezvous(args)
     else:
         run_peer(args)
 
@@ -256,7 +297,7 @@ class LabError(Exception):
 
 class Lab:
     """
-    A rendezvous-side link server, a C{twistd -n twistvpn-relay} and peers,
+    The rendezvous's relay side, a C{twistd -n twistvpn-relay} and peers,
     on loopback in C{directory}.  Every process is stopped by its pid in
     L{close}, which callers run also on failure.
     """
@@ -309,15 +350,18 @@ class Lab:
             return ""
 
     def start_relay(self) -> None:
-        """The link server, then a real twistd relay that logs in to it."""
+        """
+        The rendezvous's relay side (embedded relay and link), then a real
+        twistd relay that logs in to it; C{relays.json} then lists both.
+        """
         from twistvpn.relay.service import load_or_create_private_key
 
         relay_private = load_or_create_private_key(os.path.join(self.relay_dir, "relay.key"))
         relay_key = keys.encode_key(keys.public_key(relay_private))
-        server = self.spawn([self.python, "-m", "twistvpn.relay.loopback", "link-server",
+        server = self.spawn([self.python, "-m", "twistvpn.relay.loopback", "rendezvous",
                              "--members", *self.node_keys.values(), "--relay-key", relay_key,
-                             "--address-file", self.path("address.json"),
-                             "--relays-file", self.path("relays.json")], "link-server")
+                             "--data-dir", self.dir, "--address-file", self.path("address.json"),
+                             "--relays-file", self.path("relays.json")], "rendezvous")
         url = self.wait_json("address.json", 30, server)["url"]
         twistd = os.path.join(os.path.dirname(self.python), "twistd")
         self.relay = self.spawn([twistd, "-n", "--pidfile=", "-l", self.path("relay.log"),
@@ -327,13 +371,33 @@ class Lab:
                                  "--data-dir", self.relay_dir, "--admin", "none",
                                  "--node-rate", "100000", "--global-rate", "100000"],
                                 "relay-stdout")
-        self.wait_json("relays.json", 30, self.relay)
+        deadline = time.monotonic() + 30
+        while len(self.relays()) < 2:
+            if time.monotonic() > deadline or self.relay.poll() is not None:
+                raise LabError("the standalone relay did not log in: " + self.tail(self.relay))
+            time.sleep(0.05)
+        for i, relay in enumerate(self.relays()):
+            name = "embedded" if i == 0 else "standalone"
+            _write_json(self.path(f"relays-{name}.json"), [relay])
+
+    def relays(self) -> list[dict[str, Any]]:
+        """The relays the rendezvous advertises now."""
+        try:
+            with open(self.path("relays.json")) as f:
+                return list(json.load(f))
+        except (OSError, ValueError):
+            return []
 
     def transfer(self, via: str, count: int, size: int = 1200, window: int = 128,
-                 timeout: float = 120) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Send C{count} datagrams of C{size} bytes; (sender's, receiver's) results."""
-        tag = f"{via}-{count}-{size}"
-        relays = self.path("relays.json") if via != "direct" else self._no_relays()
+                 timeout: float = 120, relay: str = "standalone",
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """
+        Send C{count} datagrams of C{size} bytes (C{via} "udp" or "tcp"
+        through the C{relay} "standalone" or "embedded", or "direct");
+        return the sender's and the receiver's results.
+        """
+        tag = f"{via}-{relay}-{count}-{size}"
+        relays = self.path(f"relays-{relay}.json") if via != "direct" else self._no_relays()
         common = ["--via", via, "--relays-file", relays, "--count", str(count),
                   "--size", str(size), "--window", str(window)]
         receiver = self.spawn([self.python, "-m", "twistvpn.relay.loopback", "peer", "receive",

@@ -22,6 +22,7 @@ from twistvpn.relay.service import (
     StartStopService,
     StreamListenService,
     admin_site,
+    bound_info,
     load_or_create_private_key,
     load_or_create_tls,
     relay_services,
@@ -139,9 +140,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
 
     def announce(link_protocol: Any) -> RelayInfo:
         host = config["public-host"] or link_protocol.transport.getHost().host
-        udp = top.getServiceNamed("udp").port.getHost().port
-        tcp = top.getServiceNamed("tcp").port.getHost().port
-        return RelayInfo(relay_id, host, udp, tcp, public, fingerprint)
+        return bound_info(top, relay_id, host, public, fingerprint)
 
     address = config["rendezvous-address"]
     endpoint = wrapClientTLS(tls.client_creator(address),

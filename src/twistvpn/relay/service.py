@@ -194,6 +194,20 @@ def admin_site(server: RelayServer) -> web_server.Site:
 # -- embedding in the rendezvous -------------------------------------------------
 
 
+def bound_info(services: service.MultiService, relay_id: str, host: str, public_key: bytes,
+               fingerprint: str, udp_port: int = 0, tcp_port: int = 0) -> RelayInfo:
+    """
+    The map entry of the relay whose sockets are C{services} (from
+    L{relay_services}), with the ports they are bound to (the requested
+    ones until they listen).
+    """
+    ports = []
+    for name, requested in (("udp", udp_port), ("tcp", tcp_port)):
+        port = services.getServiceNamed(name).port  # type: ignore[attr-defined]
+        ports.append(port.getHost().port if port is not None else requested)
+    return RelayInfo(relay_id, host, ports[0], ports[1], public_key, fingerprint)
+
+
 @dataclass
 class EmbeddedRelay:
     """What the rendezvous holds of the relay it embeds."""
@@ -201,12 +215,21 @@ class EmbeddedRelay:
     service: service.MultiService  # hang on the rendezvous's MultiService
     server: RelayServer  # server.stats() for the admin API
     membership: ControllerMembership  # call membership.refresh() after a change
-    info: RelayInfo  # its entry for network maps: info.to_map()
+    host: str
+    udp_port: int
+    tcp_port: int
+    fingerprint: str
+
+    @property
+    def info(self) -> RelayInfo:
+        """Its entry for network maps (C{info.to_map()})."""
+        return bound_info(self.service, self.server.relay_id, self.host, self.server.public_key,
+                          self.fingerprint, self.udp_port, self.tcp_port)
 
 
 def embedded_relay(reactor: Any, controller: Any, private_key: bytes, cert_pem: bytes,
                    key_pem: bytes, host: str, udp_port: int = 443, tcp_port: int = 443,
-                   tcp_interface: str = "", limits: RelayLimits | None = None,
+                   interface: str = "", limits: RelayLimits | None = None,
                    relay_id: str = "embedded",
                    membership: ControllerMembership | None = None) -> EmbeddedRelay:
     """
@@ -220,13 +243,34 @@ def embedded_relay(reactor: Any, controller: Any, private_key: bytes, cert_pem: 
         membership = ControllerMembership(controller, reactor)
     relay = RelayServer(reactor, private_key, keys.public_key(private_key), membership.policy,
                         limits, relay_id=relay_id)
-    tcp = f"tcp:{tcp_port}" + (f":interface={tcp_interface}" if tcp_interface else "")
-    services = relay_services(reactor, relay, udp_port, tcp, tls.server_options(cert_pem, key_pem))
+    tcp = f"tcp:{tcp_port}" + (f":interface={interface}" if interface else "")
+    services = relay_services(reactor, relay, udp_port, tcp, tls.server_options(cert_pem, key_pem),
+                              udp_interface=interface)
     if own_membership:
         StartStopService(membership).setServiceParent(services)
-    info = RelayInfo(relay_id, host, udp_port, tcp_port, relay.public_key,
-                     tls.fingerprint(cert_pem).hex())
-    return EmbeddedRelay(services, relay, membership, info)
+    return EmbeddedRelay(services, relay, membership, host, udp_port, tcp_port,
+                         tls.fingerprint(cert_pem).hex())
+
+
+class _Advertiser:
+    """Keeps C{controller.relays} (what network maps list) current."""
+
+    def __init__(self, controller: Any, embedded: EmbeddedRelay | None) -> None:
+        self.controller = controller
+        self.embedded = embedded
+        self.linked: tuple[dict[str, Any], ...] = ()
+
+    def update(self, linked: tuple[dict[str, Any], ...] | None = None) -> None:
+        if linked is not None:
+            self.linked = linked
+        own = (self.embedded.info.to_map(),) if self.embedded is not None else ()
+        self.controller.relays = own + self.linked
+
+    def start(self) -> None:
+        self.update()  # the embedded relay's ports are bound by now
+
+    def stop(self) -> None:
+        pass
 
 
 # -- everything the rendezvous hosts for relays ------------------------------------------
@@ -252,12 +296,13 @@ class RendezvousRelays:
 def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
                   server_private: bytes, cert_pem: bytes, key_pem: bytes,
                   host: str | None, *, embedded: bool = True, udp_port: int = 443,
-                  tcp_port: int = 443, link: str | None = None,
+                  tcp_port: int = 443, interface: str = "", link: str | None = None,
                   relay_keys: Iterable[bytes] = (),
                   limits: RelayLimits | None = None) -> RendezvousRelays:
     """
     Hang the rendezvous's relay services on C{parent}: the embedded relay
-    (unless C{embedded} is False, C{--no-relay}) at C{host}, an IP address,
+    (unless C{embedded} is False, C{--no-relay}) at C{host}, an IP address
+    (its sockets bound to C{interface}, default all),
     and, when C{link} is a server endpoint, the link standalone relays whose
     keys are in C{relay_keys} log in to (TLS with the rendezvous's own
     certificate, so its C{twistvpn://} fingerprint is theirs too).  Keeps
@@ -270,21 +315,17 @@ def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
         if host is None:
             raise ValueError("the embedded relay needs the IP address nodes reach it at")
         mine = embedded_relay(reactor, controller, server_private, cert_pem, key_pem, host,
-                              udp_port, tcp_port, limits=limits, membership=membership)
+                              udp_port, tcp_port, interface, limits=limits, membership=membership)
         mine.service.setServiceParent(parent)
-    own = (mine.info.to_map(),) if mine is not None else ()
-    controller.relays = own
+    advertiser = _Advertiser(controller, mine)
+    advertiser.update()
     link_service: RelayLinkService | None = None
     listener: StreamListenService | None = None
     if link is not None:
         authorized = frozenset(relay_keys)
-
-        def relays_changed(linked: tuple[dict[str, Any], ...]) -> None:
-            controller.relays = own + linked
-
         link_service = RelayLinkService(server_private, keys.public_key(server_private),
                                         membership.policy, authorized.__contains__,
-                                        relays_changed)
+                                        advertiser.update)
         listener = StreamListenService(
             serverFromString(reactor, link),
             TLSMemoryBIOFactory(tls.server_options(cert_pem, key_pem), False,
@@ -292,4 +333,5 @@ def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
         )
         listener.setName("relay-link")
         listener.setServiceParent(parent)
+    StartStopService(advertiser).setServiceParent(parent)
     return RendezvousRelays(membership, mine, link_service, listener)
