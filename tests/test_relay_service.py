@@ -168,6 +168,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual([p for p, _ in reactor.udp], [3481])
         self.assertEqual(sorted(s[0] for s in reactor.tcpServers), [4444, 8449])
         self.assertEqual(len(reactor.tcpClients), 1)  # the link to the rendezvous
+        admin = dict((s[0], s[1]) for s in reactor.tcpServers)[8449]
+        page = admin.resource.getChildWithDefault(b"stats", DummyRequest([b"stats"]))
+        stats = json.loads(page.render_GET(DummyRequest([b"stats"])))
+        self.assertEqual(stats["rendezvous"]["connected"], False)
+        self.assertEqual(stats["public_key"], relay_tap.keys.encode_key(
+            relay_tap.keys.public_key(options["private-key"])))
         with open(os.path.join(data, "relay.pub")) as f:
             key = f.read().strip()
         with open(os.path.join(data, "relay.key")) as f:

@@ -345,6 +345,7 @@ class RelayLink:
         if self.protocol is not protocol:
             return
         self.protocol = None
+        self.synced = False
         self._cancel_stale()
         self._stale_call = self.clock.callLater(self.stale_after, self._stale)
 

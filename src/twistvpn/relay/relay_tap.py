@@ -148,8 +148,14 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     link = RelayLink(reactor, endpoint, private, public, policy, announce)
     StartStopService(link).setServiceParent(top)
     if config["admin"] != "none":
+        def link_state() -> dict[str, Any]:
+            return {"rendezvous": {"url": config["rendezvous"],
+                                   "connected": link.protocol is not None,
+                                   "synced": link.synced,
+                                   "networks": len(policy.networks())}}
+
         StreamListenService(serverFromString(reactor, config["admin"]),
-                            admin_site(relay)).setServiceParent(top)
+                            admin_site(relay, link_state)).setServiceParent(top)
     pub_path = os.path.join(config["data-dir"], "relay.pub")
     with open(pub_path, "w") as f:
         f.write(keys.encode_key(public) + "\n")

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from twistvpn.interfaces import IRelayPolicy
 from twistvpn.relay import protocol as p
+from twistvpn.wireguard.keys import encode_key
 
 _COOKIE_TIME = struct.Struct(">Q")
 _RECV_HEADER = p.header(p.RECV)
@@ -280,7 +281,7 @@ class RelayServer:
         sessions = collections.Counter(s.kind for s in self._by_key.values())
         return {
             "relay_id": self.relay_id,
-            "public_key": self.public_key.hex(),
+            "public_key": encode_key(self.public_key),
             "sessions_udp": sessions["udp"],
             "sessions_tcp": sessions["tcp"],
             "tcp_connections": len(self._streams),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,18 +176,25 @@ class StatsResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, relay: RelayServer) -> None:
+    def __init__(self, relay: RelayServer,
+                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.relay = relay
+        self.extra = extra
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.relay.stats(), indent=1).encode() + b"\n"
+        stats = self.relay.stats()
+        if self.extra is not None:
+            stats.update(self.extra())
+        return json.dumps(stats, indent=1).encode() + b"\n"
 
 
-def admin_site(server: RelayServer) -> web_server.Site:
+def admin_site(server: RelayServer,
+               extra: Callable[[], dict[str, Any]] | None = None) -> web_server.Site:
+    """The standalone relay's admin page; C{extra} adds facts (the link's state)."""
     root = resource.Resource()
-    root.putChild(b"stats", StatsResource(server))
+    root.putChild(b"stats", StatsResource(server, extra))
     return web_server.Site(root)
 
 
