@@ -231,6 +231,19 @@ class FallbackTests(SynchronousTestCase):
         world.net.run(1)
         self.assertEqual(b.wireguard.received[-1][0], data_message(8))
 
+    def test_relay_restart_noticed_by_data(self) -> None:
+        """Data to a relay that forgot us gets a refusal and a new registration at once."""
+        world = World()
+        a, b = world.registered_pair()
+        world.server._end(world.server.session(a.key))
+        a.send_to(b, data_message(1))  # lost: the relay no longer knows the token
+        world.net.run(0.1)
+        self.assertEqual(a.client.counters["relay_forgot"], 1)
+        a.send_to(b, data_message(2))  # queued while registering again
+        world.net.run(0.5)
+        self.assertEqual([d for d, _ in b.wireguard.received], [data_message(2)])
+        self.assertEqual(world.server.counters["drop_unknown_token"], 1)
+
     def test_relay_forgets(self) -> None:
         """A relay that lost our session (restart, idle) is re-registered with."""
         world = World()

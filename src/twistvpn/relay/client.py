@@ -290,6 +290,13 @@ class _Link:
                 return
             self.registered(path, frame[2:])
         elif kind == p.REFUSED:
+            if frame[2] == p.REFUSED_UNKNOWN_SESSION:
+                if path == "udp" and self.via == "udp" and self.registering is None:
+                    # The relay forgot us (restart, idle): register again now.
+                    self.client.counters["relay_forgot"] += 1
+                    self.reset()
+                    self.ensure()
+                return
             if self.registering != path:
                 return
             self.client.counters["refused"] += 1

@@ -17,7 +17,7 @@ Relay to node::
 
     CHALLENGE  F5 11 challenge(24)
     WELCOME    F5 13 token(8)
-    REFUSED    F5 14 reason(1)
+    REFUSED    F5 14 reason(1)                          (also: unknown token)
     RECV       F5 02 src_key(32) datagram               a datagram from src_key
     PONG       F5 21 nonce(8) known(1)                  known: the token was valid
 
@@ -56,6 +56,7 @@ BYE = 0x30
 REFUSED_BAD_PROOF = 1
 REFUSED_NOT_AUTHORIZED = 2
 REFUSED_FULL = 3
+REFUSED_UNKNOWN_SESSION = 4  # a SEND with a token the relay does not know
 
 # Offsets of a SEND frame's fields: the hot path slices at these.
 SEND_DST = 2 + TOKEN

@@ -33,6 +33,7 @@ from twistvpn.wireguard.keys import encode_key
 
 _COOKIE_TIME = struct.Struct(">Q")
 _RECV_HEADER = p.header(p.RECV)
+_UNKNOWN_SESSION = p.refused(p.REFUSED_UNKNOWN_SESSION)
 COOKIE_LIFETIME = 30.0
 
 
@@ -303,7 +304,11 @@ class RelayServer:
         if len(frame) >= p.SEND_PAYLOAD + 1 and frame[1] == p.SEND and frame[0] == 0xF5:
             session = self._by_token.get(frame[2 : 2 + p.TOKEN])
             if session is None:
+                # The relay restarted or ended the session: say so, so that
+                # the node registers again now rather than at its next
+                # keepalive.  Three bytes for at least 43: no amplification.
                 self.drop("unknown_token")
+                self._udp_out(_UNKNOWN_SESSION, addr)
                 return
             if session.addr != addr:
                 # NAT rebinding: the token is the credential, follow it.
