@@ -233,3 +233,22 @@ class ChoiceTests(SynchronousTestCase):
 
 
 
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_unreachable_relay_is_retried_less_and_less(self) -> None:
+        world = World()
+        a, b = world.pair(a_blocked=True)
+        attempts: list[float] = []
+
+        def refuse(info: Any, receiver: Any) -> Any:
+            attempts.append(world.clock.seconds())
+            return fail(ConnectionRefusedError())
+
+        a.client.connect_stream = refuse
+        a.client.relay_endpoint(b.key)
+        world.net.run(400)
+        gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+        self.assertGreater(len(gaps), 4)
+        self.assertEqual(gaps, sorted(gaps))  # never more often than before
+        self.assertLessEqual(max(gaps), 60 + 3 + 1)  # capped (plus the UDP tries)

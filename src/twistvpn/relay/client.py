@@ -93,7 +93,8 @@ class RelayClientTimings:
     keepalive: float = 20.0  # ping the relay this often while registered
     dead_after: float = 65.0  # nothing heard for this long: register again
     udp_retry: float = 30.0  # on TCP, probe UDP this often
-    reconnect: float = 5.0  # after a failure or a refusal, retry after this
+    reconnect: float = 5.0  # after a failure or a refusal, retry after this,
+    reconnect_max: float = 60.0  # doubling with each failure in a row, up to this
     rtt_interval: float = 60.0  # measure every relay's RTT this often
     idle_close: float = 180.0  # leave a relay that is not home and carried nothing
     queue_frames: int = 64  # datagrams held while registering
@@ -175,6 +176,7 @@ class _Link:
         self._tick: IDelayedCall | None = None
         self.closed = False
         self.waiters: list[Deferred[None]] = []
+        self.failures = 0  # registrations failed in a row, for the backoff
 
     # -- timers -------------------------------------------------------------------
 
@@ -250,7 +252,10 @@ class _Link:
         self.registering = None
         self._fail_waiters(RelayUnavailableError(f"relay {self.info.relay_id} is unreachable"))
         if not self.closed and not self.up:
-            self._later(self.client.timings.reconnect, self.ensure)
+            timings = self.client.timings
+            delay = min(timings.reconnect * 2 ** min(self.failures, 16), timings.reconnect_max)
+            self.failures += 1
+            self._later(delay, self.ensure)
 
     def _drop_stream(self) -> None:
         if self.stream is not None:
@@ -314,6 +319,7 @@ class _Link:
         self.registering = None
         self.via = path
         self.token = token
+        self.failures = 0
         self.client.counters["registered_" + path] += 1
         if path == "udp":
             # Back on UDP: the relay already dropped our TCP session.
