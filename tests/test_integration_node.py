@@ -86,6 +86,23 @@ class InteropTests(NamespaceTestCase):
         self.assertStopsCleanly(a)
         self.assertStopsCleanly(b)
 
+    def test_preshared_keys_and_keepalive(self) -> None:
+        """PresharedKey and PersistentKeepalive interoperate both ways."""
+        a, b = netns.build_mesh(
+            self.network, [TWISTVPN, WIREGUARD_GO], preshared_keys=True, keepalive=1
+        )
+        self.assertIsNotNone(a.peers[0].preshared_key)
+        self.assertPingClean(a, b)
+        self.assertPingClean(b, a)
+
+        # With no traffic, keepalives keep arriving from twistvpn every second.
+        def received() -> int:
+            out = self.network.run(b.namespace, ["wg", "show", b.ifname, "transfer"]).stdout
+            return int(out.decode().split()[1])
+
+        before = received()
+        netns.wait_for(lambda: received() >= before + 32 * 2, 10, "twistvpn's keepalives")
+
     def test_wireguard_go_restarted_mid_transfer(self) -> None:
         """
         wireguard-go forgets its sessions when restarted; the transfer (TCP

@@ -670,6 +670,13 @@ def generate_keypair() -> tuple[str, str]:
     return encode_key(private), encode_key(public_key(private))
 
 
+def generate_preshared_key() -> str:
+    from twistvpn.wireguard.keys import encode_key
+    from twistvpn.wireguard.keys import generate_preshared_key as generate
+
+    return encode_key(generate())
+
+
 def build_mesh(
     network: Network,
     kinds: Sequence[str],
@@ -677,13 +684,14 @@ def build_mesh(
     mtu: int = 1420,
     link_mtu: int = 1500,
     keepalive: int = 0,
+    preshared_keys: bool = False,
     start: bool = True,
 ) -> list[VpnNode]:
     """
     One namespace per entry of C{kinds} on a simulated internet
     (203.0.113.0/24: a veth pair for two hosts, a bridge for more), each
-    running that kind of VPN configured with every other as a peer, the
-    overlay in 100.64.0.0/24.
+    running that kind of VPN configured with every other as a peer (with a
+    preshared key per pair if asked), the overlay in 100.64.0.0/24.
     """
     labels = [chr(ord("a") + i) for i in range(len(kinds))]
     namespaces = [network.add_namespace(label) for label in labels]
@@ -712,12 +720,18 @@ def build_mesh(
                 mtu,
             )
         )
+    psks = {
+        frozenset((a.label, b.label)): generate_preshared_key() if preshared_keys else None
+        for a in nodes
+        for b in nodes
+    }
     for node in nodes:
         node.peers = [
             PeerSpec(
                 other.public_key,
                 [f"{other.overlay_ip}/32"],
                 f"{other.underlay_ip}:{WG_PORT}",
+                preshared_key=psks[frozenset((node.label, other.label))],
                 persistent_keepalive=keepalive,
             )
             for other in nodes
