@@ -78,8 +78,28 @@ class NamespaceTestCase(unittest.TestCase):
 
 class InteropTests(NamespaceTestCase):
     def test_twistvpn_and_wireguard_go(self) -> None:
-        a, _ = self.check_pair([TWISTVPN, WIREGUARD_GO])
+        a, b = self.check_pair([TWISTVPN, WIREGUARD_GO])
+        self.assertShownByWg(a, b)
         self.assertStopsCleanly(a)
+        self.assertFalse(
+            (netns.WIREGUARD_SOCKET_DIR / f"{a.ifname}.sock").exists(),
+            "the control socket outlived the node",
+        )
+
+    def assertShownByWg(self, node: netns.VpnNode, peer: netns.VpnNode) -> None:
+        """`wg show` reads a twistvpn node's control socket as wireguard-go's."""
+        dump = self.network.run(node.namespace, ["wg", "show", node.ifname, "dump"])
+        interface, *peers = [line.split("\t") for line in dump.stdout.decode().splitlines()]
+        self.assertEqual(interface[:3], [node.private_key, node.public_key, str(netns.WG_PORT)])
+        [fields] = peers
+        key, _psk, endpoint, allowed, handshake, rx, tx, _keepalive = fields
+        self.assertEqual(
+            (key, endpoint, allowed),
+            (peer.public_key, f"{peer.underlay_ip}:{netns.WG_PORT}", f"{peer.overlay_ip}/32"),
+        )
+        self.assertGreater(int(handshake), 0)
+        self.assertGreater(int(rx), TRANSFER_BYTES)
+        self.assertGreater(int(tx), TRANSFER_BYTES)
 
     def test_twistvpn_and_twistvpn(self) -> None:
         a, b = self.check_pair([TWISTVPN, TWISTVPN])

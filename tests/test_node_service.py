@@ -120,6 +120,30 @@ class FakeWireGuardDevice:
         self.closed = True
 
 
+class FakeNode:
+    """A node service on in-memory fakes, and the fakes it made."""
+
+    def __init__(self, reactor: MemoryReactor, config: Any, **kwargs: Any) -> None:
+        self.tuns: list[FakeTunDevice] = []
+        self.devices: list[FakeWireGuardDevice] = []
+        self.service = StaticNodeService(
+            reactor,
+            config,
+            interface_name="tvtest0",
+            open_tun=self._open_tun,
+            make_device=self._make_device,
+            **kwargs,
+        )
+
+    def _open_tun(self, name: str, mtu: int) -> FakeTunDevice:
+        self.tuns.append(FakeTunDevice(name, mtu))
+        return self.tuns[-1]
+
+    def _make_device(self, *args: Any) -> FakeWireGuardDevice:
+        self.devices.append(FakeWireGuardDevice(*args))
+        return self.devices[-1]
+
+
 class StaticNodeServiceTests(unittest.TestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactor()
@@ -128,22 +152,10 @@ class StaticNodeServiceTests(unittest.TestCase):
         self.service = self.make_service(parse_config(CONFIG, "wg0.conf"))
 
     def make_service(self, config: Any, **kwargs: Any) -> StaticNodeService:
-        def open_tun(name: str, mtu: int) -> FakeTunDevice:
-            self.tuns.append(FakeTunDevice(name, mtu))
-            return self.tuns[-1]
-
-        def make_device(*args: Any) -> FakeWireGuardDevice:
-            self.devices.append(FakeWireGuardDevice(*args))
-            return self.devices[-1]
-
-        return StaticNodeService(
-            self.reactor,
-            config,
-            interface_name="tvtest0",
-            open_tun=open_tun,
-            make_device=make_device,
-            **kwargs,
-        )
+        node = FakeNode(self.reactor, config, **kwargs)
+        # Share the lists, so tests see what any service of theirs made.
+        node.tuns, node.devices = self.tuns, self.devices
+        return node.service
 
     def test_fakes(self) -> None:
         device = FakeWireGuardDevice(PRIVATE, self.reactor, None, None)
@@ -313,3 +325,7 @@ class OptionsTests(unittest.TestCase):
         node = top.getServiceNamed("node")
         self.assertIsInstance(node, StaticNodeService)
         self.assertFalse(node.running)
+        self.assertEqual(node._control_socket, "/var/run/wireguard/tvx2.sock")
+        options = self.parse("--config", self.write(), "--control-dir", "")
+        node = node_tap.makeService(options, reactor=MemoryReactor()).getServiceNamed("node")
+        self.assertIsNone(node._control_socket)

@@ -5,6 +5,7 @@ C{twistd twistvpn-node}: the node service's options and construction.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -31,6 +32,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
         ["interface", "i", DEFAULT_NAME, "Name of the TUN device to create."],
+        [
+            "control-dir",
+            None,
+            "/var/run/wireguard",
+            "Directory of the read-only control socket <interface>.sock that `wg show` "
+            "reads, as wireguard-go's; empty: none.",
+        ],
         [
             "private-key-file",
             None,
@@ -96,6 +104,11 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         interface_name=config["interface"],
         open_tun=lambda name, mtu: TunDevice(reactor, name, mtu),
         make_device=WireGuardDevice,
+        control_socket=(
+            os.path.join(config["control-dir"], f"{config['interface']}.sock")
+            if config["control-dir"]
+            else None
+        ),
     )
     node.setName("node")
     node.setServiceParent(top)

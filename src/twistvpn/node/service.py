@@ -9,18 +9,22 @@ WireGuard device and a L{MemoryReactor}.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from twistvpn.node.config import InterfaceConfig, PeerConfig
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.tun import DEFAULT_MTU
+from twistvpn.node.uapi import PeerStatus, UAPIFactory, claim_socket_path, format_get
 from twistvpn.wireguard.keys import encode_key, public_key
 
 # Interface-typed values are Any: mypy cannot check zope interfaces.
@@ -107,6 +111,8 @@ class StaticNodeService(service.Service):
         make_device: DeviceFactory,
         resolve: Resolver = resolve_endpoint,
         listen_interface: str = "::",
+        control_socket: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -115,6 +121,9 @@ class StaticNodeService(service.Service):
         self._make_device = make_device
         self._resolve = resolve
         self._listen_interface = listen_interface
+        self._control_socket = control_socket
+        self._wall_clock = wall_clock
+        self.control_port: Any = None
         self.tun: Any = None  # ITunDevice
         self.device: Any = None  # IWireGuardDevice
         self.forwarder: Forwarder | None = None
@@ -169,6 +178,11 @@ class StaticNodeService(service.Service):
                 name=tun.name,
             )
         self.port = self._listen(config.listen_port or 0, forwarder)
+        if self._control_socket:
+            claim_socket_path(self._control_socket)
+            self.control_port = self._reactor.listenUNIX(
+                self._control_socket, UAPIFactory(self.describe), mode=0o600
+            )
         tun.start_reading(device.send_packet)
         self.log.info(
             "twistvpn node up: interface {name} (mtu {mtu}) addresses {addresses}, "
@@ -193,6 +207,31 @@ class StaticNodeService(service.Service):
                 ),
             )
 
+    def describe(self) -> str:
+        """The node's state in the control socket's C{get=1} form (for C{wg show})."""
+        if self.device is None:
+            return f"errno={errno.ENODEV}\n\n"
+        configured = {p.public_key: p for p in self._config.peers}
+        elapsed = self._wall_clock() - self._reactor.seconds()
+        statuses = []
+        for peer in self.device.peers():
+            config = configured.get(peer.public_key)
+            statuses.append(
+                PeerStatus(
+                    public_key=peer.public_key,
+                    preshared_key=None if config is None else config.preshared_key,
+                    endpoint=peer.endpoint,
+                    allowed_ips=tuple(peer.allowed_ips),
+                    last_handshake_wall=(
+                        None if peer.last_handshake is None else peer.last_handshake + elapsed
+                    ),
+                    rx_bytes=peer.rx_bytes,
+                    tx_bytes=peer.tx_bytes,
+                    persistent_keepalive=0 if config is None else config.persistent_keepalive,
+                )
+            )
+        return format_get(self._config.private_key, self.listening_port, statuses)
+
     def _listen(self, port: int, forwarder: Forwarder) -> Any:
         try:
             listening = self._reactor.listenUDP(port, forwarder, interface=self._listen_interface)
@@ -206,17 +245,23 @@ class StaticNodeService(service.Service):
             _enlarge_buffers(sock)
         return listening
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
-        self._teardown()
+        stopped = self._teardown()
         self.log.info("twistvpn node down: {name} removed", name=self._interface_name)
-        return None
+        # twistd waits for the sockets to be closed (and the control socket
+        # file unlinked) before the reactor stops.
+        return gatherResults(stopped, consumeErrors=True)
 
-    def _teardown(self) -> None:
+    def _teardown(self) -> list[Deferred[Any]]:
+        stopped: list[Deferred[Any]] = []
+        if self.control_port is not None:
+            stopped.append(maybeDeferred(self.control_port.stopListening))
+            self.control_port = None
         if self.tun is not None:
             self.tun.stop_reading()
         if self.port is not None:
-            self.port.stopListening()
+            stopped.append(maybeDeferred(self.port.stopListening))
             self.port = None
         if self.device is not None:
             self.device.close()
@@ -224,3 +269,4 @@ class StaticNodeService(service.Service):
         if self.tun is not None:
             self.tun.close()
             self.tun = None
+        return stopped

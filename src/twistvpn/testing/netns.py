@@ -534,6 +534,8 @@ def start_twistvpn_node(
     device is up, and return the process.
     """
     config = network.write_private(f"{ifname}.conf", config_text)
+    # Its control socket (for `wg show`), should the node be killed.
+    network.track_socket(WIREGUARD_SOCKET_DIR / f"{ifname}.sock")
     process = network.spawn(
         namespace,
         [
