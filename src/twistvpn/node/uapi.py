@@ -77,10 +77,11 @@ class UAPIProtocol(Protocol):
         self._buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
+        transport: Any = self.transport  # ITransport; mypy cannot check zope interfaces
         self._buffer += data
         if b"\n\n" not in self._buffer:
             if len(self._buffer) > MAX_REQUEST:
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                transport.loseConnection()
             return
         command = self._buffer.split(b"\n", 1)[0]
         if command == b"get=1":
@@ -89,12 +90,12 @@ class UAPIProtocol(Protocol):
             answer = f"errno={errno.EPERM}\n\n"
         else:
             answer = f"errno={errno.EINVAL}\n\n"
-        self.transport.write(answer.encode("ascii"))  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        transport.write(answer.encode("ascii"))
+        transport.loseConnection()
 
 
 class UAPIFactory(Factory):
-    protocol = UAPIProtocol
+    protocol = UAPIProtocol  # type: ignore[assignment]
 
     def __init__(self, describe: Callable[[], str]) -> None:
         self.describe = describe
