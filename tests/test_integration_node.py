@@ -100,6 +100,11 @@ class InteropTests(NamespaceTestCase):
         self.assertGreater(int(handshake), 0)
         self.assertGreater(int(rx), TRANSFER_BYTES)
         self.assertGreater(int(tx), TRANSFER_BYTES)
+        refused = self.network.run(
+            node.namespace, ["wg", "set", node.ifname, "listen-port", "1"], check=False
+        )
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn(b"Operation not permitted", refused.stderr)
 
     def test_twistvpn_and_twistvpn(self) -> None:
         a, b = self.check_pair([TWISTVPN, TWISTVPN])

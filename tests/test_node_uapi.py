@@ -92,10 +92,10 @@ class ProtocolTests(unittest.TestCase):
         )
 
     def test_set_refused(self) -> None:
-        self.assertEqual(self.exchange(b"set=1\nlisten_port=1\n\n"), (b"errno=1\n\n", True))
+        self.assertEqual(self.exchange(b"set=1\nlisten_port=1\n\n"), (b"errno=-1\n\n", True))
 
     def test_nonsense(self) -> None:
-        self.assertEqual(self.exchange(b"what\n\n"), (b"errno=22\n\n", True))
+        self.assertEqual(self.exchange(b"what\n\n"), (b"errno=-22\n\n", True))
 
     def test_oversized_request_dropped(self) -> None:
         self.assertEqual(self.exchange(b"x" * (MAX_REQUEST + 1)), (b"", True))
@@ -138,7 +138,7 @@ class DescribeTests(unittest.TestCase):
         node = FakeNode(
             reactor, parse_config(CONFIG, "wg0.conf"), wall_clock=lambda: 1_700_000_000.0
         )
-        self.assertEqual(node.service.describe(), "errno=19\n\n")
+        self.assertEqual(node.service.describe(), "errno=-19\n\n")
         node.service.startService()
         [device] = node.devices
         peer = device.get_peer(PEER1)

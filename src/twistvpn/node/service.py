@@ -210,7 +210,7 @@ class StaticNodeService(service.Service):
     def describe(self) -> str:
         """The node's state in the control socket's C{get=1} form (for C{wg show})."""
         if self.device is None:
-            return f"errno={errno.ENODEV}\n\n"
+            return f"errno=-{errno.ENODEV}\n\n"
         configured = {p.public_key: p for p in self._config.peers}
         elapsed = self._wall_clock() - self._reactor.seconds()
         statuses = []

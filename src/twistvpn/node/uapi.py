@@ -5,8 +5,9 @@ twistvpn node as on wireguard-go.
 Userspace WireGuard implementations listen on
 C{/var/run/wireguard/<interface>.sock}; C{wg} sends C{get=1} and a blank
 line, and reads C{key=value} lines ending in C{errno=0} and a blank line
-(U{https://www.wireguard.com/xplatform/}).  A static node's configuration
-comes from its file, so C{set=1} is refused with EPERM.
+(U{https://www.wireguard.com/xplatform/}); errors are negative errno
+values, as wireguard-go sends them.  A static node's configuration comes
+from its file, so C{set=1} is refused with EPERM.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ class UAPIProtocol(Protocol):
         if command == b"get=1":
             answer = self.factory.describe()
         elif command == b"set=1":
-            answer = f"errno={errno.EPERM}\n\n"
+            answer = f"errno=-{errno.EPERM}\n\n"
         else:
-            answer = f"errno={errno.EINVAL}\n\n"
+            answer = f"errno=-{errno.EINVAL}\n\n"
         transport.write(answer.encode("ascii"))
         transport.loseConnection()
 
