@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -91,3 +92,27 @@ class PinTests(SynchronousTestCase):
         peer.wait(60)
         self.assertFalse(os.path.exists(lab.path("ready.json")))
         self.assertIn("no relay", lab.tail(peer))
+
+
+class DeauthorizationTests(SynchronousTestCase):
+    def test_deauthorization_stops_a_flow(self) -> None:
+        """
+        An admin deauthorizes the receiver in the middle of a transfer
+        through the standalone relay: within seconds (the controller is
+        polled every 2 s, the link pushes at once) nothing passes any more.
+        """
+        lab = Lab(tempfile.mkdtemp(prefix="twistvpn-relay-"))
+        self.addCleanup(lab.close)
+        lab.start_relay()
+        tag, sender, receiver = lab.start_transfer("udp", 10**8, 1200, window=16)
+        deadline = time.monotonic() + 30
+        while lab.progress(tag) < 1000:
+            self.assertLess(time.monotonic(), deadline, "the transfer did not start")
+            time.sleep(0.1)
+        lab.deauthorize_receiver()
+        time.sleep(5)
+        stopped_at = lab.progress(tag)
+        time.sleep(2)
+        self.assertEqual(lab.progress(tag), stopped_at)
+        self.assertLess(stopped_at, 10**8)
+        self.assertIsNone(sender.poll())  # still trying: the relay refuses

@@ -104,6 +104,12 @@ def run_rendezvous(args: argparse.Namespace) -> None:
             _write_json(args.relays_file, current)
 
     LoopingCall(publish).start(0.1)
+    if args.deauthorize_on_usr1:
+        # As an admin would: the relays hear of it through the controller.
+        def deauthorize() -> None:
+            controller.deauthorize(network_id, args.deauthorize_on_usr1)
+
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(deauthorize))
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
 
@@ -166,6 +172,13 @@ class Receiver:
         self.digest = hashlib.sha256()
         self.early: dict[int, bytes] = {}
         self.done = False
+        if args.progress_file:
+            from twisted.internet.task import LoopingCall
+
+            self.progress = LoopingCall(
+                lambda: _write_json(args.progress_file, {"datagrams": self.expected}))
+            self.progress.clock = reactor
+            self.progress.start(0.2)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         seq = HEADER.unpack_from(data)[1]
@@ -268,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     link.add_argument("--data-dir", required=True)
     link.add_argument("--address-file", required=True)
     link.add_argument("--relays-file", required=True)
+    link.add_argument("--deauthorize-on-usr1", default=None, metavar="KEY")
     peer = sub.add_parser("peer")
     peer.add_argument("role", choices=("send", "receive"))
     peer.add_argument("--via", choices=("udp", "tcp", "direct"), required=True)
@@ -281,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     peer.add_argument("--size", type=int, default=1200)
     peer.add_argument("--window", type=int, default=128)
     peer.add_argument("--rto", type=float, default=0.3)
+    peer.add_argument("--progress-file", default=None)
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
         run_rendezvous(args)
@@ -358,11 +373,13 @@ class Lab:
 
         relay_private = load_or_create_private_key(os.path.join(self.relay_dir, "relay.key"))
         relay_key = keys.encode_key(keys.public_key(relay_private))
-        server = self.spawn([self.python, "-m", "twistvpn.relay.loopback", "rendezvous",
-                             "--members", *self.node_keys.values(), "--relay-key", relay_key,
-                             "--data-dir", self.dir, "--address-file", self.path("address.json"),
-                             "--relays-file", self.path("relays.json")], "rendezvous")
-        url = self.wait_json("address.json", 30, server)["url"]
+        self.rendezvous = self.spawn(
+            [self.python, "-m", "twistvpn.relay.loopback", "rendezvous",
+             "--members", *self.node_keys.values(), "--relay-key", relay_key,
+             "--data-dir", self.dir, "--address-file", self.path("address.json"),
+             "--relays-file", self.path("relays.json"),
+             "--deauthorize-on-usr1", self.node_keys["receiver"]], "rendezvous")
+        url = self.wait_json("address.json", 30, self.rendezvous)["url"]
         twistd = os.path.join(os.path.dirname(self.python), "twistd")
         self.relay = self.spawn([twistd, "-n", "--pidfile=", "-l", self.path("relay.log"),
                                  "twistvpn-relay", "--rendezvous", url, "--udp-port", "0",
@@ -396,6 +413,19 @@ class Lab:
         through the C{relay} "standalone" or "embedded", or "direct");
         return the sender's and the receiver's results.
         """
+        tag, sender, receiver = self.start_transfer(via, count, size, window, relay)
+        try:
+            sent = self.wait_json(f"{tag}.sent.json", timeout, sender)
+            received = self.wait_json(f"{tag}.received.json", 10, receiver)
+        finally:
+            self.stop(sender)
+            self.stop(receiver)
+        return sent, received
+
+    def start_transfer(self, via: str, count: int, size: int = 1200, window: int = 128,
+                       relay: str = "standalone",
+                       ) -> tuple[str, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+        """Start a receiver, then a sender; the receiver reports progress."""
         tag = f"{via}-{relay}-{count}-{size}"
         relays = self.path(f"relays-{relay}.json") if via != "direct" else self._no_relays()
         common = ["--via", via, "--relays-file", relays, "--count", str(count),
@@ -404,6 +434,7 @@ class Lab:
                                "--key-file", self.path("receiver.key"),
                                "--peer", self.node_keys["sender"],
                                "--ready-file", self.path(f"{tag}.receiver-ready.json"),
+                               "--progress-file", self.path(f"{tag}.progress.json"),
                                "--result-file", self.path(f"{tag}.received.json"), *common],
                               f"{tag}.receiver")
         port = self.wait_json(f"{tag}.receiver-ready.json", 30, receiver)["port"]
@@ -413,13 +444,19 @@ class Lab:
                              "--ready-file", self.path(f"{tag}.sender-ready.json"),
                              "--result-file", self.path(f"{tag}.sent.json"), *common],
                             f"{tag}.sender")
+        return tag, sender, receiver
+
+    def progress(self, tag: str) -> int:
+        """Datagrams the receiver of transfer C{tag} has taken in order so far."""
         try:
-            sent = self.wait_json(f"{tag}.sent.json", timeout, sender)
-            received = self.wait_json(f"{tag}.received.json", 10, receiver)
-        finally:
-            self.stop(sender)
-            self.stop(receiver)
-        return sent, received
+            with open(self.path(f"{tag}.progress.json")) as f:
+                return int(json.load(f)["datagrams"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def deauthorize_receiver(self) -> None:
+        """Have the rendezvous deauthorize the receiving node, as an admin would."""
+        os.kill(self.rendezvous.pid, signal.SIGUSR1)
 
     def _no_relays(self) -> str:
         path = self.path("no-relays.json")
