@@ -13,6 +13,7 @@ import tempfile
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
+from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -20,6 +21,7 @@ from zope.interface import implementer
 from twistvpn.interfaces import IControlSession
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import (
+    LOGIN_TIMEOUT,
     RelayLink,
     RelayLinkServerProtocol,
     RelayLinkService,
@@ -115,7 +117,7 @@ class StandaloneRelay:
         if authorized:
             rendezvous.relay_keys.add(self.key)
         self.endpoint = MemoryEndpoint(
-            world.clock, lambda: RelayLinkServerProtocol(rendezvous.service)
+            world.clock, lambda: RelayLinkServerProtocol(rendezvous.service, world.clock)
         )
         self.link = RelayLink(world.clock, self.endpoint, self.private, self.key,
                               world.policy, lambda proto: world.relays[0])
@@ -265,6 +267,17 @@ class LinkTests(SynchronousTestCase):
         relay.run(35)
         self.assertTrue(world.policy.may_relay(a.key, b.key))
         relay.link.stop()
+
+    def test_silent_connection_dropped(self) -> None:
+        """A connection to the link that never logs in does not stay."""
+        world, rendezvous = self.world, self.rendezvous
+        server = RelayLinkServerProtocol(rendezvous.service, world.clock)
+        client = amp.AMP()
+        pump = iosim.connect(server, iosim.makeFakeServer(server), client,
+                             iosim.makeFakeClient(client), greet=False, clock=world.clock)
+        world.clock.advance(LOGIN_TIMEOUT + 1)
+        pump.flush(advanceClock=False)
+        self.assertTrue(pump.serverIO.disconnected)
 
     def test_announcement_must_match_key(self) -> None:
         world, rendezvous = self.world, self.rendezvous

@@ -44,6 +44,7 @@ KEY = 32
 # this long, then refuses everyone until the link is back (fail closed).
 STALE_AFTER = 60.0
 PING_INTERVAL = 30.0
+LOGIN_TIMEOUT = 30.0  # the rendezvous drops a link connection that has not logged in
 
 
 class NotAuthorizedError(Exception):
@@ -201,23 +202,40 @@ class RelayLinkResponders(amp.CommandLocator):
 
 
 class RelayLinkServerProtocol(RelayLinkResponders, BoundedAMP):
-    """An AMP protocol that serves only the relay link."""
+    """
+    An AMP protocol that serves only the relay link.  A connection that has
+    not logged in within L{LOGIN_TIMEOUT} seconds is dropped.
+    """
 
-    def __init__(self, service: RelayLinkService) -> None:
+    def __init__(self, service: RelayLinkService, clock: IReactorTime) -> None:
         super().__init__()
         self.relay_link = service
+        self._clock = clock
+        self._login_timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._login_timer = self._clock.callLater(LOGIN_TIMEOUT, self._login_timed_out)
+
+    def _login_timed_out(self) -> None:
+        self._login_timer = None
+        if self._relay_key is None:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
         self.relay_link_lost()
         super().connectionLost(reason)
 
 
 class RelayLinkServerFactory(Factory):
-    def __init__(self, service: RelayLinkService) -> None:
+    def __init__(self, service: RelayLinkService, clock: IReactorTime) -> None:
         self.service = service
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> RelayLinkServerProtocol:
-        return RelayLinkServerProtocol(self.service)
+        return RelayLinkServerProtocol(self.service, self.clock)
 
 
 # -- the relay's side ----------------------------------------------------------------

@@ -336,7 +336,7 @@ def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
         listener = StreamListenService(
             serverFromString(reactor, link),
             TLSMemoryBIOFactory(tls.server_options(cert_pem, key_pem), False,
-                                RelayLinkServerFactory(link_service)),
+                                RelayLinkServerFactory(link_service, reactor)),
         )
         listener.setName("relay-link")
         listener.setServiceParent(parent)
