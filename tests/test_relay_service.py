@@ -28,7 +28,7 @@ from twistvpn.rendezvous import tls
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
 from .test_relay_link import Rendezvous
-from .test_relay_memory import World
+from .test_relay_memory import RELAY_ADDR, World, data_message
 
 
 class FakeUDPPort:
@@ -202,6 +202,36 @@ class ChoiceTests(SynchronousTestCase):
         # The peer's home relay wins when the caller knows it.
         self.assertEqual(node.client.relay_endpoint(b"k" * 32, "far"),
                          RelayEndpoint("far", b"k" * 32))
+
+    def test_peers_with_different_home_relays(self) -> None:
+        """
+        Each node sends through the relay nearest to it; the other is
+        registered there too, so the datagram arrives, and the answer goes
+        back the way it came.
+        """
+        world = World()
+        second = World()
+        addr2 = ("203.0.113.2", 3478)
+        world.net.bind(RelayDatagramProtocol(second.server), addr2)
+        world.relays = [*world.relays, RelayInfo("r2", addr2[0], addr2[1], 443,
+                                                  second.relays[0].public_key)]
+        second.server.policy = world.policy
+        world.policy.add_revocation_observer(second.server.revoked)
+        a, b = world.pair()
+        world.net.path_latency[frozenset((a.addr, addr2))] = 0.05  # a is far from r2
+        world.net.path_latency[frozenset((b.addr, RELAY_ADDR))] = 0.05  # b is far from r1
+        world.net.run(2)
+        self.assertEqual((a.client.home_relay, b.client.home_relay), ("r1", "r2"))
+        self.assertEqual(a.client.path("r2"), "udp")  # registered with both
+        a.send_to(b, data_message(1))
+        world.net.run(1)
+        self.assertEqual(b.wireguard.received, [(data_message(1), RelayEndpoint("r1", a.key))])
+        b.forwarder.send_datagram(data_message(2), b.wireguard.received[0][1])
+        b.send_to(a, data_message(3))
+        world.net.run(1)
+        # (the one through b's nearer relay comes first)
+        self.assertEqual(a.wireguard.received, [(data_message(3), RelayEndpoint("r2", b.key)),
+                                                (data_message(2), RelayEndpoint("r1", b.key))])
 
     def test_relay_provider(self) -> None:
         world = World()

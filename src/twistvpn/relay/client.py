@@ -96,7 +96,6 @@ class RelayClientTimings:
     reconnect: float = 5.0  # after a failure or a refusal, retry after this,
     reconnect_max: float = 60.0  # doubling with each failure in a row, up to this
     rtt_interval: float = 60.0  # measure every relay's RTT this often
-    idle_close: float = 180.0  # leave a relay that is not home and carried nothing
     queue_frames: int = 64  # datagrams held while registering
 
 
@@ -196,9 +195,11 @@ class _Link:
         return self.via is not None
 
     def ensure(self) -> None:
-        """Get registered, if not already on the way."""
+        """Get registered, if not already on the way or backing off."""
         if self.closed or self.up or self.registering is not None:
             return
+        if self._timer is not None and self._timer.active():
+            return  # a retry is scheduled: keep to the backoff
         self.start_udp()
 
     def start_udp(self) -> None:
@@ -488,7 +489,8 @@ class RelayClient:
     def set_relays(self, relays: Iterable[RelayInfo]) -> None:
         """
         The relays the network map advertises, in the rendezvous's order of
-        preference; relays no longer listed are left.
+        preference: the client registers with each; relays no longer listed
+        are left.
         """
         relays = list(relays)
         self.relays = {r.relay_id: r for r in relays}
@@ -514,10 +516,9 @@ class RelayClient:
 
     def relay_endpoint(self, peer_key: bytes, relay_id: str | None = None) -> RelayEndpoint | None:
         """
-        The endpoint that reaches C{peer_key} through C{relay_id} (the
-        peer's home relay if known, else ours); None when no relay is known.
-        Registering with that relay starts now, so the first datagram does
-        not wait for it.
+        The endpoint that reaches C{peer_key} through C{relay_id} (if given
+        and known), else through our home relay, the nearest; None when no
+        relay is known.
         """
         relay_id = relay_id if relay_id in self.relays else self.home_relay
         if relay_id is None:
@@ -614,18 +615,18 @@ class RelayClient:
                 self.ping(link, with_token=True)
             else:
                 self._ping_udp(relay_id, (info.host, info.udp_port), b"")
-        self._idle_links(now)
+        self._register_everywhere()
         if self._started:
             self._rtt_call = self.clock.callLater(self.timings.rtt_interval, self.measure)
 
-    def _idle_links(self, now: float) -> None:
-        home = self.home_relay
-        in_use = set(self._opened.values())
-        for relay_id, link in list(self._links.items()):
-            if relay_id in in_use or relay_id == home:
-                continue
-            if now - link.last_used > self.timings.idle_close:
-                self._close_link(relay_id)
+    def _register_everywhere(self) -> None:
+        """
+        Hold a session with every advertised relay (there are few): a peer
+        then reaches us through whichever relay is nearest to it, and our
+        home relay reaches every peer, without a map of who is where.
+        """
+        for relay_id in self.relays:
+            self._link(relay_id).ensure()
 
     def _ping_udp(self, relay_id: str, addr: tuple[str, int], token: bytes) -> None:
         nonce = os.urandom(p.NONCE)

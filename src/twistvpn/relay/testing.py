@@ -43,6 +43,7 @@ class MemoryInternet:
         self.udp_blocked: set[Addr] = set()
         self.pumps: list[iosim.IOPump] = []
         self.extra_latency: dict[Addr, float] = {}  # added to datagrams to or from
+        self.path_latency: dict[frozenset[Addr], float] = {}  # added between two addresses
         self.sent = 0
         self.lost = 0
 
@@ -56,7 +57,8 @@ class MemoryInternet:
             self.lost += 1
             return
         latency = (self.latency + self.extra_latency.get(src, 0.0)
-                   + self.extra_latency.get(dst, 0.0))
+                   + self.extra_latency.get(dst, 0.0)
+                   + self.path_latency.get(frozenset((src, dst)), 0.0))
         self.clock.callLater(latency, self._deliver, data, src, dst)
 
     def _deliver(self, data: bytes, src: Addr, dst: Addr) -> None:
