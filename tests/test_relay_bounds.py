@@ -272,3 +272,30 @@ class ClientGarbageTests(SynchronousTestCase):
         b.send_to(a, data_message(2))
         world.net.run(1)
         self.assertEqual(a.wireguard.received[-1][0], data_message(2))
+
+
+class RegistrationFloodTests(SynchronousTestCase):
+    def test_registrations_are_rate_limited(self) -> None:
+        """Each registration costs a Diffie-Hellman: a flood of them is bounded."""
+        world = World(RelayLimits(auth_rate=5))
+        node = generate_private_key()
+        key = public_key(node)
+        world.policy.set_members(NET, [key])
+        relay_key = world.relays[0].public_key
+        replies: list[bytes] = []
+        world.server.attach_udp(lambda data, addr: replies.append(data))
+        for n in range(50):
+            addr = ("198.51.100.50", 1000 + n)
+            world.server.udp_received(p.hello(key), addr)
+            challenge = replies[-1][2:]
+            world.server.udp_received(
+                p.auth(key, challenge, p.proof(node, relay_key, relay_key, key, challenge)), addr)
+        self.assertEqual(world.server.counters["registrations"], 10)  # the burst
+        self.assertEqual(world.server.counters["drop_rate_auth"], 40)
+        world.clock.advance(1)
+        world.server.udp_received(p.hello(key), ("198.51.100.51", 1))
+        challenge = replies[-1][2:]
+        world.server.udp_received(
+            p.auth(key, challenge, p.proof(node, relay_key, relay_key, key, challenge)),
+            ("198.51.100.51", 1))
+        self.assertEqual(world.server.counters["registrations"], 11)

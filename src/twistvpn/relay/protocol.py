@@ -171,13 +171,18 @@ def proof(private_key: bytes, peer_public: bytes, relay_key: bytes, node_key: by
     return auth_module.mac(shared, _AUTH_LABEL, challenge_value, node_key, relay_key)
 
 
-def proof_is_valid(relay_private: bytes, relay_key: bytes, node_key: bytes,
+def proof_is_valid(shared_keys: auth_module.SharedKeyCache, relay_key: bytes, node_key: bytes,
                    challenge_value: bytes, received: bytes) -> bool:
-    """Whether C{received} proves possession of C{node_key}'s private half."""
+    """
+    Whether C{received} proves possession of C{node_key}'s private half;
+    C{shared_keys} (the relay's) spares the Diffie-Hellman for nodes seen
+    recently.
+    """
     try:
-        expected = proof(relay_private, node_key, relay_key, node_key, challenge_value)
+        shared = shared_keys.get(node_key)
     except AuthError:
         return False
+    expected = auth_module.mac(shared, _AUTH_LABEL, challenge_value, node_key, relay_key)
     return auth_module.check(expected, received)
 
 

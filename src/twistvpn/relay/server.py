@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from twistvpn.interfaces import IRelayPolicy
 from twistvpn.relay import protocol as p
+from twistvpn.rendezvous.auth import SharedKeyCache
 from twistvpn.wireguard.keys import encode_key
 
 _COOKIE_TIME = struct.Struct(">Q")
@@ -54,6 +55,7 @@ class RelayLimits:
     allow_ttl: float = 60.0  # re-ask the policy about an allowed pair this often
     deny_ttl: float = 5.0  # and about a refused pair this often
     sweep_interval: float = 2.0
+    auth_rate: float = 1000.0  # registrations checked per second, for the whole relay
 
 
 class TokenBucket:
@@ -246,6 +248,10 @@ class RelayServer:
         self._udp_write: Callable[[bytes, Any], None] | None = None
         now = clock.seconds()
         self._global = TokenBucket(self.limits.global_rate, self.limits.global_burst, now)
+        # Registrations cost a Diffie-Hellman each: bound them, and cache
+        # the shared keys of nodes seen recently.
+        self._auth_bucket = TokenBucket(self.limits.auth_rate, self.limits.auth_rate * 2, now)
+        self._shared_keys = SharedKeyCache(private_key)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
 
@@ -372,7 +378,10 @@ class RelayServer:
         if not self._cookie_valid(cookie, node_key, addr, now):
             self.drop("bad_challenge")
             return
-        if not p.proof_is_valid(self.private_key, self.public_key, node_key, cookie, proof):
+        if not self._auth_bucket.take(1, now):
+            self.drop("rate_auth")
+            return
+        if not p.proof_is_valid(self._shared_keys, self.public_key, node_key, cookie, proof):
             self.drop("bad_proof")
             self._udp_out(p.refused(p.REFUSED_BAD_PROOF), addr)
             return
@@ -449,7 +458,11 @@ class RelayServer:
             self.drop("bad_challenge")
             connection.stream_malformed()
             return
-        if not p.proof_is_valid(self.private_key, self.public_key, node_key, challenge, proof):
+        if not self._auth_bucket.take(1, self.clock.seconds()):
+            self.drop("rate_auth")
+            connection.close()
+            return
+        if not p.proof_is_valid(self._shared_keys, self.public_key, node_key, challenge, proof):
             self.drop("bad_proof")
             self._stream_out(connection, p.refused(p.REFUSED_BAD_PROOF))
             connection.close()
