@@ -11,7 +11,6 @@ import struct
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from twistvpn.interfaces import IDatagramHandler, IRelayPolicy
@@ -22,21 +21,11 @@ from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.testing import MemoryInternet
 from twistvpn.relay.transport import RelayDatagramProtocol
+from twistvpn.testing.pathsim import Inbox
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
 RELAY_ADDR = ("203.0.113.1", 3478)
 NET = "8056c2e21c000001"
-
-
-@implementer(IDatagramHandler)
-class Recorder:
-    """Stands in for WireGuard: records what arrives and from where."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[bytes, object]] = []
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        self.received.append((data, addr))
 
 
 class Node:
@@ -45,7 +34,7 @@ class Node:
         self.private = generate_private_key()
         self.key = public_key(self.private)
         self.forwarder = Forwarder()
-        self.wireguard = Recorder()
+        self.wireguard = Inbox()  # stands in for WireGuard: what arrives, and from where
         self.forwarder.set_wireguard(self.wireguard)
         world.net.bind(self.forwarder, addr)
         self.client = RelayClient(world.clock, self.forwarder, self.private,
