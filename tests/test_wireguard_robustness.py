@@ -177,3 +177,11 @@ class FuzzTests(SynchronousTestCase):
         a.send_packet(A_TO_B)
         network.flush()
         self.assertEqual(network.delivered["b"][-1], A_TO_B)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=100), st.sampled_from([b"", b"\x45", b"\x60"]))
+    def test_random_outbound_packets(self, data: bytes, prefix: bytes) -> None:
+        network, a, b = established()
+        a.send_packet(prefix + data)
+        network.flush()
+        self.assertEqual(a.counters["drop_error"] + b.counters["drop_error"], 0)
