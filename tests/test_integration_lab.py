@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
 
 from twisted.trial import unittest
 
@@ -37,3 +40,41 @@ class LabTests(unittest.TestCase):
         throughput = [row for row in rows if row.endswith("Mbit/s")]
         self.assertEqual(len(throughput), 2, text)
         self.assertEqual(self.namespaces(), before, "the lab left namespaces behind")
+
+    def ours(self, prefix: str) -> set[str]:
+        return {n for n in self.namespaces() if n.startswith(prefix)}
+
+    def sockets(self, prefix: str) -> list[str]:
+        return [p for p in os.listdir(netns.WIREGUARD_SOCKET_DIR) if p.startswith(prefix)]
+
+    def interrupt(self, signum: int, when_running: bool) -> None:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "twistvpn", "lab"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(process.kill)
+        prefix = f"tvl{process.pid % 0x10000:04x}"
+        if when_running:
+            # Every VPN process up: the last host's control socket exists.
+            netns.wait_for(
+                lambda: any(p.endswith("wc.sock") for p in self.sockets(prefix)),
+                30,
+                "the lab's hosts",
+            )
+        else:
+            netns.wait_for(lambda: len(self.ours(prefix)) >= 3, 30, "the lab's namespaces")
+        process.send_signal(signum)
+        out, _ = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 130, out.decode())
+        self.assertIn(b"interrupted; everything it built is removed", out)
+        self.assertEqual(self.ours(prefix), set())
+        self.assertEqual(self.sockets(prefix), [])
+
+    def test_ctrl_c(self) -> None:
+        """Ctrl-C while building: everything it built goes."""
+        self.interrupt(signal.SIGINT, when_running=False)
+
+    def test_sigterm(self) -> None:
+        """SIGTERM with every host running: the same."""
+        self.interrupt(signal.SIGTERM, when_running=True)
