@@ -322,6 +322,7 @@ class Lab:
         self.python = python
         self.processes: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, str] = {}
+        self.transfers = 0
         self.node_keys = {}
         for name in ("sender", "receiver"):
             private = keys.generate_private_key()
@@ -426,7 +427,8 @@ class Lab:
                        relay: str = "standalone",
                        ) -> tuple[str, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
         """Start a receiver, then a sender; the receiver reports progress."""
-        tag = f"{via}-{relay}-{count}-{size}"
+        self.transfers += 1  # each transfer its own files: no stale result is read
+        tag = f"{self.transfers}-{via}-{relay}-{count}-{size}"
         relays = self.path(f"relays-{relay}.json") if via != "direct" else self._no_relays()
         common = ["--via", via, "--relays-file", relays, "--count", str(count),
                   "--size", str(size), "--window", str(window)]
