@@ -5,6 +5,8 @@ over iosim pumps, the controller behind it, one Clock.
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.internet import defer
 from twisted.protocols import amp
 from twisted.test import iosim
@@ -420,6 +422,35 @@ class Membership(SynchronousTestCase):
         self.failureResultOf(d, NotFoundError)
         b.stopService()
         self.failureResultOf(b.request_punch(self.net, a.public_key), NotConnectedError)
+
+    def test_changes_arrive_as_deltas(self) -> None:
+        """After the first full map, members get only what changed, and the
+        client's copy equals the rendezvous's map."""
+        a, la, _ = self._member("a")
+        b, lb, _ = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        before = a.counters["deltas"]
+        b.set_local_endpoints(["10.9.9.9:1"])
+        self.world.settle()
+        self.assertEqual(a.counters["deltas"], before + 1)
+        self.assertEqual(a.counters["maps"], 1, "one full map, at authorization")
+        self.assertEqual(a.maps[self.net], self.controller.network_map(self.net))
+        self.assertEqual(la.maps()[-1], self.controller.network_map(self.net))
+        self.assertGreater(self.controller.counters["deltas_pushed"], 0)
+
+    def test_delta_gap_asks_for_the_map(self) -> None:
+        a, la, _ = self._member("a")
+        b, lb, _ = self._member("b")
+        self.world.authorize(self.net, a)
+        self.world.authorize(self.net, b)
+        # a's copy falls behind (as if a push had been lost)
+        a.maps[self.net] = dataclasses.replace(a.maps[self.net], revision=0)
+        b.set_local_endpoints(["10.9.9.9:1"])
+        self.world.settle()
+        self.assertEqual(a.counters["delta_gap"], 1)
+        self.assertEqual(self.controller.counters["maps_resent"], 1)
+        self.assertEqual(a.maps[self.net], self.controller.network_map(self.net))
 
     def test_large_map(self) -> None:
         """A map beyond one AMP value (64 KiB) arrives whole."""

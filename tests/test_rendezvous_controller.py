@@ -167,6 +167,38 @@ class Members(ControllerTestCase):
         netmap = keys[1][1].maps[0][1]
         self.assertEqual({m.ip for m in netmap.members}, {"10.1.0.1", "10.1.0.2"})
 
+    def test_deltas(self) -> None:
+        """A member holding the last map gets only the change; a newcomer
+        the whole map; a change nobody sees sends nothing."""
+        net = self.controller.create_network("big", "10.7.0.0/24")["id"]
+        a, sa = self.node("a", net)
+        b, sb = self.node("b", net)
+        self.controller.authorize(net, node_id_of(a))
+        self.controller.authorize(net, node_id_of(b))
+        self.clock.advance(1)
+        self.assertEqual((len(sa.maps), len(sa.deltas)), (1, 0))
+        self.controller.set_local_endpoints(b, ["10.0.0.2:2"])
+        self.clock.advance(1)
+        [(_, delta)] = sa.deltas
+        self.assertEqual([m.public_key for m in delta.upsert], [b])
+        self.assertEqual(delta.remove, ())
+        self.assertEqual(sa.maps[-1][1], self.controller.network_map(net))
+        c, sc = self.node("c", net)
+        self.controller.authorize(net, node_id_of(c))
+        self.clock.advance(1)
+        self.assertEqual(len(sc.deltas), 0)
+        self.assertEqual(len(sc.maps[-1][1].members), 3)
+        self.controller.deauthorize(net, node_id_of(c))
+        self.clock.advance(1)
+        self.assertEqual(sa.deltas[-1][1].remove, (c,))
+        # last_seen moving without an endpoint change is not worth a push
+        count = len(sa.maps)
+        self.controller.record_endpoint(a, ("198.51.100.1", 1), 0)
+        self.clock.advance(1)
+        self.controller.record_endpoint(a, ("198.51.100.1", 1), 0)
+        self.clock.advance(1)
+        self.assertEqual(len(sa.maps), count + 1)
+
     def test_revision_increases(self) -> None:
         a, session = self.node("a", self.net)
         self.controller.authorize(self.net, node_id_of(a))

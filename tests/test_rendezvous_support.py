@@ -65,12 +65,19 @@ class FakeSession:
         self.public_key = public_key
         self.rtt = rtt
         self.maps: list[tuple[str, Any]] = []
+        self.deltas: list[tuple[str, Any]] = []
         self.punches: list[tuple[str, Any]] = []
         self.revoked: list[tuple[str, str]] = []
         self.closed: list[str] = []
 
     def send_map(self, network_id: str, netmap: Any) -> None:
         self.maps.append((network_id, netmap))
+
+    def send_map_delta(self, network_id: str, delta: Any) -> None:
+        """Kept as the full map it makes, so tests read maps either way."""
+        base = next(m for n, m in reversed(self.maps) if n == network_id)
+        self.deltas.append((network_id, delta))
+        self.maps.append((network_id, base.apply(delta)))
 
     def send_punch(self, network_id: str, punch: Any) -> None:
         self.punches.append((network_id, punch))

@@ -319,6 +319,12 @@ class IControlSession(Interface):
         network C{network_id} (str), replacing any map sent before.
         """
 
+    def send_map_delta(network_id, delta):
+        """
+        Push the change (a L{twistvpn.rendezvous.netmap.MapDelta}) from the
+        last map sent on this session to the current one.
+        """
+
     def send_punch(network_id, punch):
         """
         Tell the node to start traversal towards a peer now: C{punch} is a

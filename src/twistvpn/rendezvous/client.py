@@ -32,16 +32,18 @@ from twisted.python.failure import Failure
 
 from twistvpn.interfaces import IRendezvousListener
 from twistvpn.rendezvous import auth
-from twistvpn.rendezvous.netmap import MapError, NetworkMap, Punch
+from twistvpn.rendezvous.netmap import MapDelta, MapError, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
     Challenge,
     Join,
     Leave,
+    MapDeltaPush,
     NetworkMapPush,
     Ping,
     PunchPush,
     Register,
+    RequestMap,
     RequestPunch,
     RevokedPush,
     SetLocalEndpoints,
@@ -71,6 +73,11 @@ class ControlClientProtocol(amp.AMP):
     @NetworkMapPush.responder
     def map_pushed(self, network_id: str, netmap: bytes) -> dict[str, Any]:
         self._client._map_pushed(self, network_id, netmap)
+        return {}
+
+    @MapDeltaPush.responder
+    def delta_pushed(self, network_id: str, delta: bytes) -> dict[str, Any]:
+        self._client._delta_pushed(self, network_id, delta)
         return {}
 
     @PunchPush.responder
@@ -412,6 +419,32 @@ class RendezvousClient(Service):
         self.maps[network_id] = netmap
         self.status[network_id] = "authorized"
         self.counters["maps"] += 1
+        self.listener.map_received(network_id, netmap)
+
+    def _delta_pushed(self, protocol: ControlClientProtocol, network_id: str, data: bytes) -> None:
+        if not self._current(protocol, network_id):
+            return
+        base = self.maps.get(network_id)
+        try:
+            delta = MapDelta.from_json(data)
+            if base is None:
+                raise MapError("a delta without a map to apply it to")
+            netmap = base.apply(delta)
+        except MapError as e:
+            # Our copy is behind (or broken): ask for the whole map.
+            self.counters["delta_gap"] += 1
+            self.log.info(
+                "map delta for {network} not applied ({why}); asking for the map",
+                network=network_id,
+                why=str(e),
+            )
+            self._call(protocol, RequestMap, network_id=network_id).addErrback(
+                lambda f: self.log.failure("asking for the map of {n}", f, n=network_id)
+            )
+            return
+        self._revisions[network_id] = netmap.revision
+        self.maps[network_id] = netmap
+        self.counters["deltas"] += 1
         self.listener.map_received(network_id, netmap)
 
     def _punch_pushed(self, protocol: ControlClientProtocol, network_id: str, punch: Punch) -> None:

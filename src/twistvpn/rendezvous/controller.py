@@ -113,6 +113,8 @@ class _Node:
     last_seen_written: float = 0.0
     session: IControlSession | None = None
     subscriptions: set[str] = field(default_factory=set)
+    # network ID -> revision of the last map this session was sent
+    sent: dict[str, int] = field(default_factory=dict)
 
 
 def _nat_varies(node: _Node) -> bool:
@@ -149,6 +151,8 @@ class Controller:
         # network ID -> node keys whose current session joined it
         self._subscribers: dict[str, set[bytes]] = collections.defaultdict(set)
         self._revisions: dict[str, int] = {}
+        # network ID -> the map last pushed (the base of the next delta)
+        self._pushed: dict[str, NetworkMap] = {}
         self._dirty: set[str] = set()
         self._flush_call: IDelayedCall | None = None
         self._last_punch: dict[tuple[bytes, bytes], float] = {}
@@ -233,6 +237,7 @@ class Controller:
         for network_id in node.subscriptions:
             self._subscribers[network_id].discard(node.public_key)
         node.subscriptions.clear()
+        node.sent.clear()
 
     def _session_node(self, public_key: bytes) -> _Node:
         node = self._nodes.get(public_key)
@@ -308,7 +313,22 @@ class Controller:
     def leave(self, public_key: bytes, network_id: str) -> None:
         node = self._session_node(public_key)
         node.subscriptions.discard(network_id)
+        node.sent.pop(network_id, None)
         self._subscribers[network_id].discard(public_key)
+
+    def resend_map(self, public_key: bytes, network_id: str) -> None:
+        """Send the node the full current map (its copy could not take a delta)."""
+        node = self._session_node(public_key)
+        if network_id not in node.subscriptions:
+            raise NotFoundError(f"not joined to network {str(network_id)[:40]}")
+        member = self._member_row(network_id, public_key)
+        if member is None or not member["authorized"]:
+            raise NotFoundError("not an authorized member of the network")
+        netmap = self._pushed.get(network_id) or self.network_map(network_id)
+        assert node.session is not None
+        node.session.send_map(network_id, netmap)
+        node.sent[network_id] = netmap.revision
+        self.counters["maps_resent"] += 1
 
     def request_punch(self, public_key: bytes, network_id: str, peer_key: bytes) -> None:
         node = self._session_node(public_key)
@@ -371,19 +391,46 @@ class Controller:
                 self._push(network_id)
 
     def _push(self, network_id: str) -> None:
+        """
+        A member holding the previous map gets only the change (so a change
+        costs its own size, not the network's); others get the whole map.
+        """
         netmap = self.network_map(network_id)
+        previous = self._pushed.get(network_id)
+        delta = None
+        if previous is not None:
+            delta = netmap.diff(previous)
+            if (
+                not delta.upsert
+                and not delta.remove
+                and (
+                    (previous.name, previous.subnet, previous.relays)
+                    == (netmap.name, netmap.subnet, netmap.relays)
+                )
+            ):
+                delta = None
+                netmap = previous  # nothing a member sees has changed
+        self._pushed[network_id] = netmap
         authorized = {m.public_key for m in netmap.members}
         for key in sorted(self._subscribers.get(network_id, ())):
-            if key not in authorized:
+            node = self._nodes[key]
+            if key not in authorized or node.session is None:
                 continue
-            session = self._nodes[key].session
-            if session is not None:
-                session.send_map(network_id, netmap)
+            sent = node.sent.get(network_id)
+            if sent == netmap.revision:
+                continue
+            if delta is not None and previous is not None and sent == previous.revision:
+                node.session.send_map_delta(network_id, delta)
+                self.counters["deltas_pushed"] += 1
+            else:
+                node.session.send_map(network_id, netmap)
                 self.counters["maps_pushed"] += 1
+            node.sent[network_id] = netmap.revision
 
     def _notify_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
         node = self._nodes.get(public_key)
         if node is not None and node.session is not None and network_id in node.subscriptions:
+            node.sent.pop(network_id, None)
             node.session.send_revoked(network_id, reason)
 
     def network_map(self, network_id: str) -> NetworkMap:
@@ -499,6 +546,7 @@ class Controller:
         for key in self._subscribers.pop(network_id, set()):
             self._nodes[key].subscriptions.discard(network_id)
         self._revisions.pop(network_id, None)
+        self._pushed.pop(network_id, None)
         self._dirty.discard(network_id)
 
     # -- members --------------------------------------------------------------

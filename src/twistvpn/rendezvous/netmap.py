@@ -146,6 +146,43 @@ class NetworkMap:
         """Every member except C{public_key}'s."""
         return [m for m in self.members if m.public_key != public_key]
 
+    def diff(self, old: NetworkMap) -> MapDelta:
+        """What turns C{old} into this map."""
+        before = {m.public_key: m for m in old.members}
+        mine = {m.public_key for m in self.members}
+        return MapDelta(
+            network_id=self.network_id,
+            name=self.name,
+            subnet=self.subnet,
+            base=old.revision,
+            revision=self.revision,
+            upsert=tuple(m for m in self.members if before.get(m.public_key) != m),
+            remove=tuple(k for k in before if k not in mine),
+            relays=self.relays,
+        )
+
+    def apply(self, delta: MapDelta) -> NetworkMap:
+        """
+        This map with C{delta} applied; members keep their order and new
+        ones come last, as in a full map.  Raises L{MapError} unless
+        C{delta} is based on this very revision.
+        """
+        if delta.network_id != self.network_id or delta.base != self.revision:
+            raise MapError(f"delta from revision {delta.base}, the map is at {self.revision}")
+        members = {m.public_key: m for m in self.members}
+        for key in delta.remove:
+            members.pop(key, None)
+        for m in delta.upsert:
+            members[m.public_key] = m
+        return NetworkMap(
+            network_id=self.network_id,
+            name=delta.name,
+            subnet=delta.subnet,
+            revision=delta.revision,
+            members=tuple(members.values()),
+            relays=delta.relays,
+        )
+
     def to_json(self) -> bytes:
         return json.dumps(
             {
@@ -187,3 +224,56 @@ class Punch:
     candidates: tuple[str, ...]
     delay: float
     punch_id: str
+
+
+@dataclass(frozen=True)
+class MapDelta:
+    """
+    The change from map revision C{base} to C{revision}: members added or
+    changed, public keys removed.  Sent instead of the full map to members
+    that hold C{base}, so a change costs its own size, not the network's::
+
+        {"network": {...}, "base": 11, "revision": 12,
+         "upsert": [<member>...], "remove": ["<base64 key>"...], "relays": []}
+    """
+
+    network_id: str
+    name: str
+    subnet: str
+    base: int
+    revision: int
+    upsert: tuple[Member, ...] = ()
+    remove: tuple[bytes, ...] = ()
+    relays: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "network": {"id": self.network_id, "name": self.name, "subnet": self.subnet},
+                "base": self.base,
+                "revision": self.revision,
+                "upsert": [m.to_dict() for m in self.upsert],
+                "remove": [encode_key(k) for k in self.remove],
+                "relays": list(self.relays),
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> MapDelta:
+        """Parse a delta; anything malformed raises L{MapError}."""
+        try:
+            d = json.loads(data)
+            net = d["network"]
+            return cls(
+                network_id=str(net["id"]),
+                name=str(net["name"]),
+                subnet=str(ipaddress.IPv4Network(net["subnet"])),
+                base=int(d["base"]),
+                revision=int(d["revision"]),
+                upsert=tuple(Member.from_dict(m) for m in d["upsert"]),
+                remove=tuple(decode_key(k) for k in d["remove"]),
+                relays=tuple(dict(r) for r in d.get("relays", [])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MapError(f"malformed map delta: {e}") from None

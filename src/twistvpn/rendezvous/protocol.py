@@ -135,6 +135,21 @@ class NetworkMapPush(amp.Command):
     requiresAnswer = False
 
 
+class MapDeltaPush(amp.Command):
+    """rendezvous -> node: the change since the last map (JSON, see netmap)."""
+
+    arguments = [(b"network_id", amp.Unicode()), (b"delta", BigBytes())]
+    requiresAnswer = False
+
+
+class RequestMap(amp.Command):
+    """node -> rendezvous: send the full map again (a delta did not apply)."""
+
+    arguments = [(b"network_id", amp.Unicode())]
+    response: list = []
+    errors = ERRORS
+
+
 class PunchPush(amp.Command):
     """rendezvous -> node: start traversal towards a peer in C{delay} seconds."""
 

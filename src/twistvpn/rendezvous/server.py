@@ -18,17 +18,19 @@ from zope.interface import implementer
 from twistvpn.interfaces import IControlSession, INetworkController
 from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.controller import InvalidArgumentError
-from twistvpn.rendezvous.netmap import NetworkMap, Punch
+from twistvpn.rendezvous.netmap import MapDelta, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
     BoundedAMP,
     Challenge,
     Join,
     Leave,
+    MapDeltaPush,
     NetworkMapPush,
     Ping,
     PunchPush,
     Register,
+    RequestMap,
     RequestPunch,
     RevokedPush,
     SetLocalEndpoints,
@@ -181,6 +183,11 @@ class ControlServerProtocol(BoundedAMP):
         self._service.controller.set_local_endpoints(self._registered(), endpoints)
         return {}
 
+    @RequestMap.responder
+    def request_map(self, network_id: str) -> dict[str, Any]:
+        self._service.controller.resend_map(self._registered(), network_id)
+        return {}
+
     @RequestPunch.responder
     def request_punch(self, network_id: str, peer_key: bytes) -> dict[str, Any]:
         self._service.controller.request_punch(self._registered(), network_id, peer_key)
@@ -195,6 +202,10 @@ class ControlServerProtocol(BoundedAMP):
     def send_map(self, network_id: str, netmap: NetworkMap) -> None:
         if not self._closed:
             self.callRemote(NetworkMapPush, network_id=network_id, netmap=netmap.to_json())
+
+    def send_map_delta(self, network_id: str, delta: MapDelta) -> None:
+        if not self._closed:
+            self.callRemote(MapDeltaPush, network_id=network_id, delta=delta.to_json())
 
     def send_punch(self, network_id: str, punch: Punch) -> None:
         if not self._closed:
