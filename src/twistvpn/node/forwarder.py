@@ -25,6 +25,8 @@ from twistvpn.interfaces import IDatagramHandler, IDatagramSender
 from twistvpn.wire import WIREGUARD_TYPES
 
 Address = Any  # a (host, port) tuple, or an endpoint object a route knows
+# Entries in each address-translation cache before it is emptied.
+ADDRESS_CACHE_MAX = 4096
 
 
 def _unmap(addr: Address) -> Address:
@@ -52,6 +54,14 @@ def _map(addr: tuple) -> tuple:  # type: ignore[type-arg]
     return ("::ffff:" + addr[0], addr[1])
 
 
+def _cache(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    """Remember C{value} for C{key} in a bounded cache; return C{value}."""
+    if len(cache) >= ADDRESS_CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 @implementer(IDatagramSender)
 class Forwarder(DatagramProtocol):
     """
@@ -69,12 +79,28 @@ class Forwarder(DatagramProtocol):
         self._routes: dict[type, Callable[[bytes, Any], None]] = {}
         self._wireguard: Any = None
         self.counters: collections.Counter[str] = collections.Counter()
+        # Sends straight on the socket (twistvpn.node.fastpath), when wired.
+        self._batcher: Any = None
+        self._dual_stack = False
+        # Address translations are parsed once per address, not per packet.
+        self._unmapped: dict[Address, Address] = {}
+        self._mapped: dict[tuple, tuple] = {}  # type: ignore[type-arg]
 
     # -- wiring ---------------------------------------------------------------
 
     def set_wireguard(self, device: IDatagramHandler) -> None:
         """Hand WireGuard messages (types 1 to 4) to C{device}."""
         self._wireguard = device
+
+    def use_batcher(self, batcher: Any, dual_stack: bool) -> None:
+        """
+        Send (host, port) datagrams with C{batcher} (a
+        L{twistvpn.node.fastpath.DatagramBatcher} on this protocol's socket)
+        instead of C{transport.write}; C{dual_stack} when the socket is IPv6
+        and needs IPv4 addresses mapped.
+        """
+        self._batcher = batcher
+        self._dual_stack = dual_stack
 
     def register_handler(self, message_type: int, handler: IDatagramHandler) -> None:
         if message_type in WIREGUARD_TYPES:
@@ -97,7 +123,10 @@ class Forwarder(DatagramProtocol):
     # -- receiving ------------------------------------------------------------
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
-        self.dispatch(data, _unmap(addr))
+        unmapped = self._unmapped.get(addr)
+        if unmapped is None:
+            unmapped = _cache(self._unmapped, addr, _unmap(addr))
+        self.dispatch(data, unmapped)
 
     def dispatch(self, data: bytes, addr: Address) -> None:
         """
@@ -133,6 +162,13 @@ class Forwarder(DatagramProtocol):
                 self.counters["drop_no_route"] += 1
                 return
             route(data, addr)
+            return
+        batcher = self._batcher
+        if batcher is not None:
+            if self._dual_stack:
+                mapped = self._mapped.get(addr)
+                addr = _cache(self._mapped, addr, _map(addr)) if mapped is None else mapped
+            batcher.send(data, addr)
             return
         transport: Any = self.transport
         if transport is None:

@@ -22,6 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from twistvpn.node.config import InterfaceConfig, PeerConfig
+from twistvpn.node.fastpath import DatagramBatcher, listen_udp
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.tun import DEFAULT_MTU
 from twistvpn.node.uapi import PeerStatus, UAPIFactory, claim_socket_path, format_get
@@ -128,6 +129,7 @@ class StaticNodeService(service.Service):
         self.device: Any = None  # IWireGuardDevice
         self.forwarder: Forwarder | None = None
         self.port: Any = None
+        self._batcher: DatagramBatcher | None = None
 
     @property
     def listening_port(self) -> int | None:
@@ -234,15 +236,18 @@ class StaticNodeService(service.Service):
 
     def _listen(self, port: int, forwarder: Forwarder) -> Any:
         try:
-            listening = self._reactor.listenUDP(port, forwarder, interface=self._listen_interface)
+            listening = listen_udp(self._reactor, port, forwarder, self._listen_interface)
         except CannotListenError:
             if self._listen_interface != "::":
                 raise
             # No IPv6 in this network namespace: IPv4 only.
-            listening = self._reactor.listenUDP(port, forwarder, interface="")
+            listening = listen_udp(self._reactor, port, forwarder, "")
         sock = getattr(listening, "socket", None)
         if isinstance(sock, socket.socket):
             _enlarge_buffers(sock)
+            # The fast path: sends straight on the socket, in GSO batches.
+            self._batcher = DatagramBatcher(sock, self._reactor, forwarder.counters)
+            forwarder.use_batcher(self._batcher, sock.family == socket.AF_INET6)
         return listening
 
     def stopService(self) -> Deferred[Any]:
@@ -260,6 +265,9 @@ class StaticNodeService(service.Service):
             self.control_port = None
         if self.tun is not None:
             self.tun.stop_reading()
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         if self.port is not None:
             stopped.append(maybeDeferred(self.port.stopListening))
             self.port = None

@@ -1,0 +1,262 @@
+"""Tests for twistvpn.node.fastpath: GSO batches out, GRO batches in."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from collections import Counter
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
+from twisted.trial import unittest
+
+from twistvpn.node import fastpath
+from twistvpn.node.fastpath import (
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    DatagramBatcher,
+    GROPort,
+    gro_segment_size,
+    segments,
+)
+from twistvpn.node.forwarder import Forwarder
+
+A = ("203.0.113.2", 51820)
+B = ("203.0.113.3", 51820)
+
+
+class FakeSocket:
+    """Records sends; a GSO send is split here as the kernel would."""
+
+    def __init__(self, gso_error: int | None = None, send_error: int | None = None) -> None:
+        self.gso_error = gso_error
+        self.send_error = send_error
+        self.calls: list[tuple[str, int, Any]] = []  # (kind, datagrams, addr)
+        self.wire: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.send_error is not None:
+            raise OSError(self.send_error, "refused")
+        self.calls.append(("sendto", 1, addr))
+        self.wire.append((data, addr))
+        return len(data)
+
+    def sendmsg(self, buffers: list[bytes], ancillary: Any, flags: int, addr: Any) -> int:
+        if self.gso_error is not None:
+            raise OSError(self.gso_error, "no GSO")
+        [(level, kind, value)] = ancillary
+        assert (level, kind) == (SOL_UDP, UDP_SEGMENT)
+        size = int.from_bytes(value, sys.byteorder)
+        data = b"".join(buffers)
+        parts = list(segments(data, size))
+        self.calls.append(("gso", len(parts), addr))
+        self.wire.extend((p, addr) for p in parts)
+        return len(data)
+
+
+class BatcherTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sock = FakeSocket()
+        self.counters: Counter[str] = Counter()
+        self.batcher = DatagramBatcher(self.sock, self.clock, self.counters)
+
+    def send(self, *datagrams: tuple[bytes, Any]) -> None:
+        for data, addr in datagrams:
+            self.batcher.send(data, addr)
+
+    def test_sent_at_end_of_iteration(self) -> None:
+        """Nothing leaves until the reactor iteration ends; then one GSO send."""
+        packets = [bytes([i]) * 100 for i in range(10)]
+        self.send(*((p, A) for p in packets))
+        self.assertEqual(self.sock.wire, [])
+        self.clock.advance(0)
+        self.assertEqual(self.sock.calls, [("gso", 10, A)])
+        self.assertEqual(self.sock.wire, [(p, A) for p in packets])
+        self.assertEqual(self.counters["gso_datagrams"], 10)
+
+    def test_single_datagram_is_plain_send(self) -> None:
+        self.send((b"x" * 32, A))
+        self.clock.advance(0)
+        self.assertEqual(self.sock.calls, [("sendto", 1, A)])
+
+    def test_runs_split_by_address_size_and_short_segment(self) -> None:
+        """Order on the wire is kept; a shorter datagram ends its run."""
+        sequence = [
+            (b"a" * 100, A),
+            (b"b" * 100, A),
+            (b"c" * 40, A),  # short: last of its run
+            (b"d" * 100, A),
+            (b"e" * 100, B),  # another address
+            (b"f" * 150, B),  # longer: cannot join
+            (b"g" * 150, B),
+        ]
+        self.send(*sequence)
+        self.clock.advance(0)
+        self.assertEqual(self.sock.wire, sequence)
+        self.assertEqual(
+            self.sock.calls,
+            [("gso", 3, A), ("sendto", 1, A), ("sendto", 1, B), ("gso", 2, B)],
+        )
+
+    def test_limits(self) -> None:
+        batcher = DatagramBatcher(self.sock, self.clock, self.counters, max_segments=4)
+        for i in range(10):
+            batcher.send(bytes([i]) * 10, A)
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in self.sock.calls], [4, 4, 2])
+        self.sock.calls.clear()
+        batcher = DatagramBatcher(self.sock, self.clock, self.counters, max_bytes=250)
+        for i in range(5):
+            batcher.send(bytes([i]) * 100, A)
+        self.clock.advance(0)
+        self.assertEqual([c[1] for c in self.sock.calls], [2, 2, 1])
+
+    def test_gso_unsupported_falls_back_for_good(self) -> None:
+        self.sock.gso_error = errno.EIO
+        packets = [(bytes([i]) * 50, A) for i in range(3)]
+        self.send(*packets)
+        self.clock.advance(0)
+        self.assertEqual(self.sock.wire, packets)
+        self.assertEqual(self.counters["gso_disabled"], 1)
+        self.assertFalse(self.batcher.gso)
+        self.send((b"now", A))  # sent at once, without waiting
+        self.assertEqual(self.sock.wire[-1], (b"now", A))
+
+    def test_gso_refused_once_sends_one_by_one(self) -> None:
+        self.sock.gso_error = errno.EINVAL
+        packets = [(bytes([i]) * 50, A) for i in range(3)]
+        self.send(*packets)
+        self.clock.advance(0)
+        self.assertEqual(self.sock.wire, packets)
+        self.assertEqual(self.counters["gso_fallback"], 1)
+        self.assertTrue(self.batcher.gso)
+
+    def test_send_errors_counted(self) -> None:
+        self.sock.send_error = errno.ENETUNREACH
+        self.sock.gso_error = errno.ENETUNREACH
+        self.send((b"x" * 10, A), (b"y" * 10, A), (b"z", B))
+        self.clock.advance(0)
+        self.assertEqual(self.counters["drop_send_error"], 3)
+
+    def test_close_flushes(self) -> None:
+        self.send((b"x" * 10, A), (b"y" * 10, A))
+        self.batcher.close()
+        self.assertEqual(len(self.sock.wire), 2)
+        self.clock.advance(0)
+        self.assertEqual(len(self.sock.wire), 2)
+
+
+class ForwarderBatchTests(unittest.TestCase):
+    def test_dual_stack_mapping_and_routes(self) -> None:
+        """IPv4 endpoints are mapped for an IPv6 socket; route endpoints bypass the batcher."""
+        clock = Clock()
+        sock = FakeSocket()
+        forwarder = Forwarder()
+        forwarder.use_batcher(DatagramBatcher(sock, clock, forwarder.counters), True)
+        routed: list[Any] = []
+        forwarder.register_route(list, lambda data, addr: routed.append(data))
+        forwarder.send_datagram(b"v4", ("203.0.113.2", 1))
+        forwarder.send_datagram(b"v4", ("203.0.113.2", 1))
+        forwarder.send_datagram(b"v6", ("2001:db8::2", 1))
+        forwarder.send_datagram(b"relay", [])  # type: ignore[arg-type]
+        clock.advance(0)
+        self.assertEqual(
+            sock.wire,
+            [
+                (b"v4", ("::ffff:203.0.113.2", 1)),
+                (b"v4", ("::ffff:203.0.113.2", 1)),
+                (b"v6", ("2001:db8::2", 1)),
+            ],
+        )
+        self.assertEqual(routed, [b"relay"])
+
+    def test_unmapping_cached_and_bounded(self) -> None:
+        received: list[Any] = []
+
+        class Handler:
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                received.append(addr)
+
+        forwarder = Forwarder()
+        forwarder.set_wireguard(Handler())  # type: ignore[arg-type]
+        for port in range(5000):
+            forwarder.datagramReceived(b"\x04", ("::ffff:203.0.113.9", port))
+        self.assertEqual(received[-1], ("203.0.113.9", 4999))
+        self.assertEqual(len(received), 5000)
+        self.assertLessEqual(len(forwarder._unmapped), 4096)
+
+
+class SegmentTests(unittest.TestCase):
+    def test_segments(self) -> None:
+        data = bytes(range(250))
+        self.assertEqual(list(segments(data, 100)), [data[:100], data[100:200], data[200:]])
+        self.assertEqual(list(segments(data[:200], 100)), [data[:100], data[100:200]])
+        self.assertEqual(list(segments(b"", 100)), [])
+
+    def test_gro_segment_size(self) -> None:
+        value = (1452).to_bytes(4, sys.byteorder)
+        self.assertEqual(gro_segment_size([(SOL_UDP, UDP_GRO, value)]), 1452)
+        self.assertEqual(gro_segment_size([(SOL_UDP, 1, value)]), 0)
+        self.assertEqual(gro_segment_size([(SOL_UDP, UDP_GRO, b"\x01")]), 0)
+        self.assertEqual(gro_segment_size([]), 0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, Any]] = []
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received.append((data, addr))
+
+
+class LoopbackTests(unittest.TestCase):
+    """The kernel's GSO and GRO, over loopback (no reactor runs: doRead is called)."""
+
+    def setUp(self) -> None:
+        self.recorder = Recorder()
+        self.port = GROPort(0, self.recorder, "127.0.0.1", fastpath.GRO_BUFFER, MemoryReactor())
+        self.port.startListening()
+        self.addCleanup(self.port.socket.close)
+        self.address = ("127.0.0.1", self.port.getHost().port)
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(self.sender.close)
+        self.sender.bind(("127.0.0.1", 0))
+        self.source = self.sender.getsockname()
+
+    def test_gso_burst_arrives_as_datagrams(self) -> None:
+        clock = Clock()
+        counters: Counter[str] = Counter()
+        batcher = DatagramBatcher(self.sender, clock, counters)
+        sent = [bytes([i]) * 1452 for i in range(20)] + [b"\x04short"]
+        for datagram in sent:
+            batcher.send(datagram, self.address)
+        clock.advance(0)
+        if counters["gso_disabled"]:
+            raise unittest.SkipTest("this kernel refuses UDP GSO")
+        self.assertEqual(counters["gso_sends"], 1)
+        self.port.doRead()
+        self.assertEqual(self.recorder.received, [(d, self.source) for d in sent])
+        self.assertTrue(self.port.gro)
+
+    def test_plain_datagrams(self) -> None:
+        for data in (b"one", b"two", b"three"):
+            self.sender.sendto(data, self.address)
+        self.port.doRead()
+        self.assertEqual(
+            self.recorder.received, [(d, self.source) for d in (b"one", b"two", b"three")]
+        )
+        self.port.doRead()  # nothing left: returns without blocking
+        self.assertEqual(len(self.recorder.received), 3)
