@@ -199,6 +199,17 @@ class Members(ControllerTestCase):
         self.clock.advance(1)
         self.assertEqual(len(sa.maps), count + 1)
 
+    def test_relays_in_maps(self) -> None:
+        """Setting the relays (the embedded relay does) re-sends every map."""
+        a, session = self.node("a", self.net)
+        self.controller.authorize(self.net, node_id_of(a))
+        self.clock.advance(1)
+        relay = {"host": "203.0.113.1", "port": 3478, "public_key": "k"}
+        self.controller.relays = (relay,)
+        self.clock.advance(1)
+        self.assertEqual(session.maps[-1][1].relays, (relay,))
+        self.assertEqual(len(session.deltas), 1)
+
     def test_revision_increases(self) -> None:
         a, session = self.node("a", self.net)
         self.controller.authorize(self.net, node_id_of(a))

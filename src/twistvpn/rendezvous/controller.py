@@ -144,7 +144,7 @@ class Controller:
         self._db = db
         self._clock = clock
         self._push_delay = push_delay
-        self.relays = relays
+        self._relays = tuple(relays)
         self.counters: collections.Counter[str] = collections.Counter()
         self._nodes: dict[bytes, _Node] = {}
         self._by_id: dict[str, bytes] = {}
@@ -160,6 +160,20 @@ class Controller:
             self._remember(row)
         for row in db.execute("SELECT id, revision FROM networks"):
             self._revisions[row["id"]] = row["revision"]
+
+    @property
+    def relays(self) -> tuple[dict[str, Any], ...]:
+        """The relays every network map lists ({"host", "port", "public_key"}...)."""
+        return self._relays
+
+    @relays.setter
+    def relays(self, relays: tuple[dict[str, Any], ...]) -> None:
+        relays = tuple(relays)
+        if relays == self._relays:
+            return
+        self._relays = relays
+        for network_id in list(self._revisions):
+            self._changed(network_id)
 
     def _remember(self, row: sqlite3.Row) -> _Node:
         node = _Node(
