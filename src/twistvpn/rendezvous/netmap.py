@@ -50,7 +50,8 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     """The inverse of L{format_endpoint}, for IP literals only."""
     if not isinstance(text, str) or len(text) > 64:
         raise MapError(f"not an endpoint: {text!r}")
-    if text.startswith("["):
+    bracketed = text.startswith("[")
+    if bracketed:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
@@ -60,7 +61,8 @@ def parse_endpoint(text: str) -> tuple[str, int]:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise MapError(f"not an IP address: {host!r}") from None
-    if (":" in host) != (ip.version == 6) or not 0 < int(port) < 65536:
+    # IPv6 only in brackets, IPv4 never: "2001:db8::1:5" is ambiguous.
+    if bracketed != (ip.version == 6) or not 0 < int(port) < 65536:
         raise MapError(f"not an endpoint: {text!r}")
     return str(ip), int(port)
 
@@ -184,32 +186,23 @@ class NetworkMap:
         )
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "network": {"id": self.network_id, "name": self.name, "subnet": self.subnet},
-                "revision": self.revision,
-                "members": [m.to_dict() for m in self.members],
-                "relays": list(self.relays),
-            },
-            separators=(",", ":"),
-        ).encode("utf-8")
+        return _dump(
+            self,
+            {"revision": self.revision, "members": [m.to_dict() for m in self.members]},
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> NetworkMap:
         """Parse a map; anything malformed raises L{MapError}."""
-        try:
-            d = json.loads(data)
-            net = d["network"]
+
+        def build(d: dict[str, Any], common: dict[str, Any]) -> NetworkMap:
             return cls(
-                network_id=str(net["id"]),
-                name=str(net["name"]),
-                subnet=str(ipaddress.IPv4Network(net["subnet"])),
                 revision=int(d["revision"]),
                 members=tuple(Member.from_dict(m) for m in d["members"]),
-                relays=tuple(dict(r) for r in d.get("relays", [])),
+                **common,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MapError(f"malformed network map: {e}") from None
+
+        return _load(data, "network map", build)
 
 
 @dataclass(frozen=True)
@@ -247,33 +240,55 @@ class MapDelta:
     relays: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> bytes:
-        return json.dumps(
+        return _dump(
+            self,
             {
-                "network": {"id": self.network_id, "name": self.name, "subnet": self.subnet},
                 "base": self.base,
                 "revision": self.revision,
                 "upsert": [m.to_dict() for m in self.upsert],
                 "remove": [encode_key(k) for k in self.remove],
-                "relays": list(self.relays),
             },
-            separators=(",", ":"),
-        ).encode("utf-8")
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> MapDelta:
         """Parse a delta; anything malformed raises L{MapError}."""
-        try:
-            d = json.loads(data)
-            net = d["network"]
+
+        def build(d: dict[str, Any], common: dict[str, Any]) -> MapDelta:
             return cls(
-                network_id=str(net["id"]),
-                name=str(net["name"]),
-                subnet=str(ipaddress.IPv4Network(net["subnet"])),
                 base=int(d["base"]),
                 revision=int(d["revision"]),
                 upsert=tuple(Member.from_dict(m) for m in d["upsert"]),
                 remove=tuple(decode_key(k) for k in d["remove"]),
-                relays=tuple(dict(r) for r in d.get("relays", [])),
+                **common,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MapError(f"malformed map delta: {e}") from None
+
+        return _load(data, "map delta", build)
+
+
+def _dump(obj: NetworkMap | MapDelta, fields: dict[str, Any]) -> bytes:
+    """A map or delta as JSON: the network header, C{fields}, the relays."""
+    return json.dumps(
+        {
+            "network": {"id": obj.network_id, "name": obj.name, "subnet": obj.subnet},
+            **fields,
+            "relays": list(obj.relays),
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def _load(data: bytes, what: str, build: Any) -> Any:
+    """Parse the network header and relays, then C{build(d, common)} the rest."""
+    try:
+        d = json.loads(data)
+        net = d["network"]
+        common = {
+            "network_id": str(net["id"]),
+            "name": str(net["name"]),
+            "subnet": str(ipaddress.IPv4Network(net["subnet"])),
+            "relays": tuple(dict(r) for r in d.get("relays", [])),
+        }
+        return build(d, common)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MapError(f"malformed {what}: {e}") from None
