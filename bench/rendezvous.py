@@ -81,7 +81,10 @@ def raise_fd_limit(needed: int) -> None:
 def run(reactor: Any, args: argparse.Namespace) -> Any:
     tmp = tempfile.mkdtemp(prefix="tvrb")
     log = open(os.path.join(tmp, "twistd.log"), "ab")
-    rendezvous = LocalRendezvous(os.path.join(tmp, "data"), log=log)
+    # every simulated node comes from 127.0.0.1: lift the per-address limit
+    rendezvous = LocalRendezvous(
+        os.path.join(tmp, "data"), log=log, extra_args=("--registration-rate", "0")
+    )
     clients: list[RendezvousClient] = []
     try:
         info = rendezvous.start()

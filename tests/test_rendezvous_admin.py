@@ -193,6 +193,8 @@ class TapOptions(SynchronousTestCase):
             ["--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"],
             ["--hostname", "bad host!"],
             ["--udp-interface", "eth0"],
+            ["--registration-rate", "-1"],
+            ["--registration-rate", "lots"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
 

@@ -18,6 +18,7 @@ from twistvpn.interfaces import IControlSession, IRendezvousListener
 from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.client import NotConnectedError, ServerKeyMismatchError
 from twistvpn.rendezvous.controller import InvalidArgumentError, NotFoundError, node_id_of
+from twistvpn.rendezvous.discovery import TokenBuckets
 from twistvpn.rendezvous.protocol import (
     MAX_INBOUND_BOX,
     Challenge,
@@ -151,6 +152,17 @@ class Registration(SynchronousTestCase):
         self.world.clock.advance(REGISTER_TIMEOUT + 1)
         self.world.flush()
         self.assertTrue(pump.clientIO.disconnected)
+
+    def test_registrations_rate_limited_per_address(self) -> None:
+        factory = self.world.server_factory
+        factory.registration_limits = TokenBuckets(self.world.clock, 1.0, 2.0)
+        raws = [self._raw()[0] for _ in range(3)]
+        self._call(raws[0], Challenge)
+        self._call(raws[1], Challenge)
+        self.assertRaises(InvalidArgumentError, self._call, raws[2], Challenge)
+        self.assertEqual(factory.counters["registration_rate_limited"], 1)
+        self.world.clock.advance(1)
+        self._call(raws[2], Challenge)
 
     def test_dead_connection_dropped(self) -> None:
         """A registered peer that stops answering pings is dropped (offline)."""

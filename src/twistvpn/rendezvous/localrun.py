@@ -22,7 +22,14 @@ TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import
 class LocalRendezvous:
     """One rendezvous process; C{info} is its state file once started."""
 
-    def __init__(self, data_dir: str, control_port: int = 0, log: BinaryIO | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        control_port: int = 0,
+        log: BinaryIO | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.extra_args = extra_args
         self.data_dir = data_dir
         self.control_port = control_port
         self.log = log
@@ -61,6 +68,7 @@ class LocalRendezvous:
                 "127.0.0.1",
                 "--admin-http",
                 "tcp:0:interface=127.0.0.1",
+                *self.extra_args,
             ],
             stdout=self.log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,

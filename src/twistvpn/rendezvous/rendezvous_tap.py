@@ -4,6 +4,7 @@ C{twistd twistvpn-rendezvous}: options and C{makeService}.
     twistd -n twistvpn-rendezvous --data-dir DIR [--hostname NAME]
         [--control ENDPOINT] [--udp-port 3478] [--udp-port2 3479]
         [--tls-cert FILE --tls-key FILE] [--admin-http ENDPOINT|none]
+        [--registration-rate 20]
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ def _port(value: str) -> int:
 
 
 _port.coerceDoc = "A UDP port, 0 to 65535."  # type: ignore[attr-defined]
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
+    if not 0 <= rate < float("inf"):
+        raise ValueError(f"{value} is not a rate (0 or more per second)")
+    return rate
+
+
+_rate.coerceDoc = "Per second; 0 means no limit."  # type: ignore[attr-defined]
 
 
 class _NoReactor:
@@ -71,6 +85,13 @@ class Options(usage.Options):
         ["udp-interface", None, "", "Address the discovery ports bind to (default: all)."],
         ["tls-cert", None, None, "PEM certificate (chain) instead of a self-signed one."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
+        [
+            "registration-rate",
+            None,
+            20.0,
+            "Registrations per second one address may make (bursts of 5 s worth; 0: no limit).",
+            _rate,
+        ],
         [
             "admin-http",
             None,
@@ -131,4 +152,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         udp_ports=(config["udp-port"], config["udp-port2"]),
         udp_interface=config["udp-interface"],
         admin_http=config["admin-http"],
+        registration_rate=config["registration-rate"],
     )

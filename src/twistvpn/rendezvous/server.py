@@ -18,6 +18,7 @@ from zope.interface import implementer
 from twistvpn.interfaces import IControlSession, INetworkController
 from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.controller import InvalidArgumentError
+from twistvpn.rendezvous.discovery import TokenBuckets
 from twistvpn.rendezvous.netmap import MapDelta, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
@@ -124,6 +125,13 @@ class ControlServerProtocol(BoundedAMP):
         self._challenges_issued += 1
         if self._challenges_issued > MAX_CHALLENGES:
             raise InvalidArgumentError("too many challenges")
+        # Each registration costs a Diffie-Hellman and may add a node to
+        # the database: a source address gets only so many.
+        source = getattr(self.transport.getPeer(), "host", None)
+        limits = self._service.registration_limits
+        if limits is not None and not limits.allow(source):
+            self._service.counters["registration_rate_limited"] += 1
+            raise InvalidArgumentError("too many registrations from this address; try later")
         self._challenge = auth.new_challenge()
         return {
             "challenge": self._challenge,
@@ -239,6 +247,7 @@ class ControlServerFactory(Factory):
         server_private: bytes,
         clock: IReactorTime,
         udp_ports: tuple[int, ...] = (),
+        registration_rate: float = 20.0,
     ) -> None:
         self.controller = controller
         self.server_private = server_private
@@ -247,6 +256,12 @@ class ControlServerFactory(Factory):
         self.udp_ports = udp_ports
         self.counters: collections.Counter[str] = collections.Counter()
         self.connections: set[ControlServerProtocol] = set()
+        # registrations per second per source address (bursts of 5 s worth)
+        self.registration_limits = (
+            TokenBuckets(clock, registration_rate, max(1.0, 5 * registration_rate))
+            if registration_rate > 0
+            else None
+        )
         self._drained: list[defer.Deferred[None]] = []
 
     def close_all(self) -> defer.Deferred[None]:

@@ -178,6 +178,7 @@ class RendezvousService(MultiService):
         udp_ports: tuple[int, int] = (3478, 3479),
         udp_interface: str = "",
         admin_http: str | None = None,
+        registration_rate: float = 20.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -186,7 +187,7 @@ class RendezvousService(MultiService):
         self.controller = Controller(data.db, reactor)
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
         self.control_factory = ControlServerFactory(
-            self.controller, data.server_private, reactor, udp_ports
+            self.controller, data.server_private, reactor, udp_ports, registration_rate
         )
         self._udp: list[_Listening] = []
         for which, port in enumerate(udp_ports):
