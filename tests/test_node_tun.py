@@ -135,7 +135,7 @@ class TunDeviceTests(unittest.TestCase):
         self.patch(pytun, "TunTapDevice", make)
         self.reactor = FakeFDReactor()
         self.ipr = FakeIPRoute()
-        self.device = TunDevice(self.reactor, "tvtest0", 1420, iproute=self.ipr)
+        self.device = TunDevice(self.reactor, "tvtest0", 1420, iproute=self.ipr, offload=False)
         self.addCleanup(self.device.close)
 
     def test_interfaces(self) -> None:

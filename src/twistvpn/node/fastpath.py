@@ -29,7 +29,7 @@ import errno
 import socket
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import udp
@@ -203,12 +203,20 @@ class GROPort(udp.Port):
     """
 
     gro = False
+    # Called after each batch of reads (the node writes the packets the
+    # batch decrypted at once instead of at the end of the reactor iteration).
+    on_batch_end: Callable[[], None] | None = None
 
     def startListening(self) -> None:
         super().startListening()
         self.gro = enable_gro(self.socket)
 
     def doRead(self) -> None:
+        self._read_batch()
+        if self.on_batch_end is not None:
+            self.on_batch_end()
+
+    def _read_batch(self) -> None:
         sock = self.socket
         receive = self.protocol.datagramReceived
         trim = self.addressFamily == socket.AF_INET6

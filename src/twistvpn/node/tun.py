@@ -22,6 +22,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
+from twistvpn.node.offload import (
+    VNET_F_NEEDS_CSUM,
+    VNET_GSO_NONE,
+    VNET_HEADER_SIZE,
+    coalesce,
+)
 
 DEFAULT_MTU = 1420
 DEFAULT_NAME = "twvpn0"
@@ -156,6 +162,13 @@ class TunDevice(_TunBase):
     A kernel TUN device (IFF_TUN | IFF_NO_PI), read without blocking from
     the reactor.
 
+    With C{offload} (the default) the device also has a virtio-net header
+    (IFF_VNET_HDR): packets written in one reactor iteration are written
+    at its end, runs of TCP segments joined into one
+    (L{twistvpn.node.offload.coalesce}), so that the kernel's TCP stack
+    takes them in one pass.  Reads are unchanged: the kernel is not asked
+    for offloads (TUNSETOFFLOAD), so it hands over plain packets.
+
     The device exists from construction until L{close}; it is not
     persistent, so the kernel also removes it (and its routes) if the
     process dies.
@@ -169,21 +182,31 @@ class TunDevice(_TunBase):
         name: str = DEFAULT_NAME,
         mtu: int = DEFAULT_MTU,
         iproute: Any = None,
+        offload: bool = True,
     ) -> None:
         import pytun  # only the real device needs the C extension
 
         super().__init__(name, mtu)
         self._reactor = reactor
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI
         try:
-            self._tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            self._tun = pytun.TunTapDevice(
+                name=name, flags=flags | (pytun.IFF_VNET_HDR if offload else 0)
+            )
         except OSError as e:
             raise TunError(_explain(name, e)) from e
+        self.offload = offload
+        # Called after each batch of reads (the node sends what the batch
+        # produced at once instead of at the end of the reactor iteration).
+        self.on_batch_end: Callable[[], None] | None = None
+        self._pending: list[bytes] = []
+        self._flush_call: Any = None
         self.name = self._tun.name
         self._fd = self._tun.fileno()
         os.set_blocking(self._fd, False)
         # Room for a packet bigger than the MTU, so that one is read whole
         # and can be counted rather than split.
-        self._read_size = max(mtu, 1500) + 64
+        self._read_size = max(mtu, 1500) + 64 + (VNET_HEADER_SIZE if offload else 0)
         if iproute is None:
             from pyroute2 import IPRoute
 
@@ -208,6 +231,11 @@ class TunDevice(_TunBase):
         return f"TunDevice({self.name})"
 
     def doRead(self) -> None:
+        self._read_batch()
+        if self.on_batch_end is not None:
+            self.on_batch_end()
+
+    def _read_batch(self) -> None:
         for _ in range(READ_BATCH):
             try:
                 packet = os.read(self._fd, self._read_size)
@@ -221,6 +249,15 @@ class TunDevice(_TunBase):
                 return
             if not packet:
                 return
+            if self.offload:
+                # No offloads were enabled, so the kernel has no reason to
+                # send a GSO packet or a partial checksum; refuse them.
+                if len(packet) <= VNET_HEADER_SIZE or packet[1] != VNET_GSO_NONE or (
+                    packet[0] & VNET_F_NEEDS_CSUM
+                ):
+                    self.counters["drop_offload"] += 1
+                    continue
+                packet = packet[VNET_HEADER_SIZE:]
             try:
                 self._deliver(packet)
             except Exception:
@@ -248,8 +285,27 @@ class TunDevice(_TunBase):
         if self._closed:
             self.counters["drop_closed"] += 1
             return
+        if not self.offload:
+            self._write(packet)
+            return
+        self._pending.append(packet)
+        if self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write what this reactor iteration delivered, TCP segments joined."""
+        self._flush_call = None
+        pending = self._pending
+        if not pending or self._closed:
+            return
+        self._pending = []
+        self.counters["tx_packets"] += len(pending)
+        for data in coalesce(pending):
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         try:
-            os.write(self._fd, packet)
+            os.write(self._fd, data)
         except BlockingIOError:
             self.counters["drop_tun_full"] += 1
         except OSError as e:
@@ -257,7 +313,8 @@ class TunDevice(_TunBase):
             self.counters["drop_write_error"] += 1
             self.log.debug("writing to {name} failed: {error}", name=self.name, error=e)
         else:
-            self.counters["tx_packets"] += 1
+            if not self.offload:
+                self.counters["tx_packets"] += 1
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
         wanted = [parse_interface_address(a) for a in addresses]
@@ -298,6 +355,11 @@ class TunDevice(_TunBase):
         if self._closed:
             return
         self.stop_reading()
+        self.flush()
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
         for route in list(self.routes):
             self.remove_route(route)
         self._ignore_missing(self._ipr.link, "del", index=self._index)

@@ -1,0 +1,156 @@
+"""
+TUN offload: the virtio-net header (IFF_VNET_HDR) and TCP receive
+coalescing, so that the kernel's TCP stack sees one large segment where
+the tunnel delivered many.
+
+Each TCP segment written into a TUN device costs the kernel a trip
+through IP and TCP and, every other segment, an ACK that the tunnel must
+carry back.  Like the kernel's own GRO (and wireguard-go's TUN offload),
+L{coalesce} joins consecutive in-order segments of one TCP/IPv4 flow that
+differ only in sequence number, IP ID and checksums into one packet with
+a virtio-net header describing it as a TCP GSO packet (C{gso_size} the
+segments' payload size, the checksum left to the kernel): the stack takes
+it in one pass and acknowledges it with one ACK.  Everything else is
+written as it came, behind an empty header.
+
+The coalesced segments' own TCP checksums are not verified again: they
+arrived authenticated by the WireGuard AEAD from the peer whose AllowedIPs
+hold their source, as the kernel's WireGuard module trusts them
+(CHECKSUM_UNNECESSARY).  The IPv4 header checksum of the joined packet is
+computed afresh, and its TCP checksum field holds the pseudo-header sum
+the kernel completes should it forward the packet.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+# struct virtio_net_hdr (linux/virtio_net.h), native byte order for TUN.
+VNET_HEADER = struct.Struct("=BBHHHH")
+VNET_HEADER_SIZE = VNET_HEADER.size  # 10
+VNET_F_NEEDS_CSUM = 1
+VNET_F_DATA_VALID = 2
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+PLAIN = bytes(VNET_HEADER_SIZE)
+
+# TCP flags a segment may carry and still be joined (ACK, and PSH which
+# ends the joined packet).
+_ACK = 0x10
+_PSH = 0x08
+# The kernel's limit on segments in one GSO packet is far higher; GRO
+# stops at 64 too, and 64 x 1380 bytes is about the 64 KiB an IP packet
+# can hold anyway.
+MAX_COALESCED = 64
+MAX_IP_PACKET = 65535
+
+
+def _fold(value: int) -> int:
+    """The 16-bit one's complement sum of C{value}'s 16-bit words (0 as 0xFFFF)."""
+    return value % 0xFFFF or 0xFFFF
+
+
+def ipv4_header_checksum(header: bytes | bytearray) -> int:
+    """RFC 791's checksum of a 20-byte IPv4 header whose checksum field is zero."""
+    return 0xFFFF - _fold(int.from_bytes(header[:20], "big"))
+
+
+def tcp_pseudo_header_sum(addresses: bytes | bytearray, tcp_length: int) -> int:
+    """
+    The folded (not complemented) sum of the IPv4 pseudo-header: what a
+    CHECKSUM_PARTIAL packet carries in its checksum field.
+    """
+    return _fold(int.from_bytes(addresses, "big") + 6 + tcp_length)
+
+
+class _Flow:
+    """Segments of one TCP flow being joined."""
+
+    __slots__ = ("packets", "header_length", "size", "next_seq", "total", "closed", "key")
+
+    def __init__(self, packet: bytes, header_length: int, payload: int, seq: int) -> None:
+        self.packets = [packet]
+        self.header_length = header_length
+        self.size = payload  # the segment size: every one but the last has it
+        self.next_seq = (seq + payload) & 0xFFFFFFFF
+        self.total = header_length + payload
+        self.closed = False
+        # What must be equal for two segments to join: TOS; IP flags, TTL
+        # and protocol; ACK number, data offset and window (flags apart);
+        # urgent pointer and options.
+        self.key = (packet[1], packet[6:10], packet[28:33], packet[34:36], packet[38:header_length])
+
+
+def _joinable(packet: bytes) -> tuple[bytes, int, int, int] | None:
+    """(flow key, header length, payload length, seq) of a joinable segment, or None."""
+    if len(packet) < 40 or packet[0] != 0x45 or packet[9] != 6:
+        return None
+    if (packet[6] & 0x3F) or packet[7]:  # MF or a fragment offset
+        return None
+    if ((packet[2] << 8) | packet[3]) != len(packet):
+        return None
+    if packet[33] & ~_PSH != _ACK:
+        return None
+    header_length = 20 + ((packet[32] >> 4) << 2)
+    payload = len(packet) - header_length
+    if payload <= 0 or header_length < 40:
+        return None
+    return packet[12:24], header_length, payload, int.from_bytes(packet[24:28], "big")
+
+
+def coalesce(packets: Sequence[bytes]) -> list[bytes]:
+    """
+    The writes that deliver C{packets} to a TUN device opened with
+    IFF_VNET_HDR: each a virtio-net header and a packet, with runs of
+    joinable TCP/IPv4 segments joined.  Segments of a flow keep their
+    order; packets of different flows may be written in another order.
+    """
+    out: list[_Flow | bytes] = []
+    flows: dict[bytes, _Flow] = {}
+    for packet in packets:
+        info = _joinable(packet)
+        if info is None:
+            out.append(PLAIN + packet)
+            continue
+        key, header_length, payload, seq = info
+        flow = flows.get(key)
+        if (
+            flow is not None
+            and not flow.closed
+            and seq == flow.next_seq
+            and payload <= flow.size
+            and header_length == flow.header_length
+            and flow.total + payload <= MAX_IP_PACKET
+            and len(flow.packets) < MAX_COALESCED
+            and flow.key
+            == (packet[1], packet[6:10], packet[28:33], packet[34:36], packet[38:header_length])
+        ):
+            flow.packets.append(packet)
+            flow.total += payload
+            flow.next_seq = (seq + payload) & 0xFFFFFFFF
+            # Only the last segment may be short; PSH ends the packet too.
+            flow.closed = payload < flow.size or bool(packet[33] & _PSH)
+            continue
+        flow = _Flow(packet, header_length, payload, seq)
+        flow.closed = bool(packet[33] & _PSH)
+        flows[key] = flow
+        out.append(flow)
+    return [item if type(item) is bytes else _join(item) for item in out]  # type: ignore[arg-type]
+
+
+def _join(flow: _Flow) -> bytes:
+    packets = flow.packets
+    first = packets[0]
+    if len(packets) == 1:
+        return PLAIN + first
+    header_length = flow.header_length
+    total = flow.total
+    header = bytearray(first[:header_length])
+    header[2:4] = total.to_bytes(2, "big")
+    header[10:12] = b"\0\0"
+    header[10:12] = ipv4_header_checksum(header).to_bytes(2, "big")
+    header[33] |= packets[-1][33] & _PSH
+    header[36:38] = tcp_pseudo_header_sum(header[12:20], total - 20).to_bytes(2, "big")
+    vnet = VNET_HEADER.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, header_length, flow.size, 20, 16)
+    return b"".join([vnet, header, *(memoryview(p)[header_length:] for p in packets)])

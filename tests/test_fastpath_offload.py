@@ -1,0 +1,309 @@
+"""Tests for twistvpn.node.offload and the TUN device's offload mode."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from twistvpn.node import offload
+from twistvpn.node.offload import (
+    PLAIN,
+    VNET_F_NEEDS_CSUM,
+    VNET_GSO_TCPV4,
+    VNET_HEADER,
+    VNET_HEADER_SIZE,
+    coalesce,
+    ipv4_header_checksum,
+    tcp_pseudo_header_sum,
+)
+from twistvpn.node.tun import TunDevice
+
+SRC = bytes([100, 64, 0, 1])
+DST = bytes([100, 64, 0, 2])
+# NOP, NOP, timestamps: what Linux puts on every segment.
+TIMESTAMPS = bytes([1, 1, 8, 10]) + struct.pack("!II", 1000, 2000)
+
+
+def ones_complement_sum(data: bytes) -> int:
+    """The textbook 16-bit one's complement sum (RFC 1071), as a reference."""
+    if len(data) % 2:
+        data += b"\0"
+    total = 0
+    for (word,) in struct.iter_unpack("!H", data):
+        total += word
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def checksum(data: bytes) -> int:
+    return 0xFFFF - ones_complement_sum(data)
+
+
+def segment(
+    seq: int,
+    payload: bytes,
+    *,
+    flags: int = 0x10,
+    ack: int = 7,
+    sport: int = 40000,
+    dport: int = 5201,
+    ident: int = 1,
+    options: bytes = TIMESTAMPS,
+    window: int = 500,
+    src: bytes = SRC,
+) -> bytes:
+    """A TCP/IPv4 segment with correct checksums."""
+    tcp_length = 20 + len(options) + len(payload)
+    tcp = struct.pack(
+        "!HHIIBBHHH", sport, dport, seq, ack, (20 + len(options)) // 4 << 4, flags, window, 0, 0
+    )
+    pseudo = src + DST + struct.pack("!BBH", 0, 6, tcp_length)
+    tcp_sum = checksum(pseudo + tcp + options + payload)
+    tcp = tcp[:16] + struct.pack("!H", tcp_sum) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_length, ident, 0x4000, 64, 6, 0, src, DST)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return ip + tcp + options + payload
+
+
+def resegment(write: bytes) -> list[bytes]:
+    """What the kernel makes of a coalesced write: the segments, checksums aside."""
+    flags, gso_type, header_length, size, start, offset = VNET_HEADER.unpack_from(write)
+    packet = write[VNET_HEADER_SIZE:]
+    if gso_type == 0:
+        return [packet]
+    header = packet[:header_length]
+    data = packet[header_length:]
+    seq = int.from_bytes(header[24:28], "big")
+    out = []
+    for i in range(0, len(data), size):
+        piece = data[i : i + size]
+        last = i + size >= len(data)
+        h = bytearray(header)
+        h[2:4] = (header_length + len(piece)).to_bytes(2, "big")
+        h[24:28] = ((seq + i) & 0xFFFFFFFF).to_bytes(4, "big")
+        if not last:
+            h[33] &= ~0x08
+        out.append(bytes(h) + piece)
+    return out
+
+
+def without_checksums(packet: bytes) -> bytes:
+    """The packet with IP ID, IP checksum and TCP checksum blanked."""
+    p = bytearray(packet)
+    p[4:6] = p[10:12] = p[36:38] = b"\0\0"
+    return bytes(p)
+
+
+class ChecksumTests(unittest.TestCase):
+    @given(st.binary(min_size=20, max_size=20))
+    def test_ipv4_header_checksum(self, header: bytes) -> None:
+        header = header[:10] + b"\0\0" + header[12:]
+        expected = checksum(header)
+        got = ipv4_header_checksum(header)
+        # 0 and 0xFFFF are the same number in one's complement.
+        self.assertEqual(got % 0xFFFF, expected % 0xFFFF)
+        filled = header[:10] + got.to_bytes(2, "big") + header[12:]
+        self.assertIn(ones_complement_sum(filled), (0xFFFF, 0))
+
+    @given(st.binary(min_size=8, max_size=8), st.integers(0, 65515))
+    def test_pseudo_header_sum(self, addresses: bytes, length: int) -> None:
+        expected = ones_complement_sum(addresses + struct.pack("!BBH", 0, 6, length))
+        self.assertEqual(tcp_pseudo_header_sum(addresses, length) % 0xFFFF, expected % 0xFFFF)
+
+
+class CoalesceTests(unittest.TestCase):
+    def flow(self, count: int, size: int = 1368, start: int = 1000) -> list[bytes]:
+        return [segment(start + i * size, os.urandom(size), ident=i + 1) for i in range(count)]
+
+    def test_run_joined(self) -> None:
+        packets = self.flow(10)
+        packets[-1] = segment(1000 + 9 * 1368, packets[-1][52:], flags=0x18, ident=10)
+        [write] = coalesce(packets)
+        flags, gso_type, header_length, size, start, offset = VNET_HEADER.unpack_from(write)
+        self.assertEqual(
+            (flags, gso_type, header_length, size, start, offset),
+            (VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, 1368, 20, 16),
+        )
+        packet = write[VNET_HEADER_SIZE:]
+        self.assertEqual(int.from_bytes(packet[2:4], "big"), len(packet))
+        self.assertEqual(ones_complement_sum(packet[:20]), 0xFFFF)  # valid IP checksum
+        self.assertEqual(packet[33], 0x18)  # PSH from the last segment
+        partial = int.from_bytes(packet[36:38], "big")
+        expected = ones_complement_sum(SRC + DST + struct.pack("!BBH", 0, 6, len(packet) - 20))
+        self.assertEqual(partial % 0xFFFF, expected % 0xFFFF)
+        self.assertEqual(packet[52:], b"".join(p[52:] for p in packets))
+        # Segmented again, it is the segments that came in.
+        self.assertEqual(
+            [without_checksums(p) for p in resegment(write)],
+            [without_checksums(p) for p in packets],
+        )
+
+    def test_short_segment_ends_the_run(self) -> None:
+        packets = (
+            self.flow(3)
+            + [segment(1000 + 3 * 1368, b"x" * 100)]
+            + self.flow(2, start=1000 + 3 * 1368 + 100)
+        )
+        writes = coalesce(packets)
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(
+            [p for w in writes for p in map(without_checksums, resegment(w))],
+            [without_checksums(p) for p in packets],
+        )
+
+    def test_not_joined(self) -> None:
+        """Anything that is not the next in-order ACK segment of its flow stands alone."""
+        base = segment(1000, b"a" * 100)
+        cases = {
+            "gap": segment(1200, b"b" * 100),
+            "other ack": segment(1100, b"b" * 100, ack=8),
+            "other window": segment(1100, b"b" * 100, window=501),
+            "other options": segment(1100, b"b" * 100, options=TIMESTAMPS[:-1] + b"\x01"),
+            "longer": segment(1100, b"b" * 101),
+            "fin": segment(1100, b"b" * 100, flags=0x11),
+            "syn": segment(1100, b"b" * 100, flags=0x12),
+        }
+        for name, second in cases.items():
+            writes = coalesce([base, second])
+            self.assertEqual(writes, [PLAIN + base, PLAIN + second], name)
+
+    def test_after_psh_a_new_run(self) -> None:
+        first = segment(1000, b"a" * 100, flags=0x18)
+        second = segment(1100, b"b" * 100)
+        self.assertEqual(coalesce([first, second]), [PLAIN + first, PLAIN + second])
+
+    def test_other_packets_pass_through(self) -> None:
+        udp = bytes([0x45, 0, 0, 28]) + bytes(5) + b"\x11" + bytes(18)
+        ipv6 = bytes([0x60]) + bytes(59)
+        fragment = bytearray(segment(1000, b"a" * 100))
+        fragment[6] |= 0x20  # more fragments
+        pure_ack = segment(1000, b"")
+        for packet in (udp, ipv6, bytes(fragment), pure_ack, b"\x45"):
+            self.assertEqual(coalesce([packet, packet]), [PLAIN + packet] * 2)
+
+    def test_flows_kept_apart_in_order(self) -> None:
+        a = self.flow(4)
+        b = [segment(5000 + i * 1368, os.urandom(1368), sport=40001) for i in range(4)]
+        interleaved = [p for pair in zip(a, b, strict=True) for p in pair]
+        writes = coalesce(interleaved)
+        self.assertEqual(len(writes), 2)
+        self.assertEqual(
+            [without_checksums(p) for p in resegment(writes[0])], [without_checksums(p) for p in a]
+        )
+        self.assertEqual(
+            [without_checksums(p) for p in resegment(writes[1])], [without_checksums(p) for p in b]
+        )
+
+    def test_limits(self) -> None:
+        # 64 KiB of IP packet: 1368-byte segments, at most 47 fit.
+        writes = coalesce(self.flow(60))
+        self.assertEqual([len(resegment(w)) for w in writes], [47, 13])
+        self.patch(offload, "MAX_COALESCED", 4)
+        writes = coalesce(self.flow(10, size=100))
+        self.assertEqual([len(resegment(w)) for w in writes], [4, 4, 2])
+
+    def test_sequence_wraps(self) -> None:
+        start = 0xFFFFFFFF - 500
+        packets = [segment((start + i * 400) & 0xFFFFFFFF, b"z" * 400) for i in range(4)]
+        [write] = coalesce(packets)
+        self.assertEqual(
+            [without_checksums(p) for p in resegment(write)],
+            [without_checksums(p) for p in packets],
+        )
+
+
+class PipeTun:
+    """Stands in for pytun.TunTapDevice: a pipe each way."""
+
+    def __init__(self, name: str, flags: int) -> None:
+        self.name = name
+        self.flags = flags
+        self.fd, self.kernel_side = os.pipe()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.kernel_side)
+
+
+class FDClock(Clock):
+    def addReader(self, reader: object) -> None:
+        pass
+
+    def removeReader(self, reader: object) -> None:
+        pass
+
+
+class FakeIPRoute:
+    def link_lookup(self, ifname: str) -> list[int]:
+        return [7]
+
+    def link(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class OffloadTunTests(unittest.TestCase):
+    def setUp(self) -> None:
+        try:
+            import pytun
+        except ImportError:
+            raise unittest.SkipTest("python-pytun is not installed") from None
+        self.made: list[PipeTun] = []
+
+        def make(name: str, flags: int) -> PipeTun:
+            self.assertEqual(flags, pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+            device = PipeTun(name, flags)
+            self.made.append(device)
+            return device
+
+        self.patch(pytun, "TunTapDevice", make)
+        self.clock = FDClock()
+        self.device = TunDevice(self.clock, "tvtest0", 1420, iproute=FakeIPRoute())
+        self.addCleanup(self.device.close)
+        self.written: list[bytes] = []
+        self.patch(os, "write", lambda fd, data: self.written.append(bytes(data)) or len(data))
+
+    def test_writes_wait_for_the_iteration_and_are_joined(self) -> None:
+        packets = [segment(1000 + i * 1368, os.urandom(1368)) for i in range(5)]
+        for packet in packets:
+            self.device.write(packet)
+        self.assertEqual(self.written, [])
+        self.clock.advance(0)
+        self.assertEqual(self.written, coalesce(packets))
+        self.assertEqual(self.device.counters["tx_packets"], 5)
+
+    def test_flush_at_batch_end_and_close(self) -> None:
+        self.device.write(b"\x45" + bytes(19))
+        self.device.flush()
+        self.assertEqual(self.written, [PLAIN + b"\x45" + bytes(19)])
+        self.device.write(b"\x60" + bytes(39))
+        self.device.close()
+        self.assertEqual(len(self.written), 2)
+        self.clock.advance(0)
+        self.assertEqual(len(self.written), 2)
+
+    def test_read(self) -> None:
+        received: list[bytes] = []
+        self.device.start_reading(received.append)
+        reads = [PLAIN + b"ping", VNET_HEADER.pack(0, VNET_GSO_TCPV4, 52, 1368, 20, 16) + b"big!"]
+        self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
+        batches: list[int] = []
+        self.device.on_batch_end = lambda: batches.append(len(received))
+        self.device.doRead()
+        self.assertEqual(received, [b"ping"])
+        self.assertEqual(self.device.counters["drop_offload"], 1)
+        self.assertEqual(batches, [1])
+
+
+def _again() -> bytes:
+    raise BlockingIOError(11, "again")
