@@ -77,11 +77,15 @@ class AdminAPI(resource.Resource):
         controller: INetworkController,
         token: str | None,
         info: Callable[[], dict[str, Any]] = dict,
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__()
         self._controller = controller
         self._token = token
         self._info = info
+        # Called after a change of networks or members succeeded (the
+        # embedded relay re-reads who may relay to whom).
+        self._changed = changed
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -94,6 +98,8 @@ class AdminAPI(resource.Resource):
                 path = path[:-1]
             body = self._body(request) if method in ("POST", "PUT") else {}
             result = self._route(method, path, body)
+            if method in ("POST", "DELETE"):
+                self._changed()
             code = 201 if method == "POST" and path == ["api", "v1", "networks"] else 200
         except HTTPError as e:
             code, result = e.code, {"error": str(e)}

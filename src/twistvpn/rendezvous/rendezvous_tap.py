@@ -5,6 +5,8 @@ C{twistd twistvpn-rendezvous}: options and C{makeService}.
         [--control ENDPOINT] [--udp-port 3478] [--udp-port2 3479]
         [--tls-cert FILE --tls-key FILE] [--admin-http ENDPOINT|none]
         [--registration-rate 20]
+        [--public-ip IP] [--relay-udp-port 443] [--relay-tcp-port 443] [--no-relay]
+        [--relay-link ENDPOINT --relay-key KEY ...]
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from twistvpn.rendezvous.service import DataDirError, RendezvousService, prepare_data_dir
+from twistvpn.rendezvous.service import (
+    DataDirError,
+    RelaySettings,
+    RendezvousService,
+    prepare_data_dir,
+)
+from twistvpn.wireguard.keys import InvalidKey, decode_key
 
 DEFAULT_DATA_DIR = "/var/lib/twistvpn-rendezvous"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -71,6 +79,9 @@ def check_endpoint(option: str, description: str) -> str:
 
 class Options(usage.Options):
     synopsis = "[options]"
+    optFlags = [
+        ["no-relay", None, "Do not run the embedded relay (standalone relays may still link)."],
+    ]
     longdesc = (
         "Run the twistvpn rendezvous: endpoint discovery over UDP, the network "
         "controller over TLS, and the admin API (a UNIX socket in the data "
@@ -98,7 +109,32 @@ class Options(usage.Options):
             "tcp:8444:interface=127.0.0.1",
             "Endpoint of the HTTP admin API (bearer token in DATA-DIR/admin-token), or 'none'.",
         ],
+        [
+            "public-ip",
+            None,
+            None,
+            "IP address nodes reach the embedded relay at (default: --hostname if an IP).",
+        ],
+        ["relay-udp-port", None, 443, "UDP port of the embedded relay.", _port],
+        ["relay-tcp-port", None, 443, "TCP (TLS) port of the embedded relay.", _port],
+        [
+            "relay-link",
+            None,
+            "tcp:8445",
+            "Endpoint standalone relays log in to (TLS added); listens only with --relay-key.",
+        ],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["relay-key"] = []
+
+    def opt_relay_key(self, value: str) -> None:
+        """Public key of a standalone relay allowed to link (repeatable)."""
+        try:
+            self["relay-key"].append(decode_key(value))
+        except InvalidKey as e:
+            raise usage.UsageError(f"--relay-key {value!r}: {e}") from None
 
     def postOptions(self) -> None:
         self["data-dir"] = os.path.abspath(self["data-dir"])
@@ -127,10 +163,47 @@ class Options(usage.Options):
             if self[option] is not None and not os.access(self[option], os.R_OK):
                 raise usage.UsageError(f"--{option} {self[option]}: cannot read it")
         check_endpoint("control", self["control"])
+        self._check_relay_options()
         if self["admin-http"].lower() == "none":
             self["admin-http"] = None
         else:
             check_endpoint("admin-http", self["admin-http"])
+
+
+    def _check_relay_options(self) -> None:
+        if self["public-ip"] is not None:
+            try:
+                ipaddress.ip_address(self["public-ip"])
+            except ValueError:
+                raise usage.UsageError(
+                    f"--public-ip {self['public-ip']!r}: not an IP address"
+                ) from None
+        else:
+            try:
+                ipaddress.ip_address(self["hostname"])
+                self["public-ip"] = self["hostname"]
+            except ValueError:
+                pass  # the service runs without the embedded relay and says why
+        relay_port = self["relay-udp-port"]
+        if not self["no-relay"] and relay_port != 0:
+            for option in ("udp-port", "udp-port2"):
+                if self[option] == relay_port:
+                    raise usage.UsageError(
+                        f"--relay-udp-port {relay_port}: --{option} uses it already"
+                    )
+        check_endpoint("relay-link", self["relay-link"])
+
+
+def relay_settings(config: Options) -> RelaySettings:
+    """The relay part of the options, as L{RendezvousService} takes it."""
+    return RelaySettings(
+        embedded=not config["no-relay"],
+        public_ip=config["public-ip"],
+        udp_port=config["relay-udp-port"],
+        tcp_port=config["relay-tcp-port"],
+        link=config["relay-link"] if config["relay-key"] else None,
+        relay_keys=tuple(config["relay-key"]),
+    )
 
 
 def makeService(config: Options, reactor: Any = None) -> IService:
@@ -153,4 +226,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         udp_interface=config["udp-interface"],
         admin_http=config["admin-http"],
         registration_rate=config["registration-rate"],
+        relays=relay_settings(config),
     )

@@ -26,6 +26,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from twistvpn import __version__
+from twistvpn.relay.service import RendezvousRelays, attach_relays
 from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
 from twistvpn.rendezvous.controller import Controller
@@ -131,6 +132,26 @@ def prepare_data_dir(
     return DataDir(path, server_private, cert_pem, key_pem, token, db)
 
 
+@dataclass(frozen=True)
+class RelaySettings:
+    """
+    The relays a rendezvous hosts: its embedded one (on by default, at
+    C{public_ip}, an address nodes reach it at; without one it cannot be
+    advertised and is left out), and the link standalone relays whose keys
+    are C{relay_keys} log in to (C{link}, a server endpoint, or None).
+    """
+
+    embedded: bool = True
+    public_ip: str | None = None
+    udp_port: int = 443
+    tcp_port: int = 443
+    link: str | None = None
+    relay_keys: tuple[bytes, ...] = ()
+
+
+NO_RELAYS = RelaySettings(embedded=False)
+
+
 def _exit_failed() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -179,6 +200,7 @@ class RendezvousService(MultiService):
         udp_interface: str = "",
         admin_http: str | None = None,
         registration_rate: float = 20.0,
+        relays: RelaySettings = NO_RELAYS,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -206,14 +228,25 @@ class RendezvousService(MultiService):
         self.control = self._add(
             "control", lambda: serverFromString(reactor, control).listen(wrapped)
         )
+        self.relay_settings = relays
+        self.relays: RendezvousRelays | None = None
+        embedded = relays.embedded and relays.public_ip is not None
+        if embedded or relays.link is not None:
+            self.relays = attach_relays(
+                self, reactor, self.controller, data.server_private, data.cert_pem, data.key_pem,
+                relays.public_ip, embedded=embedded, udp_port=relays.udp_port,
+                tcp_port=relays.tcp_port, interface=udp_interface, link=relays.link,
+                relay_keys=relays.relay_keys,
+            )
         socket = data.file(ADMIN_SOCKET)
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
-            "admin-unix", lambda: unix.listen(Site(AdminAPI(self.controller, None, self.info)))
+            "admin-unix",
+            lambda: unix.listen(Site(AdminAPI(self.controller, None, self.info, self._changed))),
         )
         self.admin_http: _Listening | None = None
         if admin_http is not None:
-            site = Site(AdminAPI(self.controller, data.token, self.info))
+            site = Site(AdminAPI(self.controller, data.token, self.info, self._changed))
             self.admin_http = self._add(
                 "admin-http", lambda: serverFromString(reactor, admin_http).listen(site)
             )
@@ -222,6 +255,25 @@ class RendezvousService(MultiService):
         service = _Listening(name, listen)
         service.setServiceParent(self)
         return service
+
+    def _changed(self) -> None:
+        """An admin changed members: relays learn it now, not at their next poll."""
+        if self.relays is not None:
+            self.relays.membership.refresh()
+
+    def relay_status(self) -> dict[str, Any]:
+        """The relays' part of the status: where they are and their counters."""
+        if self.relays is None:
+            if not self.relay_settings.embedded:
+                reason = "--no-relay"
+            else:
+                reason = f"no --public-ip (--hostname {self.hostname} is not an IP address)"
+            return {"embedded": None, "embedded_off": reason, "standalone": [], "advertised": []}
+        status = self.relays.stats()
+        if self.relays.embedded is None:
+            status["embedded_off"] = "--no-relay"
+        status["advertised"] = list(self.controller.relays)
+        return status
 
     @property
     def udp_ports(self) -> tuple[int, ...]:
@@ -249,6 +301,7 @@ class RendezvousService(MultiService):
             "admin_http_port": admin_port,
             "discovery": dict(self.discovery.counters),
             "control": dict(self.control_factory.counters),
+            "relays": self.relay_status(),
         }
 
     def startService(self) -> None:
@@ -269,6 +322,18 @@ class RendezvousService(MultiService):
             udp=info["udp_ports"],
             socket=self.data.file(ADMIN_SOCKET),
         )
+        relays = info["relays"]
+        if relays["embedded"] is not None:
+            embedded = relays["advertised"][0]
+            self.log.info(
+                "embedded relay at {host} (UDP {udp}, TLS on TCP {tcp})",
+                host=embedded["host"], udp=embedded["port"], tcp=embedded["tcp_port"],
+            )
+        elif self.relay_settings.embedded:
+            self.log.warn(
+                "no embedded relay: it needs an IP address nodes reach it at (--public-ip); "
+                "nodes whose NATs cannot be traversed will have no path"
+            )
 
     def _failed(self, failure: Any) -> None:
         reason = failure.value.subFailure if failure.check(defer.FirstError) else failure
