@@ -11,9 +11,12 @@ Four set-ups, each two network namespaces over a veth pair:
 
 each tunnel with MTU 1420 over a 1500-byte veth.  For each: iperf3 TCP (one
 stream), iperf3 UDP at a fixed offered rate, ping RTT, and the CPU seconds
-the two VPN processes spent per GB moved (from /proc/<pid>/stat).  Prints a
-table with twistvpn's ratio to wireguard-go and writes the numbers as JSON
-to bench/results/.
+the two VPN processes spent per GB moved and per packet sent into the
+tunnel (from /proc/<pid>/stat and the sending tunnel interface's
+tx_packets).  Every set-up is measured --runs times, the runs interleaved
+so that a change in the machine's load hits all set-ups alike; the table
+shows medians, and each tunnel's TCP ratio to wireguard-go is the median
+of the ratios within a run.  Writes every run as JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +48,14 @@ def cpu(processes: list[netns.Process]) -> float:
     return sum(p.cpu_seconds() for p in processes)
 
 
+def tx_packets(network: netns.Network, namespace: str, ifname: str | None) -> int:
+    """Packets the kernel has sent into the interface (0 without one)."""
+    if ifname is None:
+        return 0
+    path = f"/sys/class/net/{ifname}/statistics/tx_packets"
+    return int(network.run(namespace, ["cat", path]).stdout)
+
+
 def measure(name: str, kinds: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
     with netns.Network(prefix="tvb") as network:
         if kinds is None:
@@ -52,17 +64,21 @@ def measure(name: str, kinds: list[str] | None, args: argparse.Namespace) -> dic
             network.veth(a_ns, b_ns, "203.0.113.1/24", "203.0.113.2/24", mtu=1420)
             target = "203.0.113.2"
             processes: list[netns.Process] = []
+            tunnel = None
         else:
             a, b = netns.build_mesh(network, kinds, mtu=1420)
             a_ns, b_ns, target = a.namespace, b.namespace, b.overlay_ip
             processes = [n.process for n in (a, b) if n.process is not None]
+            tunnel = a.ifname
         netns.wait_for_ping(network, a_ns, target)
         pinged = netns.ping(network, a_ns, target, count=args.pings, interval=0.05)
         loss, rtt = netns.ping_stats(pinged.stdout.decode())
 
         before = cpu(processes)
+        packets_before = tx_packets(network, a_ns, tunnel)
         tcp = netns.iperf3(network, b_ns, a_ns, target, seconds=args.seconds)
         tcp_cpu = cpu(processes) - before
+        tcp_packets = tx_packets(network, a_ns, tunnel) - packets_before
         tcp_bytes = tcp["end"]["sum_received"]["bytes"]
 
         before = cpu(processes)
@@ -88,23 +104,60 @@ def measure(name: str, kinds: list[str] | None, args: argparse.Namespace) -> dic
         "ping_loss_percent": loss,
         "rtt_ms": rtt,
         "cpu_s_per_gb_tcp": tcp_cpu / (tcp_bytes / 1e9) if processes and tcp_bytes else None,
+        "tcp_packets": tcp_packets,
+        "cpu_us_per_packet_tcp": tcp_cpu / tcp_packets * 1e6 if tcp_packets else None,
         "cpu_s_per_gb_udp": udp_cpu / (udp_bytes / 1e9) if processes and udp_bytes else None,
     }
     print(f"  {name}: TCP {result['tcp_bps'] / 1e6:.0f} Mbit/s", flush=True)
     return result
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    by_name = {r["setup"]: r for r in results}
-    wg = by_name.get("wireguard-go <-> wireguard-go")
+METRICS = (
+    "tcp_bps",
+    "udp_received_bps",
+    "udp_loss_percent",
+    "rtt_ms",
+    "cpu_s_per_gb_tcp",
+    "cpu_s_per_gb_udp",
+    "cpu_us_per_packet_tcp",
+)
+WIREGUARD_GO_SETUP = "wireguard-go <-> wireguard-go"
 
-    def ratio(r: dict[str, Any]) -> str:
-        if wg is None or r["setup"] == "raw veth" or not wg["tcp_bps"]:
-            return "-"
-        return f"{r['tcp_bps'] / wg['tcp_bps']:.2f}"
 
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per set-up: the median of each metric, and of the TCP ratio to wireguard-go within a run."""
+    names = [r["setup"] for r in runs[0]]
+    summary = []
+    for name in names:
+        rows = [next(r for r in run if r["setup"] == name) for run in runs]
+        median: dict[str, Any] = {"setup": name, "runs": len(rows)}
+        for metric in METRICS:
+            median[metric] = _median([r[metric] for r in rows])
+        ratios: list[float | None] = []
+        for run in runs:
+            wg = next((r for r in run if r["setup"] == WIREGUARD_GO_SETUP), None)
+            mine = next(r for r in run if r["setup"] == name)
+            ok = wg is not None and wg["tcp_bps"] and name != "raw veth"
+            ratios.append(mine["tcp_bps"] / wg["tcp_bps"] if ok else None)  # type: ignore[index]
+        median["tcp_ratio_to_wireguard_go"] = _median(ratios)
+        summary.append(median)
+    raw = next((r for r in summary if r["setup"] == "raw veth"), None)
+    for r in summary:
+        added = None
+        if raw is not None and raw["rtt_ms"] is not None and r["rtt_ms"] is not None:
+            added = r["rtt_ms"] - raw["rtt_ms"] if r is not raw else None
+        r["rtt_added_ms"] = added
+    return summary
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value / scale, fmt)
 
     header = (
         "setup",
@@ -114,18 +167,20 @@ def table(results: list[dict[str, Any]]) -> str:
         "RTT ms",
         "CPU s/GB TCP",
         "CPU s/GB UDP",
+        "CPU us/packet TCP",
     )
     rows = [
         (
             r["setup"],
-            num(r["tcp_bps"] / 1e6, ".0f"),
-            ratio(r),
+            num(r["tcp_bps"], ".0f", 1e6),
+            num(r["tcp_ratio_to_wireguard_go"], ".2f"),
             f"{r['udp_received_bps'] / 1e6:.0f} ({r['udp_loss_percent']:.1f} %)",
             num(r["rtt_ms"], ".3f"),
             num(r["cpu_s_per_gb_tcp"], ".1f"),
             num(r["cpu_s_per_gb_udp"], ".1f"),
+            num(r["cpu_us_per_packet_tcp"], ".1f"),
         )
-        for r in results
+        for r in summary
     ]
     return columns(header, rows)
 
@@ -136,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--udp-seconds", type=float, default=5, help="iperf3 UDP duration")
     parser.add_argument("--udp-rate", default="1G", help="iperf3 UDP offered rate (-b)")
     parser.add_argument("--pings", type=int, default=20, help="pings per set-up")
+    parser.add_argument("--runs", type=int, default=3, help="runs of every set-up (medians)")
     parser.add_argument(
         "--only",
         action="append",
@@ -148,14 +204,22 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"throughput benchmark: cannot run: {missing}", file=sys.stderr)
         return 1
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     started = time.time()
-    results = []
-    for name, kinds in SETUPS:
-        if args.only and name not in args.only:
-            continue
-        results.append(measure(name, kinds, args))
+    runs: list[list[dict[str, Any]]] = []
+    for number in range(1, args.runs + 1):
+        print(f"run {number} of {args.runs}", flush=True)
+        results = []
+        for name, kinds in SETUPS:
+            if args.only and name not in args.only:
+                continue
+            results.append(measure(name, kinds, args))
+        runs.append(results)
+    summary = summarise(runs)
     print()
-    print(table(results))
+    print(f"medians of {args.runs} run(s):")
+    print(table(summary))
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
@@ -174,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                         "udp_seconds": args.udp_seconds,
                         "udp_rate": args.udp_rate,
                         "tunnel_mtu": 1420,
+                        "runs": args.runs,
                     },
-                    "results": results,
+                    "medians": summary,
+                    "runs": runs,
                 },
                 indent=2,
             )
