@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -74,28 +75,58 @@ class CacophonyVectorTests(SynchronousTestCase):
         )
         self.v = vectors[0]
 
-    def sides(self) -> tuple[IKpsk2Handshake, IKpsk2Handshake]:
+    def sides(self, precomputed: bool = False) -> tuple[IKpsk2Handshake, IKpsk2Handshake]:
+        """The two sides; with C{precomputed}, given their public and static-static keys."""
         v = self.v
         h = bytes.fromhex
         name = v["protocol_name"].encode()
+        init_static, resp_static = h(v["init_static"]), h(v["resp_static"])
+        computed: list[bytes] = []
+
+        def shared(private: bytes) -> Any:
+            def static_shared(remote: bytes) -> bytes:
+                computed.append(remote)
+                return dh(private, remote)
+
+            return static_shared if precomputed else None
+
         initiator = IKpsk2Handshake(
             True,
-            h(v["init_static"]),
+            init_static,
             h(v["init_ephemeral"]),
             remote_static=h(v["init_remote_static"]),
             psk=h(v["init_psks"][0]),
             prologue=h(v["init_prologue"]),
             protocol_name=name,
+            static_public=keys.public_key(init_static) if precomputed else None,
+            static_shared=shared(init_static),
         )
         responder = IKpsk2Handshake(
             False,
-            h(v["resp_static"]),
+            resp_static,
             h(v["resp_ephemeral"]),
             psk=h(v["resp_psks"][0]),
             prologue=h(v["resp_prologue"]),
             protocol_name=name,
+            static_public=keys.public_key(resp_static) if precomputed else None,
+            static_shared=shared(resp_static),
         )
+        self.static_shared_calls = computed
         return initiator, responder
+
+    def test_precomputed_keys_same_messages(self) -> None:
+        """The precomputed static-static DH and public key change no byte."""
+        plain = self.sides()
+        fast = self.sides(precomputed=True)
+        first = [side.write_message_1(b"hello") for side in (plain[0], fast[0])]
+        self.assertEqual(first[0], first[1])
+        for side in (plain[1], fast[1]):
+            side.read_message_1(first[0])
+        second = [side.write_message_2(b"") for side in (plain[1], fast[1])]
+        self.assertEqual(second[0], second[1])
+        fast[0].read_message_2(second[1])
+        self.assertEqual(fast[0].split(), plain[1].split()[::-1])
+        self.assertEqual(len(self.static_shared_calls), 2)
 
     def test_handshake_and_transport_messages(self) -> None:
         initiator, responder = self.sides()

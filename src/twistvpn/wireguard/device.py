@@ -187,6 +187,8 @@ class Peer:
         # Hash and chaining key once the peer's static key is mixed in: the
         # start of every handshake we initiate to it.
         self._initial_state = initial_state(CONSTRUCTION, IDENTIFIER, public_key)
+        # The static-static DH, the same in every handshake with this peer.
+        self.static_shared = dh(device.private_key, public_key)
         self.previous: Keypair | None = None
         self.current: Keypair | None = None
         self.next: Keypair | None = None
@@ -349,6 +351,8 @@ class Peer:
             remote_static=self.public_key,
             psk=self.preshared_key,
             state=self._initial_state,
+            static_public=device.public_key,
+            static_shared=device._static_shared,
         )
         try:
             body = handshake.write_message_1(tai64n(device._wall_clock()))
@@ -619,6 +623,13 @@ class WireGuardDevice:
             if index not in self._keypairs and index not in self._handshakes:
                 return index
 
+    def _static_shared(self, remote_static: bytes) -> bytes:
+        """DH(our static, theirs): precomputed for known peers."""
+        peer = self._peers.get(remote_static)
+        if peer is not None:
+            return peer.static_shared
+        return dh(self.private_key, remote_static)
+
     def _jitter(self) -> float:
         """0 to 333 ms, so that peers' retries drift apart."""
         return (int.from_bytes(self._random(2), "little") % 334) / 1000.0
@@ -777,7 +788,12 @@ class WireGuardDevice:
         if not self._check_macs(data, INITIATION_MAC1, sender, addr):
             return
         handshake = IKpsk2Handshake(
-            False, self.private_key, self._random(32), state=self._responder_state
+            False,
+            self.private_key,
+            self._random(32),
+            state=self._responder_state,
+            static_public=self.public_key,
+            static_shared=self._static_shared,
         )
         try:
             timestamp = handshake.read_message_1(data[8:INITIATION_MAC1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -197,6 +198,11 @@ class IKpsk2Handshake:
     a device that draws randomness from an injected source.  The responder
     learns the initiator's static key from message 1 (L{remote_static}) and
     may set L{psk} after reading it, before writing message 2.
+
+    WireGuard's own speed-ups, both optional: C{static_public} saves
+    deriving our public key again, and C{static_shared(remote_static)}
+    returns the static-static DH (the same for every handshake with a
+    peer, so computed once per peer, as wireguard-go does).
     """
 
     def __init__(
@@ -209,10 +215,13 @@ class IKpsk2Handshake:
         prologue: bytes = b"",
         protocol_name: bytes = IKPSK2_NAME,
         state: SymmetricState | None = None,
+        static_public: bytes | None = None,
+        static_shared: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.initiator = initiator
         self.static_private = static_private
-        self.static_public = dh_public(static_private)
+        self.static_public = dh_public(static_private) if static_public is None else static_public
+        self._static_shared = static_shared
         self.ephemeral_private = ephemeral_private
         self.ephemeral_public = dh_public(ephemeral_private)
         self.remote_static = remote_static
@@ -224,6 +233,11 @@ class IKpsk2Handshake:
                 raise ValueError("an IK initiator must know the responder's static key")
             state = initial_state(protocol_name, prologue, responder_static)
         self.symmetric = state.copy()
+
+    def _ss(self, remote_static: bytes) -> bytes:
+        if self._static_shared is not None:
+            return self._static_shared(remote_static)
+        return dh(self.static_private, remote_static)
 
     @property
     def handshake_hash(self) -> bytes:
@@ -249,7 +263,7 @@ class IKpsk2Handshake:
         e = self._write_e()
         s.mix_key(dh(self.ephemeral_private, self.remote_static))
         encrypted_static = s.encrypt_and_hash(self.static_public)
-        s.mix_key(dh(self.static_private, self.remote_static))
+        s.mix_key(self._ss(self.remote_static))
         return e + encrypted_static + s.encrypt_and_hash(payload)
 
     def read_message_1(self, message: bytes) -> bytes:
@@ -261,7 +275,7 @@ class IKpsk2Handshake:
         self._read_e(s, remote_ephemeral)
         s.mix_key(dh(self.static_private, remote_ephemeral))
         remote_static = s.decrypt_and_hash(message[DH_LEN : 2 * DH_LEN + TAG_LEN])
-        s.mix_key(dh(self.static_private, remote_static))
+        s.mix_key(self._ss(remote_static))
         payload = s.decrypt_and_hash(message[2 * DH_LEN + TAG_LEN :])
         self.symmetric = s
         self.remote_ephemeral = remote_ephemeral
