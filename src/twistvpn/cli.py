@@ -30,6 +30,7 @@ COMMAND_MODULES: list[str] = [
     "twistvpn.cli",  # genkey, pubkey, genpsk (below)
     "twistvpn.lab",
     "twistvpn.rendezvous.admin_cli",
+    "twistvpn.node.local_cli",  # status, ping, netcheck
 ]
 
 

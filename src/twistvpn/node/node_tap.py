@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import string
 import sys
 from typing import Any
 
@@ -18,18 +20,37 @@ from twistvpn.node.config import (
     load_config,
     read_private_file,
 )
+from twistvpn.node.joined_service import (
+    DEFAULT_PORT,
+    DataDirError,
+    JoinedNodeService,
+    load_or_create_key,
+)
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
+from twistvpn.rendezvous.tls import TLSConfigError, parse_address
 from twistvpn.wireguard.keys import InvalidKey, decode_key
+
+NAME_LENGTH = 64
 
 
 class Options(usage.Options):
-    synopsis = "--config wg0.conf [--interface NAME]"
+    synopsis = (
+        "--config wg0.conf [--interface NAME]  |  --data-dir DIR --rendezvous "
+        "twistvpn://HOST:PORT#sha256=... --join NETWORK_ID [--join ...] [--name NAME] "
+        "[--port 41641]"
+    )
     longdesc = (
-        "Run a twistvpn node in static mode: the interface and its peers come from a "
-        "wg-quick configuration file, so the node interoperates with stock WireGuard."
+        "Run a twistvpn node.  Static mode (--config): the interface and its peers come "
+        "from a wg-quick configuration file, so the node interoperates with stock "
+        "WireGuard.  Joined mode (--data-dir, --rendezvous, --join): the node registers "
+        "with a rendezvous and its networks' authorized members become its peers."
     )
     optParameters = [
+        ["data-dir", "d", None, "Joined mode: the node's directory (key, local API socket)."],
+        ["rendezvous", "r", None, "Joined mode: twistvpn://HOST:PORT#sha256=FINGERPRINT."],
+        ["name", "n", None, "Joined mode: the name peers and admins see (default: host name)."],
+        ["port", "p", None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
         ["interface", "i", DEFAULT_NAME, "Name of the TUN device to create."],
         [
@@ -48,14 +69,36 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["join"] = []
+
+    def opt_join(self, network_id: str) -> None:
+        """Joined mode: a network to join (16 hex digits); may be repeated."""
+        self["join"].append(network_id)
+
+    opt_j = opt_join
+
     def postOptions(self) -> None:
-        path = self["config"]
-        if not path:
-            raise usage.UsageError("--config is required (a wg-quick file)")
         try:
             self["interface"] = validate_interface_name(self["interface"])
         except ValueError as e:
             raise usage.UsageError(f"--interface: {e}") from None
+        joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
+        if self["join"]:
+            joined.append("join")
+        if self["config"] and joined:
+            raise usage.UsageError(
+                f"--config (static mode) and --{joined[0]} (joined mode) cannot be combined")
+        if joined:
+            self._joined_options()
+            return
+        self["mode"] = "static"
+        path = self["config"]
+        if not path:
+            raise usage.UsageError(
+                "--config is required (a wg-quick file) in static mode; joined mode "
+                "takes --data-dir, --rendezvous and --join instead")
         try:
             self["parsed"] = load_config(path)
         except (ConfigError, InsecurePermissionsError) as e:
@@ -73,6 +116,44 @@ class Options(usage.Options):
             except (OSError, UnicodeDecodeError) as e:
                 raise usage.UsageError(f"{key_file}: {getattr(e, 'strerror', None) or e}") from None
             self["parsed"] = dataclasses.replace(self["parsed"], private_key=key)
+
+
+    def _joined_options(self) -> None:
+        self["mode"] = "joined"
+        for option in ("data-dir", "rendezvous"):
+            if not self[option]:
+                raise usage.UsageError(f"joined mode needs --{option}")
+        if not self["join"]:
+            raise usage.UsageError("joined mode needs at least one --join NETWORK_ID")
+        try:
+            self["address"] = parse_address(self["rendezvous"])
+        except TLSConfigError as e:
+            raise usage.UsageError(f"--rendezvous: {e}") from None
+        networks = []
+        for network_id in self["join"]:
+            if len(network_id) != 16 or any(c not in string.hexdigits for c in network_id):
+                raise usage.UsageError(
+                    f"--join: {network_id[:40]!r} is not a network ID (16 hex digits)")
+            networks.append(network_id.lower())
+        self["networks"] = list(dict.fromkeys(networks))
+        name = self["name"] if self["name"] is not None else socket.gethostname()[:NAME_LENGTH]
+        if not name or len(name) > NAME_LENGTH or not name.isprintable() or name != name.strip():
+            raise usage.UsageError(
+                f"--name: {name[:80]!r} must be 1 to {NAME_LENGTH} printable characters, "
+                "without leading or trailing spaces")
+        self["name"] = name
+        port = DEFAULT_PORT if self["port"] is None else self["port"]
+        try:
+            port = int(port)
+        except ValueError:
+            raise usage.UsageError(f"--port: {port!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise usage.UsageError(f"--port: {port} is out of range (0 to 65535)")
+        self["port"] = port
+        try:
+            self["private_key"] = load_or_create_key(self["data-dir"])
+        except DataDirError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 class _ExitOnStartError(service.MultiService):
@@ -98,17 +179,38 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     from twistvpn.wireguard.device import WireGuardDevice
 
     top = _ExitOnStartError()
+    control_socket = (
+        os.path.join(config["control-dir"], f"{config['interface']}.sock")
+        if config["control-dir"]
+        else None
+    )
+    if config["mode"] == "joined":
+        from twistvpn.relay.transport import tls_stream_connector
+
+        node: service.Service = JoinedNodeService(
+            reactor,
+            data_dir=config["data-dir"],
+            private_key=config["private_key"],
+            rendezvous=config["address"],
+            networks=config["networks"],
+            name=config["name"],
+            port=config["port"],
+            interface_name=config["interface"],
+            open_tun=lambda name, mtu: TunDevice(reactor, name, mtu),
+            make_device=WireGuardDevice,
+            connect_stream=tls_stream_connector(reactor),
+            control_socket=control_socket,
+        )
+        node.setName("node")
+        node.setServiceParent(top)
+        return top
     node = StaticNodeService(
         reactor,
         config["parsed"],
         interface_name=config["interface"],
         open_tun=lambda name, mtu: TunDevice(reactor, name, mtu),
         make_device=WireGuardDevice,
-        control_socket=(
-            os.path.join(config["control-dir"], f"{config['interface']}.sock")
-            if config["control-dir"]
-            else None
-        ),
+        control_socket=control_socket,
     )
     node.setName("node")
     node.setServiceParent(top)

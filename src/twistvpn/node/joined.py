@@ -1,0 +1,593 @@
+"""
+Joined mode: a node whose peers, addresses and routes come from a rendezvous.
+
+L{JoinedNode} is the rendezvous client's L{IRendezvousListener}.  On every
+network map it works out what the node should look like (its managed
+addresses, the networks' routes, one WireGuard peer per member, keyed by
+public key across all joined networks) and changes the TUN device and the
+WireGuard state to match, live.  Each peer gets a traversal
+L{PathManager}, which moves the peer's endpoint between LAN, direct and
+relay paths.  Endpoint discovery runs from the node's one UDP socket, so
+the endpoint the rendezvous sees is the mapping WireGuard's packets use, and
+re-runs periodically to keep that mapping open.
+
+Everything is injected (clock, TUN, device, forwarder, probe service, relay
+client, interface enumeration, discovery), so the whole node runs on the
+simulated NAT network in tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistvpn.interfaces import IRendezvousListener
+from twistvpn.relay.client import RelayInfo
+from twistvpn.rendezvous.discovery import NetcheckResult
+from twistvpn.rendezvous.netmap import (
+    MapError,
+    Member,
+    NetworkMap,
+    Punch,
+    format_endpoint,
+    parse_endpoint,
+)
+from twistvpn.traversal.candidates import Candidates, NatHints, describe, hints_from_observations
+from twistvpn.traversal.manager import DIRECT, LAN, NONE, PathConfig, PathManager
+from twistvpn.wire import DISCOVERY_RESPONSE
+from twistvpn.wireguard.keys import encode_key
+
+Address = tuple[str, int]
+# Re-run discovery this often: keeps the NAT mapping towards the rendezvous
+# (and so the endpoint peers punch to) open, and notices a new mapping.
+DISCOVERY_INTERVAL = 20.0
+PING_TAG = "ping"
+
+
+def host_addresses(exclude: Iterable[str] = ()) -> list[str]:
+    """
+    This host's unicast IPv4 interface addresses (pyroute2), loopback and
+    link-local left out, and those on the interfaces named in C{exclude}
+    (our own TUN device) too.
+    """
+    from pyroute2 import IPRoute
+
+    excluded = set(exclude)
+    found: list[str] = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            if names.get(addr["index"]) in excluded:
+                continue
+            ip = addr.get_attr("IFA_ADDRESS")
+            if ip is None:
+                continue
+            parsed = ipaddress.IPv4Address(ip)
+            if parsed.is_loopback or parsed.is_link_local:
+                continue
+            found.append(str(parsed))
+    return found
+
+
+def member_candidates(member: Member) -> Candidates:
+    """
+    A peer's candidates from its map entry.  The map lists the distinct
+    mappings the two discovery ports saw; one entry and no C{nat_varies}
+    means both saw the same (endpoint-independent mapping).
+    """
+    observed = [_parse(e) for e in member.endpoints]
+    local = tuple(a for a in (_parse(e) for e in member.local_endpoints) if a is not None)
+    seen = [a for a in observed if a is not None]
+    if not seen:
+        return Candidates(local=local, hints=NatHints(mapping_varies=None))
+    observations = seen if member.nat_varies else [seen[0], seen[0]]
+    return Candidates(public=(seen[0],), local=local,
+                      hints=hints_from_observations(_reference(seen[0], local), observations))
+
+
+def own_candidates(result: NetcheckResult | None, local: Sequence[Address]) -> Candidates:
+    """This node's candidates from its own discovery result and interfaces."""
+    if result is None:
+        return Candidates(local=tuple(local), hints=NatHints(mapping_varies=None))
+    hints = hints_from_observations(
+        _reference(result.endpoint, local) if result.endpoint else _first(local),
+        list(result.mapped),
+    )
+    public = (result.endpoint,) if result.endpoint is not None else ()
+    return Candidates(public=public, local=tuple(local), hints=hints)
+
+
+def _parse(text: str) -> Address | None:
+    try:
+        return parse_endpoint(text)
+    except MapError:
+        return None
+
+
+def _first(local: Sequence[Address]) -> Address:
+    return local[0] if local else ("0.0.0.0", 0)
+
+
+def _reference(observed: Address, local: Sequence[Address]) -> Address:
+    """The local address to compare observations with: no NAT if one matches."""
+    return observed if observed in local else _first(local)
+
+
+@dataclass
+class JoinedPeer:
+    """One WireGuard peer and the network members it stands for."""
+
+    public_key: bytes
+    wg: Any  # IWireGuardPeer
+    manager: PathManager
+    members: dict[str, Member] = field(default_factory=dict)  # network ID -> entry
+    reported: tuple[str, Any] = (NONE, None)  # last (kind, endpoint) logged
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.members.values())).name if self.members else "?"
+
+    @property
+    def ips(self) -> list[str]:
+        return sorted({m.ip for m in self.members.values()}, key=ipaddress.IPv4Address)
+
+    @property
+    def allowed_ips(self) -> list[str]:
+        return [f"{ip}/32" for ip in self.ips]
+
+    @property
+    def member(self) -> Member:
+        """The entry with the most to say (online, most endpoints) first."""
+        return _best(self.members)
+
+
+class PeerNotFoundError(KeyError):
+    """No peer matches the name, address, node ID or key given."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@implementer(IRendezvousListener)
+class JoinedNode:
+    """The node's state as the rendezvous describes it, applied live."""
+
+    log = Logger()
+
+    def __init__(self, clock: Any, private_key: bytes, public_key: bytes, *,
+                 forwarder: Any, device: Any, tun: Any, probes: Any,
+                 relay: Any = None, listen_port: Callable[[], int | None],
+                 local_addresses: Callable[[], list[str]] = list,
+                 make_discovery: Callable[[bytes, list[Address]], Any] | None = None,
+                 discovery_host: str | None = None,
+                 discovery_interval: float = DISCOVERY_INTERVAL,
+                 strategies: Sequence[Any] | None = None,
+                 path_config: PathConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.clock = clock
+        self.private_key = private_key
+        self.public_key = public_key
+        self.forwarder = forwarder
+        self.device = device
+        self.tun = tun
+        self.probes = probes
+        self.relay = relay
+        self._listen_port = listen_port
+        self._local_addresses = local_addresses
+        self._make_discovery = make_discovery
+        self.discovery_host = discovery_host
+        self.discovery_interval = discovery_interval
+        self.strategies = strategies
+        self.path_config = path_config
+        self.random = rng if rng is not None else random.Random()
+        self.client: Any = None  # the RendezvousClient, set by attach()
+        self.node_id: str | None = None
+        self.rendezvous_up = False
+        self.maps: dict[str, NetworkMap] = {}
+        self.join_answers: dict[str, str] = {}  # network ID -> last answer
+        self.peers: dict[bytes, JoinedPeer] = {}
+        self.addresses: tuple[str, ...] = ()
+        self.routes: list[str] = []
+        self.relay_infos: tuple[RelayInfo, ...] = ()
+        self.discovery: Any = None
+        self._discovery_for: tuple[list[Address], bytes] | None = None
+        self.netcheck_result: NetcheckResult | None = None
+        self.local = own_candidates(None, self.local_candidates())
+        self._stopped = False
+
+    def attach(self, client: Any) -> None:
+        """The L{RendezvousClient} whose news this node follows."""
+        self.client = client
+
+    # -- this node's own addresses ---------------------------------------------
+
+    def local_candidates(self) -> list[Address]:
+        """(LAN address, our port) for every interface address but the overlay's."""
+        port = self._listen_port()
+        if not port:
+            return []
+        overlay = [ipaddress.IPv4Network(m.subnet) for m in self.maps.values()]
+        found = []
+        for ip in self._local_addresses():
+            if not any(ipaddress.IPv4Address(ip) in net for net in overlay):
+                found.append((ip, port))
+        return found
+
+    def local_endpoints(self) -> list[str]:
+        """The "host:port" LAN endpoints told to the rendezvous."""
+        return [format_endpoint(a) for a in self.local_candidates()]
+
+    # -- IRendezvousListener ---------------------------------------------------
+
+    def connected(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.rendezvous_up = True
+        self.log.info("registered with the rendezvous as node {node}", node=node_id)
+        self._start_discovery()
+
+    def disconnected(self, reason: str) -> None:
+        self.rendezvous_up = False
+        self.log.info(
+            "rendezvous connection lost ({reason}); reconnecting, {n} peer(s) stay up",
+            reason=reason, n=len(self.peers))
+
+    def join_status(self, network_id: str, status: str) -> None:
+        self.join_answers[network_id] = status
+        if status == "pending":
+            self.log.info(
+                "node {node} is waiting for authorization in network {network}",
+                node=self.node_id, network=network_id)
+        else:
+            self.log.info("node {node} is authorized in network {network}",
+                          node=self.node_id, network=network_id)
+
+    def map_received(self, network_id: str, netmap: NetworkMap) -> None:
+        if netmap.member(self.public_key) is None:
+            # Not (or no longer) a member: nothing of this network is ours.
+            self.maps.pop(network_id, None)
+        else:
+            self.join_answers[network_id] = "authorized"
+            self.maps[network_id] = netmap
+        self._apply()
+
+    def punch_requested(self, network_id: str, punch: Punch) -> None:
+        peer = self.peers.get(punch.peer_key)
+        if peer is None:
+            return
+        self.clock.callLater(max(0.0, punch.delay), self._punch, punch.peer_key)
+
+    def _punch(self, peer_key: bytes) -> None:
+        peer = self.peers.get(peer_key)
+        if peer is not None and not self._stopped:
+            peer.manager.punch_now()
+
+    def revoked(self, network_id: str, reason: str) -> None:
+        self.join_answers[network_id] = "pending" if reason == "deauthorized" else reason
+        had = self.maps.pop(network_id, None)
+        self.log.warn(
+            "node {node} is no longer a member of network {network} ({reason}); "
+            "its peers and routes are removed", node=self.node_id, network=network_id,
+            reason=reason)
+        if had is not None:
+            self._apply()
+
+    # -- applying the maps -----------------------------------------------------
+
+    def _apply(self) -> None:
+        if self._stopped:
+            return
+        self._apply_relays()
+        self._apply_interface()
+        wanted: dict[bytes, dict[str, Member]] = {}
+        for network_id, netmap in self.maps.items():
+            for member in netmap.peers(self.public_key):
+                wanted.setdefault(member.public_key, {})[network_id] = member
+        for key in [k for k in self.peers if k not in wanted]:
+            self._remove_peer(key)
+        for key, members in wanted.items():
+            peer = self.peers.get(key)
+            if peer is None:
+                self._add_peer(key, members)
+            else:
+                self._update_peer(peer, members)
+
+    def _apply_interface(self) -> None:
+        addresses, routes = [], []
+        for netmap in self.maps.values():
+            me = netmap.member(self.public_key)
+            assert me is not None
+            addresses.append(f"{me.ip}/32")
+            routes.append(netmap.subnet)
+        addresses = list(dict.fromkeys(addresses))
+        routes = list(dict.fromkeys(routes))
+        if tuple(addresses) != self.addresses:
+            self.tun.set_addresses(addresses)
+            self.addresses = tuple(addresses)
+            self.log.info("interface {name} addresses: {addresses}", name=self.tun.name,
+                          addresses=", ".join(addresses) or "none")
+        for route in [r for r in self.routes if r not in routes]:
+            self.tun.remove_route(route)
+            self.log.info("route {route} removed", route=route)
+        for route in [r for r in routes if r not in self.routes]:
+            self.tun.add_route(route)
+            self.log.info("route {route} via {name}", route=route, name=self.tun.name)
+        self.routes = routes
+
+    def _apply_relays(self) -> None:
+        if self.relay is None:
+            return
+        infos: dict[str, RelayInfo] = {}
+        for netmap in self.maps.values():
+            for entry in netmap.relays:
+                try:
+                    info = RelayInfo.from_map(entry)
+                except ValueError as e:
+                    self.log.warn("ignoring a relay in network {n}: {e}",
+                                  n=netmap.network_id, e=str(e))
+                    continue
+                infos.setdefault(info.relay_id, info)
+        if tuple(infos.values()) != self.relay_infos:
+            self.relay_infos = tuple(infos.values())
+            self.relay.set_relays(self.relay_infos)
+
+    def _add_peer(self, key: bytes, members: dict[str, Member]) -> None:
+        peer_members = dict(members)
+        allowed = sorted({f"{m.ip}/32" for m in peer_members.values()})
+        wg = self.device.add_peer(key, allowed_ips=allowed)
+        manager = PathManager(
+            wg, self.probes, self.clock, local=self.local,
+            remote=member_candidates(_best(peer_members)), strategies=self.strategies,
+            relay=self.relay, rng=random.Random(self.random.random()),
+            config=self.path_config, on_change=self._path_changed)
+        peer = self.peers[key] = JoinedPeer(key, wg, manager, peer_members)
+        self.log.info("peer {name} added: {ips}, key {key}", name=peer.name,
+                      ips=", ".join(peer.ips), key=encode_key(key))
+        manager.start()
+
+    def _update_peer(self, peer: JoinedPeer, members: dict[str, Member]) -> None:
+        before = member_candidates(peer.member)
+        old_allowed = peer.allowed_ips
+        peer.members = dict(members)
+        if peer.allowed_ips != old_allowed:
+            peer.wg.set_allowed_ips(peer.allowed_ips)
+            self.log.info("peer {name} now {ips}", name=peer.name, ips=", ".join(peer.ips))
+        after = member_candidates(peer.member)
+        if after != before:
+            peer.manager.update_candidates(peer=after)
+
+    def _remove_peer(self, key: bytes) -> None:
+        peer = self.peers.pop(key)
+        peer.manager.stop()
+        self.device.remove_peer(key)
+        self.log.info("peer {name} removed", name=peer.name)
+
+    def _path_changed(self, manager: PathManager) -> None:
+        peer = self.peers.get(manager.peer_key)
+        if peer is None:
+            return
+        now = (manager.kind, manager.endpoint)
+        if now != peer.reported:
+            peer.reported = now
+            self.log.info(
+                "peer {name} path {kind} {endpoint}{rtt}", name=peer.name, kind=manager.kind,
+                endpoint=describe(manager.endpoint) if manager.endpoint is not None else "-",
+                rtt=f" rtt {manager.rtt * 1000:.1f} ms" if manager.rtt is not None else "")
+
+    # -- discovery -------------------------------------------------------------
+
+    def _start_discovery(self) -> None:
+        client = self.client
+        if (self._make_discovery is None or client is None or self.discovery_host is None
+                or client.server_key is None or not client.udp_ports):
+            return
+        servers = [(self.discovery_host, port) for port in client.udp_ports[:2]]
+        current = self.discovery
+        if current is not None:
+            if (servers, client.server_key) == self._discovery_for:
+                return
+            current.stop()
+        self._discovery_for = (servers, client.server_key)
+        self.discovery = self._make_discovery(client.server_key, servers)
+        self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)
+        self.discovery.start(self.discovery_interval, self._discovered)
+
+    def _discovered(self, result: NetcheckResult) -> None:
+        self.netcheck_result = result
+        local = self.local_candidates()
+        candidates = own_candidates(result, local)
+        if candidates != self.local:
+            self.local = candidates
+            self.log.info(
+                "public endpoint {endpoint}, mapping varies by destination: {varies}",
+                endpoint=describe(result.endpoint) if result.endpoint else "none (UDP blocked?)",
+                varies=_yes_no(result.varies_by_destination))
+            for peer in self.peers.values():
+                peer.manager.update_candidates(local=candidates)
+        endpoints = [format_endpoint(a) for a in local]
+        client = self.client
+        if client is not None and endpoints != client.local_endpoints:
+            client.set_local_endpoints(endpoints).addErrback(
+                lambda f: self.log.failure("telling the rendezvous our LAN endpoints", f))
+
+    # -- life ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start reading the TUN device and using the relays."""
+        self.tun.start_reading(self.device.send_packet)
+        if self.relay is not None:
+            self.relay.start()
+
+    def stop(self) -> None:
+        """Stop every path manager and timer; remove peers and routes."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.discovery is not None:
+            self.discovery.stop()
+        for key in list(self.peers):
+            self._remove_peer(key)
+        if self.relay is not None:
+            self.relay.stop()
+        for route in self.routes:
+            self.tun.remove_route(route)
+        self.routes = []
+
+    # -- for the local API -----------------------------------------------------
+
+    def find_peer(self, query: str) -> JoinedPeer:
+        """A peer by name, overlay IP, node ID or public key."""
+        for peer in self.peers.values():
+            if (query in (encode_key(peer.public_key), *peer.ips)
+                    or any(query in (m.name, m.node_id) for m in peer.members.values())):
+                return peer
+        raise PeerNotFoundError(f"no peer {query!r}")
+
+    def status(self) -> dict[str, Any]:
+        """This node and one entry per peer, for C{twistvpn status}."""
+        now = self.clock.seconds()
+        networks = {}
+        for network_id in dict.fromkeys([*self.join_answers, *self.maps]):
+            netmap = self.maps.get(network_id)
+            me = netmap.member(self.public_key) if netmap is not None else None
+            networks[network_id] = {
+                "status": "authorized" if me is not None
+                else self.join_answers.get(network_id, "joining"),
+                "name": netmap.name if netmap else None,
+                "subnet": netmap.subnet if netmap else None,
+                "ip": me.ip if me else None,
+            }
+        result = self.netcheck_result
+        return {
+            "node_id": self.node_id,
+            "public_key": encode_key(self.public_key),
+            "interface": self.tun.name,
+            "listen_port": self._listen_port(),
+            "addresses": list(self.addresses),
+            "rendezvous_connected": self.rendezvous_up,
+            "public_endpoint": describe(result.endpoint) if result and result.endpoint else None,
+            "networks": networks,
+            "peers": [self._peer_status(p, now) for p in self.peers.values()],
+        }
+
+    def _peer_status(self, peer: JoinedPeer, now: float) -> dict[str, Any]:
+        manager, wg, member = peer.manager, peer.wg, peer.member
+        handshake = wg.last_handshake
+        return {
+            "name": peer.name,
+            "node_id": member.node_id,
+            "public_key": encode_key(peer.public_key),
+            "ips": peer.ips,
+            "networks": sorted(peer.members),
+            "online": any(m.online for m in peer.members.values()),
+            "path": manager.kind,
+            "endpoint": describe(wg.endpoint) if wg.endpoint is not None else None,
+            "rtt": manager.rtt,
+            "last_handshake_ago": None if handshake is None else max(0.0, now - handshake),
+            "rx_bytes": wg.rx_bytes,
+            "tx_bytes": wg.tx_bytes,
+        }
+
+    def ping_once(self, query: str, timeout: float = 2.0) -> defer.Deferred[dict[str, Any]]:
+        """
+        One authenticated probe to the peer over its current path: fires with
+        the path kind, endpoint and RTT (C{rtt} None when no answer came).
+        """
+        peer = self.find_peer(query)
+        manager = peer.manager
+        endpoint = manager.endpoint if manager.endpoint is not None else peer.wg.endpoint
+        kind = manager.kind
+        result: dict[str, Any] = {"peer": peer.name, "ip": peer.ips[0] if peer.ips else None,
+                                  "path": kind, "rtt": None,
+                                  "endpoint": None if endpoint is None else describe(endpoint)}
+        if endpoint is None:
+            result["error"] = "no path to the peer yet"
+            return defer.succeed(result)
+        done: defer.Deferred[dict[str, Any]] = defer.Deferred()
+
+        def replied(_: Any, rtt: float) -> None:
+            if not done.called:
+                timer.cancel()
+                done.callback({**result, "rtt": rtt})
+
+        def expired() -> None:
+            done.callback({**result, "error": "timeout"})
+
+        timer = self.clock.callLater(timeout, expired)
+        self.probes.send_probe(peer.public_key, endpoint, PING_TAG, on_reply=replied)
+        return done
+
+    def is_direct(self, query: str) -> bool:
+        return self.find_peer(query).manager.kind in (LAN, DIRECT)
+
+    def netcheck(self, wait: float = 1.0) -> defer.Deferred[dict[str, Any]]:
+        """
+        Ask both discovery ports again (timing the answers) and measure the
+        relays: the public endpoint, whether the mapping varies by
+        destination, UDP reachability, RTTs.
+        """
+        discovery = self.discovery
+        if self.relay is not None:
+            self.relay.measure()
+        rendezvous: list[dict[str, Any]] = []
+        queries = []
+        if discovery is not None:
+            for i, server in enumerate(discovery.servers):
+                entry: dict[str, Any] = {"server": describe(server), "mapped": None, "rtt": None}
+                rendezvous.append(entry)
+                queries.append(self._timed_query(discovery, i, entry))
+        queries.append(sleep(self.clock, wait))
+
+        def done(_: Any) -> dict[str, Any]:
+            mapped = tuple(_parse(e["mapped"]) if e["mapped"] else None for e in rendezvous)
+            result = NetcheckResult(mapped)
+            if discovery is not None:
+                self._discovered(result)
+            relays = []
+            for info in self.relay_infos:
+                rtt = self.relay.rtt.get(info.relay_id) if self.relay is not None else None
+                relays.append({"id": info.relay_id,
+                               "address": describe((info.host, info.udp_port)),
+                               "rtt": rtt,
+                               "path": self.relay.path(info.relay_id)})
+            return {
+                "public_endpoint": describe(result.endpoint) if result.endpoint else None,
+                "mapping_varies_by_destination": result.varies_by_destination,
+                "udp": result.endpoint is not None,
+                "rendezvous": rendezvous,
+                "relays": relays,
+            }
+
+        return defer.gatherResults(queries).addCallback(done)
+
+    def _timed_query(self, discovery: Any, which: int, entry: dict[str, Any]) -> defer.Deferred:
+        started = self.clock.seconds()
+
+        def answered(mapped: Address) -> None:
+            entry["mapped"] = describe(mapped)
+            entry["rtt"] = self.clock.seconds() - started
+
+        return discovery.query(which).addCallbacks(answered, lambda _: None)
+
+
+def _best(members: dict[str, Member]) -> Member:
+    """Of one peer's entries in several maps, the one with the most to say."""
+    return max(members.values(),
+               key=lambda m: (m.online, len(m.endpoints) + len(m.local_endpoints)))
+
+
+def sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+def _yes_no(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")

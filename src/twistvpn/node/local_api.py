@@ -1,0 +1,152 @@
+"""
+The joined node's local API: line-delimited JSON on a UNIX socket in the
+node's data directory (mode 0600, so only root or the node's user asks).
+
+One request per connection, one JSON object on one line::
+
+    {"command": "status"}
+    {"command": "ping", "peer": "laptop", "count": 5, "until_direct": false}
+    {"command": "netcheck"}
+
+The answer is one line per event and a last line that ends it:
+C{{"ping": {...}}} per ping, then C{{"ok": true, "result": {...}}} or
+C{{"ok": false, "error": "..."}}.  The node closes the connection after
+the last line.  L{LocalAPI} is the logic; L{LocalAPIProtocol} the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from twistvpn.node.joined import JoinedNode, PeerNotFoundError, sleep
+from twistvpn.traversal.manager import DIRECT, LAN
+
+SOCKET_NAME = "node.sock"
+MAX_PINGS = 1000
+MAX_REQUEST = 4096
+
+
+class RequestError(ValueError):
+    """A request the API cannot serve; the message is for the user."""
+
+
+class LocalAPI:
+    """What C{twistvpn status}, C{ping} and C{netcheck} ask the node."""
+
+    def __init__(self, node: JoinedNode, *, ping_interval: float = 1.0,
+                 ping_timeout: float = 2.0) -> None:
+        self.node = node
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+
+    def handle(self, request: Any, report: Callable[[dict[str, Any]], None]) -> defer.Deferred:
+        """Serve one request; C{report} gets intermediate events (pings)."""
+        if not isinstance(request, dict):
+            return defer.fail(RequestError("a request is a JSON object"))
+        command = request.get("command")
+        if command == "status":
+            return defer.succeed(self.node.status())
+        if command == "netcheck":
+            return self.node.netcheck()
+        if command == "ping":
+            peer = request.get("peer")
+            count = request.get("count", 4)
+            if not isinstance(peer, str) or not peer:
+                return defer.fail(RequestError("ping needs a peer"))
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_PINGS:
+                return defer.fail(RequestError(f"count must be 1 to {MAX_PINGS}"))
+            return self.ping(peer, count, bool(request.get("until_direct")), report)
+        return defer.fail(RequestError(f"unknown command {str(command)[:40]!r}"))
+
+    @defer.inlineCallbacks
+    def ping(self, query: str, count: int, until_direct: bool,
+             report: Callable[[dict[str, Any]], None]) -> Any:
+        """
+        Ping C{query} up to C{count} times, one a C{ping_interval}; with
+        C{until_direct}, ask for a punch first and stop at the first answer
+        over a LAN or direct path.
+        """
+        node = self.node
+        peer = node.find_peer(query)
+        if until_direct and peer.manager.kind not in (LAN, DIRECT):
+            peer.manager.punch_now()
+        received = 0
+        direct = False
+        for seq in range(1, count + 1):
+            started = node.clock.seconds()
+            result = yield node.ping_once(query, self.ping_timeout)
+            result["seq"] = seq
+            report({"ping": result})
+            if result["rtt"] is not None:
+                received += 1
+                direct = result["path"] in (LAN, DIRECT)
+                if until_direct and direct:
+                    break
+            if seq < count:
+                yield sleep(node.clock, max(0.0, started + self.ping_interval
+                                             - node.clock.seconds()))
+        return {"peer": peer.name, "sent": seq, "received": received, "direct": direct,
+                "path": peer.manager.kind}
+
+
+class LocalAPIProtocol(LineOnlyReceiver):
+    """Thin adapter: one JSON request line in, JSON lines out, then close."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_REQUEST
+    log = Logger()
+
+    def __init__(self, api: LocalAPI) -> None:
+        self.api = api
+        self.busy = False
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            request = json.loads(line)
+        except ValueError:
+            self._finish({"ok": False, "error": "the request is not JSON"})
+            return
+        d = defer.maybeDeferred(self.api.handle, request, self._send)
+        d.addCallbacks(lambda result: self._finish({"ok": True, "result": result}),
+                       self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(RequestError, PeerNotFoundError):
+            message = str(failure.value)
+        else:
+            self.log.failure("local API request failed", failure)
+            message = f"internal error: {failure.getErrorMessage()}"
+        self._finish({"ok": False, "error": message})
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._finish({"ok": False, "error": "request too long"})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(json.dumps(message).encode("utf-8"))
+
+    def _finish(self, message: dict[str, Any]) -> None:
+        self._send(message)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class LocalAPIFactory(Factory):
+    def __init__(self, api: LocalAPI) -> None:
+        self.api = api
+
+    def buildProtocol(self, addr: Any) -> LocalAPIProtocol:
+        protocol = LocalAPIProtocol(self.api)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,258 @@
+"""
+C{twistvpn status}, C{twistvpn ping} and C{twistvpn netcheck}: ask a
+joined node through its local API (L{twistvpn.node.local_api}).
+
+    twistvpn status [--json] [--data-dir DIR | --socket PATH]
+    twistvpn ping PEER [-c N] [--until-direct] [--json] [...]
+    twistvpn netcheck [--json] [...]
+
+A plain blocking client: one request, JSON lines back until the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from twistvpn.lab import columns
+from twistvpn.node.local_api import MAX_PINGS, SOCKET_NAME
+
+DEFAULT_DATA_DIR = "/var/lib/twistvpn"
+# A ping run lasts up to count x (interval + timeout); the socket waits per line.
+LINE_TIMEOUT = 30.0
+
+
+class LocalAPIError(Exception):
+    """What went wrong, in one line."""
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    return args.socket or os.path.join(args.data_dir, SOCKET_NAME)
+
+
+def request(path: str, message: dict[str, Any], timeout: float = LINE_TIMEOUT) -> Iterator[Any]:
+    """Send C{message}; yield every line of the answer, parsed, the last included."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise LocalAPIError(
+                f"cannot reach the node at {path}: {e.strerror or e} "
+                "(is `twistd twistvpn-node --data-dir ...` running, and are you root?)"
+            ) from None
+        sock.sendall(json.dumps(message).encode("utf-8") + b"\n")
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    raise LocalAPIError("the node sent something that is not JSON") from None
+    except TimeoutError:
+        raise LocalAPIError(f"the node at {path} did not answer in {timeout:.0f} s") from None
+    finally:
+        sock.close()
+
+
+def call(path: str, message: dict[str, Any],
+         on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> Any:
+    """The result of C{message}; events before it go to C{on_event}."""
+    for answer in request(path, message):
+        if "ok" not in answer:
+            on_event(answer)
+            continue
+        if not answer["ok"]:
+            raise LocalAPIError(str(answer.get("error", "the node refused the request")))
+        return answer["result"]
+    raise LocalAPIError("the node closed the connection without an answer")
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}ms"
+
+
+def ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def render_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"node {status['node_id'] or '(not registered yet)'}  key {status['public_key']}",
+        f"interface {status['interface']}  addresses {', '.join(status['addresses']) or 'none'}"
+        f"  port {status['listen_port']}  public endpoint {status['public_endpoint'] or '-'}",
+        "rendezvous " + ("connected" if status["rendezvous_connected"] else "disconnected"
+                         " (reconnecting; tunnels stay up)"),
+    ]
+    for network_id, net in status["networks"].items():
+        detail = net["status"]
+        if net["ip"]:
+            detail += f", ip {net['ip']} in {net['subnet']} ({net['name']})"
+        lines.append(f"network {network_id}: {detail}")
+    text = "\n".join(lines) + "\n\n"
+    rows = [
+        [
+            peer["name"],
+            ",".join(peer["ips"]),
+            peer["path"] if peer["online"] or peer["path"] != "none" else "offline",
+            peer["endpoint"] or "-",
+            ms(peer["rtt"]),
+            ago(peer["last_handshake_ago"]),
+            size(peer["rx_bytes"]),
+            size(peer["tx_bytes"]),
+        ]
+        for peer in status["peers"]
+    ]
+    if not rows:
+        return text + "no peers\n"
+    header = ["NAME", "IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "IN", "OUT"]
+    return text + columns(header, rows)
+
+
+def render_ping(event: dict[str, Any]) -> str:
+    ping = event["ping"]
+    if ping["rtt"] is None:
+        return (f"{ping['error']} from {ping['peer']} ({ping['ip']}) "
+                f"via {ping['path']} {ping['endpoint'] or '-'}\n")
+    return (f"pong from {ping['peer']} ({ping['ip']}) via {ping['path']} "
+            f"{ping['endpoint']} in {ms(ping['rtt'])}\n")
+
+
+def render_ping_summary(result: dict[str, Any], until_direct: bool) -> str:
+    line = f"{result['sent']} sent, {result['received']} received, path {result['path']}\n"
+    if until_direct and not result["direct"]:
+        line += "no direct path yet (still relayed)\n" if result["path"] == "relay" else ""
+    return line
+
+
+def render_netcheck(report: dict[str, Any]) -> str:
+    varies = report["mapping_varies_by_destination"]
+    lines = [
+        "report:",
+        f"  UDP: {'yes' if report['udp'] else 'no'}",
+        f"  public endpoint: {report['public_endpoint'] or '-'}",
+        "  mapping varies by destination: "
+        + ("unknown" if varies is None else "yes" if varies else "no"),
+        "  rendezvous:",
+    ]
+    for entry in report["rendezvous"]:
+        lines.append(f"    {entry['server']}: {ms(entry['rtt'])}"
+                     + (f" (sees {entry['mapped']})" if entry["mapped"] else " (no answer)"))
+    lines.append("  relays:" if report["relays"] else "  relays: none advertised")
+    for relay in report["relays"]:
+        lines.append(f"    {relay['id']} {relay['address']}: {ms(relay['rtt'])}"
+                     + (f" over {relay['path']}" if relay["path"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def _run(action: Callable[[], int], err: TextIO) -> int:
+    try:
+        return action()
+    except LocalAPIError as e:
+        err.write(f"twistvpn: {e}\n")
+        return 1
+
+
+def status(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    def run() -> int:
+        result = call(socket_path(args), {"command": "status"})
+        out.write(json.dumps(result, indent=2) + "\n" if args.json else render_status(result))
+        return 0
+
+    return _run(run, err)
+
+
+def ping(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    def event(e: dict[str, Any]) -> None:
+        out.write(json.dumps(e) + "\n" if args.json else render_ping(e))
+        out.flush()
+
+    def run() -> int:
+        result = call(socket_path(args), {"command": "ping", "peer": args.peer,
+                                          "count": args.count,
+                                          "until_direct": args.until_direct}, event)
+        out.write(json.dumps({"result": result}) + "\n" if args.json
+                  else render_ping_summary(result, args.until_direct))
+        if args.until_direct:
+            return 0 if result["direct"] else 1
+        return 0 if result["received"] else 1
+
+    return _run(run, err)
+
+
+def netcheck(args: argparse.Namespace, out: TextIO = sys.stdout,
+             err: TextIO = sys.stderr) -> int:
+    def run() -> int:
+        result = call(socket_path(args), {"command": "netcheck"})
+        out.write(json.dumps(result, indent=2) + "\n" if args.json else render_netcheck(result))
+        return 0
+
+    return _run(run, err)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= MAX_PINGS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_PINGS}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """status, ping, netcheck: ask the joined node on this machine."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                       help=f"the node's data directory (default {DEFAULT_DATA_DIR})")
+        p.add_argument("--socket", help="the node's local API socket (default DIR/node.sock)")
+
+    p = subparsers.add_parser("status", help="the joined node's peers and paths")
+    common(p)
+    p.set_defaults(func=status)
+    p = subparsers.add_parser("ping", help="ping a peer; show the path used and the RTT")
+    p.add_argument("peer", help="the peer's name, overlay IP, node ID or public key")
+    p.add_argument("-c", "--count", type=_count, default=None,
+                   help="pings to send (default 4; 10 with --until-direct)")
+    p.add_argument("--until-direct", action="store_true",
+                   help="stop at the first answer over a LAN or direct path")
+    common(p)
+    p.set_defaults(func=_ping_defaults)
+    p = subparsers.add_parser(
+        "netcheck", help="public endpoint, NAT mapping, RTT to the rendezvous and relays")
+    common(p)
+    p.set_defaults(func=netcheck)
+
+
+def _ping_defaults(args: argparse.Namespace) -> int:
+    if args.count is None:
+        args.count = 10 if args.until_direct else 4
+    return ping(args)
