@@ -11,6 +11,11 @@ from zope.interface.verify import verifyObject
 
 from tests.test_joined_support import Mesh
 from twistvpn.interfaces import IPathManager, IRendezvousListener
+from twistvpn.node.joined import member_candidates, own_candidates
+from twistvpn.rendezvous.discovery import NetcheckResult
+from twistvpn.rendezvous.netmap import Member
+from twistvpn.testing.pathsim import ipv4_packet
+from twistvpn.traversal.candidates import NatHints
 
 
 class LogCatcher:
@@ -68,3 +73,213 @@ class JoinAndAuthorize(SynchronousTestCase):
         self.assertTrue(self.mesh.delivered(b, a, b"hello alpha"))
         self.assertTrue(self.mesh.run(10, until=lambda: a.peer(b).manager.kind == "direct"))
         self.assertTrue(self.log.grep("peer beta path direct"))
+
+
+class Paths(SynchronousTestCase):
+    """Which path the joined nodes settle on, by NAT pair."""
+
+    def pair(self, a: str, b: str, seed: int = 2) -> tuple:
+        mesh = Mesh(seed=seed)
+        net = mesh.internet
+        if a == "same-nat":
+            hosts = net.add_pair("same-nat", b)
+        else:
+            hosts = (net.add(a), net.add(b))
+        x = mesh.add("x", hosts[0])
+        y = mesh.add("y", hosts[1])
+        mesh.authorize(x, y)
+        return mesh, x, y
+
+    def settle(self, mesh: Mesh, x, y, kind: str) -> None:
+        self.assertTrue(mesh.run(20, until=lambda: x.peer(y).manager.kind == kind
+                                 and y.peer(x).manager.kind == kind),
+                        (x.peer(y).manager.kind, y.peer(x).manager.kind))
+        self.assertTrue(mesh.delivered(x, y, b"over " + kind.encode()))
+        self.assertTrue(mesh.delivered(y, x, b"and back"))
+
+    def test_easy_easy_direct(self) -> None:
+        mesh, x, y = self.pair("easy", "easy")
+        self.settle(mesh, x, y, "direct")
+        nat_ip = y.host.nat.public_ip
+        self.assertEqual(x.peer(y).wg.endpoint[0], nat_ip)
+
+    def test_same_nat_lan(self) -> None:
+        mesh, x, y = self.pair("same-nat", "easy")
+        self.settle(mesh, x, y, "lan")
+        self.assertEqual(x.peer(y).wg.endpoint, (y.host.ip, 41641))
+
+    def test_hard_hard_relay(self) -> None:
+        mesh, x, y = self.pair("hard", "hard")
+        relayed = mesh.relay_server.traffic.relayed_packets
+        self.settle(mesh, x, y, "relay")
+        self.assertGreaterEqual(mesh.relay_server.traffic.relayed_packets, relayed + 2)
+        # The map said both NATs vary their mapping by destination.
+        netmap = x.client.maps[mesh.network]
+        self.assertTrue(netmap.member(y.public_key).nat_varies)
+        self.assertTrue(x.node.local.hints.mapping_varies)
+
+
+class LiveChanges(SynchronousTestCase):
+    """Map updates, deauthorizations and a lost rendezvous, while traffic flows."""
+
+    def setUp(self) -> None:
+        self.log = LogCatcher(self)
+        self.mesh = Mesh(seed=3)
+        net = self.mesh.internet
+        self.a = self.mesh.add("alpha", net.add("easy"))
+        self.b = self.mesh.add("beta", net.add("easyaf"))
+        self.mesh.authorize(self.a, self.b)
+        self.assertTrue(self.mesh.delivered(self.a, self.b, b"warm up"))
+
+    def test_new_member_added_live(self) -> None:
+        c = self.mesh.add("gamma", self.mesh.internet.add("easy"))
+        self.assertEqual(set(self.a.node.peers), {self.b.public_key})
+        self.mesh.authorize(c)
+        self.assertEqual(set(self.a.node.peers), {self.b.public_key, c.public_key})
+        self.assertTrue(self.mesh.delivered(c, self.a, b"hi alpha, gamma here"))
+        self.assertTrue(self.log.grep("peer gamma added"))
+
+    def test_deauthorized_peer_dropped_at_once(self) -> None:
+        a, b = self.a, self.b
+        b_ip = b.ip
+        self.mesh.controller.deauthorize(self.mesh.network, b.client.node_id)
+        self.mesh.run(0.2)
+        self.assertNotIn(b.public_key, a.node.peers)
+        self.assertIsNone(a.device.get_peer(b.public_key))
+        self.assertTrue(self.log.grep("peer beta removed"))
+        # Nothing of a's reaches b any more: a has no peer for b's address.
+        packet = ipv4_packet(a.ip, b_ip, b"after deauth")
+        dropped = a.device.counters["drop_no_route"]
+        a.tun.inject(packet)
+        self.mesh.run(2)
+        self.assertNotIn(packet, b.tun.written)
+        self.assertEqual(a.device.counters["drop_no_route"], dropped + 1)
+
+    def test_own_deauthorization_tears_down_routes(self) -> None:
+        a, b = self.a, self.b
+        self.mesh.controller.deauthorize(self.mesh.network, a.client.node_id)
+        self.mesh.run(0.2)
+        self.assertEqual(a.tun.routes, [])
+        self.assertEqual(a.tun.addresses, ())
+        self.assertEqual(a.node.peers, {})
+        self.assertEqual(a.node.join_answers[self.mesh.network], "pending")
+        self.assertTrue(self.log.grep("is no longer a member of network"))
+        self.assertNotIn(a.public_key, b.node.peers)
+        # Authorized again: back with the same address.
+        self.mesh.authorize(a)
+        self.assertEqual(len(a.tun.addresses), 1)
+        self.assertTrue(self.mesh.delivered(a, b, b"welcome back"))
+
+    def test_deleted_member_removed(self) -> None:
+        self.mesh.controller.delete_member(self.mesh.network, self.b.client.node_id)
+        self.mesh.run(0.2)
+        self.assertEqual(self.a.node.peers, {})
+
+    def test_rendezvous_down_tunnel_keeps_working(self) -> None:
+        a, b = self.a, self.b
+        for node in (a, b):
+            node.endpoint.refuse = True
+            node.endpoint.drop()
+        self.assertFalse(a.node.rendezvous_up)
+        self.assertTrue(self.log.grep("rendezvous connection lost"))
+        # 30 s without the rendezvous: peers, addresses and traffic stay.
+        self.mesh.run(30)
+        self.assertIn(b.public_key, a.node.peers)
+        self.assertTrue(self.mesh.delivered(a, b, b"still here"))
+        self.assertGreater(a.client.counters["failed_attempts"], 1)
+        for node in (a, b):
+            node.endpoint.refuse = False
+        self.assertTrue(self.mesh.run(20, until=lambda: a.node.rendezvous_up
+                                      and b.node.rendezvous_up))
+        self.assertEqual(a.client.counters["registrations"], 2)
+        self.assertEqual(a.node.join_answers[self.mesh.network], "authorized")
+        self.assertTrue(self.mesh.delivered(b, a, b"and after"))
+
+    def test_punch_request_restarts_traversal(self) -> None:
+        a, b = self.a, self.b
+        attempts = len(b.peer(a).manager.history)
+        a.client.request_punch(self.mesh.network, b.public_key)
+        self.mesh.run(1)
+        reasons = [x.reason for x in b.peer(a).manager.history[attempts:]]
+        self.assertIn("punch now", reasons)
+
+    def test_local_endpoints_reach_the_map(self) -> None:
+        member = self.b.client.maps[self.mesh.network].member(self.a.public_key)
+        self.assertEqual(member.local_endpoints, (f"{self.a.host.ip}:41641",))
+        self.assertEqual(member.endpoints, (f"{self.a.host.nat.public_ip}:41641",))
+
+    def test_stop_removes_everything(self) -> None:
+        self.a.stop()
+        self.assertEqual(self.a.node.peers, {})
+        self.assertEqual(self.a.tun.routes, [])
+        self.mesh.run(5)
+        self.assertEqual([c for c in self.mesh.clock.getDelayedCalls()
+                          if getattr(c.func, "__self__", None) is self.a.node], [])
+
+
+class SeveralNetworks(SynchronousTestCase):
+    def test_one_device_peers_across_networks(self) -> None:
+        mesh = Mesh(seed=4)
+        second = mesh.controller.create_network("work", subnet="100.70.0.0/24")["id"]
+        net = mesh.internet
+        a = mesh.add("alpha", net.add("easy"), [mesh.network, second])
+        b = mesh.add("beta", net.add("easy"), [mesh.network, second])
+        c = mesh.add("gamma", net.add("easy"), [second])
+        mesh.authorize(a, b)
+        mesh.authorize(a, b, c, network=second)
+        self.assertEqual(len(a.tun.addresses), 2)
+        self.assertEqual(sorted(a.tun.routes), sorted(
+            [mesh.controller.get_network(mesh.network)["subnet"], "100.70.0.0/24"]))
+        self.assertEqual(set(a.node.peers), {b.public_key, c.public_key})
+        # b is in both networks: one peer, both addresses.
+        self.assertEqual(len(a.peer(b).wg.allowed_ips), 2)
+        self.assertEqual(len(c.node.peers), 2)
+        # b leaves "work": one address left, the peer stays.
+        mesh.controller.deauthorize(second, b.client.node_id)
+        mesh.run(0.2)
+        self.assertEqual(len(a.peer(b).wg.allowed_ips), 1)
+        self.assertNotIn(b.public_key, c.node.peers)
+        self.assertEqual(len(b.tun.addresses), 1)
+        self.assertEqual(b.tun.routes, [mesh.controller.get_network(mesh.network)["subnet"]])
+
+
+class Candidates(SynchronousTestCase):
+    def member(self, **kw) -> Member:
+        base = dict(node_id="n", public_key=b"k" * 32, name="n", ip="100.64.0.2")
+        return Member(**{**base, **kw})
+
+    def test_easy_member(self) -> None:
+        c = member_candidates(self.member(endpoints=("203.0.113.7:5000",),
+                                          local_endpoints=("192.168.1.2:41641",)))
+        self.assertEqual(c.public, (("203.0.113.7", 5000),))
+        self.assertEqual(c.local, (("192.168.1.2", 41641),))
+        self.assertTrue(c.hints.easy)
+
+    def test_hard_member(self) -> None:
+        c = member_candidates(self.member(endpoints=("203.0.113.7:5000", "203.0.113.7:6100"),
+                                          nat_varies=True))
+        self.assertTrue(c.hints.hard_random)
+
+    def test_sequential_member(self) -> None:
+        c = member_candidates(self.member(endpoints=("203.0.113.7:5000", "203.0.113.7:5001"),
+                                          nat_varies=True))
+        self.assertTrue(c.hints.sequential)
+
+    def test_public_member(self) -> None:
+        c = member_candidates(self.member(endpoints=("203.0.113.7:41641",),
+                                          local_endpoints=("203.0.113.7:41641",)))
+        self.assertTrue(c.hints.public)
+
+    def test_member_not_yet_discovered(self) -> None:
+        c = member_candidates(self.member())
+        self.assertEqual(c.public, ())
+        self.assertEqual(c.hints, NatHints(mapping_varies=None))
+
+    def test_own(self) -> None:
+        local = [("192.168.1.2", 41641)]
+        self.assertIsNone(own_candidates(None, local).hints.mapping_varies)
+        blocked = own_candidates(NetcheckResult((None, None)), local)
+        self.assertTrue(blocked.hints.udp_blocked)
+        easy = own_candidates(NetcheckResult((("203.0.113.9", 41641),) * 2), local)
+        self.assertEqual(easy.public, (("203.0.113.9", 41641),))
+        self.assertTrue(easy.hints.easy)
