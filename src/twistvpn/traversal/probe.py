@@ -347,7 +347,11 @@ class ProbeService:
             return
         self._seen[seen_key] = now
         self.counters["probe_received"] += 1
-        reply = encode_reply(peer.key, self._id, message.txid, now, address_of(addr))
+        observed = address_of(addr)
+        if type(observed) is not tuple:
+            # Through a relay: there is no address to report, only the answer.
+            observed = ("", 0)
+        reply = encode_reply(peer.key, self._id, message.txid, now, observed)
         self.counters["reply_sent"] += 1
         self.forwarder.send_datagram(reply, addr)
         peer.listener.probe_received(addr, message.tag)
