@@ -1,0 +1,292 @@
+"""
+The joined-mode node service and its twistd options: what it opens on
+start, what it removes on stop, the data directory and key, and every
+option's one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.names.test.test_util import MemoryReactor
+from twisted.python import usage
+from twisted.trial import unittest
+
+from tests.test_node_service import FakeWireGuardDevice
+from tests.test_rendezvous_support import MemoryEndpoint, World
+from twistvpn.node import node_tap
+from twistvpn.node.joined_service import JoinedNodeService, load_or_create_key
+from twistvpn.node.service import NodeStartError
+from twistvpn.node.tun import FakeTunDevice
+from twistvpn.rendezvous.client import RendezvousClient
+from twistvpn.rendezvous.netmap import Member, NetworkMap
+from twistvpn.rendezvous.tls import parse_address
+from twistvpn.wireguard.keys import generate_private_key, public_key
+
+NETWORK = "8f3a5c0d9e1b2a47"
+URL = "twistvpn://rdv.example.org:8443#sha256=" + "ab" * 32
+
+
+class UNIXPort:
+    def __init__(self, reactor: UNIXMemoryReactor, path: str) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.listening = True
+
+    def stopListening(self) -> Any:
+        self.listening = False
+        return succeed(None)
+
+
+class UNIXMemoryReactor(MemoryReactor):
+    """MemoryReactor with UNIX listening ports (recorded, not opened)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unix: list[tuple[str, Any, int, UNIXPort]] = []
+
+    def listenUNIX(self, path: str, factory: Any, backlog: int = 50, mode: int = 0o666,
+                   wantPID: int = 0) -> UNIXPort:
+        port = UNIXPort(self, path)
+        self.unix.append((path, factory, mode, port))
+        return port
+
+
+class FakeClient:
+    """Stands in for the RendezvousClient: records how it was made and used."""
+
+    def __init__(self, *args: Any) -> None:
+        (self.reactor, self.address, self.private_key, self.name, self.listener,
+         self.networks, self.local_endpoints) = args
+        self.running = False
+        self.server_key = None
+        self.udp_ports: list[int] = []
+
+    def startService(self) -> None:
+        self.running = True
+
+    def stopService(self) -> Any:
+        self.running = False
+        return succeed(None)
+
+
+class ServiceTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.reactor = UNIXMemoryReactor()
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir, mode=0o700)
+        self.private = generate_private_key()
+        self.tuns: list[FakeTunDevice] = []
+        self.clients: list[FakeClient] = []
+
+    def open_tun(self, name: str, mtu: int) -> FakeTunDevice:
+        tun = FakeTunDevice(name, mtu)
+        self.tuns.append(tun)
+        return tun
+
+    def make_client(self, *args: Any) -> FakeClient:
+        client = FakeClient(*args)
+        self.clients.append(client)
+        return client
+
+    def service(self, **kwargs: Any) -> JoinedNodeService:
+        options: dict[str, Any] = dict(
+            data_dir=self.data_dir, private_key=self.private, rendezvous=parse_address(URL),
+            networks=[NETWORK], name="laptop", interface_name="tvj0",
+            open_tun=self.open_tun, make_device=FakeWireGuardDevice,
+            make_client=self.make_client, local_addresses=lambda: ["192.168.1.5"],
+            resolve=lambda host, port: ("203.0.113.1", port))
+        options.update(kwargs)
+        return JoinedNodeService(self.reactor, **options)
+
+    def test_start_opens_everything(self) -> None:
+        node = self.service()
+        node.startService()
+        (tun,) = self.tuns
+        self.assertEqual(tun.name, "tvj0")
+        self.assertEqual(list(self.reactor.udpPorts), [41641])
+        ((path, _, mode, _),) = self.reactor.unix
+        self.assertEqual(path, os.path.join(self.data_dir, "node.sock"))
+        self.assertEqual(mode, 0o600)
+        (client,) = self.clients
+        self.assertTrue(client.running)
+        self.assertEqual(client.networks, [NETWORK])
+        self.assertEqual(client.name, "laptop")
+        self.assertEqual(client.local_endpoints, ["192.168.1.5:41641"])
+        self.assertIs(client.listener, node.node)
+        self.assertIs(node.node.client, client)
+        self.assertEqual(node.node.discovery_host, "203.0.113.1")
+
+    def test_stop_removes_device_and_routes(self) -> None:
+        node = self.service()
+        node.startService()
+        me = public_key(self.private)
+        peer = public_key(generate_private_key())
+        netmap = NetworkMap(NETWORK, "home", "100.64.0.0/24", 1, (
+            Member("aaaaaaaaaa", me, "laptop", "100.64.0.1"),
+            Member("bbbbbbbbbb", peer, "desk", "100.64.0.2", endpoints=("203.0.113.9:41641",)),
+        ))
+        node.node.map_received(NETWORK, netmap)
+        (tun,) = self.tuns
+        self.assertEqual(tun.addresses, ("100.64.0.1/32",))
+        self.assertEqual(tun.routes, ["100.64.0.0/24"])
+        self.assertIn(f"public_key={peer.hex()}\nprotocol_version=1", node.describe())
+        d = node.stopService()
+        self.successResultOf(d)
+        self.assertTrue(tun.closed)
+        self.assertEqual(tun.routes, [])
+        self.assertFalse(self.clients[0].running)
+        self.assertFalse(self.reactor.unix[0][3].listening)
+        self.assertIsNone(node.node)
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
+
+    def test_port_choice(self) -> None:
+        self.service(port=51900).startService()
+        self.assertEqual(list(self.reactor.udpPorts), [51900])
+
+    def test_start_failure_is_one_line_and_leaves_nothing(self) -> None:
+        def broken_tun(name: str, mtu: int) -> Any:
+            raise OSError("cannot create TUN device tvj0: Operation not permitted")
+
+        node = self.service(open_tun=broken_tun)
+        with self.assertRaises(NodeStartError) as caught:
+            node.startService()
+        self.assertEqual(str(caught.exception), "twistvpn node cannot start: cannot create "
+                         "TUN device tvj0: Operation not permitted")
+        self.assertEqual(self.reactor.udpPorts, {})
+        self.assertEqual(self.clients, [])
+
+    def test_with_a_real_rendezvous_client(self) -> None:
+        """The service's node registers and joins through the real client."""
+        world = World(clock=self.reactor)
+        world.controller.create_network("home")
+        network = world.controller.list_networks()[0]["id"]
+
+        def make_client(reactor: Any, address: Any, private: bytes, name: str, listener: Any,
+                        networks: list[str], local_endpoints: list[str]) -> RendezvousClient:
+            return RendezvousClient(MemoryEndpoint(world), private, name, listener,
+                                    clock=reactor, networks=networks,
+                                    local_endpoints=local_endpoints)
+
+        node = self.service(make_client=make_client, networks=[network])
+        node.startService()
+        world.settle()
+        self.assertEqual(node.node.join_answers, {network: "pending"})
+        (member,) = world.controller.list_members(network)
+        world.controller.authorize(network, member["node_id"])
+        world.settle()
+        self.assertEqual(self.tuns[0].routes, [world.controller.get_network(network)["subnet"]])
+        stopped = node.stopService()
+        world.settle()
+        self.successResultOf(stopped)
+        self.assertFalse(world.controller.get_member(network, member["node_id"])["online"])
+
+
+class DataDirTests(unittest.TestCase):
+    def test_first_start_creates_dir_and_key(self) -> None:
+        data_dir = os.path.join(self.mktemp(), "state")
+        key = load_or_create_key(data_dir)
+        self.assertEqual(stat.S_IMODE(os.stat(data_dir).st_mode), 0o700)
+        path = os.path.join(data_dir, "node.key")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(load_or_create_key(data_dir), key)
+
+    def test_key_readable_by_others_refused(self) -> None:
+        data_dir = self.mktemp()
+        load_or_create_key(data_dir)
+        os.chmod(os.path.join(data_dir, "node.key"), 0o644)
+        with self.assertRaises(ValueError) as caught:
+            load_or_create_key(data_dir)
+        self.assertIn("permissions 0644 are too open", str(caught.exception))
+
+    def test_garbage_key_refused(self) -> None:
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        path = os.path.join(data_dir, "node.key")
+        with open(path, "w") as f:
+            f.write("not a key\n")
+        os.chmod(path, 0o600)
+        with self.assertRaises(ValueError) as caught:
+            load_or_create_key(data_dir)
+        self.assertTrue(str(caught.exception).startswith(path + ": "))
+
+
+class OptionsTests(unittest.TestCase):
+    def parse(self, *argv: str) -> node_tap.Options:
+        options = node_tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def joined(self, *extra: str) -> list[str]:
+        self.data_dir = self.mktemp()
+        return ["--data-dir", self.data_dir, "--rendezvous", URL, "--join", NETWORK, *extra]
+
+    def assertUsageError(self, argv: list[str], fragment: str) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(*argv)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertIn(fragment, message)
+
+    def test_good(self) -> None:
+        other = "0123456789ABCDEF"
+        options = self.parse(*self.joined("--join", other, "--join", NETWORK,
+                                          "--name", "laptop", "--port", "51900"))
+        self.assertEqual(options["mode"], "joined")
+        self.assertEqual(options["networks"], [NETWORK, other.lower()])
+        self.assertEqual(options["name"], "laptop")
+        self.assertEqual(options["port"], 51900)
+        self.assertEqual(options["address"].port, 8443)
+        self.assertEqual(len(options["private_key"]), 32)
+        self.assertTrue(os.path.exists(os.path.join(self.data_dir, "node.key")))
+
+    def test_defaults(self) -> None:
+        options = self.parse(*self.joined())
+        self.assertEqual(options["port"], 41641)
+        self.assertTrue(options["name"])
+
+    def test_bad_values(self) -> None:
+        for extra, fragment in [
+            (["--port", "70000"], "--port: 70000 is out of range (0 to 65535)"),
+            (["--port", "x"], "--port: 'x' is not a number"),
+            (["--name", "a" * 65], "--name: "),
+            (["--name", "tab\there"], "printable characters"),
+            (["--name", " pad"], "without leading or trailing spaces"),
+            (["--join", "8f3a5c0d9e1b2a4"], "'8f3a5c0d9e1b2a4' is not a network ID (16 hex"),
+            (["--join", "8f3a5c0d9e1b2a4z"], "is not a network ID"),
+        ]:
+            self.assertUsageError(self.joined(*extra), fragment)
+
+    def test_bad_rendezvous(self) -> None:
+        argv = ["--data-dir", self.mktemp(), "--rendezvous", "https://x:1", "--join", NETWORK]
+        self.assertUsageError(argv, "--rendezvous: bad rendezvous address")
+
+    def test_missing(self) -> None:
+        self.assertUsageError(["--data-dir", self.mktemp(), "--join", NETWORK],
+                              "joined mode needs --rendezvous")
+        self.assertUsageError(["--rendezvous", URL, "--join", NETWORK],
+                              "joined mode needs --data-dir")
+        self.assertUsageError(["--data-dir", self.mktemp(), "--rendezvous", URL],
+                              "joined mode needs at least one --join NETWORK_ID")
+
+    def test_modes_exclusive(self) -> None:
+        self.assertUsageError(["--config", "wg0.conf", "--join", NETWORK],
+                              "--config (static mode) and --join (joined mode) cannot be "
+                              "combined")
+
+    def test_insecure_key(self) -> None:
+        argv = self.joined()
+        self.parse(*argv)
+        os.chmod(os.path.join(self.data_dir, "node.key"), 0o640)
+        self.assertUsageError(argv, "are too open")
+
+    def test_make_service(self) -> None:
+        options = self.parse(*self.joined("--interface", "tvj1"))
+        top = node_tap.makeService(options, reactor=UNIXMemoryReactor())
+        node = top.getServiceNamed("node")
+        self.assertIsInstance(node, JoinedNodeService)
+        self.assertEqual(node.networks, [NETWORK])
+        self.assertEqual(node.data_dir, self.data_dir)
