@@ -17,6 +17,7 @@ from twistvpn.node.fastpath import (
     SOL_UDP,
     UDP_GRO,
     UDP_SEGMENT,
+    BatchWindow,
     DatagramBatcher,
     GROPort,
     gro_segment_size,
@@ -142,6 +143,17 @@ class BatcherTests(unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual(self.counters["drop_send_error"], 3)
 
+    def test_held_window_flushes_on_release_only(self) -> None:
+        """A reader holding the window sends when its batch ends, scheduling nothing."""
+        self.batcher.window.hold()
+        self.batcher.window.hold()  # nested holds: the outermost release flushes
+        self.send((b"x" * 10, A), (b"y" * 10, A))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.batcher.window.release()
+        self.assertEqual(self.sock.wire, [])
+        self.batcher.window.release()
+        self.assertEqual(self.sock.calls, [("gso", 2, A)])
+
     def test_close_flushes(self) -> None:
         self.send((b"x" * 10, A), (b"y" * 10, A))
         self.batcher.close()
@@ -250,6 +262,16 @@ class LoopbackTests(unittest.TestCase):
         self.port.doRead()
         self.assertEqual(self.recorder.received, [(d, self.source) for d in sent])
         self.assertTrue(self.port.gro)
+
+    def test_read_batch_holds_window(self) -> None:
+        flushed: list[int] = []
+        self.port.read_batch_window = BatchWindow(
+            Clock(), lambda: flushed.append(len(self.recorder.received))
+        )
+        self.sender.sendto(b"one", self.address)
+        self.sender.sendto(b"two", self.address)
+        self.port.doRead()
+        self.assertEqual(flushed, [2])
 
     def test_plain_datagrams(self) -> None:
         for data in (b"one", b"two", b"three"):

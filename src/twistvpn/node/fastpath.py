@@ -66,6 +66,44 @@ def gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
     return 0
 
 
+class BatchWindow:
+    """
+    When what a batch gathered goes out: when the outermost L{hold} is
+    released (a reader holds the window of whoever its reads feed while it
+    reads a batch), or else at the end of the reactor iteration.
+    """
+
+    def __init__(self, clock: Any, flush: Callable[[], None]) -> None:
+        self._clock = clock  # IReactorTime
+        self._flush = flush
+        self._held = 0
+        self._call: Any = None
+
+    def hold(self) -> None:
+        self._held += 1
+
+    def release(self) -> None:
+        self._held -= 1
+        if not self._held:
+            self._flush()
+
+    def opened(self) -> None:
+        """Something was queued: make sure it is flushed."""
+        if not self._held and self._call is None:
+            self._call = self._clock.callLater(0, self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        self._flush()
+
+    def cancel(self) -> None:
+        """Forget the scheduled flush (the owner is closing)."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+
 class DatagramBatcher:
     """
     Sends datagrams on a UDP socket, a run of datagrams of one size to one
@@ -88,7 +126,6 @@ class DatagramBatcher:
         max_bytes: int = MAX_GSO_BYTES,
     ) -> None:
         self._sock = sock
-        self._clock = clock
         self.counters = counters
         self.gso = gso
         self._max_segments = max_segments
@@ -98,7 +135,7 @@ class DatagramBatcher:
         self._size = 0
         self._bytes = 0
         self._short = False
-        self._flush_call: Any = None
+        self.window = BatchWindow(clock, self.flush)
 
     def send(self, data: bytes, addr: tuple[str, int]) -> None:
         """Send C{data} to C{addr} (in the socket's address family) soon."""
@@ -119,16 +156,11 @@ class DatagramBatcher:
         if not parts:
             self._addr = addr
             self._size = length
-            if self._flush_call is None:
-                self._flush_call = self._clock.callLater(0, self._flush_later)
+            self.window.opened()
         elif length < self._size:
             self._short = True
         parts.append(data)
         self._bytes += length
-
-    def _flush_later(self) -> None:
-        self._flush_call = None
-        self.flush()
 
     def flush(self) -> None:
         """Send the run gathered so far."""
@@ -181,10 +213,19 @@ class DatagramBatcher:
     def close(self) -> None:
         """Send what is pending and stop the scheduled flush."""
         self.flush()
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
+        self.window.cancel()
+
+
+def hold(window: BatchWindow | None, read: Callable[[], None]) -> None:
+    """Run C{read} (a batch of reads) holding C{window}, if there is one."""
+    if window is None:
+        read()
+        return
+    window.hold()
+    try:
+        read()
+    finally:
+        window.release()
 
 
 def enable_gro(sock: socket.socket) -> bool:
@@ -203,18 +244,16 @@ class GROPort(udp.Port):
     """
 
     gro = False
-    # Called after each batch of reads (the node writes the packets the
-    # batch decrypted at once instead of at the end of the reactor iteration).
-    on_batch_end: Callable[[], None] | None = None
+    # Held while a batch is read (the TUN device's, so that the packets the
+    # batch decrypted are written when it ends).
+    read_batch_window: BatchWindow | None = None
 
     def startListening(self) -> None:
         super().startListening()
         self.gro = enable_gro(self.socket)
 
     def doRead(self) -> None:
-        self._read_batch()
-        if self.on_batch_end is not None:
-            self.on_batch_end()
+        hold(self.read_batch_window, self._read_batch)
 
     def _read_batch(self) -> None:
         sock = self.socket

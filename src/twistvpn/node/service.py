@@ -181,10 +181,10 @@ class StaticNodeService(service.Service):
             )
         self.port = self._listen(config.listen_port or 0, forwarder)
         # Send and write what each batch of reads produced as soon as it ends.
-        if self._batcher is not None and hasattr(tun, "on_batch_end"):
-            tun.on_batch_end = self._batcher.flush
-        if hasattr(self.port, "on_batch_end") and hasattr(tun, "flush"):
-            self.port.on_batch_end = tun.flush
+        if self._batcher is not None and hasattr(tun, "read_batch_window"):
+            tun.read_batch_window = self._batcher.window
+        if hasattr(self.port, "read_batch_window") and hasattr(tun, "window"):
+            self.port.read_batch_window = tun.window
         if self._control_socket:
             claim_socket_path(self._control_socket)
             self.control_port = self._reactor.listenUNIX(

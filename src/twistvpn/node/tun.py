@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
+from twistvpn.node.fastpath import BatchWindow, hold
 from twistvpn.node.offload import (
     VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE,
@@ -196,12 +197,14 @@ class TunDevice(_TunBase):
         except OSError as e:
             raise TunError(_explain(name, e)) from e
         self.offload = offload
-        # Called after each batch of reads (the node sends what the batch
-        # produced at once instead of at the end of the reactor iteration).
-        self.on_batch_end: Callable[[], None] | None = None
+        # Held while a batch is read (the UDP sender's, so that what the
+        # batch encrypted is sent when it ends).
+        self.read_batch_window: BatchWindow | None = None
+        # When packets written are flushed.
+        self.window = BatchWindow(reactor, self.flush)
         self._pending: list[bytes] = []
-        self._flush_call: Any = None
         self.name = self._tun.name
+        self._log_prefix = f"TunDevice({self.name})"
         self._fd = self._tun.fileno()
         os.set_blocking(self._fd, False)
         # Room for a packet bigger than the MTU, so that one is read whole
@@ -228,12 +231,10 @@ class TunDevice(_TunBase):
         return -1 if self._closed else self._fd
 
     def logPrefix(self) -> str:
-        return f"TunDevice({self.name})"
+        return self._log_prefix
 
     def doRead(self) -> None:
-        self._read_batch()
-        if self.on_batch_end is not None:
-            self.on_batch_end()
+        hold(self.read_batch_window, self._read_batch)
 
     def _read_batch(self) -> None:
         for _ in range(READ_BATCH):
@@ -288,13 +289,13 @@ class TunDevice(_TunBase):
         if not self.offload:
             self._write(packet)
             return
-        self._pending.append(packet)
-        if self._flush_call is None:
-            self._flush_call = self._reactor.callLater(0, self.flush)
+        pending = self._pending
+        if not pending:
+            self.window.opened()
+        pending.append(packet)
 
     def flush(self) -> None:
         """Write what this reactor iteration delivered, TCP segments joined."""
-        self._flush_call = None
         pending = self._pending
         if not pending or self._closed:
             return
@@ -356,10 +357,7 @@ class TunDevice(_TunBase):
             return
         self.stop_reading()
         self.flush()
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
+        self.window.cancel()
         for route in list(self.routes):
             self.remove_route(route)
         self._ignore_missing(self._ipr.link, "del", index=self._index)
