@@ -195,8 +195,17 @@ class LiveChanges(SynchronousTestCase):
         self.assertEqual(a.node.join_answers[self.mesh.network], "authorized")
         self.assertTrue(self.mesh.delivered(b, a, b"and after"))
 
+    def test_new_peers_punch_together(self) -> None:
+        """The lower key asks the rendezvous for a punch: both sides start again at once."""
+        a, b = self.a, self.b
+        for x, y in ((a, b), (b, a)):
+            reasons = [attempt.reason for attempt in x.peer(y).manager.history]
+            self.assertEqual(reasons[:2], ["start", "punch now"])
+        self.assertEqual(self.mesh.controller.counters["punches"], 1)
+
     def test_punch_request_restarts_traversal(self) -> None:
         a, b = self.a, self.b
+        self.mesh.run(10)
         attempts = len(b.peer(a).manager.history)
         a.client.request_punch(self.mesh.network, b.public_key)
         self.mesh.run(1)

@@ -106,6 +106,7 @@ class APITests(SynchronousTestCase):
         lines = self.ask({"command": "ping", "peer": "gamma", "count": 3,
                           "until_direct": True}, node=self.b)
         self.assertEqual([line["ping"]["path"] for line in lines[:-1]], ["relay"] * 3)
+        self.assertEqual(lines[0]["ping"]["endpoint"], "relay:rdv")
         self.assertTrue(all(line["ping"]["rtt"] for line in lines[:-1]))
         self.assertEqual(lines[-1]["result"]["direct"], False)
 
@@ -178,11 +179,7 @@ class CLITests(SynchronousTestCase):
     def run_cli(self, *argv: str) -> tuple[int, str, str]:
         args = cli.build_parser().parse_args(list(argv))
         out, err = io.StringIO(), io.StringIO()
-        if args.func is local_cli._ping_defaults:
-            args.count = args.count or (10 if args.until_direct else 4)
-            code = local_cli.ping(args, out, err)
-        else:
-            code = args.func(args, out, err)
+        code = args.func(args, out, err)
         return code, out.getvalue(), err.getvalue()
 
     def test_registered(self) -> None:
@@ -221,6 +218,16 @@ class CLITests(SynchronousTestCase):
             self.assertRegex(line, rf"^pong from beta \({self.b.ip}\) via direct "
                                    r"[0-9.]+:41641 in [0-9.]+ms$")
         self.assertEqual(lines[2], "2 sent, 2 received, path direct")
+
+    def test_ping_until_direct_summary(self) -> None:
+        code, out, _ = self.run_cli("ping", "beta", "--until-direct")
+        self.assertEqual(code, 0)
+        self.assertTrue(out.endswith(" received, path direct\n"), out)
+        self.assertEqual(self.requests[-1][1]["count"], 10)
+        summary = local_cli.render_ping_summary(
+            {"sent": 3, "received": 3, "direct": False, "path": "relay"}, True)
+        self.assertEqual(summary, "3 sent, 3 received, path relay\n"
+                                  "no direct path yet (the path is relay)\n")
 
     def test_ping_json(self) -> None:
         code, out, _ = self.run_cli("ping", "beta", "-c", "1", "--json")

@@ -351,6 +351,25 @@ class JoinedNode:
         self.log.info("peer {name} added: {ips}, key {key}", name=peer.name,
                       ips=", ".join(peer.ips), key=encode_key(key))
         manager.start()
+        if self.public_key < key:
+            # Both sides start when they see each other in the map, a few
+            # milliseconds apart; the rendezvous's punch starts them again
+            # at one moment, as simultaneous open needs.
+            self.request_punch(peer)
+
+    def request_punch(self, peer: JoinedPeer) -> None:
+        """
+        Have the rendezvous tell both sides to start traversal at once;
+        without the rendezvous, start on our side.
+        """
+        client = self.client
+        if client is None or not self.rendezvous_up:
+            peer.manager.punch_now()
+            return
+        network_id = sorted(peer.members)[0]
+        client.request_punch(network_id, peer.public_key).addErrback(
+            lambda f: self.log.info("punch towards {name} not arranged: {why}",
+                                    name=peer.name, why=f.getErrorMessage()))
 
     def _update_peer(self, peer: JoinedPeer, members: dict[str, Member]) -> None:
         before = member_candidates(peer.member)
@@ -493,6 +512,7 @@ class JoinedNode:
             "last_handshake_ago": None if handshake is None else max(0.0, now - handshake),
             "rx_bytes": wg.rx_bytes,
             "tx_bytes": wg.tx_bytes,
+            "traversal": manager.status(),
         }
 
     def ping_once(self, query: str, timeout: float = 2.0) -> defer.Deferred[dict[str, Any]]:

@@ -77,7 +77,7 @@ class LocalAPI:
         node = self.node
         peer = node.find_peer(query)
         if until_direct and peer.manager.kind not in (LAN, DIRECT):
-            peer.manager.punch_now()
+            node.request_punch(peer)
         received = 0
         direct = False
         for seq in range(1, count + 1):

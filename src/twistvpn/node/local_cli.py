@@ -144,7 +144,7 @@ def render_ping(event: dict[str, Any]) -> str:
 def render_ping_summary(result: dict[str, Any], until_direct: bool) -> str:
     line = f"{result['sent']} sent, {result['received']} received, path {result['path']}\n"
     if until_direct and not result["direct"]:
-        line += "no direct path yet (still relayed)\n" if result["path"] == "relay" else ""
+        line += f"no direct path yet (the path is {result['path']})\n"
     return line
 
 
@@ -193,9 +193,11 @@ def ping(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
         out.write(json.dumps(e) + "\n" if args.json else render_ping(e))
         out.flush()
 
+    count = args.count if args.count is not None else (10 if args.until_direct else 4)
+
     def run() -> int:
         result = call(socket_path(args), {"command": "ping", "peer": args.peer,
-                                          "count": args.count,
+                                          "count": count,
                                           "until_direct": args.until_direct}, event)
         out.write(json.dumps({"result": result}) + "\n" if args.json
                   else render_ping_summary(result, args.until_direct))
@@ -245,14 +247,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--until-direct", action="store_true",
                    help="stop at the first answer over a LAN or direct path")
     common(p)
-    p.set_defaults(func=_ping_defaults)
+    p.set_defaults(func=ping)
     p = subparsers.add_parser(
         "netcheck", help="public endpoint, NAT mapping, RTT to the rendezvous and relays")
     common(p)
     p.set_defaults(func=netcheck)
 
-
-def _ping_defaults(args: argparse.Namespace) -> int:
-    if args.count is None:
-        args.count = 10 if args.until_direct else 4
-    return ping(args)
