@@ -42,6 +42,10 @@ class RelayEndpoint:
     relay_id: str
     peer_key: bytes
 
+    def __str__(self) -> str:
+        """As status and logs show the path: the relay, not the peer's key bytes."""
+        return f"relay:{self.relay_id}"
+
 
 @dataclass(frozen=True)
 class RelayInfo:
