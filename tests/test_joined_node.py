@@ -292,3 +292,20 @@ class Candidates(SynchronousTestCase):
         easy = own_candidates(NetcheckResult((("203.0.113.9", 41641),) * 2), local)
         self.assertEqual(easy.public, (("203.0.113.9", 41641),))
         self.assertTrue(easy.hints.easy)
+
+
+class KernelRefuses(SynchronousTestCase):
+    def test_route_refused_peers_still_added(self) -> None:
+        log = LogCatcher(self)
+        mesh = Mesh(seed=7)
+        a = mesh.add("alpha", mesh.internet.add("easy"))
+        b = mesh.add("beta", mesh.internet.add("easy"))
+
+        def refuse(cidr: str) -> None:
+            raise OSError(17, "File exists")
+
+        a.tun.add_route = refuse
+        mesh.authorize(a, b)
+        self.assertEqual(set(a.node.peers), {b.public_key})
+        self.assertTrue(log.grep("configuring twvpn0 failed"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)

@@ -235,6 +235,8 @@ class JoinedNode:
 
     def disconnected(self, reason: str) -> None:
         self.rendezvous_up = False
+        if self._stopped:
+            return
         self.log.info(
             "rendezvous connection lost ({reason}); reconnecting, {n} peer(s) stay up",
             reason=reason, n=len(self.peers))
@@ -285,7 +287,12 @@ class JoinedNode:
         if self._stopped:
             return
         self._apply_relays()
-        self._apply_interface()
+        try:
+            self._apply_interface()
+        except Exception:
+            # The kernel refused an address or route (netlink): say so, and
+            # keep the peers and the rest of the node going.
+            self.log.failure("configuring {name} failed", name=self.tun.name)
         wanted: dict[bytes, dict[str, Member]] = {}
         for network_id, netmap in self.maps.items():
             for member in netmap.peers(self.public_key):
