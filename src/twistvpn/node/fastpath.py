@@ -276,8 +276,8 @@ class GROPort(udp.Port):
             size = gro_segment_size(ancillary) if ancillary else 0
             try:
                 if size and size < len(data):
-                    for datagram in segments(data, size):
-                        receive(datagram, addr)
+                    for offset in range(0, len(data), size):
+                        receive(data[offset : offset + size], addr)
                 else:
                     receive(data, addr)
             except BaseException:

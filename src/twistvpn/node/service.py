@@ -180,11 +180,6 @@ class StaticNodeService(service.Service):
                 name=tun.name,
             )
         self.port = self._listen(config.listen_port or 0, forwarder)
-        # Send and write what each batch of reads produced as soon as it ends.
-        if self._batcher is not None and hasattr(tun, "read_batch_window"):
-            tun.read_batch_window = self._batcher.window
-        if hasattr(self.port, "read_batch_window") and hasattr(tun, "window"):
-            self.port.read_batch_window = tun.window
         if self._control_socket:
             claim_socket_path(self._control_socket)
             self.control_port = self._reactor.listenUNIX(
@@ -253,6 +248,12 @@ class StaticNodeService(service.Service):
             # The fast path: sends straight on the socket, in GSO batches.
             self._batcher = DatagramBatcher(sock, self._reactor, forwarder.counters)
             forwarder.use_batcher(self._batcher, sock.family == socket.AF_INET6)
+        # Send and write what each batch of reads produced as soon as it ends.
+        tun = self.tun
+        if self._batcher is not None and hasattr(tun, "read_batch_window"):
+            tun.read_batch_window = self._batcher.window
+        if hasattr(listening, "read_batch_window") and hasattr(tun, "window"):
+            listening.read_batch_window = tun.window
         return listening
 
     def stopService(self) -> Deferred[Any]:

@@ -237,9 +237,16 @@ class TunDevice(_TunBase):
         hold(self.read_batch_window, self._read_batch)
 
     def _read_batch(self) -> None:
+        receiver = self._receiver
+        if receiver is None:
+            return
+        fd = self._fd
+        size = self._read_size
+        offload = self.offload
+        counters = self.counters
         for _ in range(READ_BATCH):
             try:
-                packet = os.read(self._fd, self._read_size)
+                packet = os.read(fd, size)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -250,20 +257,23 @@ class TunDevice(_TunBase):
                 return
             if not packet:
                 return
-            if self.offload:
+            if offload:
                 # No offloads were enabled, so the kernel has no reason to
                 # send a GSO packet or a partial checksum; refuse them.
                 if len(packet) <= VNET_HEADER_SIZE or packet[1] != VNET_GSO_NONE or (
                     packet[0] & VNET_F_NEEDS_CSUM
                 ):
-                    self.counters["drop_offload"] += 1
+                    counters["drop_offload"] += 1
                     continue
                 packet = packet[VNET_HEADER_SIZE:]
+            counters["rx_packets"] += 1
             try:
-                self._deliver(packet)
+                receiver(packet)
             except Exception:
-                self.counters["drop_receiver_error"] += 1
+                counters["drop_receiver_error"] += 1
                 self.log.failure("packet receiver raised")
+            if self._receiver is not receiver:
+                return  # stopped (or replaced) by what it just delivered
 
     def connectionLost(self, reason: Failure) -> None:
         self._reading = False
