@@ -1,4 +1,8 @@
-"""`twistvpn lab`, the project's demonstration, run for real (root only)."""
+"""
+`twistvpn lab --static`, the static-mode demonstration, run for real, and
+both labs interrupted (root only).  The joined-mode lab's scenarios are in
+tests.test_integration_nat and its command in tests.test_integration_joined_lab.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class LabTests(unittest.TestCase):
     def test_lab(self) -> None:
         before = self.namespaces()
         out = io.StringIO()
-        args = cli.build_parser().parse_args(["lab", "--seconds", "1", "--pings", "5"])
+        args = cli.build_parser().parse_args(["lab", "--static", "--seconds", "1", "--pings", "5"])
         status = lab.run(args, out)
         text = out.getvalue()
         self.assertEqual(status, 0, text)
@@ -47,9 +51,9 @@ class LabTests(unittest.TestCase):
     def sockets(self, prefix: str) -> list[str]:
         return [p for p in os.listdir(netns.WIREGUARD_SOCKET_DIR) if p.startswith(prefix)]
 
-    def interrupt(self, signum: int, when_running: bool) -> None:
+    def interrupt(self, signum: int, when_running: bool, *args: str) -> None:
         process = subprocess.Popen(
-            [sys.executable, "-m", "twistvpn", "lab"],
+            [sys.executable, "-m", "twistvpn", "lab", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -72,9 +76,9 @@ class LabTests(unittest.TestCase):
         self.assertEqual(self.sockets(prefix), [])
 
     def test_ctrl_c(self) -> None:
-        """Ctrl-C while building: everything it built goes."""
-        self.interrupt(signal.SIGINT, when_running=False)
+        """Ctrl-C while building the joined lab: everything it built goes."""
+        self.interrupt(signal.SIGINT, False)
 
     def test_sigterm(self) -> None:
-        """SIGTERM with every host running: the same."""
-        self.interrupt(signal.SIGTERM, when_running=True)
+        """SIGTERM with every host of the static lab running: the same."""
+        self.interrupt(signal.SIGTERM, True, "--static")

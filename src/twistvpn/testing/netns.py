@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -334,12 +336,17 @@ class Network:
 
     def masquerade(self, namespace: str, out_interface: str, *, mode: str = "easy") -> None:
         """
-        Make C{namespace} a NAT router towards C{out_interface}.  C{mode}:
-        "easy" (port-preserving MASQUERADE), "hard" (C{--random-fully}: a new
-        random port per mapping), "udpblock" (MASQUERADE, UDP not forwarded).
+        Make C{namespace} a NAT router towards C{out_interface}.  C{mode}
+        (L{NAT_MODES}): "easy" (MASQUERADE: the source port kept where it
+        is free, one mapping for every destination, and conntrack letting
+        in only replies from the exact address and port a mapping was
+        opened to), "easyaf" (the same plus an explicit stateful filter on
+        the WAN side: see docs/lab.md for what it really is), "hard"
+        (C{--random-fully}: a new random port for every destination),
+        "udpblock" (MASQUERADE, UDP not forwarded at all).
         """
-        if mode not in ("easy", "hard", "udpblock"):
-            raise ValueError(f"unknown NAT mode {mode!r}")
+        if mode not in NAT_MODES:
+            raise ValueError(f"unknown NAT mode {mode!r} (one of {', '.join(NAT_MODES)})")
         self.enable_forwarding(namespace)
         rule = [
             "iptables",
@@ -357,6 +364,12 @@ class Network:
         self.run(namespace, rule)
         if mode == "udpblock":
             self.run(namespace, ["iptables", "-A", "FORWARD", "-p", "udp", "-j", "DROP"])
+        if mode == "easyaf":
+            for extra in (
+                ["-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"],
+                ["-j", "DROP"],
+            ):
+                self.run(namespace, ["iptables", "-A", "FORWARD", "-i", out_interface, *extra])
 
     def add_host_behind_nat(
         self,
@@ -474,6 +487,324 @@ class Network:
     def _check_open(self) -> None:
         if self._closed:
             raise HarnessError("network already closed")
+
+
+# -- sites: LANs behind NAT routers on the simulated internet -------------------------
+
+# How a site reaches the simulated internet: "open" is no NAT at all (its
+# hosts have public addresses), the others are L{Network.masquerade}'s.
+NAT_MODES = ("easy", "easyaf", "hard", "udpblock")
+SITE_MODES = ("open", *NAT_MODES)
+
+
+@dataclass
+class Host:
+    """One machine of a site: its namespace, its interface and address."""
+
+    name: str
+    namespace: str
+    ifname: str
+    address: str
+    prefixlen: int
+    gateway: str | None
+
+
+@dataclass
+class Site:
+    """A LAN with its NAT router on the internet, or open hosts on the internet."""
+
+    name: str
+    mode: str
+    public_ip: str  # the router's WAN address (the first host's, open)
+    hosts: list[Host]
+    router: str | None = None
+    lan: str | None = None  # e.g. "192.168.1" (a /24)
+
+
+def add_site(
+    network: Network,
+    name: str,
+    internet: Switch,
+    public_ip: str,
+    lan: str,
+    *,
+    mode: str = "easy",
+    hosts: int = 1,
+    mtu: int = 1500,
+) -> Site:
+    """
+    A site: C{hosts} machines on the LAN C{lan}.0/24 (.2, .3, ...) behind a
+    router whose WAN side is C{public_ip} on C{internet} (a /24), NATting
+    as C{mode} says; with C{mode} "open", the machines are on the internet
+    themselves, at C{public_ip} and the addresses after it.  Namespaces are
+    C{name}r (router), C{name}l (the LAN's switch), C{name}1, C{name}2...
+    """
+    if mode not in SITE_MODES:
+        raise ValueError(f"unknown site mode {mode!r} (one of {', '.join(SITE_MODES)})")
+    first = ipaddress.ip_address(public_ip)
+    if mode == "open":
+        members = []
+        for i in range(hosts):
+            address = str(first + i)
+            namespace = network.add_namespace(f"{name}{i + 1}")
+            ifname = internet.attach(namespace, f"{address}/24", mtu=mtu)
+            members.append(Host(f"{name}{i + 1}", namespace, ifname, address, 24, None))
+        return Site(name, mode, public_ip, members)
+    router = network.add_namespace(f"{name}r")
+    wan = internet.attach(router, f"{public_ip}/24", mtu=mtu)
+    switch = network.add_switch(f"{name}l")
+    switch.attach(router, f"{lan}.1/24", mtu=mtu)
+    members = []
+    for i in range(hosts):
+        namespace = network.add_namespace(f"{name}{i + 1}")
+        address = f"{lan}.{i + 2}"
+        ifname = switch.attach(namespace, f"{address}/24", mtu=mtu)
+        network.add_route(namespace, "default", f"{lan}.1")
+        members.append(Host(f"{name}{i + 1}", namespace, ifname, address, 24, f"{lan}.1"))
+    network.masquerade(router, wan, mode=mode)
+    return Site(name, mode, public_ip, members, router, lan)
+
+
+def change_address(network: Network, host: Host, address: str) -> None:
+    """
+    Move C{host} to another address of its subnet (roaming: a new DHCP
+    lease), the old one gone and the default route back through the gateway.
+    """
+    new = check_address(f"{address}/{host.prefixlen}")
+    old = check_address(f"{host.address}/{host.prefixlen}")
+    with _signals_safe_for_children(), NetNS(host.namespace) as ns:
+        index = ns.link_lookup(ifname=host.ifname)[0]
+        # Old first: removing a primary address removes its secondaries too.
+        ns.addr("del", index=index, address=str(old.ip), prefixlen=old.network.prefixlen)
+        ns.addr("add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen)
+    if host.gateway is not None:
+        network.add_route(host.namespace, "default", host.gateway)
+    host.address = address
+
+
+def flush_conntrack(network: Network, namespace: str) -> None:
+    """Forget every NAT mapping of a router (as a router's reboot would)."""
+    network.run(namespace, ["conntrack", "-F"], check=False)
+
+
+# -- the rendezvous and joined nodes as processes ------------------------------------
+
+RENDEZVOUS_STATE = "rendezvous.json"  # twistvpn.rendezvous.service.STATE_FILE
+CONTROL_PORT = 8443
+DISCOVERY_PORTS = (3478, 3479)
+RELAY_PORT = 443
+
+
+@dataclass
+class Rendezvous:
+    """A rendezvous process: where it runs and how nodes reach it."""
+
+    namespace: str
+    ip: str
+    data_dir: Path
+    process: Process | None = None
+    url: str = ""
+
+    def admin_argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "twistvpn", "admin", "--data-dir", str(self.data_dir), *args]
+
+
+def start_rendezvous(
+    network: Network, namespace: str, ip: str, *, rendezvous: Rendezvous | None = None,
+    extra: Sequence[str] = (), timeout: float = 20.0,
+) -> Rendezvous:
+    """
+    Run C{twistd -n twistvpn-rendezvous} in C{namespace} at C{ip} (its
+    discovery ports, control channel and embedded relay on the standard
+    ports there), or start C{rendezvous} again with its data directory;
+    ready once it wrote its state file.
+    """
+    check_address(f"{ip}/32")
+    if rendezvous is None:
+        rendezvous = Rendezvous(namespace, ip, network.tmpdir / network.name("rdv"))
+    state = rendezvous.data_dir / RENDEZVOUS_STATE
+    state.unlink(missing_ok=True)  # left by a killed one
+    process = network.spawn(
+        namespace,
+        [
+            *TWISTD, "-n", "--pidfile=", "twistvpn-rendezvous",
+            "--data-dir", str(rendezvous.data_dir),
+            "--hostname", ip,
+            "--control", f"tcp:{CONTROL_PORT}:interface={ip}",
+            "--udp-port", str(DISCOVERY_PORTS[0]), "--udp-port2", str(DISCOVERY_PORTS[1]),
+            "--udp-interface", ip,
+            "--relay-udp-port", str(RELAY_PORT), "--relay-tcp-port", str(RELAY_PORT),
+            "--admin-http", "none",
+            *extra,
+        ],
+        log_name="rendezvous",
+    )
+    rendezvous.process = process
+
+    def ready() -> dict[str, Any] | None:
+        if not process.running():
+            raise HarnessError(f"the rendezvous exited:\n{process.log()}")
+        try:
+            text = state.read_text()
+        except FileNotFoundError:
+            return None
+        return json.loads(text) if text.endswith("\n") else None
+
+    info = wait_for(ready, timeout, "the rendezvous to listen")
+    rendezvous.url = info["url"]
+    return rendezvous
+
+
+def admin(network: Network, rendezvous: Rendezvous, *args: str) -> str:
+    """Run C{twistvpn admin ARGS} against C{rendezvous}; return its output."""
+    result = network.command(rendezvous.admin_argv(*args))
+    return result.stdout.decode()
+
+
+def admin_json(rendezvous: Rendezvous, path: str) -> Any:
+    """GET an admin API path (JSON) over the rendezvous's admin socket."""
+    from twistvpn.rendezvous.admin_cli import AdminClient, AdminError
+
+    try:
+        return AdminClient(data_dir=str(rendezvous.data_dir)).request("GET", path)
+    except AdminError as e:
+        raise HarnessError(f"admin API {path}: {e}") from None
+
+
+@dataclass
+class JoinedNode:
+    """A node in joined mode: its host, data directory and process."""
+
+    name: str
+    host: Host
+    data_dir: Path
+    ifname: str
+    process: Process | None = None
+    node_id: str | None = None
+
+    def paths(self) -> dict[str, str]:
+        """Each peer's current path kind, from the node's "peer NAME path KIND" lines."""
+        return peer_paths(self.process.log() if self.process is not None else "")
+
+
+PEER_PATH = re.compile(r"\bpeer (\S+) path (\w+)")
+WAITING = re.compile(r"\bnode (\w+) is waiting for authorization in network (\w+)")
+
+
+def peer_paths(log: str) -> dict[str, str]:
+    """The last path the log reported for each peer."""
+    return {m.group(1): m.group(2) for m in PEER_PATH.finditer(log)}
+
+
+def start_joined_node(
+    network: Network, host: Host, rendezvous: Rendezvous, network_id: str, *,
+    node: JoinedNode | None = None, port: int = 41641,
+) -> JoinedNode:
+    """
+    Run C{twistd -n twistvpn-node} joined to C{network_id} on C{host}, or
+    C{node} again with its data directory (so with its key).
+    """
+    if node is None:
+        node = JoinedNode(host.name, host, network.tmpdir / network.name(host.name),
+                          network.interface_name(f"t{host.name}"))
+    network.track_socket(WIREGUARD_SOCKET_DIR / f"{node.ifname}.sock")
+    node.process = network.spawn(
+        host.namespace,
+        [
+            *TWISTD, "-n", "--pidfile=", "twistvpn-node",
+            "--data-dir", str(node.data_dir),
+            "--rendezvous", rendezvous.url,
+            "--join", network_id,
+            "--name", node.name,
+            "--port", str(port),
+            "--interface", node.ifname,
+        ],
+        log_name=f"node-{node.name}",
+    )
+    return node
+
+
+def node_status(network: Network, node: JoinedNode) -> Any:
+    """C{twistvpn status --json} of a joined node (its local API), or None."""
+    result = network.command(
+        [sys.executable, "-m", "twistvpn", "status", "--json", "--data-dir", str(node.data_dir)],
+        check=False, timeout=10,
+    )
+    if result.returncode != 0:
+        return None
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        return None
+
+
+def ping_until_answered(
+    network: Network, namespace: str, destination: str, timeout: float = 30.0,
+) -> subprocess.Popen[bytes]:
+    """
+    Start C{ping} that ends at the first reply (or after C{timeout} s):
+    C{-c 1 -w T} keeps sending every 0.2 s until one answer.  The caller
+    waits for it; its exit status 0 means answered.
+    """
+    check_address(destination)
+    return subprocess.Popen(
+        ["ip", "netns", "exec", namespace, "ping", "-n", "-q", "-c", "1", "-i", "0.2",
+         "-W", "1", "-w", str(int(timeout)), destination],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+_UDP_SENDER = """
+import socket, sys, time
+addresses = sys.argv[3:]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    for address in addresses:
+        try:
+            s.sendto(b"x" * 64, (address, 9))
+        except OSError:
+            pass  # no route (yet, or any more): keep trying
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def start_udp_sender(network: Network, namespace: str, destinations: Sequence[str],
+                     seconds: float, interval: float = 0.05) -> Process:
+    """
+    A process in C{namespace} sending a small UDP datagram to each of
+    C{destinations} every C{interval} s for C{seconds} s, whatever errors
+    it meets (unlike ping, which gives up when its route goes).
+    """
+    for destination in destinations:
+        check_address(f"{destination}/32")
+    return network.spawn(
+        namespace,
+        [sys.executable, "-c", _UDP_SENDER, str(seconds), str(interval), *destinations],
+        log_name="udp-sender",
+    )
+
+
+def count_packets(network: Network, namespace: str, source: str, chain: str = "INPUT") -> int:
+    """
+    Packets from C{source} seen so far by a counting rule in C{namespace}:
+    C{chain} INPUT (of the filter table: what reaches the host), or
+    PREROUTING (of the raw table: all that arrives, before NAT and
+    conntrack).  The rule is added on first use.
+    """
+    check_address(f"{source}/32")
+    table = {"INPUT": "filter", "PREROUTING": "raw"}[chain]
+    rule = [chain, "-s", source, "-j", "ACCEPT"]
+    iptables = ["iptables", "-t", table]
+    if network.run(namespace, [*iptables, "-C", *rule], check=False).returncode != 0:
+        network.run(namespace, [*iptables, "-I", *rule])
+    listing = network.run(namespace, [*iptables, "-n", "-v", "-x", "-L", chain]).stdout
+    for line in listing.decode().splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and fields[2] == "ACCEPT" and fields[7] == source:
+            return int(fields[0])
+    raise HarnessError(f"no {chain} rule for {source} in {namespace}")
 
 
 # -- the VPN endpoints the tests, the lab and the benchmark run ------------------------

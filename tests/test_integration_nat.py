@@ -1,0 +1,196 @@
+"""
+Joined mode across real kernel NAT (root only): the lab's rendezvous,
+sites behind Linux NAT routers in network namespaces and twistd nodes,
+driven through the admin CLI as users do (L{twistvpn.lab.JoinedLab}).
+
+One lab per NAT pairing, each taken through as many checks as it honestly
+supports, so the suite stays within a few minutes on two cores:
+
+* easy x easy, two hosts on site A: the LAN pair goes lan, the cross-site
+  pairs direct; the rendezvous killed, pings over established tunnels keep
+  flowing; restarted, every node registers again with no member or IP
+  lost; a node's LAN address changes and its tunnels recover; a member
+  deauthorized, not one of its packets arrives after 5 s;
+* easy x hard: direct, or relayed with the upgrade still being attempted;
+* hard x hard: relayed;
+* UDP blocked at one site: relayed over TLS on TCP.
+
+Every wait is bounded; every namespace and process is removed by its own
+name and pid (L{twistvpn.testing.netns.Network.close}), also on failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from twisted.trial import unittest
+
+from twistvpn.lab import JoinedLab, PathResult
+from twistvpn.testing import netns
+
+
+def joined_mode_missing() -> str | None:
+    """Why these tests cannot run here, or None."""
+    missing = netns.missing_requirements("iptables", "ping")
+    if missing:
+        return missing
+    from twistvpn.node import node_tap
+
+    if "join" not in node_tap.Options().synonyms:
+        return "the node has no joined mode (twistvpn-node --join)"
+    return None
+
+
+class NatTestCase(unittest.SynchronousTestCase):
+    skip = joined_mode_missing()
+
+    def lab(self, nat_a: str, nat_b: str, hosts_a: int = 1) -> JoinedLab:
+        network = netns.Network(prefix="tvn")
+        self.addCleanup(network.close)
+        self.current = JoinedLab(network, nat_a, nat_b, hosts_a=hosts_a)
+        self.step("starting the lab", self.current.start)
+        return self.current
+
+    def step(self, name: str, check: Callable[[], object]) -> None:
+        """One step of a scenario; its name heads any failure, with the logs."""
+        try:
+            check()
+        except (AssertionError, netns.HarnessError) as e:
+            for process in self.current.network.processes:
+                print(f"==== {' '.join(process.argv[-12:])}\n{process.log()[-4000:]}")
+            raise self.failureException(f"{name}: {e}") from e
+
+    def first_pings(self, lab: JoinedLab, settle: float) -> dict[tuple[str, str], PathResult]:
+        """Every pair's first ping (all must answer), then their paths once settled."""
+        results = lab.first_pings(30)
+
+        def answered() -> None:
+            silent = [r.label for r in results if r.first_ping_s is None]
+            self.assertEqual(silent, [], "pairs that never answered")
+
+        self.step("every pair answers", answered)
+        lab.settle(results, timeout=settle)
+        return {(r.source, r.destination): r for r in results}
+
+    def ping_ok(self, lab: JoinedLab, source: str, destination: str, count: int = 10) -> None:
+        ip = lab.ips[destination]
+        completed = netns.ping(lab.network, lab.nodes[source].host.namespace, ip,
+                               count=count, interval=0.1)
+        loss, _ = netns.ping_stats(completed.stdout.decode(errors="replace"))
+        self.assertEqual(loss, 0.0, f"{source} -> {destination}: {loss:.0f} % lost")
+
+    def recovers(self, lab: JoinedLab, source: str, destination: str,
+                 timeout: float = 30.0) -> None:
+        ip = lab.ips[destination]
+        netns.wait_for_ping(lab.network, lab.nodes[source].host.namespace, ip, timeout)
+
+
+class EasyEasy(NatTestCase):
+    def test_lifecycle(self) -> None:
+        lab = self.lab("easy", "easy", hosts_a=2)
+        pairs = self.first_pings(lab, settle=10)
+
+        def lan() -> None:
+            for pair in (("a1", "a2"), ("a2", "a1")):
+                self.assertEqual(pairs[pair].path, "lan", pairs[pair])
+
+        self.step("two hosts behind one NAT", lan)
+        before = {name: (m["node_id"], m["ip"], m["authorized"])
+                  for name, m in lab.members().items()}
+
+        def rendezvous_killed() -> None:
+            # Relayed tunnels die with it (the relay is embedded); direct
+            # and LAN tunnels must not notice.
+            established = [pair for pair, r in pairs.items() if r.path in ("lan", "direct")]
+            self.assertIn(("a1", "a2"), established)
+            lab.kill_rendezvous()
+            for source, destination in established:
+                self.ping_ok(lab, source, destination)
+
+        self.step("the rendezvous killed, established tunnels keep flowing", rendezvous_killed)
+
+        def rendezvous_restarted() -> None:
+            lab.start_rendezvous()
+
+            def all_online() -> bool:
+                members = lab.members()
+                return len(members) == 3 and all(m["online"] for m in members.values())
+
+            netns.wait_for(all_online, 40, "every node to register again", interval=0.5)
+            after = {name: (m["node_id"], m["ip"], m["authorized"])
+                     for name, m in lab.members().items()}
+            self.assertEqual(after, before)
+            for source, destination in pairs:
+                self.recovers(lab, source, destination)
+
+        self.step("the rendezvous restarted", rendezvous_restarted)
+
+        def roaming() -> None:
+            netns.change_address(lab.network, lab.nodes["a1"].host, "192.168.1.52")
+            self.recovers(lab, "a1", "b1")
+            self.recovers(lab, "b1", "a1")
+            self.recovers(lab, "a2", "a1")
+
+        self.step("a node's LAN address changes", roaming)
+
+        def deauthorized() -> None:
+            ips = lab.ips
+            receivers = [lab.nodes[name].host.namespace for name in ("a1", "b1")]
+            sender = netns.start_udp_sender(
+                lab.network, lab.nodes["a2"].host.namespace, [ips["a1"], ips["b1"]], 25)
+            netns.wait_for(
+                lambda: all(netns.count_packets(lab.network, ns, ips["a2"]) > 3
+                            for ns in receivers),
+                10, "a2's pings to arrive", interval=0.2)
+            lab.deauthorize("a2")
+            time.sleep(5)
+            counted = [netns.count_packets(lab.network, ns, ips["a2"]) for ns in receivers]
+            time.sleep(4)
+            self.assertTrue(sender.running(), "a2 kept sending all along")
+            later = [netns.count_packets(lab.network, ns, ips["a2"]) for ns in receivers]
+            self.assertEqual(later, counted, "packets of a2 arrived more than 5 s after")
+            self.ping_ok(lab, "a1", "b1", count=5)  # the others still talk
+
+        self.step("a member deauthorized", deauthorized)
+
+        def direct() -> None:
+            for pair in (("a1", "b1"), ("b1", "a1"), ("a2", "b1"), ("b1", "a2")):
+                self.assertEqual(pairs[pair].path, "direct", pairs[pair])
+
+        self.step("easy x easy goes direct", direct)
+
+
+class Traversal(NatTestCase):
+    def test_easy_hard(self) -> None:
+        """Direct, or relayed while the upgrade keeps being attempted."""
+        lab = self.lab("easy", "hard")
+        router_b = lab.sites["b"].router
+        assert router_b is not None
+        probes = lab.sites["a"].public_ip
+        netns.count_packets(lab.network, router_b, probes, chain="PREROUTING")
+        pairs = self.first_pings(lab, settle=10)
+        first = netns.count_packets(lab.network, router_b, probes, chain="PREROUTING")
+        if all(r.path == "direct" for r in pairs.values()):
+            return
+        self.assertEqual({r.path for r in pairs.values()}, {"relay"})
+        # Probes from A's public address straight to B's router: traversal
+        # attempts (relayed traffic goes through the rendezvous's address).
+        netns.wait_for(
+            lambda: netns.count_packets(lab.network, router_b, probes, chain="PREROUTING") > first,
+            25, "another traversal attempt from site A", interval=0.5)
+
+    def test_hard_hard(self) -> None:
+        lab = self.lab("hard", "hard")
+        pairs = self.first_pings(lab, settle=5)
+        self.assertEqual({r.path for r in pairs.values()}, {"relay"}, pairs)
+        self.ping_ok(lab, "a1", "b1")
+
+    def test_udp_blocked(self) -> None:
+        lab = self.lab("udpblock", "easy")
+        pairs = self.first_pings(lab, settle=0)
+        self.assertEqual({r.first_path for r in pairs.values()}, {"relay"}, pairs)
+        assert lab.rendezvous is not None
+        relay = netns.admin_json(lab.rendezvous, "status")["relays"]["embedded"]
+        self.assertGreaterEqual(relay["sessions_tcp"], 1, relay)
+        self.ping_ok(lab, "a1", "b1")
