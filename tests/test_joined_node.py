@@ -5,6 +5,7 @@ nodes on the simulated NAT network (see L{tests.test_joined_support}).
 
 from __future__ import annotations
 
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -309,3 +310,72 @@ class KernelRefuses(SynchronousTestCase):
         self.assertEqual(set(a.node.peers), {b.public_key})
         self.assertTrue(log.grep("configuring twvpn0 failed"))
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class AdminChanges(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.mesh = Mesh(seed=8)
+        net = self.mesh.internet
+        self.a = self.mesh.add("alpha", net.add("easy"))
+        self.b = self.mesh.add("beta", net.add("easy"))
+        self.mesh.authorize(self.a, self.b)
+
+    def test_new_ip_applied(self) -> None:
+        subnet = self.mesh.controller.get_network(self.mesh.network)["subnet"]
+        new_ip = subnet.replace("0/24", "77")
+        self.mesh.controller.set_ip(self.mesh.network, self.b.client.node_id, new_ip)
+        self.mesh.run(0.5)
+        self.assertEqual(self.b.tun.addresses, (f"{new_ip}/32",))
+        self.assertEqual(self.a.peer(self.b).wg.allowed_ips, (f"{new_ip}/32",))
+        self.assertTrue(self.mesh.delivered(self.a, self.b, b"to the new address"))
+
+    def test_network_deleted(self) -> None:
+        self.mesh.controller.delete_network(self.mesh.network)
+        self.mesh.run(0.5)
+        for node in (self.a, self.b):
+            self.assertEqual(node.node.peers, {})
+            self.assertEqual(node.tun.routes, [])
+            self.assertEqual(node.node.join_answers[self.mesh.network], "network deleted")
+
+    def new_mapping(self, node) -> None:
+        """The node's NAT reboots and another machine behind it takes its port."""
+        nat = node.host.nat
+        nat.reboot()
+        other = self.mesh.internet.add_host(nat)
+        port = other.reactor.listenUDP(41641, DatagramProtocol())
+        port.write(b"x", (self.mesh.rendezvous_host.ip, 9))
+
+    def test_new_endpoint_punched_together(self) -> None:
+        """Whichever side's endpoint changes, the pair punches again at once."""
+        a, b = self.a, self.b
+        for moved in (a, b):
+            punches = self.mesh.controller.counters["punches"]
+            self.mesh.run(2)
+            self.new_mapping(moved)
+            self.mesh.run(25)
+            self.assertNotEqual(a.client.maps[self.mesh.network].member(moved.public_key)
+                                .endpoints, (f"{moved.host.nat.public_ip}:41641",))
+            self.assertGreater(self.mesh.controller.counters["punches"], punches)
+            self.assertTrue(self.mesh.run(20, until=lambda: a.peer(b).manager.kind == "direct"
+                                          and b.peer(a).manager.kind == "direct"))
+            self.assertTrue(self.mesh.delivered(a, b, b"after the reboot"))
+
+
+class HostAddresses(SynchronousTestCase):
+    def test_reads_this_hosts_addresses(self) -> None:
+        """pyroute2 read of this namespace: IPv4 unicast only, loopback left out."""
+        import ipaddress
+
+        from twistvpn.node.joined import host_addresses
+
+        found = host_addresses()
+        for ip in found:
+            address = ipaddress.IPv4Address(ip)
+            self.assertFalse(address.is_loopback or address.is_link_local, ip)
+        self.assertEqual(host_addresses(exclude=["lo", *self._names()]), [])
+
+    @staticmethod
+    def _names() -> list[str]:
+        import socket
+
+        return [name for _, name in socket.if_nameindex()]

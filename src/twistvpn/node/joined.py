@@ -42,6 +42,7 @@ from twistvpn.rendezvous.netmap import (
 )
 from twistvpn.traversal.candidates import Candidates, NatHints, describe, hints_from_observations
 from twistvpn.traversal.manager import DIRECT, LAN, NONE, PathConfig, PathManager
+from twistvpn.traversal.probe import address_of
 from twistvpn.wire import DISCOVERY_RESPONSE
 from twistvpn.wireguard.keys import encode_key
 
@@ -358,10 +359,20 @@ class JoinedNode:
         self.log.info("peer {name} added: {ips}, key {key}", name=peer.name,
                       ips=", ".join(peer.ips), key=encode_key(key))
         manager.start()
-        if self.public_key < key:
-            # Both sides start when they see each other in the map, a few
-            # milliseconds apart; the rendezvous's punch starts them again
-            # at one moment, as simultaneous open needs.
+        # Both sides start when they see each other in the map, a few
+        # milliseconds apart; the rendezvous's punch starts them again at
+        # one moment, as simultaneous open needs.
+        self._punch_together(peer)
+
+    def _punch_together(self, peer: JoinedPeer, moved: bool = False) -> None:
+        """
+        New candidates on either side: unless the path is already direct
+        (and no endpoint it uses C{moved}), the side with the lower key (one
+        of the two, without talking) asks the rendezvous to start both at
+        once.
+        """
+        if self.public_key < peer.public_key and (
+                moved or peer.manager.kind not in (LAN, DIRECT)):
             self.request_punch(peer)
 
     def request_punch(self, peer: JoinedPeer) -> None:
@@ -388,6 +399,9 @@ class JoinedNode:
         after = member_candidates(peer.member)
         if after != before:
             peer.manager.update_candidates(peer=after)
+            current = address_of(peer.manager.endpoint)
+            self._punch_together(peer, moved=type(current) is tuple
+                                 and current not in after.public + after.local)
 
     def _remove_peer(self, key: bytes) -> None:
         peer = self.peers.pop(key)
@@ -430,6 +444,7 @@ class JoinedNode:
         local = self.local_candidates()
         candidates = own_candidates(result, local)
         if candidates != self.local:
+            moved = candidates.public != self.local.public
             self.local = candidates
             self.log.info(
                 "public endpoint {endpoint}, mapping varies by destination: {varies}",
@@ -437,6 +452,7 @@ class JoinedNode:
                 varies=_yes_no(result.varies_by_destination))
             for peer in self.peers.values():
                 peer.manager.update_candidates(local=candidates)
+                self._punch_together(peer, moved)
         endpoints = [format_endpoint(a) for a in local]
         client = self.client
         if client is not None and endpoints != client.local_endpoints:
