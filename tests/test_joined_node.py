@@ -165,6 +165,8 @@ class LiveChanges(SynchronousTestCase):
         self.assertEqual(a.node.peers, {})
         self.assertEqual(a.node.join_answers[self.mesh.network], "pending")
         self.assertTrue(self.log.grep("is no longer a member of network"))
+        self.assertEqual(len(self.log.grep(f"node {a.client.node_id} is waiting for "
+                                           "authorization")), 2)
         self.assertNotIn(a.public_key, b.node.peers)
         # Authorized again: back with the same address.
         self.mesh.authorize(a)

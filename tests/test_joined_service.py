@@ -277,6 +277,10 @@ class OptionsTests(unittest.TestCase):
                               "--config (static mode) and --join (joined mode) cannot be "
                               "combined")
 
+    def test_private_key_file_is_static(self) -> None:
+        self.assertUsageError(self.joined("--private-key-file", "k"),
+                              "--private-key-file is for static mode")
+
     def test_insecure_key(self) -> None:
         argv = self.joined()
         self.parse(*argv)

@@ -281,6 +281,9 @@ class JoinedNode:
             reason=reason)
         if had is not None:
             self._apply()
+        if reason == "deauthorized":
+            # Still joined: an admin may authorize it again.
+            self.join_status(network_id, "pending")
 
     # -- applying the maps -----------------------------------------------------
 

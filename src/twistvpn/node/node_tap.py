@@ -49,8 +49,8 @@ class Options(usage.Options):
     optParameters = [
         ["data-dir", "d", None, "Joined mode: the node's directory (key, local API socket)."],
         ["rendezvous", "r", None, "Joined mode: twistvpn://HOST:PORT#sha256=FINGERPRINT."],
-        ["name", "n", None, "Joined mode: the name peers and admins see (default: host name)."],
-        ["port", "p", None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
+        ["name", None, None, "Joined mode: the name peers and admins see (default: host name)."],
+        ["port", None, None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
         ["interface", "i", DEFAULT_NAME, "Name of the TUN device to create."],
         [
@@ -91,6 +91,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--config (static mode) and --{joined[0]} (joined mode) cannot be combined")
         if joined:
+            if self["private-key-file"]:
+                raise usage.UsageError(
+                    "--private-key-file is for static mode; a joined node keeps its key "
+                    "in --data-dir")
             self._joined_options()
             return
         self["mode"] = "static"
