@@ -62,7 +62,7 @@ class SimJoinedNode:
         self.relay = RelayClient(reactor, self.forwarder, self.private_key,
                                  mesh.connect_stream)
         self.node = JoinedNode(
-            reactor, self.private_key, self.public_key, forwarder=self.forwarder,
+            reactor, self.public_key, forwarder=self.forwarder,
             device=self.device, tun=self.tun, probes=self.probes, relay=self.relay,
             listen_port=lambda: NODE_PORT, local_addresses=lambda: [host.ip],
             make_discovery=self._discovery, discovery_host=mesh.rendezvous_host.ip,

@@ -163,7 +163,7 @@ class JoinedNode:
 
     log = Logger()
 
-    def __init__(self, clock: Any, private_key: bytes, public_key: bytes, *,
+    def __init__(self, clock: Any, public_key: bytes, *,
                  forwarder: Any, device: Any, tun: Any, probes: Any,
                  relay: Any = None, listen_port: Callable[[], int | None],
                  local_addresses: Callable[[], list[str]] = list,
@@ -174,7 +174,6 @@ class JoinedNode:
                  path_config: PathConfig | None = None,
                  rng: random.Random | None = None) -> None:
         self.clock = clock
-        self.private_key = private_key
         self.public_key = public_key
         self.forwarder = forwarder
         self.device = device

@@ -155,7 +155,7 @@ class JoinedNodeService(StaticNodeService):
             return DiscoveryClient(forwarder, reactor, self.private_key, server_key, servers)
 
         self.node = node = JoinedNode(
-            reactor, self.private_key, self.public_key, forwarder=forwarder, device=device,
+            reactor, self.public_key, forwarder=forwarder, device=device,
             tun=tun, probes=probes, relay=relay, listen_port=lambda: self.listening_port,
             local_addresses=local_addresses, make_discovery=make_discovery,
             discovery_host=discovery_host, **self._node_options)
