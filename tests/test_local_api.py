@@ -151,6 +151,18 @@ class APITests(SynchronousTestCase):
         ]:
             self.assertEqual(self.ask(request), [{"ok": False, "error": error}], request)
 
+    def test_ping_stops_when_the_asker_leaves(self) -> None:
+        pings = []
+        ping_once = self.a.node.ping_once
+        self.patch(self.a.node, "ping_once", lambda *a: pings.append(a) or ping_once(*a))
+        session = Session(self.mesh, self.api)
+        session.protocol.dataReceived(b'{"command": "ping", "peer": "beta", "count": 100}\n')
+        self.mesh.run(2.5)
+        self.assertEqual(len(pings), 3)
+        session.protocol.connectionLost(None)
+        self.mesh.run(10)
+        self.assertEqual(len(pings), 4)  # the one under way when it left
+
     def test_request_too_long(self) -> None:
         session = Session(self.mesh, self.api)
         session.protocol.dataReceived(b"x" * 10000)

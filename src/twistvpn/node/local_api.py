@@ -47,8 +47,11 @@ class LocalAPI:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
 
-    def handle(self, request: Any, report: Callable[[dict[str, Any]], None]) -> defer.Deferred:
-        """Serve one request; C{report} gets intermediate events (pings)."""
+    def handle(self, request: Any, report: Callable[[dict[str, Any]], object]) -> defer.Deferred:
+        """
+        Serve one request; C{report} gets intermediate events (pings) and
+        returns False once nobody is listening any more.
+        """
         if not isinstance(request, dict):
             return defer.fail(RequestError("a request is a JSON object"))
         command = request.get("command")
@@ -68,7 +71,7 @@ class LocalAPI:
 
     @defer.inlineCallbacks
     def ping(self, query: str, count: int, until_direct: bool,
-             report: Callable[[dict[str, Any]], None]) -> Any:
+             report: Callable[[dict[str, Any]], object]) -> Any:
         """
         Ping C{query} up to C{count} times, one a C{ping_interval}; with
         C{until_direct}, ask for a punch first and stop at the first answer
@@ -84,7 +87,8 @@ class LocalAPI:
             started = node.clock.seconds()
             result = yield node.ping_once(query, self.ping_timeout)
             result["seq"] = seq
-            report({"ping": result})
+            if report({"ping": result}) is False:
+                break  # the asker went away: stop pinging for nobody
             if result["rtt"] is not None:
                 received += 1
                 direct = result["path"] in (LAN, DIRECT)
@@ -107,6 +111,10 @@ class LocalAPIProtocol(LineOnlyReceiver):
     def __init__(self, api: LocalAPI) -> None:
         self.api = api
         self.busy = False
+        self.gone = False
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.gone = True
 
     def lineReceived(self, line: bytes) -> None:
         if self.busy:
@@ -132,9 +140,12 @@ class LocalAPIProtocol(LineOnlyReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._finish({"ok": False, "error": "request too long"})
 
-    def _send(self, message: dict[str, Any]) -> None:
-        if self.transport is not None and self.connected:
-            self.sendLine(json.dumps(message).encode("utf-8"))
+    def _send(self, message: dict[str, Any]) -> bool:
+        """Send one line; False when the connection is gone."""
+        if self.transport is None or self.gone:
+            return False
+        self.sendLine(json.dumps(message).encode("utf-8"))
+        return True
 
     def _finish(self, message: dict[str, Any]) -> None:
         self._send(message)
