@@ -38,9 +38,7 @@ class JoinAndAuthorize(SynchronousTestCase):
     def setUp(self) -> None:
         self.log = LogCatcher(self)
         self.mesh = Mesh(seed=1)
-        net = self.mesh.internet
-        self.a = self.mesh.add("alpha", net.add("easy"))
-        self.b = self.mesh.add("beta", net.add("easy"))
+        self.a, self.b = self.mesh.members("easy", "easy", authorize=False)
 
     def test_listener_interface(self) -> None:
         self.assertTrue(verifyObject(IRendezvousListener, self.a.node))
@@ -126,10 +124,7 @@ class LiveChanges(SynchronousTestCase):
     def setUp(self) -> None:
         self.log = LogCatcher(self)
         self.mesh = Mesh(seed=3)
-        net = self.mesh.internet
-        self.a = self.mesh.add("alpha", net.add("easy"))
-        self.b = self.mesh.add("beta", net.add("easyaf"))
-        self.mesh.authorize(self.a, self.b)
+        self.a, self.b = self.mesh.members("easy", "easyaf")
         self.assertTrue(self.mesh.delivered(self.a, self.b, b"warm up"))
 
     def test_new_member_added_live(self) -> None:
@@ -301,8 +296,7 @@ class KernelRefuses(SynchronousTestCase):
     def test_route_refused_peers_still_added(self) -> None:
         log = LogCatcher(self)
         mesh = Mesh(seed=7)
-        a = mesh.add("alpha", mesh.internet.add("easy"))
-        b = mesh.add("beta", mesh.internet.add("easy"))
+        a, b = mesh.members("easy", "easy", authorize=False)
 
         def refuse(cidr: str) -> None:
             raise OSError(17, "File exists")
@@ -317,10 +311,7 @@ class KernelRefuses(SynchronousTestCase):
 class AdminChanges(SynchronousTestCase):
     def setUp(self) -> None:
         self.mesh = Mesh(seed=8)
-        net = self.mesh.internet
-        self.a = self.mesh.add("alpha", net.add("easy"))
-        self.b = self.mesh.add("beta", net.add("easy"))
-        self.mesh.authorize(self.a, self.b)
+        self.a, self.b = self.mesh.members("easy", "easy")
 
     def test_new_ip_applied(self) -> None:
         subnet = self.mesh.controller.get_network(self.mesh.network)["subnet"]

@@ -144,6 +144,15 @@ class Mesh:
         self.run(0.5)
         return node
 
+    def members(self, *presets: str, authorize: bool = True) -> list[SimJoinedNode]:
+        """Nodes alpha, beta, gamma... behind fresh NATs of C{presets}, authorized."""
+        names = ("alpha", "beta", "gamma", "delta")
+        nodes = [self.add(name, self.internet.add(preset))
+                 for name, preset in zip(names, presets, strict=False)]
+        if authorize:
+            self.authorize(*nodes)
+        return nodes
+
     def authorize(self, *nodes: SimJoinedNode, network: str | None = None) -> None:
         for node in nodes:
             self.controller.authorize(network or self.network, node.client.node_id)

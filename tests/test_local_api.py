@@ -45,11 +45,7 @@ class Session:
 class APITests(SynchronousTestCase):
     def setUp(self) -> None:
         self.mesh = Mesh(seed=5)
-        net = self.mesh.internet
-        self.a = self.mesh.add("alpha", net.add("easy"))
-        self.b = self.mesh.add("beta", net.add("hard"))
-        self.c = self.mesh.add("gamma", net.add("hard"))
-        self.mesh.authorize(self.a, self.b, self.c)
+        self.a, self.b, self.c = self.mesh.members("easy", "hard", "hard")
         self.mesh.run(5)
         self.api = LocalAPI(self.a.node)
 
@@ -175,10 +171,7 @@ class CLITests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.mesh = Mesh(seed=6)
-        net = self.mesh.internet
-        self.a = self.mesh.add("alpha", net.add("easy"))
-        self.b = self.mesh.add("beta", net.add("easy"))
-        self.mesh.authorize(self.a, self.b)
+        self.a, self.b = self.mesh.members("easy", "easy")
         self.mesh.run(5)
         self.requests: list[tuple[str, Any]] = []
 
