@@ -382,6 +382,12 @@ class INetworkController(Interface):
         Record the node's own (LAN) addresses, a sequence of "host:port".
         """
 
+    def resend_map(public_key, network_id):
+        """
+        Send the node the full current map of C{network_id}: its copy could
+        not take the last delta.
+        """
+
     def is_registered(public_key):
         """Whether C{public_key} ever registered (discovery answers only those)."""
 

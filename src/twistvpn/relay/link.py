@@ -57,7 +57,7 @@ ERRORS: dict[type[Exception], bytes] = {NotAuthorizedError: b"NOT_AUTHORIZED"}
 class RelayChallenge(amp.Command):
     """relay -> rendezvous: a single-use challenge, and the server's key."""
 
-    arguments: list = []
+    arguments = []
     response = [(b"challenge", amp.String()), (b"server_key", amp.String())]
     errors = ERRORS
 
@@ -70,7 +70,7 @@ class RelayLogin(amp.Command):
         (b"proof", amp.String()),
         (b"announcement", amp.String()),
     ]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -78,14 +78,14 @@ class RelayMembers(amp.Command):
     """rendezvous -> relay: a network's authorized members (32-byte keys, joined)."""
 
     arguments = [(b"network_id", amp.Unicode()), (b"keys", BigBytes(max_length=KEY * 1_000_000))]
-    response: list = []
+    response = []
 
 
 class RelaySynced(amp.Command):
     """rendezvous -> relay: the networks that exist; forget any other."""
 
     arguments = [(b"networks", BigBytes(max_length=64 * 1_000_000))]
-    response: list = []
+    response = []
 
 
 def link_proof(private_key: bytes, peer_public: bytes, relay_key: bytes, server_key: bytes,

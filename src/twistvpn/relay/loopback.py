@@ -25,6 +25,9 @@ import sys
 import time
 from typing import Any
 
+from zope.interface import implementer
+
+from twistvpn.interfaces import IControlSession
 from twistvpn.wireguard import keys
 
 HEADER = struct.Struct("<IQ")  # WireGuard's type 4 (so the forwarder hands it on), sequence
@@ -41,13 +44,18 @@ def payload(seq: int, size: int) -> bytes:
 # -- the processes' main programs ----------------------------------------------------
 
 
+@implementer(IControlSession)
 class _Session:
     """A control session that ignores pushes: the lab's nodes only use relays."""
 
     def __init__(self, public_key: bytes) -> None:
         self.public_key = public_key
+        self.rtt: float | None = None
 
     def send_map(self, network_id: str, netmap: Any) -> None:
+        pass
+
+    def send_map_delta(self, network_id: str, delta: Any) -> None:
         pass
 
     def send_punch(self, network_id: str, punch: Any) -> None:
@@ -68,7 +76,9 @@ def run_rendezvous(args: argparse.Namespace) -> None:
     L{attach_relays}, the call the rendezvous makes.
     """
     from twisted.application.service import MultiService
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
     from twisted.internet.task import LoopingCall
 
     from twistvpn.relay.service import attach_relays
@@ -115,7 +125,9 @@ def run_rendezvous(args: argparse.Namespace) -> None:
 
 
 def run_peer(args: argparse.Namespace) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
 
     from twistvpn.node.forwarder import Forwarder
     from twistvpn.relay.client import RelayClient, RelayClientTimings, RelayInfo

@@ -52,6 +52,8 @@ class FramedProtocol(Protocol):
     """Splits the stream into frames for C{frame_received}; bad framing ends it."""
 
     decoder: p.StreamDecoder
+    # A TLS or TCP transport once connected: it also produces and aborts.
+    transport: Any
 
     def connectionMade(self) -> None:
         self.decoder = p.StreamDecoder()

@@ -25,7 +25,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -98,7 +98,7 @@ class ControlClientProtocol(amp.AMP):
     def ping(self) -> dict[str, Any]:
         return {}
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         super().connectionLost(reason)
         self._client._connection_lost(self, reason)
@@ -239,7 +239,7 @@ class RendezvousClient(Service):
         attempt = self._endpoint.connect(self._factory)
         self._attempt = attempt
 
-        def connected(protocol: ControlClientProtocol) -> Any:
+        def connected(protocol: Any) -> Any:
             self._attempt_protocol = protocol
             return self._prepare(protocol)
 
@@ -361,7 +361,9 @@ class RendezvousClient(Service):
             yield self._join(protocol, network_id)
         return protocol
 
-    def _join(self, protocol: ControlClientProtocol, network_id: str) -> defer.Deferred[str]:
+    def _join(
+        self, protocol: ControlClientProtocol, network_id: str
+    ) -> defer.Deferred[str | None]:
         def joined(answer: dict[str, str]) -> str:
             status = answer["status"]
             self.status[network_id] = status

@@ -314,6 +314,7 @@ class Controller:
                 if not network["private"]:
                     self._authorize_in_transaction(network, public_key, None)
             member = self._member_row(network_id, public_key)
+            assert member is not None, "the row was inserted in this transaction"
             self.counters["joins"] += 1
         node.subscriptions.add(network_id)
         self._subscribers[network_id].add(public_key)

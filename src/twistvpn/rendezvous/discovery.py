@@ -205,6 +205,9 @@ class DiscoveryProtocol(DatagramProtocol):
         self.server = DiscoveryServer(state, which, self._write)
 
     def _write(self, data: bytes, addr: Any) -> None:
+        if self.transport is None:
+            self.server._drop("send_error")
+            return
         try:
             self.transport.write(data, addr)
         except OSError:

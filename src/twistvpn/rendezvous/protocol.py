@@ -74,7 +74,7 @@ class BigBytes(amp.Argument):
 class Challenge(amp.Command):
     """node -> rendezvous: a fresh single-use challenge, and the server's key."""
 
-    arguments: list = []
+    arguments = []
     response = [
         (b"challenge", amp.String()),
         (b"server_key", amp.String()),
@@ -108,7 +108,7 @@ class Leave(amp.Command):
     """node -> rendezvous: stop sending this network's map."""
 
     arguments = [(b"network_id", amp.Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -116,7 +116,7 @@ class SetLocalEndpoints(amp.Command):
     """node -> rendezvous: my LAN addresses changed."""
 
     arguments = [(b"endpoints", amp.ListOf(amp.Unicode()))]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -124,7 +124,7 @@ class RequestPunch(amp.Command):
     """node -> rendezvous: coordinate traversal with this peer."""
 
     arguments = [(b"network_id", amp.Unicode()), (b"peer_key", amp.String())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -146,7 +146,7 @@ class RequestMap(amp.Command):
     """node -> rendezvous: send the full map again (a delta did not apply)."""
 
     arguments = [(b"network_id", amp.Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -173,8 +173,8 @@ class RevokedPush(amp.Command):
 class Ping(amp.Command):
     """Either way: liveness and round-trip time."""
 
-    arguments: list = []
-    response: list = []
+    arguments = []
+    response = []
 
 
 class BoundedAMP(amp.AMP):
@@ -185,6 +185,8 @@ class BoundedAMP(amp.AMP):
 
     max_box = MAX_INBOUND_BOX
     _box_bytes = 0
+    # A TCP or TLS transport once connected (it can also abort).
+    transport: Any
 
     def proto_key(self, string: bytes) -> str:
         if not string:
@@ -192,7 +194,7 @@ class BoundedAMP(amp.AMP):
         return super().proto_key(string)
 
     def proto_value(self, string: bytes) -> str:
-        self._box_bytes += len(self._currentKey) + len(string) + 4
+        self._box_bytes += len(self._currentKey or b"") + len(string) + 4
         if self._box_bytes > self.max_box:
             self.box_too_big()
             return "done"  # StatefulStringProtocol: lose the connection

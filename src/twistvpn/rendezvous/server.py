@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -78,7 +78,7 @@ class ControlServerProtocol(BoundedAMP):
         self._service.connections.add(self)
         self._timer = self._clock.callLater(REGISTER_TIMEOUT, self._timed_out, "register")
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._cancel_timer()
         if self.public_key is not None:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -130,6 +130,9 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as e:
         raise TLSConfigError(f"cannot load the TLS certificate or key: {e}") from None
+    usable = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+    if not isinstance(key, usable):
+        raise TLSConfigError("the TLS key must be an RSA, EC or Ed25519 key")
     if certs[0].public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ) != key.public_key().public_bytes(

@@ -60,10 +60,12 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
+    IListeningPort,
     IReactorTime,
     IReactorUDP,
     IUDPTransport,
 )
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
@@ -321,12 +323,12 @@ class SimReactor:
         return self._clock.getDelayedCalls()
 
     # IReactorUDP
-    def listenUDP(self, port: int, protocol: Any, interface: str = "",
+    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "",
                   maxPacketSize: int = 8192) -> SimPort:
         return self._host.bind(port, protocol)
 
 
-@implementer(IUDPTransport)
+@implementer(IUDPTransport, IListeningPort)
 class SimPort:
     """A bound UDP socket on a simulated host."""
 
@@ -352,6 +354,9 @@ class SimPort:
 
     def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", self.host.ip, self.port)
+
+    def startListening(self) -> None:
+        """Nothing to do: the simulated listenUDP binds the port as it makes it."""
 
     def stopListening(self) -> None:
         if self.listening:
