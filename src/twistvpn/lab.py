@@ -424,8 +424,17 @@ class JoinedLab:
             netns.wait_for(settled, timeout, "direct paths", interval=0.2)
         except netns.HarnessError:
             pass  # some pairs stay relayed: that is a result, not an error
+        reported = {name: self.status_paths(name) for name in {r.source for r in results}}
         for r in results:
-            r.path = self.path(r.source, r.destination)
+            r.path = reported[r.source].get(r.destination) or self.path(r.source, r.destination)
+
+    def status_paths(self, name: str) -> dict[str, str]:
+        """Each peer's path as C{twistvpn status --json} of node C{name} says."""
+        status = netns.node_status(self.network, self.nodes[name])
+        peers = status.get("peers", []) if isinstance(status, dict) else []
+        return {p["name"]: p["path"] for p in peers
+                if isinstance(p, dict) and isinstance(p.get("name"), str)
+                and p.get("path") in PATH_KINDS}
 
     def measure(self, results: Sequence[PathResult], count: int = 5) -> None:
         """Loss and RTT of C{count} pings per answered pair."""
@@ -447,9 +456,12 @@ class JoinedLab:
                      else f"behind {site.public_ip} ({site.mode} NAT)")
             for host in site.hosts:
                 node = self.nodes.get(host.name)
+                status = netns.node_status(self.network, node) if node else None
+                seen = status.get("public_endpoint") if isinstance(status, dict) else None
                 lines.append(
                     f"  {host.name}: site {name.upper()} {host.address} {where}, node "
-                    f"{node.node_id if node else '-'}, overlay {ips.get(host.name, '-')}"
+                    f"{node.node_id if node else '-'}, overlay {ips.get(host.name, '-')}, "
+                    f"seen as {seen or '-'}"
                 )
         return "\n".join(lines) + "\n"
 
