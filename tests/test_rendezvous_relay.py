@@ -59,7 +59,11 @@ def parse(test: SynchronousTestCase, *args: str, hostname: str = "203.0.113.5") 
 
 def start(test: SynchronousTestCase, options: Options) -> tuple[RendezvousService, FakeReactor]:
     reactor = FakeReactor()
-    test.addCleanup(lambda: [s.close() for s in reactor.sockets])
+    def close_sockets() -> None:
+        for s in reactor.sockets:
+            s.close()
+
+    test.addCleanup(close_sockets)
     service = makeService(options, reactor)
     assert isinstance(service, RendezvousService)
     service.startService()
