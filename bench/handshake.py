@@ -16,15 +16,12 @@ bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from benchjson import save
 from twisted.internet.task import Clock
 
 from twistvpn.lab import columns
@@ -32,7 +29,6 @@ from twistvpn.wireguard.device import WireGuardDevice
 from twistvpn.wireguard.keys import generate_preshared_key, generate_private_key
 from twistvpn.wireguard.messages import REKEY_TIMEOUT
 
-RESULTS = Path(__file__).resolve().parent / "results"
 A = ("203.0.113.1", 51820)
 B = ("203.0.113.2", 51820)
 
@@ -44,24 +40,21 @@ class Pair:
         self.clock = Clock()
         self.wall = 1_800_000_000.0
         self.wire: list[tuple[Any, bytes, Any]] = []
-        key_a, key_b = generate_private_key(), generate_private_key()
-        self.a = WireGuardDevice(
-            key_a,
-            self.clock,
-            lambda data, addr: self.wire.append((self.b, data, A)),
-            lambda packet: None,
-            wall_clock=self._wall,
-        )
-        self.b = WireGuardDevice(
-            key_b,
-            self.clock,
-            lambda data, addr: self.wire.append((self.a, data, B)),
-            lambda packet: None,
-            wall_clock=self._wall,
-        )
+        self.a = self._device(lambda: self.b, A)
+        self.b = self._device(lambda: self.a, B)
         psk = generate_preshared_key() if preshared else None
         self.peer_b = self.a.add_peer(self.b.public_key, psk, B, ["100.64.0.2/32"])
         self.peer_a = self.b.add_peer(self.a.public_key, psk, A, ["100.64.0.1/32"])
+
+    def _device(self, other: Any, source: Any) -> WireGuardDevice:
+        """A device whose datagrams reach C{other()} from C{source}."""
+        return WireGuardDevice(
+            generate_private_key(),
+            self.clock,
+            lambda data, addr: self.wire.append((other(), data, source)),
+            lambda packet: None,
+            wall_clock=self._wall,
+        )
 
     def _wall(self) -> float:
         # TAI64N timestamps must grow by more than their 16 ms granularity.
@@ -126,25 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
-        path = RESULTS / f"handshake-{stamp}.json"
-        path.write_text(
-            json.dumps(
-                {
-                    "started": stamp,
-                    "machine": {
-                        "cpus": os.cpu_count(),
-                        "python": platform.python_version(),
-                    },
-                    "rounds": args.rounds,
-                    "results": results,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        print(f"written {path}")
+        save("handshake", started, {"rounds": args.rounds, "results": results})
     return 0
 
 

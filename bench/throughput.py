@@ -23,14 +23,12 @@ of the ratios within a run.  Writes every run as JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from benchjson import save
 
 from twistvpn.lab import columns
 from twistvpn.testing import netns
@@ -42,7 +40,6 @@ SETUPS: list[tuple[str, list[str] | None]] = [
     ("twistvpn <-> twistvpn", [TWISTVPN, TWISTVPN]),
     ("twistvpn <-> wireguard-go", [TWISTVPN, WIREGUARD_GO]),
 ]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu(processes: list[netns.Process]) -> float:
@@ -229,33 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medians of {args.runs} run(s):")
     print(table(summary))
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
-        path = RESULTS / f"throughput-{stamp}.json"
-        path.write_text(
-            json.dumps(
-                {
-                    "started": stamp,
-                    "machine": {
-                        "cpus": os.cpu_count(),
-                        "kernel": platform.release(),
-                        "python": platform.python_version(),
-                    },
-                    "options": {
-                        "seconds": args.seconds,
-                        "udp_seconds": args.udp_seconds,
-                        "udp_rate": args.udp_rate,
-                        "tunnel_mtu": 1420,
-                        "runs": args.runs,
-                    },
-                    "medians": summary,
-                    "runs": runs,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        print(f"written {path}")
+        options = {
+            "seconds": args.seconds,
+            "udp_seconds": args.udp_seconds,
+            "udp_rate": args.udp_rate,
+            "tunnel_mtu": 1420,
+            "runs": args.runs,
+        }
+        save("throughput", started, {"options": options, "medians": summary, "runs": runs})
     return 0
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from tests.test_node_tun import FakeIPRoute, patch_pytun
 from twistvpn.node import offload
 from twistvpn.node.fastpath import BatchWindow
 from twistvpn.node.offload import (
@@ -218,22 +219,6 @@ class CoalesceTests(unittest.TestCase):
         )
 
 
-class PipeTun:
-    """Stands in for pytun.TunTapDevice: a pipe each way."""
-
-    def __init__(self, name: str, flags: int) -> None:
-        self.name = name
-        self.flags = flags
-        self.fd, self.kernel_side = os.pipe()
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self.kernel_side)
-
-
 class FDClock(Clock):
     def addReader(self, reader: object) -> None:
         pass
@@ -242,32 +227,9 @@ class FDClock(Clock):
         pass
 
 
-class FakeIPRoute:
-    def link_lookup(self, ifname: str) -> list[int]:
-        return [7]
-
-    def link(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class OffloadTunTests(unittest.TestCase):
     def setUp(self) -> None:
-        try:
-            import pytun
-        except ImportError:
-            raise unittest.SkipTest("python-pytun is not installed") from None
-        self.made: list[PipeTun] = []
-
-        def make(name: str, flags: int) -> PipeTun:
-            self.assertEqual(flags, pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
-            device = PipeTun(name, flags)
-            self.made.append(device)
-            return device
-
-        self.patch(pytun, "TunTapDevice", make)
+        patch_pytun(self, offload=True)
         self.clock = FDClock()
         self.device = TunDevice(self.clock, "tvtest0", 1420, iproute=FakeIPRoute())
         self.addCleanup(self.device.close)

@@ -105,6 +105,28 @@ class FakePytunDevice:
         self.closed = True
 
 
+def patch_pytun(test: unittest.TestCase, offload: bool) -> list[FakePytunDevice]:
+    """
+    Make pytun create L{FakePytunDevice}s (checking the flags asked for,
+    IFF_VNET_HDR with C{offload}); return the list they are added to.
+    """
+    try:
+        import pytun
+    except ImportError:
+        raise unittest.SkipTest("python-pytun is not installed") from None
+    made: list[FakePytunDevice] = []
+    expected = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
+
+    def make(name: str, flags: int) -> FakePytunDevice:
+        test.assertEqual(flags, expected)
+        device = FakePytunDevice(name, flags)
+        made.append(device)
+        return device
+
+    test.patch(pytun, "TunTapDevice", make)
+    return made
+
+
 class FakeFDReactor:
     def __init__(self) -> None:
         self.readers: list[object] = []
@@ -120,19 +142,7 @@ class TunDeviceTests(unittest.TestCase):
     """The real device's logic, with pytun and netlink replaced."""
 
     def setUp(self) -> None:
-        try:
-            import pytun
-        except ImportError:
-            raise unittest.SkipTest("python-pytun is not installed") from None
-        self.made: list[FakePytunDevice] = []
-
-        def make(name: str, flags: int) -> FakePytunDevice:
-            self.assertEqual(flags, pytun.IFF_TUN | pytun.IFF_NO_PI)
-            device = FakePytunDevice(name, flags)
-            self.made.append(device)
-            return device
-
-        self.patch(pytun, "TunTapDevice", make)
+        self.made = patch_pytun(self, offload=False)
         self.reactor = FakeFDReactor()
         self.ipr = FakeIPRoute()
         self.device = TunDevice(self.reactor, "tvtest0", 1420, iproute=self.ipr, offload=False)
