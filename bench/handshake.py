@@ -40,8 +40,8 @@ class Pair:
         self.clock = Clock()
         self.wall = 1_800_000_000.0
         self.wire: list[tuple[Any, bytes, Any]] = []
-        self.a = self._device(lambda: self.b, A)
-        self.b = self._device(lambda: self.a, B)
+        self.a: WireGuardDevice = self._device(lambda: self.b, A)
+        self.b: WireGuardDevice = self._device(lambda: self.a, B)
         psk = generate_preshared_key() if preshared else None
         self.peer_b = self.a.add_peer(self.b.public_key, psk, B, ["100.64.0.2/32"])
         self.peer_a = self.b.add_peer(self.a.public_key, psk, A, ["100.64.0.1/32"])
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="do not write JSON")
     args = parser.parse_args(argv)
     started = time.time()
-    results = []
+    results: list[dict[str, Any]] = []
     for preshared in (False, True):
         rates = [run(args.rounds, preshared) for _ in range(args.runs)]
         results.append(

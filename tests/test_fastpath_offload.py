@@ -234,7 +234,11 @@ class OffloadTunTests(unittest.TestCase):
         self.device = TunDevice(self.clock, "tvtest0", 1420, iproute=FakeIPRoute())
         self.addCleanup(self.device.close)
         self.written: list[bytes] = []
-        self.patch(os, "write", lambda fd, data: self.written.append(bytes(data)) or len(data))
+        self.patch(os, "write", self._write)
+
+    def _write(self, fd: int, data: bytes) -> int:
+        self.written.append(bytes(data))
+        return len(data)
 
     def test_writes_wait_for_the_iteration_and_are_joined(self) -> None:
         packets = [segment(1000 + i * 1368, os.urandom(1368)) for i in range(5)]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 from typing import Any
 
+from twisted.internet import address
+from twisted.internet.task import Clock
 from twisted.names.test.test_util import MemoryReactor
 from twisted.python import usage
 from twisted.trial import unittest
@@ -14,7 +17,9 @@ from zope.interface.verify import verifyObject
 
 from twistvpn.interfaces import IWireGuardDevice, IWireGuardPeer
 from twistvpn.node import node_tap
+from twistvpn.node import service as service_module
 from twistvpn.node.config import parse_config
+from twistvpn.node.fastpath import BatchWindow
 from twistvpn.node.service import (
     NodeStartError,
     StaticNodeService,
@@ -329,3 +334,93 @@ class OptionsTests(unittest.TestCase):
         options = self.parse("--config", self.write(), "--control-dir", "")
         node = node_tap.makeService(options, reactor=MemoryReactor()).getServiceNamed("node")
         self.assertIsNone(node._control_socket)
+
+
+class RecordingSocket(socket.socket):
+    """A real (unbound) UDP socket whose sends are recorded, never made."""
+
+    def __init__(self) -> None:
+        super().__init__(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: Any, addr: Any) -> int:  # type: ignore[override]
+        self.sent.append((bytes(data), addr))
+        return len(data)
+
+    def sendmsg(self, buffers: Any, ancillary: Any = (), flags: int = 0, addr: Any = None) -> int:  # type: ignore[override]
+        self.sent.append((b"".join(buffers), addr))
+        return sum(len(b) for b in buffers)
+
+
+class FakeGROPort:
+    """What L{listen_udp} returns on a real reactor, as far as the service looks."""
+
+    def __init__(self, port: int, protocol: Any) -> None:
+        self.port = port
+        self.protocol = protocol
+        self.socket = RecordingSocket()
+        self.read_batch_window: Any = None
+        self.stopped = False
+
+    def getHost(self) -> Any:
+        return address.IPv6Address("UDP", "::", self.port)
+
+    def stopListening(self) -> None:
+        self.stopped = True
+        self.socket.close()
+
+
+class WindowedTun(FakeTunDevice):
+    """An in-memory TUN device with the real one's batch windows."""
+
+    def __init__(self, name: str, mtu: int, clock: Any) -> None:
+        super().__init__(name, mtu)
+        self.read_batch_window: Any = None
+        self.window = BatchWindow(clock, lambda: None)
+
+
+class FastPathWiringTests(unittest.TestCase):
+    def test_fast_path(self) -> None:
+        """On a real socket: sends go through the GSO batcher; reads hold the right windows."""
+        clock = Clock()
+        ports: list[FakeGROPort] = []
+
+        def listen(reactor: Any, port: int, protocol: Any, interface: str) -> FakeGROPort:
+            ports.append(FakeGROPort(port, protocol))
+            return ports[-1]
+
+        self.patch(service_module, "listen_udp", listen)
+        tuns: list[WindowedTun] = []
+        devices: list[FakeWireGuardDevice] = []
+
+        def open_tun(name: str, mtu: int) -> WindowedTun:
+            tuns.append(WindowedTun(name, mtu, clock))
+            return tuns[-1]
+
+        def make_device(*args: Any) -> FakeWireGuardDevice:
+            devices.append(FakeWireGuardDevice(*args))
+            return devices[-1]
+
+        node = StaticNodeService(
+            clock,
+            parse_config(CONFIG, "wg0.conf"),
+            interface_name="tvtest0",
+            open_tun=open_tun,
+            make_device=make_device,
+        )
+        node.startService()
+        [port], [tun], [device] = ports, tuns, devices
+        batcher = node._batcher
+        assert batcher is not None
+        self.assertIs(tun.read_batch_window, batcher.window)
+        self.assertIs(port.read_batch_window, tun.window)
+        device.send_datagram(b"\x04" * 40, ("203.0.113.2", 51820))
+        device.send_datagram(b"\x04" * 40, ("203.0.113.2", 51820))
+        self.assertEqual(port.socket.sent, [])
+        clock.advance(0)
+        # One GSO send, to the IPv4 endpoint mapped for the dual-stack socket.
+        self.assertEqual(port.socket.sent, [(b"\x04" * 80, ("::ffff:203.0.113.2", 51820))])
+        device.send_datagram(b"\x04last", ("203.0.113.2", 51820))
+        node.stopService()
+        self.assertEqual(port.socket.sent[-1], (b"\x04last", ("::ffff:203.0.113.2", 51820)))
+        self.assertTrue(port.stopped)
