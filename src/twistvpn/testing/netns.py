@@ -336,8 +336,9 @@ class Network:
 
     def masquerade(self, namespace: str, out_interface: str, *, mode: str = "easy") -> None:
         """
-        Make C{namespace} a NAT router towards C{out_interface}.  C{mode}
-        (L{NAT_MODES}): "easy" (MASQUERADE: the source port kept where it
+        Make C{namespace} a NAT router towards C{out_interface}, firewalled
+        as home routers are (new inbound UDP to the router itself dropped).
+        C{mode} (L{NAT_MODES}): "easy" (MASQUERADE: the source port kept where it
         is free, one mapping for every destination, and conntrack letting
         in only replies from the exact address and port a mapping was
         opened to), "easyaf" (the same plus an explicit stateful filter on
@@ -362,6 +363,12 @@ class Network:
         if mode == "hard":
             rule.append("--random-fully")
         self.run(namespace, rule)
+        # As every home router: unsolicited UDP to the router itself is
+        # dropped.  Without it a peer's early probe is delivered to the
+        # router, its conntrack entry confirmed, and the router then maps
+        # its own host's packets to that peer to another port.
+        self.run(namespace, ["iptables", "-A", "INPUT", "-i", out_interface, "-p", "udp",
+                             "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
         if mode == "udpblock":
             self.run(namespace, ["iptables", "-A", "FORWARD", "-p", "udp", "-j", "DROP"])
         if mode == "easyaf":
