@@ -93,7 +93,7 @@ class AdminAPI(resource.Resource):
         try:
             self._authenticate(request)
             method = request.method.decode("ascii", "replace")
-            path = [p.decode("utf-8", "replace") for p in request.postpath]
+            path = [p.decode("utf-8", "replace") for p in request.postpath or []]
             if path[-1:] == [""]:
                 path = path[:-1]
             body = self._body(request) if method in ("POST", "PUT") else {}

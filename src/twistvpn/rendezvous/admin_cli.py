@@ -73,6 +73,7 @@ class AdminClient:
                 raise AdminError(f"bad --url {url!r}: expected http(s)://HOST:PORT")
             self._prefix = parts.path.rstrip("/")
             self._target = parts
+            self._host: str = parts.hostname
         elif data_dir is None:
             raise AdminError("give --data-dir or --url")
 
@@ -85,7 +86,7 @@ class AdminClient:
             if self._target.scheme == "https"
             else http.client.HTTPConnection
         )
-        return cls(self._target.hostname, self._target.port, timeout=TIMEOUT)
+        return cls(self._host, self._target.port, timeout=TIMEOUT)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         headers = {"accept": "application/json"}

@@ -9,6 +9,7 @@ a C{MultiService}.  Both take everything as arguments, the reactor too.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -21,6 +22,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
@@ -181,8 +183,20 @@ class _Listening(Service):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
+            return port.stopListening()
         return None
+
+
+def _listen_udp(
+    reactor: Any, port: int, protocol: DatagramProtocol, interface: str
+) -> defer.Deferred[IListeningPort]:
+    return defer.succeed(reactor.listenUDP(port, protocol, interface=interface))
+
+
+def _port_number(port: IListeningPort) -> int:
+    """The port number a listener got (the configured one, or the kernel's for 0)."""
+    address: Any = port.getHost()  # an IPv4Address or IPv6Address: both have .port
+    return int(address.port)
 
 
 class RendezvousService(MultiService):
@@ -214,14 +228,10 @@ class RendezvousService(MultiService):
         self._udp: list[_Listening] = []
         for which, port in enumerate(udp_ports):
             protocol = DiscoveryProtocol(self.discovery, which)
-            self._udp.append(
-                self._add(
-                    f"udp{which}",
-                    lambda port=port, protocol=protocol: defer.succeed(
-                        reactor.listenUDP(port, protocol, interface=udp_interface)
-                    ),
-                )
+            listen = functools.partial(
+                _listen_udp, reactor, port, protocol, interface=udp_interface
             )
+            self._udp.append(self._add(f"udp{which}", listen))
         wrapped = TLSMemoryBIOFactory(
             tls.server_options(data.cert_pem, data.key_pem), False, self.control_factory
         )
@@ -277,7 +287,7 @@ class RendezvousService(MultiService):
 
     @property
     def udp_ports(self) -> tuple[int, ...]:
-        return tuple(s.port.getHost().port for s in self._udp if s.port is not None)
+        return tuple(_port_number(s.port) for s in self._udp if s.port is not None)
 
     @property
     def address(self) -> tls.RendezvousAddress | None:
@@ -285,14 +295,14 @@ class RendezvousService(MultiService):
         if self.control.port is None:
             return None
         return tls.RendezvousAddress(
-            self.hostname, self.control.port.getHost().port, self.data.fingerprint
+            self.hostname, _port_number(self.control.port), self.data.fingerprint
         )
 
     def info(self) -> dict[str, Any]:
         """The facts an admin (or a node's operator) needs."""
         admin_port = None
         if self.admin_http is not None and self.admin_http.port is not None:
-            admin_port = self.admin_http.port.getHost().port
+            admin_port = _port_number(self.admin_http.port)
         return {
             "version": __version__,
             "url": str(self.address) if self.address else None,
