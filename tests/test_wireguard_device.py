@@ -123,21 +123,91 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(network.delivered["b"], [packet])
 
     def test_simultaneous_initiation(self) -> None:
-        """Both start at once; they settle within a retry and both deliver."""
+        """
+        Both start at once, the initiations cross: each answers the other's
+        and keeps its own, so both complete without waiting for a retry.
+        """
         network, a, b = pair()
         b.get_peer(a.public_key).endpoint = "a"
         a.send_packet(A_TO_B)
         b.send_packet(B_TO_A)
         network.flush()
-        network.advance(REKEY_TIMEOUT + 0.334)
-        network.flush()
         self.assertEqual(network.delivered["b"], [A_TO_B])
         self.assertEqual(network.delivered["a"], [B_TO_A])
+        network.advance(REKEY_TIMEOUT + 0.334)
+        self.assertEqual(a.counters["handshake_retransmit"], 0)
+        self.assertEqual(b.counters["handshake_retransmit"], 0)
         a.send_packet(A_TO_B)
         b.send_packet(B_TO_A)
         network.flush()
         self.assertEqual(len(network.delivered["b"]), 2)
         self.assertEqual(len(network.delivered["a"]), 2)
+
+    def test_endpoint_set_while_initiation_waits(self) -> None:
+        """
+        A packet staged before the peer had an endpoint goes out (handshake
+        and all) as soon as one is set, not after REKEY_TIMEOUT.
+        """
+        network, a, b = pair()
+        b.send_packet(B_TO_A)
+        self.assertEqual(b.counters["drop_no_endpoint"], 1)
+        network.advance(1.0)
+        b.get_peer(a.public_key).endpoint = "a"
+        network.flush()
+        self.assertEqual(network.delivered["a"], [B_TO_A])
+        self.assertEqual(b.counters["handshake_retransmit"], 0)
+
+    def test_new_endpoint_resends_lost_initiation(self) -> None:
+        """
+        An initiation lost on one path (a relay whose other end is not up
+        yet) is sent again at once on the next path, once per new endpoint;
+        the same endpoint again waits for REKEY_TIMEOUT.
+        """
+        network, a, b = pair()
+        pa = a.get_peer(b.public_key)
+        pa.endpoint = ("relay", 1)  # nobody there
+        a.send_packet(A_TO_B)
+        pa.endpoint = ("relay", 1)
+        self.assertEqual(a.counters["handshake_initiation_sent"], 1)
+        network.advance(0.5)
+        network.drop = lambda src, dst, data: True  # the first try there is lost too
+        pa.endpoint = ("other", 2)
+        self.assertEqual(a.counters["handshake_initiation_sent"], 2)
+        pa.endpoint = ("other", 2)
+        a.send_packet(A_TO_B)
+        self.assertEqual(a.counters["handshake_initiation_sent"], 2)
+        network.drop = lambda src, dst, data: False
+        network.advance(0.5)
+        pa.endpoint = "b"
+        network.flush()
+        self.assertEqual(network.delivered["b"], [A_TO_B, A_TO_B])
+        self.assertEqual(a.counters["handshake_initiation_sent"], 3)
+        self.assertEqual(
+            [dst for src, dst, data in network.sent
+             if src == "a" and data[0] == WG_HANDSHAKE_INITIATION],
+            [("relay", 1), ("other", 2), "b"])
+
+    def test_new_endpoint_keeps_the_attempt_count(self) -> None:
+        """Moving the peer does not extend REKEY_ATTEMPT_TIME: staged packets still expire."""
+        network, a, b = pair()
+        network.drop = lambda src, dst, data: True
+        pa = a.get_peer(b.public_key)
+        a.send_packet(A_TO_B)
+        for i in range(int(REKEY_ATTEMPT_TIME // REKEY_TIMEOUT) + 4):
+            network.advance(REKEY_TIMEOUT)
+            pa.endpoint = ("path", i)
+        network.advance(REKEY_TIMEOUT + 1)
+        self.assertEqual(a.counters["drop_handshake_timeout"], 1)
+
+    def test_new_endpoint_with_nothing_pending(self) -> None:
+        """No initiation of ours unanswered: moving the peer sends nothing."""
+        network, a, b = pair()
+        a.send_packet(A_TO_B)
+        network.flush()
+        sent = len(network.sent)
+        a.get_peer(b.public_key).endpoint = ("relay", 1)
+        b.get_peer(a.public_key).endpoint = ("relay", 2)
+        self.assertEqual(len(network.sent), sent)
 
     def test_preshared_key(self) -> None:
         network, a, b = pair()

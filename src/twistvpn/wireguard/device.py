@@ -175,7 +175,7 @@ class Peer:
         self._device = device
         self.public_key = public_key
         self.preshared_key = preshared_key or _NO_PSK
-        self.endpoint = endpoint
+        self._endpoint = endpoint
         self.configured_endpoint = endpoint
         self.allowed_ips: tuple[str, ...] = ()
         self.last_handshake: float | None = None
@@ -197,6 +197,8 @@ class Peer:
         self.last_timestamp = b""
         self.last_initiation_consumed = -_INF
         self.last_initiation_sent = -_INF
+        # Where the last initiation went (None: nowhere, no endpoint yet).
+        self.last_initiation_endpoint: Endpoint = None
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
         self.need_another_keepalive = False
@@ -216,6 +218,28 @@ class Peer:
         return f"<Peer {keys.encode_key(self.public_key)} at {self.endpoint!r}>"
 
     # -- IWireGuardPeer ---------------------------------------------------------
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    @endpoint.setter
+    def endpoint(self, endpoint: Endpoint) -> None:
+        """
+        Move the peer (the path manager, C{wg set}).  An initiation of ours
+        still unanswered that went elsewhere (or nowhere: no endpoint yet) is
+        sent again here at once instead of after REKEY_TIMEOUT: the new
+        endpoint is usually a path just verified, and the old one usually
+        the reason no response came.
+        """
+        self._endpoint = endpoint
+        if (
+            endpoint is not None
+            and self.handshake is not None
+            and self.timer_retransmit_handshake.call is not None
+            and endpoint != self.last_initiation_endpoint
+        ):
+            self.send_initiation(True, new_endpoint=True)
 
     def set_allowed_ips(self, cidrs: Iterable[str]) -> None:
         self._device._set_allowed_ips(self, cidrs)
@@ -304,7 +328,7 @@ class Peer:
         Send an authenticated message (any type) to the current endpoint,
         and run the timers every authenticated packet sent runs.
         """
-        endpoint = self.endpoint
+        endpoint = self._endpoint
         if endpoint is None:
             self._device.counters["drop_no_endpoint"] += 1
         else:
@@ -322,16 +346,18 @@ class Peer:
 
     def authenticated_received(self, addr: Endpoint, size: int, now: float) -> None:
         """An authenticated message arrived from C{addr}: roam there, count, run timers."""
-        self.endpoint = addr
+        self._endpoint = addr  # the peer is talking to us: nothing to resend
         self.rx_bytes += size
         self.traversed(now)
         if self.timer_new_handshake.call is not None:
             self.timer_new_handshake.stop()  # we heard back
 
-    def send_initiation(self, is_retry: bool) -> None:
+    def send_initiation(self, is_retry: bool, new_endpoint: bool = False) -> None:
         """
         Start a handshake (at most one per REKEY_TIMEOUT, retries apart),
-        replacing any still in progress.
+        replacing any still in progress.  C{new_endpoint}: the peer moved to
+        an endpoint the last initiation did not go to, which lifts the limit
+        for this one (the limit is against repeating ourselves to one place).
         """
         device = self._device
         if device.closed:
@@ -339,9 +365,14 @@ class Peer:
         if not is_retry:
             self.handshake_attempts = 0
         now = device._seconds()
-        if now - self.last_initiation_sent < REKEY_TIMEOUT:
+        if new_endpoint:
+            # Counted as a retry: moving the peer around does not stretch
+            # REKEY_ATTEMPT_TIME for what is staged.
+            self.handshake_attempts += 1
+        elif now - self.last_initiation_sent < REKEY_TIMEOUT:
             return
         self.last_initiation_sent = now
+        self.last_initiation_endpoint = self._endpoint
         self._forget_handshake()
         index = device._new_index()
         handshake = IKpsk2Handshake(
@@ -730,6 +761,8 @@ class WireGuardDevice:
         peer.authenticated_received(addr, len(data), now)
         if keypair is peer.next:
             peer.received_with_next()
+            # The peer's handshake won: ours (if any) is no longer needed.
+            peer._forget_handshake()
             peer.handshake_complete()
             peer.send_staged()
         current = peer.current
@@ -817,9 +850,10 @@ class WireGuardDevice:
         peer.last_timestamp = timestamp
         peer.last_initiation_consumed = now
         peer.authenticated_received(addr, len(data), now)
-        # As wireguard-go: answering replaces any handshake we had started;
-        # simultaneous initiations settle on the next retry.
-        peer._forget_handshake()
+        # Unlike wireguard-go, an initiation of ours still unanswered is kept:
+        # when both sides initiate at once (both had packets waiting for the
+        # same new path), the response to ours still completes it, instead
+        # of both answers being dropped and both sides waiting REKEY_TIMEOUT.
         handshake.psk = peer.preshared_key
         index = self._new_index()
         try:
