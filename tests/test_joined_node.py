@@ -74,6 +74,40 @@ class JoinAndAuthorize(SynchronousTestCase):
         self.assertTrue(self.log.grep("peer beta path direct"))
 
 
+class FirstPacket(SynchronousTestCase):
+    """
+    A packet sent the moment the peers appear, before any path is known
+    (as the lab's pings right after authorization): its handshake goes out
+    on the first path verified, not REKEY_TIMEOUT later.
+    """
+
+    def first_packet(self, *presets: str) -> None:
+        mesh = Mesh(seed=9)
+        if presets[0] == "same-nat":
+            hosts = mesh.internet.add_pair("same-nat", presets[1])
+            a, b = mesh.add("alpha", hosts[0]), mesh.add("beta", hosts[1])
+        else:
+            a, b = mesh.members(*presets, authorize=False)
+        for node in (a, b):
+            mesh.controller.authorize(mesh.network, node.client.node_id)
+        self.assertTrue(mesh.run(1.0, until=lambda: b.public_key in a.node.peers
+                                 and a.public_key in b.node.peers))
+        started = mesh.clock.seconds()
+        self.assertIsNone(a.peer(b).wg.endpoint)  # nothing verified yet
+        to_b, to_a = a.send_to(b, b"at once"), b.send_to(a, b"at once too")
+        self.assertTrue(mesh.run(4.0, until=lambda: to_b in b.tun.written
+                                 and to_a in a.tun.written))
+        self.assertLess(mesh.clock.seconds() - started, 1.0)
+        self.assertEqual(a.device.counters["handshake_retransmit"], 0)
+        self.assertEqual(b.device.counters["handshake_retransmit"], 0)
+
+    def test_direct(self) -> None:
+        self.first_packet("easy", "easy")
+
+    def test_lan(self) -> None:
+        self.first_packet("same-nat", "easy")
+
+
 class Paths(SynchronousTestCase):
     """Which path the joined nodes settle on, by NAT pair."""
 
