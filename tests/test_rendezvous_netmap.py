@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from twistvpn.rendezvous import netmap as netmap_module
 from twistvpn.rendezvous.netmap import (
     MapDelta,
     MapError,
@@ -34,6 +35,28 @@ def netmap(members: tuple[Member, ...], revision: int = 1) -> NetworkMap:
 
 
 class Format(SynchronousTestCase):
+    def test_serialized_once(self) -> None:
+        """
+        A push hands one map or delta to every member of a network: it is
+        serialized on the first send only, and equality ignores the kept bytes.
+        """
+        calls = []
+        dump = netmap_module._dump
+
+        def counting(obj: object, fields: dict[str, object]) -> bytes:
+            calls.append(obj)
+            return dump(obj, fields)  # type: ignore[arg-type]
+
+        self.patch(netmap_module, "_dump", counting)
+        old = netmap((member(1), member(2)))
+        new = netmap((member(1), member(3)), revision=2)
+        delta = new.diff(old)
+        for _ in range(3):
+            self.assertEqual(NetworkMap.from_json(new.to_json()), new)
+            self.assertEqual(old.apply(MapDelta.from_json(delta.to_json())), new)
+        self.assertEqual(calls, [new, delta])
+        self.assertEqual(new, netmap((member(1), member(3)), revision=2))
+
     def test_round_trip(self) -> None:
         m = netmap(
             (member(1), member(2, online=True, last_seen=5.0, local_endpoints=("[fd00::1]:7",)))

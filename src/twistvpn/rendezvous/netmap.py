@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,9 +187,9 @@ class NetworkMap:
         )
 
     def to_json(self) -> bytes:
-        return _dump(
+        return _dump_once(
             self,
-            {"revision": self.revision, "members": [m.to_dict() for m in self.members]},
+            lambda: {"revision": self.revision, "members": [m.to_dict() for m in self.members]},
         )
 
     @classmethod
@@ -240,9 +241,9 @@ class MapDelta:
     relays: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> bytes:
-        return _dump(
+        return _dump_once(
             self,
-            {
+            lambda: {
                 "base": self.base,
                 "revision": self.revision,
                 "upsert": [m.to_dict() for m in self.upsert],
@@ -264,6 +265,19 @@ class MapDelta:
             )
 
         return _load(data, "map delta", build)
+
+
+def _dump_once(obj: NetworkMap | MapDelta, fields: Callable[[], dict[str, Any]]) -> bytes:
+    """
+    C{obj} as JSON, made on the first call and kept: one push sends the
+    same map or delta to every member of a network, and serializing it
+    once per member made a change in a network of N cost N serializations.
+    """
+    data: bytes | None = obj.__dict__.get("_json")
+    if data is None:
+        data = _dump(obj, fields())
+        object.__setattr__(obj, "_json", data)  # frozen, and not a field
+    return data
 
 
 def _dump(obj: NetworkMap | MapDelta, fields: dict[str, Any]) -> bytes:
