@@ -221,7 +221,8 @@ def worker_main(spec_path: str) -> None:
     @defer.inlineCallbacks
     def stop() -> Any:
         yield defer.DeferredList([c.stopService() for c in clients])
-        reactor.stop()
+        if reactor.running:  # (a stop command, then stdin closing)
+            reactor.stop()
 
     class Commands(LineReceiver):
         delimiter = b"\n"
