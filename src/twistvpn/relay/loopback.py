@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
 from zope.interface import implementer
 
 from twistvpn.interfaces import IControlSession
@@ -68,7 +70,7 @@ class _Session:
         pass
 
 
-def run_rendezvous(args: argparse.Namespace) -> None:
+def run_rendezvous(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
     """
     The rendezvous's relay side, in a process of its own: a real controller
     (sqlite in the lab's directory) whose network holds the lab's nodes, an
@@ -76,9 +78,6 @@ def run_rendezvous(args: argparse.Namespace) -> None:
     L{attach_relays}, the call the rendezvous makes.
     """
     from twisted.application.service import MultiService
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
     from twisted.internet.task import LoopingCall
 
     from twistvpn.relay.service import attach_relays
@@ -121,14 +120,11 @@ def run_rendezvous(args: argparse.Namespace) -> None:
 
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(deauthorize))
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()
+    # Runs until the lab stops the process.
+    return Deferred()
 
 
-def run_peer(args: argparse.Namespace) -> None:
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
-
+def run_peer(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
     from twistvpn.node.forwarder import Forwarder
     from twistvpn.relay.client import RelayClient, RelayClientTimings, RelayInfo
     from twistvpn.relay.service import enlarge_socket_buffers
@@ -150,10 +146,11 @@ def run_peer(args: argparse.Namespace) -> None:
         endpoint: Any = ("127.0.0.1", int(args.peer_port or 0))
     else:
         endpoint = client.relay_endpoint(peer_key)
+    done: Deferred[None] = Deferred()
     if args.role == "receive":
-        handler: Any = Receiver(reactor, forwarder, args)
+        handler: Any = Receiver(reactor, forwarder, args, done)
     else:
-        handler = Sender(reactor, forwarder, endpoint, args)
+        handler = Sender(reactor, forwarder, endpoint, args, done)
     forwarder.set_wireguard(handler)
     def ready(_: Any = None) -> None:
         _write_json(args.ready_file, {"port": port.getHost().port})
@@ -162,20 +159,22 @@ def run_peer(args: argparse.Namespace) -> None:
 
     def failed(reason: Any) -> None:
         print(f"no relay: {reason.getErrorMessage()}", file=sys.stderr)
-        reactor.stop()
+        done.callback(None)
 
     if args.via == "direct":
         reactor.callWhenRunning(ready)
     else:
         client.open_relay(peer_key).addCallbacks(ready, failed)
-    reactor.run()
+    return done
 
 
 class Receiver:
     """Takes datagrams in order, checks their bytes, acknowledges cumulatively."""
 
-    def __init__(self, reactor: Any, forwarder: Any, args: argparse.Namespace) -> None:
+    def __init__(self, reactor: Any, forwarder: Any, args: argparse.Namespace,
+                 done: Deferred[None]) -> None:
         self.reactor = reactor
+        self.finished = done
         self.forwarder = forwarder
         self.args = args
         self.expected = 0
@@ -214,15 +213,16 @@ class Receiver:
                 "duplicates": self.duplicates,
             })
             # Let the last acknowledgements out before leaving.
-            self.reactor.callLater(1.0, self.reactor.stop)
+            self.reactor.callLater(1.0, self.finished.callback, None)
 
 
 class Sender:
     """Go-back-N over whatever path the endpoint names."""
 
     def __init__(self, reactor: Any, forwarder: Any, endpoint: Any,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, done: Deferred[None]) -> None:
         self.reactor = reactor
+        self.finished = done
         self.forwarder = forwarder
         self.endpoint = endpoint
         self.args = args
@@ -274,7 +274,7 @@ class Sender:
             "bytes": total, "seconds": seconds, "mbit_per_s": total * 8 / seconds / 1e6,
             "retransmits": self.retransmits,
         })
-        self.reactor.stop()
+        self.finished.callback(None)
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -284,7 +284,7 @@ def _write_json(path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(reactor: Any, argv: list[str] | None = None) -> Deferred[None]:
     parser = argparse.ArgumentParser(prog="python -m twistvpn.relay.loopback")
     sub = parser.add_subparsers(dest="command", required=True)
     link = sub.add_parser("rendezvous")
@@ -310,9 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     peer.add_argument("--progress-file", default=None)
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
-        run_rendezvous(args)
-    else:
-        run_peer(args)
+        return run_rendezvous(reactor, args)
+    return run_peer(reactor, args)
 
 
 # -- the lab: start and stop the processes ----------------------------------------------
@@ -500,4 +499,4 @@ def expected_digest(count: int, size: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    react(main, [sys.argv[1:]])
