@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
+from twistvpn.table import columns
 from twistvpn.testing import netns
 
 
@@ -207,17 +208,6 @@ def format_table(results: Sequence[PairResult]) -> str:
     errors = [f"{r.label}: {r.error}" for r in results if r.error]
     table = columns(("pair", "ping loss", "RTT", "TCP throughput"), rows)
     return table + "".join(f"{line}\n" for line in errors)
-
-
-def columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table: left-aligned columns under a ruled header."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
 
 
 # -- the joined-mode lab: a rendezvous, sites behind NATs, nodes that join -------------

@@ -19,8 +19,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from twistvpn.lab import columns
 from twistvpn.node.local_api import MAX_PINGS, SOCKET_NAME
+from twistvpn.table import columns
 
 DEFAULT_DATA_DIR = "/var/lib/twistvpn"
 # A ping run lasts up to count x (interval + timeout); the socket waits per line.

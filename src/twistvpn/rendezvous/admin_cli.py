@@ -27,10 +27,10 @@ import time
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-from twistvpn.lab import columns
 from twistvpn.rendezvous.admin import TOKEN_FILE
 from twistvpn.rendezvous.rendezvous_tap import DEFAULT_DATA_DIR
 from twistvpn.rendezvous.service import ADMIN_SOCKET
+from twistvpn.table import columns
 
 TIMEOUT = 30.0
 
