@@ -544,7 +544,6 @@ class WireGuardDevice:
         self._random = random
         self._wall_clock = wall_clock
         self._under_load_predicate = under_load
-        self.handshakes_under_load = handshakes_under_load
         self.max_staged_packets = max_staged_packets
         self.mtu = mtu
         self.counters: collections.Counter[str] = collections.Counter()
