@@ -265,9 +265,7 @@ class GROPort(udp.Port):
                 data, ancillary, _, addr = sock.recvmsg(GRO_BUFFER, _ANCILLARY_SPACE)
             except OSError as se:
                 no = se.args[0]
-                if no in udp._sockErrReadIgnore:
-                    return
-                if no in udp._sockErrReadRefuse:
+                if no in udp._sockErrReadIgnore or no in udp._sockErrReadRefuse:
                     return
                 raise
             read += len(data)
