@@ -301,14 +301,6 @@ class JoinedLab:
                 self.network, host, self.rendezvous, self.network_id
             )
 
-    def restart_node(self, name: str) -> None:
-        assert self.rendezvous is not None
-        node = self.nodes[name]
-        if node.process is not None:
-            self.network.stop(node.process)
-        netns.start_joined_node(self.network, node.host, self.rendezvous, self.network_id,
-                                node=node)
-
     def members(self) -> dict[str, dict[str, Any]]:
         """The network's members by name (the admin API's JSON)."""
         assert self.rendezvous is not None

@@ -569,9 +569,6 @@ class JoinedNode:
         self.probes.send_probe(peer.public_key, endpoint, PING_TAG, on_reply=replied)
         return done
 
-    def is_direct(self, query: str) -> bool:
-        return self.find_peer(query).manager.kind in (LAN, DIRECT)
-
     def netcheck(self, wait: float = 1.0) -> defer.Deferred[dict[str, Any]]:
         """
         Ask both discovery ports again (timing the answers) and measure the

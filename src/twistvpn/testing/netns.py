@@ -589,11 +589,6 @@ def change_address(network: Network, host: Host, address: str) -> None:
     host.address = address
 
 
-def flush_conntrack(network: Network, namespace: str) -> None:
-    """Forget every NAT mapping of a router (as a router's reboot would)."""
-    network.run(namespace, ["conntrack", "-F"], check=False)
-
-
 # -- the rendezvous and joined nodes as processes ------------------------------------
 
 RENDEZVOUS_STATE = "rendezvous.json"  # twistvpn.rendezvous.service.STATE_FILE
