@@ -156,15 +156,8 @@ def load_or_create_private_key(path: str) -> bytes:
 
 def load_or_create_tls(data_dir: str, hostname: str) -> tuple[bytes, bytes]:
     """A self-signed certificate and key in C{data_dir}, made on first start."""
-    cert_path = os.path.join(data_dir, "relay-tls.crt")
-    key_path = os.path.join(data_dir, "relay-tls.key")
-    if os.path.exists(cert_path) and os.path.exists(key_path):
-        with open(cert_path, "rb") as c, open(key_path, "rb") as k:
-            return c.read(), k.read()
-    cert_pem, key_pem = tls.make_self_signed(hostname)
-    tls.write_private(key_path, key_pem)
-    tls.write_private(cert_path, cert_pem)
-    return cert_pem, key_pem
+    return tls.load_or_create_self_signed(os.path.join(data_dir, "relay-tls.crt"),
+                                          os.path.join(data_dir, "relay-tls.key"), hostname)
 
 
 # -- the admin page (standalone) -----------------------------------------------------

@@ -113,12 +113,12 @@ def prepare_data_dir(
     if tls_cert is not None and tls_key is not None:
         cert_pem, key_pem = _read(tls_cert), _read(tls_key)
     else:
-        cert_path, cert_key_path = os.path.join(path, CERT_FILE), os.path.join(path, KEY_FILE)
-        if not os.path.exists(cert_path) or not os.path.exists(cert_key_path):
-            cert_pem, key_pem = tls.make_self_signed(hostname)
-            tls.write_private(cert_key_path, key_pem)
-            tls.write_private(cert_path, cert_pem)
-        cert_pem, key_pem = _read(cert_path), _read(cert_key_path)
+        try:
+            cert_pem, key_pem = tls.load_or_create_self_signed(
+                os.path.join(path, CERT_FILE), os.path.join(path, KEY_FILE), hostname
+            )
+        except OSError as e:
+            raise DataDirError(f"cannot read {e.filename}: {e.strerror}") from None
     try:
         tls.server_options(cert_pem, key_pem)
     except tls.TLSConfigError as e:

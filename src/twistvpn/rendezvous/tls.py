@@ -120,6 +120,19 @@ def write_private(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def load_or_create_self_signed(
+    cert_path: str, key_path: str, hostname: str
+) -> tuple[bytes, bytes]:
+    """(cert PEM, key PEM) from these files, self-signed for C{hostname} on first start."""
+    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        cert_pem, key_pem = make_self_signed(hostname)
+        write_private(key_path, key_pem)
+        write_private(cert_path, cert_pem)
+        return cert_pem, key_pem
+    with open(cert_path, "rb") as c, open(key_path, "rb") as k:
+        return c.read(), k.read()
+
+
 def server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
     """
     The server's TLS options: the first certificate in C{cert_pem} is ours,
