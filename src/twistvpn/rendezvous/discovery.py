@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import IDatagramHandler, IDatagramSender, INetworkController
+from twistvpn.relay.server import TokenBucket
 from twistvpn.rendezvous import auth
 from twistvpn.wire import DISCOVERY_REQUEST, DISCOVERY_RESPONSE
 from twistvpn.wireguard.keys import public_key
@@ -118,19 +119,16 @@ class TokenBuckets:
         self._rate = rate
         self._burst = burst
         self._max = max_sources
-        self._buckets: dict[Any, tuple[float, float]] = {}
+        self._buckets: dict[Any, TokenBucket] = {}
 
     def allow(self, source: Any) -> bool:
         now = self._clock.seconds()
-        tokens, last = self._buckets.get(source, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
-        if tokens < 1:
-            self._buckets[source] = (tokens, now)
-            return False
-        if source not in self._buckets and len(self._buckets) >= self._max:
-            self._buckets.clear()
-        self._buckets[source] = (tokens - 1, now)
-        return True
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= self._max:
+                self._buckets.clear()
+            bucket = self._buckets[source] = TokenBucket(self._rate, self._burst, now)
+        return bucket.take(1, now)
 
 
 class DiscoveryState:
