@@ -147,8 +147,8 @@ def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,
 def load_or_create_private_key(path: str) -> bytes:
     """The relay's X25519 key (WireGuard text form), created on first start."""
     if os.path.exists(path):
-        with open(path) as f:
-            return keys.decode_key(f.read())
+        with open(path, "rb") as f:
+            return keys.decode_key(f.read().decode("ascii", "replace"))
     private = keys.generate_private_key()
     tls.write_private(path, (keys.encode_key(private) + "\n").encode())
     return private

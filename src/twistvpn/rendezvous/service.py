@@ -28,7 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from twistvpn import __version__
-from twistvpn.relay.service import RendezvousRelays, attach_relays
+from twistvpn.relay.service import RendezvousRelays, attach_relays, load_or_create_private_key
 from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
 from twistvpn.rendezvous.controller import Controller
@@ -37,9 +37,7 @@ from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
 from twistvpn.rendezvous.server import ControlServerFactory
 from twistvpn.wireguard.keys import (
     InvalidKey,
-    decode_key,
     encode_key,
-    generate_private_key,
     public_key,
 )
 
@@ -104,10 +102,10 @@ def prepare_data_dir(
     if os.stat(path).st_mode & 0o077:
         os.chmod(path, 0o700)
     key_path = os.path.join(path, SERVER_KEY_FILE)
-    if not os.path.exists(key_path):
-        tls.write_private(key_path, (encode_key(generate_private_key()) + "\n").encode())
     try:
-        server_private = decode_key(_read(key_path).decode("ascii", "replace"))
+        server_private = load_or_create_private_key(key_path)
+    except OSError as e:
+        raise DataDirError(f"cannot read {key_path}: {e.strerror}") from None
     except InvalidKey as e:
         raise DataDirError(f"{key_path}: {e}") from None
     if tls_cert is not None and tls_key is not None:
