@@ -40,6 +40,7 @@ ALLOWED_RANGES = tuple(
     for n in ("203.0.113.0/24", "198.51.100.0/24", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8")
 )
 WIREGUARD_SOCKET_DIR = Path("/var/run/wireguard")
+NETNS_DIR = "/run/netns"  # where `ip netns add` puts its names
 COMMAND_TIMEOUT = 20.0
 # twistd of the running interpreter (`python -m twisted` is `twist`, not twistd).
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
@@ -263,8 +264,10 @@ class Network:
         """Create a namespace with loopback up; return its name."""
         self._check_open()
         name = self.name(role)
-        self.ip("netns", "add", name)
+        # Recorded first: an interrupt while `ip netns add` runs must not
+        # leave the namespace behind (close() skips it if it never came).
         self.namespaces.append(name)
+        self.ip("netns", "add", name)
         self.ip("link", "set", "lo", "up", namespace=name)
         return name
 
@@ -482,7 +485,7 @@ class Network:
                 errors.append(f"stopping {process.pid}: {e}")
         for namespace in reversed(self.namespaces):
             result = self.command(["ip", "netns", "del", namespace], check=False)
-            if result.returncode != 0:
+            if result.returncode != 0 and os.path.exists(os.path.join(NETNS_DIR, namespace)):
                 errors.append(f"removing {namespace}: {result.stderr.decode().strip()}")
         for path in self.socket_files:
             path.unlink(missing_ok=True)
