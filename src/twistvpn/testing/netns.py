@@ -703,15 +703,11 @@ def peer_paths(log: str) -> dict[str, str]:
 
 def start_joined_node(
     network: Network, host: Host, rendezvous: Rendezvous, network_id: str, *,
-    node: JoinedNode | None = None, port: int = 41641,
+    port: int = 41641,
 ) -> JoinedNode:
-    """
-    Run C{twistd -n twistvpn-node} joined to C{network_id} on C{host}, or
-    C{node} again with its data directory (so with its key).
-    """
-    if node is None:
-        node = JoinedNode(host.name, host, network.tmpdir / network.name(host.name),
-                          network.interface_name(f"t{host.name}"))
+    """Run C{twistd -n twistvpn-node} joined to C{network_id} on C{host}."""
+    node = JoinedNode(host.name, host, network.tmpdir / network.name(host.name),
+                      network.interface_name(f"t{host.name}"))
     network.track_socket(WIREGUARD_SOCKET_DIR / f"{node.ifname}.sock")
     node.process = network.spawn(
         host.namespace,
