@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -46,10 +46,27 @@ class StartStopService(service.Service):
         return self.target.stop()
 
 
-class _ListeningService(service.Service):
-    """A service that holds one listening port and closes it when stopped."""
+class ListeningService(service.Service):
+    """
+    Listens when started (C{listen()} gives a Deferred of the port), stops
+    listening when stopped; C{listening} fires with the port.
+    """
 
     port: Any = None
+
+    def __init__(self, listen: Callable[[], Deferred[IListeningPort]]) -> None:
+        self._listen = listen
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+
+        def listened(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self.listening.callback(port)
+            return port
+
+        self._listen().addCallbacks(listened, self.listening.errback)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -59,20 +76,21 @@ class _ListeningService(service.Service):
         return None
 
 
-class UDPListenService(_ListeningService):
+class UDPListenService(ListeningService):
     """A UDP port whose number is known once listening (port 0 picks one)."""
 
     def __init__(self, reactor: Any, port: int, protocol: Any, interface: str = "") -> None:
+        super().__init__(self._listen_udp)
         self.reactor = reactor
         self.requested = port
         self.protocol = protocol
         self.interface = interface
 
-    def startService(self) -> None:
-        super().startService()
-        self.port = self.reactor.listenUDP(self.requested, self.protocol,
-                                           interface=self.interface, maxPacketSize=65535)
-        enlarge_socket_buffers(self.port.socket)
+    def _listen_udp(self) -> Deferred[IListeningPort]:
+        port = self.reactor.listenUDP(self.requested, self.protocol,
+                                      interface=self.interface, maxPacketSize=65535)
+        enlarge_socket_buffers(port.socket)
+        return succeed(port)
 
 
 SOCKET_BUFFER = 4 << 20
@@ -98,27 +116,15 @@ def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> No
                 pass
 
 
-class StreamListenService(_ListeningService):
-    """A stream endpoint listening with a factory; C{listening} fires with the port."""
+class StreamListenService(ListeningService):
+    """A stream endpoint listening with a factory."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.listening: Deferred[IListeningPort] = Deferred()
-
-    def startService(self) -> None:
-        super().startService()
         # TCP endpoints listen synchronously, so a port that cannot be bound
         # fails startService, and twistd, with its error.
-        d = self.endpoint.listen(self.factory)
-
-        def listened(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            self.listening.callback(port)
-            return port
-
-        d.addCallback(listened)
-        d.addErrback(self.listening.errback)
+        super().__init__(lambda: endpoint.listen(factory))
+        self.endpoint = endpoint
+        self.factory = factory
 
 
 def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,

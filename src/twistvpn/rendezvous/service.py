@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -28,7 +28,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from twistvpn import __version__
-from twistvpn.relay.service import RendezvousRelays, attach_relays, load_or_create_private_key
+from twistvpn.relay.service import (
+    ListeningService,
+    RendezvousRelays,
+    attach_relays,
+    load_or_create_private_key,
+)
 from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
 from twistvpn.rendezvous.controller import Controller
@@ -158,33 +163,6 @@ def _exit_failed() -> None:
     os._exit(1)
 
 
-class _Listening(Service):
-    """Listens when started; stops listening when stopped."""
-
-    def __init__(self, name: str, listen: Callable[[], defer.Deferred[IListeningPort]]) -> None:
-        self.setName(name)
-        self._listen = listen
-        self.port: IListeningPort | None = None
-        self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
-
-    def startService(self) -> None:
-        super().startService()
-
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            self.ready.callback(port)
-            return port
-
-        self._listen().addCallbacks(listening, self.ready.errback)
-
-    def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
-
-
 def _listen_udp(
     reactor: Any, port: int, protocol: DatagramProtocol, interface: str
 ) -> defer.Deferred[IListeningPort]:
@@ -223,7 +201,8 @@ class RendezvousService(MultiService):
         self.control_factory = ControlServerFactory(
             self.controller, data.server_private, reactor, udp_ports, registration_rate
         )
-        self._udp: list[_Listening] = []
+        self._listeners: list[ListeningService] = []
+        self._udp: list[ListeningService] = []
         for which, port in enumerate(udp_ports):
             protocol = DiscoveryProtocol(self.discovery, which)
             listen = functools.partial(
@@ -252,16 +231,20 @@ class RendezvousService(MultiService):
             "admin-unix",
             lambda: unix.listen(Site(AdminAPI(self.controller, None, self.info, self._changed))),
         )
-        self.admin_http: _Listening | None = None
+        self.admin_http: ListeningService | None = None
         if admin_http is not None:
             site = Site(AdminAPI(self.controller, data.token, self.info, self._changed))
             self.admin_http = self._add(
                 "admin-http", lambda: serverFromString(reactor, admin_http).listen(site)
             )
 
-    def _add(self, name: str, listen: Callable[[], defer.Deferred[IListeningPort]]) -> _Listening:
-        service = _Listening(name, listen)
+    def _add(
+        self, name: str, listen: Callable[[], defer.Deferred[IListeningPort]]
+    ) -> ListeningService:
+        service = ListeningService(listen)
+        service.setName(name)
         service.setServiceParent(self)
+        self._listeners.append(service)
         return service
 
     def _changed(self) -> None:
@@ -314,7 +297,7 @@ class RendezvousService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        ready = [s.ready for s in self if isinstance(s, _Listening)]
+        ready = [s.listening for s in self._listeners]
         d = defer.gatherResults(ready, consumeErrors=True)
         d.addCallbacks(self._listening, self._failed)
 
