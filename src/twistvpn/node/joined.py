@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -585,7 +586,7 @@ class JoinedNode:
                 entry: dict[str, Any] = {"server": describe(server), "mapped": None, "rtt": None}
                 rendezvous.append(entry)
                 queries.append(self._timed_query(discovery, i, entry))
-        queries.append(sleep(self.clock, wait))
+        queries.append(deferLater(self.clock, wait))
 
         def done(_: Any) -> dict[str, Any]:
             mapped = tuple(_parse(e["mapped"]) if e["mapped"] else None for e in rendezvous)
@@ -623,12 +624,6 @@ def _best(members: dict[str, Member]) -> Member:
     """Of one peer's entries in several maps, the one with the most to say."""
     return max(members.values(),
                key=lambda m: (m.online, len(m.endpoints) + len(m.local_endpoints)))
-
-
-def sleep(clock: Any, seconds: float) -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    clock.callLater(seconds, d.callback, None)
-    return d
 
 
 def _yes_no(value: bool | None) -> str:

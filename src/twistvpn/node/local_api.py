@@ -22,11 +22,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
-from twistvpn.node.joined import JoinedNode, PeerNotFoundError, sleep
+from twistvpn.node.joined import JoinedNode, PeerNotFoundError
 from twistvpn.traversal.manager import DIRECT, LAN
 
 SOCKET_NAME = "node.sock"
@@ -95,7 +96,7 @@ class LocalAPI:
                 if until_direct and direct:
                     break
             if seq < count:
-                yield sleep(node.clock, max(0.0, started + self.ping_interval
+                yield deferLater(node.clock, max(0.0, started + self.ping_interval
                                              - node.clock.seconds()))
         return {"peer": peer.name, "sent": seq, "received": received, "direct": direct,
                 "path": peer.manager.kind}
