@@ -44,8 +44,24 @@ DEFAULT_PORT = 41641
 KEY_FILE = "node.key"
 
 
-class DataDirError(ValueError):
+class KeyFileError(ValueError):
+    """A private key file that cannot be used; one line naming it."""
+
+
+class DataDirError(KeyFileError):
     """The data directory or the key in it is unusable; one line."""
+
+
+def read_key_file(path: str) -> bytes:
+    """A private key (WireGuard text form) from a file only its owner may read."""
+    try:
+        return decode_key(read_private_file(path))
+    except InsecurePermissionsError as e:
+        raise KeyFileError(str(e)) from None
+    except InvalidKey as e:
+        raise KeyFileError(f"{path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyFileError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load_or_create_key(data_dir: str) -> bytes:
@@ -61,14 +77,7 @@ def load_or_create_key(data_dir: str) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        try:
-            return decode_key(read_private_file(path))
-        except InsecurePermissionsError as e:
-            raise DataDirError(str(e)) from None
-        except InvalidKey as e:
-            raise DataDirError(f"{path}: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataDirError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+        return read_key_file(path)
     except OSError as e:
         raise DataDirError(f"{path}: {e.strerror or e}") from None
     key = generate_private_key()

@@ -14,22 +14,17 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from twistvpn.node.config import (
-    ConfigError,
-    InsecurePermissionsError,
-    load_config,
-    read_private_file,
-)
+from twistvpn.node.config import ConfigError, InsecurePermissionsError, load_config
 from twistvpn.node.joined_service import (
     DEFAULT_PORT,
-    DataDirError,
     JoinedNodeService,
+    KeyFileError,
     load_or_create_key,
+    read_key_file,
 )
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
 from twistvpn.rendezvous.tls import TLSConfigError, parse_address
-from twistvpn.wireguard.keys import InvalidKey, decode_key
 
 NAME_LENGTH = 64
 
@@ -112,13 +107,9 @@ class Options(usage.Options):
         key_file = self["private-key-file"]
         if key_file:
             try:
-                key = decode_key(read_private_file(key_file))
-            except InsecurePermissionsError as e:
+                key = read_key_file(key_file)
+            except KeyFileError as e:
                 raise usage.UsageError(str(e)) from None
-            except InvalidKey as e:
-                raise usage.UsageError(f"{key_file}: {e}") from None
-            except (OSError, UnicodeDecodeError) as e:
-                raise usage.UsageError(f"{key_file}: {getattr(e, 'strerror', None) or e}") from None
             self["parsed"] = dataclasses.replace(self["parsed"], private_key=key)
 
 
@@ -156,7 +147,7 @@ class Options(usage.Options):
         self["port"] = port
         try:
             self["private_key"] = load_or_create_key(self["data-dir"])
-        except DataDirError as e:
+        except KeyFileError as e:
             raise usage.UsageError(str(e)) from None
 
 
@@ -188,10 +179,15 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         if config["control-dir"]
         else None
     )
+
+    def open_tun(name: str, mtu: int) -> TunDevice:
+        return TunDevice(reactor, name, mtu)
+
+    node: service.Service
     if config["mode"] == "joined":
         from twistvpn.relay.transport import tls_stream_connector
 
-        node: service.Service = JoinedNodeService(
+        node = JoinedNodeService(
             reactor,
             data_dir=config["data-dir"],
             private_key=config["private_key"],
@@ -200,22 +196,20 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
             name=config["name"],
             port=config["port"],
             interface_name=config["interface"],
-            open_tun=lambda name, mtu: TunDevice(reactor, name, mtu),
+            open_tun=open_tun,
             make_device=WireGuardDevice,
             connect_stream=tls_stream_connector(reactor),
             control_socket=control_socket,
         )
-        node.setName("node")
-        node.setServiceParent(top)
-        return top
-    node = StaticNodeService(
-        reactor,
-        config["parsed"],
-        interface_name=config["interface"],
-        open_tun=lambda name, mtu: TunDevice(reactor, name, mtu),
-        make_device=WireGuardDevice,
-        control_socket=control_socket,
-    )
+    else:
+        node = StaticNodeService(
+            reactor,
+            config["parsed"],
+            interface_name=config["interface"],
+            open_tun=open_tun,
+            make_device=WireGuardDevice,
+            control_socket=control_socket,
+        )
     node.setName("node")
     node.setServiceParent(top)
     return top
