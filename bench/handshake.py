@@ -24,7 +24,7 @@ from typing import Any
 from benchjson import save
 from twisted.internet.task import Clock
 
-from twistvpn.lab import columns
+from twistvpn.table import columns
 from twistvpn.wireguard.device import WireGuardDevice
 from twistvpn.wireguard.keys import generate_preshared_key, generate_private_key
 from twistvpn.wireguard.messages import REKEY_TIMEOUT

@@ -30,7 +30,7 @@ from typing import Any
 
 from benchjson import save
 
-from twistvpn.lab import columns
+from twistvpn.table import columns
 from twistvpn.testing import netns
 from twistvpn.testing.netns import TWISTVPN, WIREGUARD_GO
 
