@@ -24,7 +24,6 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from twistvpn import __version__
@@ -209,8 +208,8 @@ class RendezvousService(MultiService):
                 _listen_udp, reactor, port, protocol, interface=udp_interface
             )
             self._udp.append(self._add(f"udp{which}", listen))
-        wrapped = TLSMemoryBIOFactory(
-            tls.server_options(data.cert_pem, data.key_pem), False, self.control_factory
+        wrapped = tls.server_factory(
+            tls.server_options(data.cert_pem, data.key_pem), self.control_factory
         )
         self.control = self._add(
             "control", lambda: serverFromString(reactor, control).listen(wrapped)
