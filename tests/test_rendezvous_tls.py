@@ -1,6 +1,7 @@
 """
-The control channel over real TLS on loopback (port 0): pinning by
-fingerprint, CA-verified hostnames, and refusal on either mismatch.
+The control channel's TLS 1.3 handshake (L{twistvpn.rendezvous.channel}) on
+loopback (port 0): pinning by fingerprint, CA-verified hostnames, and
+refusal on either mismatch.
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor
-from twisted.internet.address import IPv4Address
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_rendezvous_support import RecordingListener
 from twistvpn.rendezvous import tls
+from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import get_db
@@ -96,80 +93,6 @@ class Addresses(SynchronousTestCase):
         self.assertRaises(tls.TLSConfigError, tls.server_options, b"junk", b"junk")
 
 
-class _Sender(Protocol):
-    """Writes one large message as soon as the connection exists."""
-
-    payload = bytes(range(256)) * 80  # 20 KiB: a map of about 100 members
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.payload)
-
-
-class _Receiver(Protocol):
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-
-
-class SmallRecords(SynchronousTestCase):
-    """The control listener's TLS writes small records (see tls.SmallRecordTLSProtocol)."""
-
-    def exchange(self, server_factory: TLSMemoryBIOFactory) -> tuple[bytes, list[int]]:
-        """What the client's application received, and the length of every TLS record."""
-        cert, _ = self.cert_key
-        creator = tls.PinnedCertificateCreator("127.0.0.1", tls.fingerprint(cert))
-        receiver = _Receiver()
-        client_factory = TLSMemoryBIOFactory(
-            creator, True, Factory.forProtocol(lambda: receiver), clock=self.clock
-        )
-        address = IPv4Address("TCP", "127.0.0.1", 1)
-        server = server_factory.buildProtocol(address)
-        client = client_factory.buildProtocol(address)
-        raw: list[bytes] = []
-        deliver = client.dataReceived
-
-        def record(data: bytes) -> None:
-            raw.append(data)
-            deliver(data)
-
-        client.dataReceived = record  # type: ignore[method-assign]
-        pump = iosim.connect(
-            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
-            greet=False, clock=self.clock,
-        )
-        pump.flush()
-        stream = b"".join(raw)
-        lengths = []
-        while stream:
-            length = int.from_bytes(stream[3:5], "big")
-            lengths.append(length)
-            stream = stream[5 + length :]
-        return b"".join(receiver.received), lengths
-
-    def setUp(self) -> None:
-        self.clock = Clock()  # Twisted's TLS aggregates writes until the next turn
-        self.cert_key = tls.make_self_signed("127.0.0.1")
-        self.options = tls.server_options(*self.cert_key)
-
-    def test_records_are_small(self) -> None:
-        received, lengths = self.exchange(
-            tls.server_factory(self.options, Factory.forProtocol(_Sender))
-        )
-        self.assertEqual(received, _Sender.payload)
-        # A record's overhead is the AEAD tag and the inner content type.
-        self.assertLessEqual(max(lengths), tls.RECORD_SIZE + 17)
-
-    def test_twisted_default_writes_large_records(self) -> None:
-        """The case this guards against: Twisted's own factory writes 16 KiB records."""
-        received, lengths = self.exchange(
-            TLSMemoryBIOFactory(self.options, False, Factory.forProtocol(_Sender), clock=self.clock)
-        )
-        self.assertEqual(received, _Sender.payload)
-        self.assertGreater(max(lengths), 16384)
-
-
 class Loopback(TestCase):
     """Real sockets on 127.0.0.1, port 0, the real reactor; all closed after."""
 
@@ -179,7 +102,8 @@ class Loopback(TestCase):
         self.controller = Controller(get_db(":memory:"), reactor)
         factory = ControlServerFactory(self.controller, generate_private_key(), reactor)
         self.addCleanup(factory.close_all)
-        wrapped = tls.server_factory(tls.server_options(cert_pem, key_pem), factory)
+        options = tls.server_options(cert_pem, key_pem, ssl.TLSVersion.TLSv1_3)
+        wrapped = ChannelFactory(options, False, factory)
         d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(wrapped)
 
         def listening(port: object) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from twistvpn.interfaces import IRendezvousListener
 from twistvpn.rendezvous import auth
+from twistvpn.rendezvous.channel import ChannelClientEndpoint
 from twistvpn.rendezvous.netmap import MapDelta, MapError, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
@@ -177,7 +178,7 @@ class RendezvousClient(Service):
         """
         if isinstance(address, str):
             address = parse_address(address)
-        endpoint = wrapClientTLS(
+        endpoint = ChannelClientEndpoint(
             client_creator(address, ca_pem),
             HostnameEndpoint(reactor, address.host, address.port, timeout=CONNECT_TIMEOUT),
         )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, ssl
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
@@ -35,6 +35,7 @@ from twistvpn.relay.service import (
 )
 from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
+from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import DBError, get_db
 from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
@@ -208,9 +209,8 @@ class RendezvousService(MultiService):
                 _listen_udp, reactor, port, protocol, interface=udp_interface
             )
             self._udp.append(self._add(f"udp{which}", listen))
-        wrapped = tls.server_factory(
-            tls.server_options(data.cert_pem, data.key_pem), self.control_factory
-        )
+        control_tls = tls.server_options(data.cert_pem, data.key_pem, ssl.TLSVersion.TLSv1_3)
+        wrapped = ChannelFactory(control_tls, False, self.control_factory)
         self.control = self._add(
             "control", lambda: serverFromString(reactor, control).listen(wrapped)
         )

@@ -22,15 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 SCHEME = "twistvpn"
 DEFAULT_PORT = 8443
-# Plaintext per TLS write on the rendezvous's control connections: see
-# SmallRecordTLSProtocol.
-RECORD_SIZE = 2048
 
 
 class TLSConfigError(ValueError):
@@ -137,7 +133,9 @@ def load_or_create_self_signed(
         return c.read(), k.read()
 
 
-def server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
+def server_options(
+    cert_pem: bytes, key_pem: bytes, minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+) -> ssl.CertificateOptions:
     """
     The server's TLS options: the first certificate in C{cert_pem} is ours,
     the others its chain.
@@ -160,37 +158,8 @@ def server_options(cert_pem: bytes, key_pem: bytes) -> ssl.CertificateOptions:
         privateKey=crypto.PKey.from_cryptography_key(key),
         certificate=crypto.X509.from_cryptography(certs[0]),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        raiseMinimumTo=minimum,
     )
-
-
-class SmallRecordTLSProtocol(TLSMemoryBIOProtocol):
-    """
-    TLS that hands OpenSSL at most L{RECORD_SIZE} bytes per write.
-
-    OpenSSL's memory BIO keeps the largest buffer it ever held, and Twisted
-    writes up to 16 KiB at a time: one map push of that size left every
-    control connection holding ~16 KiB more for good (RSS 173 MiB against
-    139 MiB with 2,000 nodes).  Small writes bound that at ~2 KiB, for about
-    1 % more bytes of record headers on large maps.
-    """
-
-    def write(self, data: bytes) -> None:
-        if len(data) <= RECORD_SIZE:
-            super().write(data)
-            return
-        view = memoryview(data)
-        for offset in range(0, len(data), RECORD_SIZE):
-            super().write(bytes(view[offset : offset + RECORD_SIZE]))
-
-
-def server_factory(
-    options: ssl.CertificateOptions, wrapped: IProtocolFactory
-) -> TLSMemoryBIOFactory:
-    """C{wrapped} behind TLS with small records, for many mostly idle connections."""
-    factory = TLSMemoryBIOFactory(options, False, wrapped)
-    factory.protocol = SmallRecordTLSProtocol
-    return factory
 
 
 @implementer(IOpenSSLClientConnectionCreator)
