@@ -3,12 +3,12 @@ Rendezvous benchmark: N simulated nodes registering, joining and keeping
 alive against a real C{twistd twistvpn-rendezvous} process on loopback
 (`.venv/bin/python bench/rendezvous.py --nodes 10000 --network-size 100`).
 
-Each node is a real L{RendezvousClient}: its own TLS connection pinned to
-the server's fingerprint, a challenge, a proof of possession, a join of its
-public network (authorized on joining).  The nodes are shared among
-C{--workers} client processes, each with its own reactor, so that the
-client side is not one Python process holding the server back; the server
-is what is measured.  Phases, each bounded in time:
+Each node is a real L{RendezvousClient}: its own control channel (a TLS 1.3
+handshake pinned to the server's fingerprint), a challenge, a proof of
+possession, a join of its public network (authorized on joining).  The
+nodes are shared among C{--workers} client processes, each with its own
+reactor, so that the client side is not one Python process holding the
+server back; the server is what is measured.  Phases, each bounded in time:
 
 1. registration: all nodes register and join, at most C{--concurrency} in
    flight overall (TLS handshake + challenge + proof + join): registrations/s;
