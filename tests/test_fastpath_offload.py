@@ -264,6 +264,7 @@ class OffloadTunTests(unittest.TestCase):
         self.device.start_reading(received.append)
         reads = [PLAIN + b"ping", VNET_HEADER.pack(0, VNET_GSO_TCPV4, 52, 1368, 20, 16) + b"big!"]
         self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
+        self.patch(self.device, "_ready", lambda: bool(reads))
         batches: list[int] = []
         self.device.read_batch_window = BatchWindow(
             self.clock, lambda: batches.append(len(received))
@@ -272,6 +273,71 @@ class OffloadTunTests(unittest.TestCase):
         self.assertEqual(received, [b"ping"])
         self.assertEqual(self.device.counters["drop_offload"], 1)
         self.assertEqual(batches, [1])  # flushed once, when the batch ended
+
+    def test_read_after_write(self) -> None:
+        """
+        What the kernel answered to the packets written (an echo reply, an
+        ACK) is read and its batch flushed as soon as the writes are done.
+        """
+        received: list[bytes] = []
+        answers: list[bytes] = []
+
+        def read(fd: int, size: int) -> bytes:
+            return answers.pop(0) if answers else _again()
+
+        def write(fd: int, data: bytes) -> int:
+            self._write(fd, data)
+            answers.append(PLAIN + b"reply")  # answered within the write
+            return len(data)
+
+        self.patch(os, "read", read)
+        self.patch(os, "write", write)
+        self.patch(self.device, "_ready", lambda: bool(answers))
+        sent: list[int] = []
+        self.device.read_batch_window = BatchWindow(
+            self.clock, lambda: sent.append(len(received))
+        )
+        self.device.start_reading(received.append)
+        self.device.write(b"\x45" + bytes(19))
+        self.device.flush()
+        self.assertEqual(received, [b"reply"])
+        self.assertEqual(sent, [1])
+        self.assertEqual(self.device.counters["read_after_write"], 1)
+        # Nothing answered: no read (that would only find the queue empty).
+        self.patch(os, "write", self._write)
+        self.device.write(b"\x45" + bytes(19))
+        self.device.flush()
+        self.assertEqual(self.device.counters["read_after_write"], 1)
+        self.patch(os, "write", write)
+        # Without a reader (or with the option off) nothing is read.
+        self.device.read_after_write = False
+        self.device.write(b"\x45" + bytes(19))
+        self.device.flush()
+        self.assertEqual(received, [b"reply"])
+        self.device.read_after_write = True
+        self.device.stop_reading()
+        self.device.write(b"\x45" + bytes(19))
+        self.device.flush()
+        self.assertEqual(self.device.counters["read_after_write"], 1)
+        self.assertEqual(len(self.written), 4)
+
+    def test_no_read_after_write_inside_a_read(self) -> None:
+        """A write flushed while a batch is being read does not read again."""
+        reads = [PLAIN + b"one", PLAIN + b"two"]
+        self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
+        self.patch(self.device, "_ready", lambda: True)
+        received: list[bytes] = []
+
+        def receive(packet: bytes) -> None:
+            received.append(packet)
+            self.device.write(b"\x45" + bytes(19))
+            self.device.flush()
+
+        self.device.start_reading(receive)
+        self.device.doRead()
+        self.assertEqual(received, [b"one", b"two"])
+        self.assertEqual(self.device.counters["read_after_write"], 0)
+        self.assertEqual(len(self.written), 2)
 
 
 def _again() -> bytes:

@@ -173,6 +173,30 @@ class TunDeviceTests(unittest.TestCase):
         self.device.stop_reading()
         self.assertEqual(self.reactor.readers, [])
 
+    def test_lone_packet_read_once(self) -> None:
+        """
+        A packet alone in the queue takes one read: the device asks whether
+        more is queued instead of reading until EAGAIN.
+        """
+        received: list[bytes] = []
+        self.device.start_reading(received.append)
+        reads: list[int] = []
+        real_read = os.read
+
+        def counting(fd: int, size: int) -> bytes:
+            reads.append(fd)
+            return real_read(fd, size)
+
+        self.patch(os, "read", counting)
+        self.device._read_size = 1
+        os.write(self.made[0].kernel_side, b"x")
+        self.device.doRead()
+        self.assertEqual((len(received), len(reads)), (1, 1))
+        os.write(self.made[0].kernel_side, b"xyz")
+        self.device.doRead()  # more than one: read until the queue is empty
+        self.assertEqual((len(received), len(reads)), (4, 5))
+        self.assertEqual(self.device.counters["read_error"], 0)
+
     def test_receiver_error_contained(self) -> None:
         def broken(packet: bytes) -> None:
             raise RuntimeError("bug")

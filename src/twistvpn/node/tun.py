@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
-from twistvpn.node.fastpath import BatchWindow, hold
+from twistvpn.node.fastpath import BatchWindow, Readiness, hold
 from twistvpn.node.offload import (
     VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE,
@@ -184,6 +184,7 @@ class TunDevice(_TunBase):
         mtu: int = DEFAULT_MTU,
         iproute: Any = None,
         offload: bool = True,
+        read_after_write: bool = True,
     ) -> None:
         import pytun  # only the real device needs the C extension
 
@@ -197,6 +198,8 @@ class TunDevice(_TunBase):
         except OSError as e:
             raise TunError(_explain(name, e)) from e
         self.offload = offload
+        # Read at once after writing a batch (see flush).
+        self.read_after_write = read_after_write
         # Held while a batch is read (the UDP sender's, so that what the
         # batch encrypted is sent when it ends).
         self.read_batch_window: BatchWindow | None = None
@@ -207,6 +210,7 @@ class TunDevice(_TunBase):
         self._log_prefix = f"TunDevice({self.name})"
         self._fd = self._tun.fileno()
         os.set_blocking(self._fd, False)
+        self._ready = Readiness(self._fd)
         # Room for a packet bigger than the MTU, so that one is read whole
         # and can be counted rather than split.
         self._read_size = max(mtu, 1500) + 64 + (VNET_HEADER_SIZE if offload else 0)
@@ -223,6 +227,7 @@ class TunDevice(_TunBase):
             self._ipr.close()
             raise
         self._reading = False
+        self._in_read = False
         self._closed = False
 
     # -- IReadDescriptor --------------------------------------------------------
@@ -234,7 +239,11 @@ class TunDevice(_TunBase):
         return self._log_prefix
 
     def doRead(self) -> None:
-        hold(self.read_batch_window, self._read_batch)
+        self._in_read = True
+        try:
+            hold(self.read_batch_window, self._read_batch)
+        finally:
+            self._in_read = False
 
     def _read_batch(self) -> None:
         receiver = self._receiver
@@ -244,7 +253,12 @@ class TunDevice(_TunBase):
         size = self._read_size
         offload = self.offload
         counters = self.counters
-        for _ in range(READ_BATCH):
+        ready = self._ready
+        for n in range(READ_BATCH):
+            if n == 1 and not ready():
+                # One packet per wake-up (an idle flow's): spare the read
+                # that would fail.  Under load the batch goes on as before.
+                return
             try:
                 packet = os.read(fd, size)
             except BlockingIOError:
@@ -305,7 +319,16 @@ class TunDevice(_TunBase):
         pending.append(packet)
 
     def flush(self) -> None:
-        """Write what this reactor iteration delivered, TCP segments joined."""
+        """
+        Write what this reactor iteration delivered, TCP segments joined;
+        then read what the writes made the kernel answer.
+
+        The kernel answers an ICMP echo request and acknowledges TCP
+        segments in the write itself, so the answer is in the device's queue
+        when the write returns: reading it now sends it on in the same
+        wake-up, with warm caches, instead of after another trip through the
+        reactor (about 40 µs of an idle round trip).
+        """
         pending = self._pending
         if not pending or self._closed:
             return
@@ -313,6 +336,9 @@ class TunDevice(_TunBase):
         self.counters["tx_packets"] += len(pending)
         for data in coalesce(pending):
             self._write(data)
+        if self.read_after_write and self._reading and not self._in_read and self._ready():
+            self.counters["read_after_write"] += 1
+            self.doRead()
 
     def _write(self, data: bytes) -> None:
         try:
@@ -372,6 +398,7 @@ class TunDevice(_TunBase):
             self.remove_route(route)
         self._ignore_missing(self._ipr.link, "del", index=self._index)
         self._closed = True
+        self._ready.close()
         self._tun.close()
         self._ipr.close()
 
