@@ -243,6 +243,7 @@ class LoopbackTests(unittest.TestCase):
         self.port = GROPort(0, self.recorder, "127.0.0.1", fastpath.GRO_BUFFER, MemoryReactor())
         self.port.startListening()
         self.addCleanup(self.port.socket.close)
+        self.addCleanup(self.port.connectionLost)
         self.address = ("127.0.0.1", self.port.getHost().port)
         self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(self.sender.close)
@@ -283,3 +284,25 @@ class LoopbackTests(unittest.TestCase):
         )
         self.port.doRead()  # nothing left: returns without blocking
         self.assertEqual(len(self.recorder.received), 3)
+
+    def test_lone_datagram_read_once(self) -> None:
+        """
+        With nothing more queued the port does not read again (a read that
+        finds the queue empty raises, which is slow with cold caches).
+        """
+        real = self.port.socket
+        calls: list[int] = []
+
+        class Counting:
+            def recvmsg(self, *args: Any) -> Any:
+                calls.append(1)
+                return real.recvmsg(*args)
+
+        self.patch(self.port, "socket", Counting())
+        self.sender.sendto(b"one", self.address)
+        self.port.doRead()
+        self.assertEqual((len(self.recorder.received), len(calls)), (1, 1))
+        self.sender.sendto(b"two", self.address)
+        self.sender.sendto(b"three", self.address)
+        self.port.doRead()
+        self.assertEqual((len(self.recorder.received), len(calls)), (3, 3))
