@@ -5,6 +5,7 @@ L{Clock}, no sockets, no real time.
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -24,6 +25,7 @@ from twistvpn.wire import (
     WG_TRANSPORT_DATA,
 )
 from twistvpn.wireguard import keys
+from twistvpn.wireguard.device import _Timer
 from twistvpn.wireguard.messages import (
     KEEPALIVE_TIMEOUT,
     REJECT_AFTER_MESSAGES,
@@ -419,6 +421,62 @@ class TransportTests(SynchronousTestCase):
         a.send_packet(A_TO_B)
         self.assertEqual(a.counters["drop_closed"], 1)
         self.assertIsNone(a.get_peer(b.public_key).current)
+
+
+class RestartableTimerTests(SynchronousTestCase):
+    """
+    L{_Timer} fires at its last deadline, however often it was moved or
+    stopped, without making a reactor call per move.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.fired: list[float] = []
+        self.timer = _Timer(self.clock, lambda: self.fired.append(self.clock.seconds()))
+
+    def test_moved_later_fires_at_the_new_deadline(self) -> None:
+        self.timer.mod(10)
+        self.clock.advance(4)
+        for _ in range(100):
+            self.timer.mod(10)  # every packet pushes it on: no new calls
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertTrue(self.timer.pending)
+        self.clock.advance(6)  # the first call fires early and waits on
+        self.assertEqual(self.fired, [])
+        self.clock.advance(4)
+        self.assertEqual(self.fired, [14])
+        self.assertFalse(self.timer.pending)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_moved_earlier(self) -> None:
+        self.timer.mod(10)
+        self.timer.mod(2)
+        self.clock.advance(2)
+        self.assertEqual(self.fired, [2])
+
+    def test_stopped_does_not_fire(self) -> None:
+        self.timer.mod(10)
+        self.timer.stop()
+        self.assertFalse(self.timer.pending)
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Stopped, then armed again before the old call fired.
+        self.timer.mod(10)
+        self.clock.advance(5)
+        self.timer.stop()
+        self.timer.mod(10)
+        self.clock.advance(5)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(5)
+        self.assertEqual(self.fired, [25])
+
+    def test_cancel_removes_the_call(self) -> None:
+        self.timer.mod(10)
+        self.timer.cancel()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [])
 
 
 class TimerTests(SynchronousTestCase):

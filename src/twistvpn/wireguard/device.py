@@ -79,36 +79,63 @@ _INF = math.inf
 
 
 class _Timer:
-    """One restartable timer on the injected clock (wireguard-go's C{Timer})."""
+    """
+    One restartable timer on the injected clock (wireguard-go's C{Timer}).
 
-    __slots__ = ("_clock", "_function", "call")
+    Per-packet code moves and stops timers all the time (every packet sent
+    arms one, every packet received stops it), so both only write
+    C{deadline}: a reactor call, once made, stays and is moved only when it
+    would fire too late.  When it fires before the deadline (the timer was
+    moved later) it is made again for the rest; when the timer was stopped
+    it does nothing.  L{cancel} removes the call itself.
+    """
+
+    __slots__ = ("_clock", "_function", "_call", "deadline")
 
     def __init__(self, clock: Any, function: Callable[[], None]) -> None:
         self._clock = clock
         self._function = function
-        # The pending call, or None: per-packet code tests it directly.
-        self.call: Any = None  # an IDelayedCall
+        self._call: Any = None  # the reactor call (IDelayedCall), or None
+        # When the timer fires (clock seconds), None when it is not
+        # pending: per-packet code tests it directly.
+        self.deadline: float | None = None
 
     @property
     def pending(self) -> bool:
-        return self.call is not None
+        return self.deadline is not None
 
     def mod(self, delay: float) -> None:
         """Fire C{delay} seconds from now, whether or not already pending."""
-        call = self.call
-        if call is not None:
+        clock = self._clock
+        deadline = clock.seconds() + delay
+        self.deadline = deadline
+        call = self._call
+        if call is None:
+            self._call = clock.callLater(delay, self._fire)
+        elif call.getTime() > deadline:
             call.reset(delay)
-        else:
-            self.call = self._clock.callLater(delay, self._fire)
 
     def stop(self) -> None:
-        call = self.call
+        self.deadline = None
+
+    def cancel(self) -> None:
+        """Stop, and take the reactor call away too (the peer is going)."""
+        self.deadline = None
+        call = self._call
         if call is not None:
-            self.call = None
+            self._call = None
             call.cancel()
 
     def _fire(self) -> None:
-        self.call = None
+        self._call = None
+        deadline = self.deadline
+        if deadline is None:
+            return
+        remaining = deadline - self._clock.seconds()
+        if remaining > 0:
+            self._call = self._clock.callLater(remaining, self._fire)
+            return
+        self.deadline = None
         self._function()
 
 
@@ -236,7 +263,7 @@ class Peer:
         if (
             endpoint is not None
             and self.handshake is not None
-            and self.timer_retransmit_handshake.call is not None
+            and self.timer_retransmit_handshake.deadline is not None
             and endpoint != self.last_initiation_endpoint
         ):
             self.send_initiation(True, new_endpoint=True)
@@ -316,7 +343,7 @@ class Peer:
             MESSAGE_TRANSPORT, keypair.remote_index, counter
         ) + keypair.send.encrypt(NONCE.pack(counter), packet, None)
         self.transmit(message, now)
-        if length and self.timer_new_handshake.call is None:
+        if length and self.timer_new_handshake.deadline is None:
             # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT.
             self.timer_new_handshake.mod(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + device._jitter())
         # keep the key fresh
@@ -335,13 +362,13 @@ class Peer:
             self._device._send_datagram(message, endpoint)
             self.tx_bytes += len(message)
         self.traversed(now)
-        if self.timer_send_keepalive.call is not None:
+        if self.timer_send_keepalive.deadline is not None:
             self.timer_send_keepalive.stop()  # this packet does its job
 
     def traversed(self, now: float) -> None:
         """An authenticated packet went either way: persistent keepalive restarts."""
         self.last_traversal = now
-        if self.persistent_keepalive and self.timer_persistent_keepalive.call is None:
+        if self.persistent_keepalive and self.timer_persistent_keepalive.deadline is None:
             self.timer_persistent_keepalive.mod(self.persistent_keepalive)
 
     def authenticated_received(self, addr: Endpoint, size: int, now: float) -> None:
@@ -349,7 +376,7 @@ class Peer:
         self._endpoint = addr  # the peer is talking to us: nothing to resend
         self.rx_bytes += size
         self.traversed(now)
-        if self.timer_new_handshake.call is not None:
+        if self.timer_new_handshake.deadline is not None:
             self.timer_new_handshake.stop()  # we heard back
 
     def send_initiation(self, is_retry: bool, new_endpoint: bool = False) -> None:
@@ -464,7 +491,7 @@ class Peer:
             self.timer_zero_key_material,
             self.timer_persistent_keepalive,
         ):
-            timer.stop()
+            timer.cancel()
 
     # -- timer expiry (wireguard-go device/timers.go) ------------------------------
 
@@ -777,7 +804,7 @@ class WireGuardDevice:
         if not plaintext:
             self.counters["keepalive_received"] += 1
             return
-        if peer.timer_send_keepalive.call is not None:
+        if peer.timer_send_keepalive.deadline is not None:
             peer.need_another_keepalive = True
         else:
             peer.timer_send_keepalive.mod(KEEPALIVE_TIMEOUT)
