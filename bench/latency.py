@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from benchjson import save
-from throughput import SETUPS, _median, build, ping_rtts
+from throughput import SETUPS, _median, add_run_options, build, ping_rtts
 
 from twistvpn.table import columns
 from twistvpn.testing import netns
@@ -45,14 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pings", type=int, default=100, help="pings 50 ms apart")
     parser.add_argument("--busy-pings", type=int, default=300, help="pings 2 ms apart")
-    parser.add_argument("--runs", type=int, default=5, help="runs of every set-up (medians)")
-    parser.add_argument(
-        "--only",
-        action="append",
-        choices=[name for name, _ in LATENCY_SETUPS],
-        help="run only these set-ups (repeatable)",
-    )
-    parser.add_argument("--no-save", action="store_true", help="do not write JSON")
+    add_run_options(parser, [name for name, _ in LATENCY_SETUPS], runs=5)
     args = parser.parse_args(argv)
     missing = netns.missing_requirements("wireguard-go", "wg", "ping")
     if missing:

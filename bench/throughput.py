@@ -234,20 +234,22 @@ def table(summary: list[dict[str, Any]]) -> str:
     return columns(header, rows)
 
 
+def add_run_options(parser: argparse.ArgumentParser, names: list[str], runs: int) -> None:
+    """The options every namespace benchmark here takes: --runs, --only, --no-save."""
+    parser.add_argument("--runs", type=int, default=runs, help="runs of every set-up (medians)")
+    parser.add_argument(
+        "--only", action="append", choices=names, help="run only these set-ups (repeatable)"
+    )
+    parser.add_argument("--no-save", action="store_true", help="do not write JSON")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10, help="iperf3 TCP duration")
     parser.add_argument("--udp-seconds", type=float, default=5, help="iperf3 UDP duration")
     parser.add_argument("--udp-rate", default="1G", help="iperf3 UDP offered rate (-b)")
     parser.add_argument("--pings", type=int, default=20, help="pings per set-up")
-    parser.add_argument("--runs", type=int, default=3, help="runs of every set-up (medians)")
-    parser.add_argument(
-        "--only",
-        action="append",
-        choices=[name for name, _ in SETUPS],
-        help="run only these set-ups (repeatable)",
-    )
-    parser.add_argument("--no-save", action="store_true", help="do not write JSON")
+    add_run_options(parser, [name for name, _ in SETUPS], runs=3)
     args = parser.parse_args(argv)
     missing = netns.missing_requirements("wireguard-go", "wg", "iperf3", "ping")
     if missing:
