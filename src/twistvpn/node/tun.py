@@ -223,6 +223,7 @@ class TunDevice(_TunBase):
             self._index: int = self._ipr.link_lookup(ifname=self.name)[0]
             self._ipr.link("set", index=self._index, mtu=mtu)
         except Exception:
+            self._ready.close()
             self._tun.close()
             self._ipr.close()
             raise
