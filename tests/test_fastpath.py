@@ -17,6 +17,7 @@ from twistvpn.node.fastpath import (
     SOL_UDP,
     UDP_GRO,
     UDP_SEGMENT,
+    AnswerWait,
     BatchWindow,
     DatagramBatcher,
     GROPort,
@@ -306,3 +307,103 @@ class LoopbackTests(unittest.TestCase):
         self.sender.sendto(b"three", self.address)
         self.port.doRead()
         self.assertEqual((len(self.recorder.received), len(calls)), (3, 3))
+
+
+class AnswerWaitTests(unittest.TestCase):
+    """The bounded wait for an answer, on a fake timer (no real time passes)."""
+
+    def setUp(self) -> None:
+        self.now = 0.0
+        self.pauses = 0
+        self.queued = False
+        self.reads = 0
+        self.counters: Counter[str] = Counter()
+
+    def _timer(self) -> float:
+        return self.now
+
+    def _pause(self) -> None:
+        self.pauses += 1
+        self.now += 10e-6  # every look gives the CPU away for 10 us
+        if self.pauses == self.arrives_after:
+            self.queued = True
+
+    def _read(self) -> None:
+        self.reads += 1
+        self.queued = False
+
+    def wait(self, budget: float = 100e-6, max_looks: int = 1000) -> AnswerWait:
+        return AnswerWait(
+            budget,
+            lambda: self.queued,
+            self._read,
+            self.counters,
+            timer=self._timer,
+            pause=self._pause,
+            max_looks=max_looks,
+        )
+
+    def test_answer_read_when_it_comes(self) -> None:
+        self.arrives_after = 3
+        self.assertTrue(self.wait()())
+        self.assertEqual((self.reads, self.pauses), (1, 3))
+        self.assertEqual(self.counters["answer_wait_hit"], 1)
+
+    def test_bounded_in_time(self) -> None:
+        self.arrives_after = 10**6
+        self.assertFalse(self.wait(budget=100e-6)())
+        self.assertEqual(self.reads, 0)
+        self.assertEqual(self.pauses, 10)  # 100 us of 10 us pauses
+        self.assertEqual(self.counters["answer_wait_miss"], 1)
+
+    def test_bounded_in_looks(self) -> None:
+        self.arrives_after = 10**6
+        self.assertFalse(self.wait(budget=1.0, max_looks=5)())
+        self.assertEqual(self.pauses, 5)
+
+    def test_not_reentered(self) -> None:
+        """What the answer sets off (another lone packet sent) does not wait again."""
+        self.arrives_after = 1
+        wait = self.wait()
+        nested: list[bool] = []
+
+        def read() -> None:
+            self._read()
+            nested.append(wait())
+
+        wait._read = read
+        self.assertTrue(wait())
+        self.assertEqual(nested, [False])
+        self.assertEqual(self.counters["answer_wait_hit"], 1)
+
+    def test_port_readable(self) -> None:
+        port = GROPort(0, Recorder(), "127.0.0.1", fastpath.GRO_BUFFER, MemoryReactor())
+        self.assertFalse(port.readable())  # not listening yet
+        port.startListening()
+        self.addCleanup(port.socket.close)
+        self.addCleanup(port.connectionLost)
+        self.assertFalse(port.readable())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", ("127.0.0.1", port.getHost().port))
+        self.assertTrue(port.readable())
+
+
+class AnswerWaitOptionTests(unittest.TestCase):
+    """twistvpn-node's --answer-wait-us, which sets the TUN device's wait."""
+
+    def test_default_and_validation(self) -> None:
+        from twisted.python import usage
+
+        from twistvpn.node import node_tap
+
+        def parse(*extra: str) -> usage.Options:
+            options = node_tap.Options()
+            self.patch(node_tap, "load_config", lambda path: object())
+            options.parseOptions(["--config", "wg0.conf", *extra])
+            return options
+
+        self.assertEqual(parse()["answer-wait-us"], round(fastpath.DEFAULT_ANSWER_WAIT * 1e6))
+        self.assertEqual(parse("--answer-wait-us", "0")["answer-wait-us"], 0)
+        for bad in ("-1", "10001", "soon"):
+            e = self.assertRaises(usage.UsageError, parse, "--answer-wait-us", bad)
+            self.assertIn("--answer-wait-us", str(e))

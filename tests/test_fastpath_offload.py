@@ -339,6 +339,36 @@ class OffloadTunTests(unittest.TestCase):
         self.assertEqual(self.device.counters["read_after_write"], 0)
         self.assertEqual(len(self.written), 2)
 
+    def test_wait_for_an_answer_after_a_lone_packet(self) -> None:
+        """
+        The device calls after_lone_read when a read (from the reactor, or
+        right after a write) delivered exactly one packet; never after a
+        batch, which is bulk traffic.
+        """
+        reads: list[bytes] = []
+        self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
+        self.patch(self.device, "_ready", lambda: bool(reads))
+        waits: list[int] = []
+        self.device.after_lone_read = lambda: waits.append(1)
+        self.device.start_reading(lambda packet: None)
+        reads.append(PLAIN + b"ping")
+        self.device.doRead()
+        self.assertEqual(waits, [1])
+        reads.extend([PLAIN + b"one", PLAIN + b"two"])
+        self.device.doRead()
+        self.assertEqual(waits, [1])
+        self.device.doRead()  # nothing to read: no wait either
+        self.assertEqual(waits, [1])
+
+        def write(fd: int, data: bytes) -> int:
+            reads.append(PLAIN + b"reply")
+            return len(data)
+
+        self.patch(os, "write", write)
+        self.device.write(b"\x45" + bytes(19))
+        self.device.flush()
+        self.assertEqual(waits, [1, 1])
+
 
 def _again() -> bytes:
     raise BlockingIOError(11, "again")

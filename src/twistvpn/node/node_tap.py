@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from twistvpn.node.config import ConfigError, InsecurePermissionsError, load_config
+from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT
 from twistvpn.node.joined_service import (
     DEFAULT_PORT,
     JoinedNodeService,
@@ -27,6 +28,7 @@ from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
 from twistvpn.rendezvous.tls import TLSConfigError, parse_address
 
 NAME_LENGTH = 64
+MAX_ANSWER_WAIT_US = 10_000
 
 
 class Options(usage.Options):
@@ -56,6 +58,14 @@ class Options(usage.Options):
             "reads, as wireguard-go's; empty: none.",
         ],
         [
+            "answer-wait-us",
+            None,
+            str(round(DEFAULT_ANSWER_WAIT * 1e6)),
+            "After sending a lone packet, look for its answer this many microseconds "
+            "(yielding the CPU between looks) before sleeping in the reactor: lower "
+            "latency for request/response traffic; 0: never wait (0 to 10000).",
+        ],
+        [
             "private-key-file",
             None,
             None,
@@ -79,6 +89,15 @@ class Options(usage.Options):
             self["interface"] = validate_interface_name(self["interface"])
         except ValueError as e:
             raise usage.UsageError(f"--interface: {e}") from None
+        wait = self["answer-wait-us"]
+        try:
+            wait = int(wait)
+        except (TypeError, ValueError):
+            raise usage.UsageError(f"--answer-wait-us: {wait!r} is not a number") from None
+        if not 0 <= wait <= MAX_ANSWER_WAIT_US:
+            raise usage.UsageError(
+                f"--answer-wait-us: {wait} is out of range (0 to {MAX_ANSWER_WAIT_US})")
+        self["answer-wait-us"] = wait
         joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
         if self["join"]:
             joined.append("join")
@@ -181,7 +200,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     )
 
     def open_tun(name: str, mtu: int) -> TunDevice:
-        return TunDevice(reactor, name, mtu)
+        return TunDevice(reactor, name, mtu, answer_wait=config["answer-wait-us"] / 1e6)
 
     node: service.Service
     if config["mode"] == "joined":

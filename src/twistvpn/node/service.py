@@ -22,7 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from twistvpn.node.config import InterfaceConfig, PeerConfig
-from twistvpn.node.fastpath import DatagramBatcher, listen_udp
+from twistvpn.node.fastpath import AnswerWait, DatagramBatcher, listen_udp
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.tun import DEFAULT_MTU
 from twistvpn.node.uapi import PeerStatus, UAPIFactory, claim_socket_path, format_get
@@ -254,6 +254,11 @@ class StaticNodeService(service.Service):
             tun.read_batch_window = self._batcher.window
         if hasattr(listening, "read_batch_window") and hasattr(tun, "window"):
             listening.read_batch_window = tun.window
+        if getattr(tun, "answer_wait", 0) and hasattr(listening, "readable"):
+            # A lone packet sent: look for its answer before sleeping.
+            tun.after_lone_read = AnswerWait(
+                tun.answer_wait, listening.readable, listening.doRead, tun.counters
+            )
         return listening
 
     def stopService(self) -> Deferred[Any]:

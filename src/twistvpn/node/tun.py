@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
-from twistvpn.node.fastpath import BatchWindow, Readiness, hold
+from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, hold
 from twistvpn.node.offload import (
     VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE,
@@ -185,6 +185,7 @@ class TunDevice(_TunBase):
         iproute: Any = None,
         offload: bool = True,
         read_after_write: bool = True,
+        answer_wait: float = DEFAULT_ANSWER_WAIT,
     ) -> None:
         import pytun  # only the real device needs the C extension
 
@@ -200,6 +201,11 @@ class TunDevice(_TunBase):
         self.offload = offload
         # Read at once after writing a batch (see flush).
         self.read_after_write = read_after_write
+        # Seconds to wait for the answer after sending a lone packet
+        # (fastpath.AnswerWait; 0: never), and the wait itself, which the
+        # node service makes once the socket the answer comes on exists.
+        self.answer_wait = answer_wait
+        self.after_lone_read: Callable[[], object] | None = None
         # Held while a batch is read (the UDP sender's, so that what the
         # batch encrypted is sent when it ends).
         self.read_batch_window: BatchWindow | None = None
@@ -240,16 +246,28 @@ class TunDevice(_TunBase):
         return self._log_prefix
 
     def doRead(self) -> None:
+        self._sent(self._read_now())
+
+    def _sent(self, delivered: int) -> None:
+        """A read delivered C{delivered} packets: wait for an answer if it was one."""
+        if delivered == 1 and self.after_lone_read is not None:
+            self.after_lone_read()
+
+    def _read_now(self) -> int:
+        """Read a batch (holding the sender's window); return the packets delivered."""
         self._in_read = True
         try:
-            hold(self.read_batch_window, self._read_batch)
+            read: list[int] = []
+            hold(self.read_batch_window, lambda: read.append(self._read_batch()))
         finally:
             self._in_read = False
+        return read[0] if read else 0
 
-    def _read_batch(self) -> None:
+    def _read_batch(self) -> int:
         receiver = self._receiver
         if receiver is None:
-            return
+            return 0
+        delivered = 0
         fd = self._fd
         size = self._read_size
         offload = self.offload
@@ -259,19 +277,19 @@ class TunDevice(_TunBase):
             if n == 1 and not ready():
                 # One packet per wake-up (an idle flow's): spare the read
                 # that would fail.  Under load the batch goes on as before.
-                return
+                return delivered
             try:
                 packet = os.read(fd, size)
             except BlockingIOError:
-                return
+                return delivered
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
                 self.counters["read_error"] += 1
                 self.log.warn("reading {name} failed: {error}", name=self.name, error=e)
-                return
+                return delivered
             if not packet:
-                return
+                return delivered
             if offload:
                 # No offloads were enabled, so the kernel has no reason to
                 # send a GSO packet or a partial checksum; refuse them.
@@ -282,13 +300,15 @@ class TunDevice(_TunBase):
                     continue
                 packet = packet[VNET_HEADER_SIZE:]
             counters["rx_packets"] += 1
+            delivered += 1
             try:
                 receiver(packet)
             except Exception:
                 counters["drop_receiver_error"] += 1
                 self.log.failure("packet receiver raised")
             if self._receiver is not receiver:
-                return  # stopped (or replaced) by what it just delivered
+                return delivered  # stopped (or replaced) by what it just delivered
+        return delivered
 
     def connectionLost(self, reason: Failure) -> None:
         self._reading = False
@@ -339,7 +359,7 @@ class TunDevice(_TunBase):
             self._write(data)
         if self.read_after_write and self._reading and not self._in_read and self._ready():
             self.counters["read_after_write"] += 1
-            self.doRead()
+            self._sent(self._read_now())
 
     def _write(self, data: bytes) -> None:
         try:
