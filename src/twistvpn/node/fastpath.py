@@ -33,7 +33,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import udp
 from twisted.python import log
@@ -305,14 +305,16 @@ class AnswerWait:
         return False
 
 
-def hold(window: BatchWindow | None, read: Callable[[], None]) -> None:
+_T = TypeVar("_T")
+
+
+def hold(window: BatchWindow | None, read: Callable[[], _T]) -> _T:
     """Run C{read} (a batch of reads) holding C{window}, if there is one."""
     if window is None:
-        read()
-        return
+        return read()
     window.hold()
     try:
-        read()
+        return read()
     finally:
         window.release()
 

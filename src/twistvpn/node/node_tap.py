@@ -31,6 +31,17 @@ NAME_LENGTH = 64
 MAX_ANSWER_WAIT_US = 10_000
 
 
+def _integer(option: str, value: object, low: int, high: int) -> int:
+    """C{value} as an integer from C{low} to C{high}, or a one-line error naming C{option}."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{option}: {value!r} is not a number") from None
+    if not low <= number <= high:
+        raise usage.UsageError(f"--{option}: {number} is out of range ({low} to {high})")
+    return number
+
+
 class Options(usage.Options):
     synopsis = (
         "--config wg0.conf [--interface NAME]  |  --data-dir DIR --rendezvous "
@@ -89,15 +100,9 @@ class Options(usage.Options):
             self["interface"] = validate_interface_name(self["interface"])
         except ValueError as e:
             raise usage.UsageError(f"--interface: {e}") from None
-        wait = self["answer-wait-us"]
-        try:
-            wait = int(wait)
-        except (TypeError, ValueError):
-            raise usage.UsageError(f"--answer-wait-us: {wait!r} is not a number") from None
-        if not 0 <= wait <= MAX_ANSWER_WAIT_US:
-            raise usage.UsageError(
-                f"--answer-wait-us: {wait} is out of range (0 to {MAX_ANSWER_WAIT_US})")
-        self["answer-wait-us"] = wait
+        self["answer-wait-us"] = _integer(
+            "answer-wait-us", self["answer-wait-us"], 0, MAX_ANSWER_WAIT_US
+        )
         joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
         if self["join"]:
             joined.append("join")
@@ -157,13 +162,7 @@ class Options(usage.Options):
                 "without leading or trailing spaces")
         self["name"] = name
         port = DEFAULT_PORT if self["port"] is None else self["port"]
-        try:
-            port = int(port)
-        except ValueError:
-            raise usage.UsageError(f"--port: {port!r} is not a number") from None
-        if not 0 <= port <= 65535:
-            raise usage.UsageError(f"--port: {port} is out of range (0 to 65535)")
-        self["port"] = port
+        self["port"] = _integer("port", port, 0, 65535)
         try:
             self["private_key"] = load_or_create_key(self["data-dir"])
         except KeyFileError as e:

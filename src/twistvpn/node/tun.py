@@ -257,11 +257,9 @@ class TunDevice(_TunBase):
         """Read a batch (holding the sender's window); return the packets delivered."""
         self._in_read = True
         try:
-            read: list[int] = []
-            hold(self.read_batch_window, lambda: read.append(self._read_batch()))
+            return hold(self.read_batch_window, self._read_batch)
         finally:
             self._in_read = False
-        return read[0] if read else 0
 
     def _read_batch(self) -> int:
         receiver = self._receiver
