@@ -7,6 +7,7 @@ Every process started here is killed by its pid, also on failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -136,6 +137,10 @@ class RealProcess(TestCase):
         self.assertIn("unknown node", err)
         err = yield self.admin(*d, "network", "create", "x", "--subnet", "300.1.0.0/24", expect=1)
         self.assertIn("bad subnet", err)
+
+        status = json.loads((yield self.admin(*d, "status")))
+        self.assertEqual(status["control"]["channel_keyed"], 1)
+        self.assertEqual(status["control"]["channel_failed"], 0)
 
         url = f"http://127.0.0.1:{info['admin_http_port']}"
         token = os.path.join(self.data_dir, "admin-token")

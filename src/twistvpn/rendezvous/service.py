@@ -210,9 +210,9 @@ class RendezvousService(MultiService):
             )
             self._udp.append(self._add(f"udp{which}", listen))
         control_tls = tls.server_options(data.cert_pem, data.key_pem, ssl.TLSVersion.TLSv1_3)
-        wrapped = ChannelFactory(control_tls, False, self.control_factory)
+        self.channel_factory = ChannelFactory(control_tls, False, self.control_factory)
         self.control = self._add(
-            "control", lambda: serverFromString(reactor, control).listen(wrapped)
+            "control", lambda: serverFromString(reactor, control).listen(self.channel_factory)
         )
         self.relay_settings = relays
         self.relays: RendezvousRelays | None = None
@@ -290,7 +290,8 @@ class RendezvousService(MultiService):
             "udp_ports": list(self.udp_ports),
             "admin_http_port": admin_port,
             "discovery": dict(self.discovery.counters),
-            "control": dict(self.control_factory.counters),
+            "control": dict(self.control_factory.counters)
+            | {f"channel_{k}": v for k, v in self.channel_factory.counters.items()},
             "relays": self.relay_status(),
         }
 
