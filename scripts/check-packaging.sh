@@ -10,5 +10,6 @@ python -m venv "$tmp/venv"
 cd "$tmp"
 "$tmp/venv/bin/twistd" twistvpn-node --help >/dev/null
 "$tmp/venv/bin/twistvpn" --help >/dev/null
-"$tmp/venv/bin/twistd" --help | grep -q twistvpn-node
+"$tmp/venv/bin/twistd" --help | grep twistvpn-node >/dev/null
+"$tmp/venv/bin/twistd" --help-reactors | grep -P "^\s*twistvpn\t" >/dev/null
 echo "packaging: ok"

@@ -65,6 +65,20 @@ class ITunDevice(Interface):
         """
 
 
+class IDataPlaneReactor(Interface):
+    """
+    A reactor that can dispatch the data plane's busiest descriptors with
+    less work per event than its other ones.
+    """
+
+    def addDataPlaneReader(reader):
+        """
+        Like C{IReactorFDSet.addReader}, for a reader whose C{doRead} is
+        called directly on a plain read event, without the logging context
+        the reactor otherwise sets up; C{removeReader} removes it.
+        """
+
+
 class IDatagramHandler(Interface):
     """
     Something that consumes one kind of message arriving on the node's UDP

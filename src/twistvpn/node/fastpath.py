@@ -38,6 +38,8 @@ from typing import Any, TypeVar
 from twisted.internet import udp
 from twisted.python import log
 
+from twistvpn.node.reactor import add_reader
+
 # linux/udp.h; Python's socket module does not export them.
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -351,6 +353,9 @@ class GROPort(udp.Port):
             self._ready.close()
             self._ready = None
         super().connectionLost(reason)
+
+    def startReading(self) -> None:
+        add_reader(self.reactor, self)
 
     def readable(self) -> bool:
         """Whether a datagram is queued (asked without reading it)."""

@@ -12,8 +12,10 @@ import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
+from twistvpn.interfaces import IDataPlaneReactor
 from twistvpn.node.config import ConfigError, InsecurePermissionsError, load_config
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT
 from twistvpn.node.joined_service import (
@@ -175,7 +177,19 @@ class _ExitOnStartError(service.MultiService):
     non-zero, rather than a traceback.
     """
 
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+
     def startService(self) -> None:
+        if not IDataPlaneReactor.providedBy(self._reactor):
+            self.log.info(
+                "running on {reactor}; `twistd --reactor twistvpn twistvpn-node ...` "
+                "dispatches the data plane directly (lower latency when idle)",
+                reactor=type(self._reactor).__name__,
+            )
         try:
             super().startService()
         except NodeStartError as e:
@@ -191,7 +205,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     from twistvpn.node.tun import TunDevice
     from twistvpn.wireguard.device import WireGuardDevice
 
-    top = _ExitOnStartError()
+    top = _ExitOnStartError(reactor)
     control_socket = (
         os.path.join(config["control-dir"], f"{config['interface']}.sock")
         if config["control-dir"]

@@ -29,6 +29,7 @@ from twistvpn.node.offload import (
     VNET_HEADER_SIZE,
     coalesce,
 )
+from twistvpn.node.reactor import add_reader
 
 DEFAULT_MTU = 1420
 DEFAULT_NAME = "twvpn0"
@@ -317,7 +318,7 @@ class TunDevice(_TunBase):
         self._receiver = receiver
         if not self._reading and not self._closed:
             self._reading = True
-            self._reactor.addReader(self)
+            add_reader(self._reactor, self)
 
     def stop_reading(self) -> None:
         if self._reading:

@@ -44,6 +44,9 @@ NETNS_DIR = "/run/netns"  # where `ip netns add` puts its names
 COMMAND_TIMEOUT = 20.0
 # twistd of the running interpreter (`python -m twisted` is `twist`, not twistd).
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
+# Nodes run on the reactor that dispatches the data plane directly
+# (twistvpn.node.reactor).
+NODE_REACTOR = ("--reactor", "twistvpn")
 
 
 class HarnessError(RuntimeError):
@@ -712,7 +715,7 @@ def start_joined_node(
     node.process = network.spawn(
         host.namespace,
         [
-            *TWISTD, "-n", "--pidfile=", "twistvpn-node",
+            *TWISTD, *NODE_REACTOR, "-n", "--pidfile=", "twistvpn-node",
             "--data-dir", str(node.data_dir),
             "--rendezvous", rendezvous.url,
             "--join", network_id,
@@ -872,6 +875,7 @@ def start_twistvpn_node(
         namespace,
         [
             *TWISTD,
+            *NODE_REACTOR,
             "-n",
             "--pidfile=",
             "twistvpn-node",
