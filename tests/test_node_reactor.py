@@ -180,3 +180,29 @@ class PluginTests(unittest.TestCase):
         """`twistd --reactor twistvpn` finds this module."""
         found = {r.shortName: getattr(r, "moduleName", None) for r in getReactorTypes()}
         self.assertEqual(found.get("twistvpn"), "twistvpn.node.reactor")
+
+
+class HintTests(unittest.TestCase):
+    """A node started on another reactor says how to get the direct dispatch."""
+
+    def started(self, reactor: Any) -> list[str]:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from twistvpn.node.node_tap import _ExitOnStartError
+
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        top = _ExitOnStartError(reactor)
+        top.startService()
+        top.stopService()
+        return [formatEvent(e) for e in events]
+
+    def test_other_reactor(self) -> None:
+        self.assertTrue(any("--reactor twistvpn" in m for m in self.started(MemoryReactor())))
+
+    def test_data_plane_reactor(self) -> None:
+        reactor = DataPlaneReactor()
+        self.addCleanup(reactor._poller.close)
+        self.addCleanup(reactor.waker.connectionLost, None)
+        self.assertFalse(any("--reactor twistvpn" in m for m in self.started(reactor)))
