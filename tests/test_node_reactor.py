@@ -191,8 +191,9 @@ class HintTests(unittest.TestCase):
         from twistvpn.node.node_tap import _ExitOnStartError
 
         events: list[Any] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer: Any = events.append  # an ILogObserver: a callable taking the event
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         top = _ExitOnStartError(reactor)
         top.startService()
         top.stopService()
