@@ -46,10 +46,8 @@ class HarnessTests(unittest.TestCase):
         internet = self.network.add_switch("net")
         server = self.network.add_namespace("srv")
         internet.attach(server, "203.0.113.10/24")
-        host, _ = self.network.add_host_behind_nat(
-            "h", internet, "203.0.113.1/24", "192.168.7", mode=mode
-        )
-        return host, server
+        site = netns.add_site(self.network, "h", internet, "203.0.113.1", "192.168.7", mode=mode)
+        return site.hosts[0].namespace, server
 
     def udp_source(self, host: str, server: str) -> str | None:
         """The address:port the server sees for the host's UDP, or None."""

@@ -384,30 +384,6 @@ class Network:
             ):
                 self.run(namespace, ["iptables", "-A", "FORWARD", "-i", out_interface, *extra])
 
-    def add_host_behind_nat(
-        self,
-        role: str,
-        internet: Switch,
-        public_address: str,
-        lan: str,
-        *,
-        mode: str = "easy",
-        mtu: int = 1500,
-    ) -> tuple[str, str]:
-        """
-        A host in a LAN (C{lan}, e.g. "192.168.1", a /24) behind a NAT router
-        whose WAN side has C{public_address} (CIDR) on C{internet}.  Return
-        (host namespace, router namespace); the host's address is C{lan}.2,
-        the router's C{lan}.1, and the host's default route goes through it.
-        """
-        router = self.add_namespace(f"{role}r")
-        wan = internet.attach(router, public_address, mtu=mtu)
-        host = self.add_namespace(role)
-        self.veth(host, router, f"{lan}.2/24", f"{lan}.1/24", mtu=mtu)
-        self.add_route(host, "default", f"{lan}.1")
-        self.masquerade(router, wan, mode=mode)
-        return host, router
-
     # -- processes ---------------------------------------------------------------------
 
     def spawn(
