@@ -18,6 +18,10 @@ from twistvpn import cli, lab
 from twistvpn.testing import netns
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LabTests(unittest.TestCase):
     skip = netns.missing_requirements("wireguard-go", "wg", "iperf3", "ping")
     timeout = 120
@@ -56,6 +60,9 @@ class LabTests(unittest.TestCase):
             [sys.executable, "-m", "twistvpn", "lab", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            # As from a terminal: a test run started in the background
+            # (SIGINT ignored, which children inherit) must not hide Ctrl-C.
+            preexec_fn=_default_sigint,
         )
         self.addCleanup(process.kill)
         prefix = f"tvl{process.pid % 0x10000:04x}"
