@@ -156,6 +156,28 @@ class BatcherTests(unittest.TestCase):
         self.batcher.window.release()
         self.assertEqual(self.sock.calls, [("gso", 2, A)])
 
+    def test_lone_window_sends_at_once(self) -> None:
+        """
+        While a reader delivers a lone item the datagram leaves at once,
+        after anything gathered before it; a hold still gathers.
+        """
+        window = self.batcher.window
+        self.send((b"x" * 10, A))  # gathered (a timer's send, say)
+        window.lone += 1
+        self.send((b"y" * 10, A))
+        self.assertEqual(self.sock.wire, [(b"x" * 10, A), (b"y" * 10, A)])
+        self.assertEqual(self.sock.calls, [("sendto", 1, A), ("sendto", 1, A)])
+        window.hold()  # a batch read inside the lone delivery gathers
+        self.send((b"z" * 10, A), (b"w" * 10, A))
+        self.assertEqual(len(self.sock.wire), 2)
+        window.release()
+        self.assertEqual(self.sock.calls[-1], ("gso", 2, A))
+        window.lone -= 1
+        self.send((b"v" * 10, A))
+        self.assertEqual(len(self.sock.wire), 4)
+        self.clock.advance(0)
+        self.assertEqual(len(self.sock.wire), 5)
+
     def test_close_flushes(self) -> None:
         self.send((b"x" * 10, A), (b"y" * 10, A))
         self.batcher.close()
@@ -268,13 +290,32 @@ class LoopbackTests(unittest.TestCase):
 
     def test_read_batch_holds_window(self) -> None:
         flushed: list[int] = []
-        self.port.read_batch_window = BatchWindow(
-            Clock(), lambda: flushed.append(len(self.recorder.received))
-        )
+        window = BatchWindow(Clock(), lambda: flushed.append(len(self.recorder.received)))
+        self.port.read_batch_window = window
         self.sender.sendto(b"one", self.address)
         self.sender.sendto(b"two", self.address)
         self.port.doRead()
         self.assertEqual(flushed, [2])
+        self.assertEqual((window.held, window.lone), (0, 0))
+
+    def test_lone_datagram_delivered_at_once(self) -> None:
+        """
+        A datagram with nothing queued behind it is delivered with the
+        window marked lone (what it sets off is written at once), not held.
+        """
+        flushed: list[int] = []
+        window = BatchWindow(Clock(), lambda: flushed.append(1))
+        self.port.read_batch_window = window
+        seen: list[tuple[int, int]] = []
+        self.patch(
+            self.port.protocol,
+            "datagramReceived",
+            lambda data, addr: seen.append((window.held, window.lone)),
+        )
+        self.sender.sendto(b"one", self.address)
+        self.port.doRead()
+        self.assertEqual((seen, flushed), ([(0, 1)], []))
+        self.assertEqual(window.lone, 0)
 
     def test_plain_datagrams(self) -> None:
         for data in (b"one", b"two", b"three"):

@@ -274,6 +274,27 @@ class OffloadTunTests(unittest.TestCase):
         self.assertEqual(self.device.counters["drop_offload"], 1)
         self.assertEqual(batches, [1])  # flushed once, when the batch ended
 
+    def test_lone_write_at_once(self) -> None:
+        """
+        While the window is marked lone (a reader delivers the only datagram
+        it found) a packet is written at once; held, it waits for the release.
+        """
+        window = self.device.window
+        window.lone += 1
+        self.device.write(b"\x45" + bytes(19))
+        self.assertEqual(self.written, [PLAIN + b"\x45" + bytes(19)])
+        window.hold()
+        self.device.write(b"\x46" + bytes(19))
+        self.assertEqual(len(self.written), 1)
+        window.release()
+        self.assertEqual(len(self.written), 2)
+        window.lone -= 1
+        self.device.write(b"\x47" + bytes(19))
+        self.assertEqual(len(self.written), 2)
+        self.clock.advance(0)
+        self.assertEqual(len(self.written), 3)
+        self.assertEqual(self.device.counters["tx_packets"], 3)
+
     def test_read_after_write(self) -> None:
         """
         What the kernel answered to the packets written (an echo reply, an
@@ -293,15 +314,22 @@ class OffloadTunTests(unittest.TestCase):
         self.patch(os, "read", read)
         self.patch(os, "write", write)
         self.patch(self.device, "_ready", lambda: bool(answers))
-        sent: list[int] = []
-        self.device.read_batch_window = BatchWindow(
-            self.clock, lambda: sent.append(len(received))
-        )
-        self.device.start_reading(received.append)
+        flushed: list[int] = []
+        window = BatchWindow(self.clock, lambda: flushed.append(len(received)))
+        self.device.read_batch_window = window
+        lone: list[int] = []
+
+        def receive(packet: bytes) -> None:
+            received.append(packet)
+            lone.append(window.lone)
+
+        self.device.start_reading(receive)
         self.device.write(b"\x45" + bytes(19))
         self.device.flush()
         self.assertEqual(received, [b"reply"])
-        self.assertEqual(sent, [1])
+        # The lone answer is sent at once: delivered with the window marked
+        # lone, nothing gathered to flush.
+        self.assertEqual((lone, flushed, window.lone), ([1], [], 0))
         self.assertEqual(self.device.counters["read_after_write"], 1)
         # Nothing answered: no read (that would only find the queue empty).
         self.patch(os, "write", self._write)

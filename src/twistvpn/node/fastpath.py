@@ -8,9 +8,9 @@ Two pieces, both thin adapters over a plain socket:
   datagrams to one address into one UDP GSO send (the C{UDP_SEGMENT}
   socket option): the kernel splits the buffer into datagrams, so one
   system call and one trip through the stack carry up to
-  L{MAX_SEGMENTS} packets.  What it groups is sent at the end of the
-  reactor iteration (C{callLater(0)}), so nothing waits longer than the
-  batch of reads that produced it.
+  L{MAX_SEGMENTS} packets.  What it groups is sent when the batch of
+  reads that produced it ends (L{BatchWindow}); a lone packet, the only
+  one its wake-up found, is sent at once.
 - L{GROPort} is Twisted's UDP port with a receive loop that asks the
   kernel for coalesced datagrams (the C{UDP_GRO} socket option): a GSO
   burst from a peer arrives as one buffer plus its segment size, and is
@@ -33,7 +33,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.internet import udp
 from twisted.python import log
@@ -77,28 +77,37 @@ def gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:
 
 class BatchWindow:
     """
-    When what a batch gathered goes out: when the outermost L{hold} is
-    released (a reader holds the window of whoever its reads feed while it
-    reads a batch), or else at the end of the reactor iteration.
+    When what a reader's reads set off (datagrams to send, packets to
+    write) goes out:
+
+    - while a reader reads a batch (it L{hold}s the window of whoever its
+      reads feed): when the outermost hold is released, together;
+    - while a reader delivers the only item a wake-up found (L{lone}): at
+      once, so that it is on its way before the reader looks for the
+      answer, and without the bookkeeping of a batch;
+    - otherwise (a timer's keepalive, a relay's delivery): at the end of
+      the reactor iteration.
     """
 
     def __init__(self, clock: Any, flush: Callable[[], None]) -> None:
         self._clock = clock  # IReactorTime
         self._flush = flush
-        self._held = 0
+        # Sinks read these two on every item: plain attributes.
+        self.held = 0
+        self.lone = 0
         self._call: Any = None
 
     def hold(self) -> None:
-        self._held += 1
+        self.held += 1
 
     def release(self) -> None:
-        self._held -= 1
-        if not self._held:
+        self.held -= 1
+        if not self.held:
             self._flush()
 
     def opened(self) -> None:
         """Something was queued: make sure it is flushed."""
-        if not self._held and self._call is None:
+        if not self.held and self._call is None:
             self._call = self._clock.callLater(0, self._fire)
 
     def _fire(self) -> None:
@@ -148,7 +157,10 @@ class DatagramBatcher:
 
     def send(self, data: bytes, addr: tuple[str, int]) -> None:
         """Send C{data} to C{addr} (in the socket's address family) soon."""
-        if not self.gso:
+        window = self.window
+        if not self.gso or (window.lone and not window.held):
+            if self._parts:
+                self.flush()  # keep the order on the wire
             self._send_one(data, addr)
             return
         parts = self._parts
@@ -307,20 +319,6 @@ class AnswerWait:
         return False
 
 
-_T = TypeVar("_T")
-
-
-def hold(window: BatchWindow | None, read: Callable[[], _T]) -> _T:
-    """Run C{read} (a batch of reads) holding C{window}, if there is one."""
-    if window is None:
-        return read()
-    window.hold()
-    try:
-        return read()
-    finally:
-        window.release()
-
-
 def enable_gro(sock: socket.socket) -> bool:
     """Ask the kernel to coalesce received datagrams; False if it cannot."""
     try:
@@ -363,36 +361,63 @@ class GROPort(udp.Port):
         return ready is not None and ready()
 
     def doRead(self) -> None:
-        hold(self.read_batch_window, self._read_batch)
+        """
+        Read datagrams until none is queued (or L{maxThroughput} bytes).
 
-    def _read_batch(self) -> None:
+        The first decides, as the TUN device's reads do: alone (an idle
+        flow's), it is handed on with the TUN device's window marked lone,
+        so that what it decrypts is written at once; otherwise the window
+        is held until the batch ends.  One function on purpose: after an
+        idle spell every Python call on this path costs microseconds.
+        """
         sock = self.socket
         receive = self.protocol.datagramReceived
         trim = self.addressFamily == socket.AF_INET6
         ready = self._ready
+        window = self.read_batch_window
+        held = False
         read = 0
-        while read < self.maxThroughput:
-            if read and ready is not None and not ready():
-                return  # spare the read that would fail
-            try:
-                data, ancillary, _, addr = sock.recvmsg(GRO_BUFFER, _ANCILLARY_SPACE)
-            except OSError as se:
-                no = se.args[0]
-                if no in udp._sockErrReadIgnore or no in udp._sockErrReadRefuse:
+        try:
+            while read < self.maxThroughput:
+                if read and ready is not None and not ready():
+                    return  # spare the read that would fail
+                try:
+                    data, ancillary, _, addr = sock.recvmsg(GRO_BUFFER, _ANCILLARY_SPACE)
+                except OSError as se:
+                    no = se.args[0]
+                    if no in udp._sockErrReadIgnore or no in udp._sockErrReadRefuse:
+                        return
+                    raise
+                if trim:
+                    addr = addr[:2]  # drop flow info and scope id, as Twisted does
+                size = gro_segment_size(ancillary) if ancillary else 0
+                if size >= len(data):
+                    size = 0  # one datagram
+                lone = False
+                if not read and window is not None:
+                    lone = not size and not (ready is not None and ready())
+                    if lone:
+                        window.lone += 1
+                    else:
+                        window.hold()
+                        held = True
+                read += len(data)
+                try:
+                    if size:
+                        for offset in range(0, len(data), size):
+                            receive(data[offset : offset + size], addr)
+                    else:
+                        receive(data, addr)
+                except BaseException:
+                    log.err()
+                finally:
+                    if lone:
+                        window.lone -= 1  # type: ignore[union-attr]
+                if lone:
                     return
-                raise
-            read += len(data)
-            if trim:
-                addr = addr[:2]  # drop flow info and scope id, as Twisted does
-            size = gro_segment_size(ancillary) if ancillary else 0
-            try:
-                if size and size < len(data):
-                    for offset in range(0, len(data), size):
-                        receive(data[offset : offset + size], addr)
-                else:
-                    receive(data, addr)
-            except BaseException:
-                log.err()
+        finally:
+            if held:
+                window.release()  # type: ignore[union-attr]
 
 
 def listen_udp(reactor: Any, port: int, protocol: Any, interface: str) -> Any:

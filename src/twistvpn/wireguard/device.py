@@ -76,6 +76,8 @@ _RESPONSE_HEAD = struct.Struct("<III")
 _PADDING = [bytes(n) for n in range(16)]
 _NO_PSK = bytes(32)
 _INF = math.inf
+# A session this old is about to be rejected: its initiator rekeys.
+_LAST_MINUTE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
 class _Timer:
@@ -747,11 +749,76 @@ class WireGuardDevice:
     # -- receiving --------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Endpoint) -> None:
+        # Transport data is handled inline, not in a method of its own: after
+        # an idle spell every Python call on the per-packet path costs
+        # microseconds of an idle round trip.
         try:
             if len(data) >= TRANSPORT_MIN_SIZE:
                 word, index, counter = TRANSPORT_HEADER.unpack_from(data)
                 if word == MESSAGE_TRANSPORT:
-                    self._receive_transport(data, addr, index, counter)
+                    keypair = self._keypairs.get(index)
+                    if keypair is None:
+                        self.counters["drop_no_session"] += 1
+                        return
+                    now = self._seconds()
+                    if now >= keypair.reject_at:
+                        self.counters["drop_expired"] += 1
+                        return
+                    try:
+                        plaintext = keypair.receive.decrypt(
+                            NONCE.pack(counter), memoryview(data)[16:], None
+                        )
+                    except InvalidTag:
+                        self.counters["drop_decrypt"] += 1
+                        return
+                    if not keypair.replay.accept(counter):
+                        self.counters["drop_replay"] += 1
+                        return
+                    peer = keypair.peer
+                    peer.authenticated_received(addr, len(data), now)
+                    if keypair is peer.next:
+                        peer.received_with_next()
+                        # The peer's handshake won: ours (if any) is no longer needed.
+                        peer._forget_handshake()
+                        peer.handshake_complete()
+                        peer.send_staged()
+                    current = peer.current
+                    if (
+                        current is not None
+                        and current.is_initiator
+                        and not peer.sent_last_minute_handshake
+                        and now - current.created >= _LAST_MINUTE
+                    ):
+                        # The session is about to die and we rekey.
+                        peer.sent_last_minute_handshake = True
+                        peer.send_initiation(False)
+                    if not plaintext:
+                        self.counters["keepalive_received"] += 1
+                        return
+                    if peer.timer_send_keepalive.deadline is not None:
+                        peer.need_another_keepalive = True
+                    else:
+                        peer.timer_send_keepalive.mod(KEEPALIVE_TIMEOUT)
+                    version = plaintext[0] >> 4
+                    size = len(plaintext)
+                    if version == 4 and size >= 20:
+                        length = (plaintext[2] << 8) | plaintext[3]
+                        source = plaintext[12:16]
+                    elif version == 6 and size >= 40:
+                        length = 40 + ((plaintext[4] << 8) | plaintext[5])
+                        source = plaintext[8:24]
+                    else:
+                        self.counters["drop_malformed_inner"] += 1
+                        return
+                    if length > size:
+                        self.counters["drop_malformed_inner"] += 1
+                        return
+                    if self._routes.lookup(source) is not peer:
+                        self.counters["drop_allowed_ips"] += 1
+                        return
+                    if length < size:
+                        plaintext = plaintext[:length]  # strip the padding
+                    self._deliver(plaintext)
                     return
             kind = message_type(data)
             if kind == MESSAGE_INITIATION and len(data) == INITIATION_SIZE:
@@ -765,69 +832,6 @@ class WireGuardDevice:
         except Exception:
             self.counters["drop_error"] += 1
             self.log.failure("handling a datagram from {addr!r} failed", addr=addr)
-
-    def _receive_transport(self, data: bytes, addr: Endpoint, index: int, counter: int) -> None:
-        keypair = self._keypairs.get(index)
-        if keypair is None:
-            self.counters["drop_no_session"] += 1
-            return
-        now = self._seconds()
-        if now >= keypair.reject_at:
-            self.counters["drop_expired"] += 1
-            return
-        try:
-            plaintext = keypair.receive.decrypt(NONCE.pack(counter), memoryview(data)[16:], None)
-        except InvalidTag:
-            self.counters["drop_decrypt"] += 1
-            return
-        if not keypair.replay.accept(counter):
-            self.counters["drop_replay"] += 1
-            return
-        peer = keypair.peer
-        peer.authenticated_received(addr, len(data), now)
-        if keypair is peer.next:
-            peer.received_with_next()
-            # The peer's handshake won: ours (if any) is no longer needed.
-            peer._forget_handshake()
-            peer.handshake_complete()
-            peer.send_staged()
-        current = peer.current
-        if (
-            current is not None
-            and current.is_initiator
-            and not peer.sent_last_minute_handshake
-            and now - current.created >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
-        ):
-            # The session is about to die and we are the side that rekeys.
-            peer.sent_last_minute_handshake = True
-            peer.send_initiation(False)
-        if not plaintext:
-            self.counters["keepalive_received"] += 1
-            return
-        if peer.timer_send_keepalive.deadline is not None:
-            peer.need_another_keepalive = True
-        else:
-            peer.timer_send_keepalive.mod(KEEPALIVE_TIMEOUT)
-        version = plaintext[0] >> 4
-        size = len(plaintext)
-        if version == 4 and size >= 20:
-            length = (plaintext[2] << 8) | plaintext[3]
-            source = plaintext[12:16]
-        elif version == 6 and size >= 40:
-            length = 40 + ((plaintext[4] << 8) | plaintext[5])
-            source = plaintext[8:24]
-        else:
-            self.counters["drop_malformed_inner"] += 1
-            return
-        if length > size:
-            self.counters["drop_malformed_inner"] += 1
-            return
-        if self._routes.lookup(source) is not peer:
-            self.counters["drop_allowed_ips"] += 1
-            return
-        if length < size:
-            plaintext = plaintext[:length]  # strip the padding
-        self._deliver(plaintext)
 
     def _check_macs(self, data: bytes, mac1_offset: int, sender_index: int, addr: Endpoint) -> bool:
         """mac1 always; mac2 under load, answering a cookie when it is missing."""
