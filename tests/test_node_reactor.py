@@ -188,15 +188,15 @@ class HintTests(unittest.TestCase):
     def started(self, reactor: Any) -> list[str]:
         from twisted.logger import formatEvent, globalLogPublisher
 
-        from twistvpn.node.node_tap import _ExitOnStartError
+        from twistvpn.node.node_tap import _ReactorHint
 
         events: list[Any] = []
         observer: Any = events.append  # an ILogObserver: a callable taking the event
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        top = _ExitOnStartError(reactor)
-        top.startService()
-        top.stopService()
+        hint = _ReactorHint(reactor)
+        hint.startService()
+        hint.stopService()
         return [formatEvent(e) for e in events]
 
     def test_other_reactor(self) -> None:

@@ -27,21 +27,11 @@ from twistvpn.node.joined_service import (
 )
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
+from twistvpn.options import integer
 from twistvpn.rendezvous.tls import TLSConfigError, parse_address
 
 NAME_LENGTH = 64
 MAX_ANSWER_WAIT_US = 10_000
-
-
-def _integer(option: str, value: object, low: int, high: int) -> int:
-    """C{value} as an integer from C{low} to C{high}, or a one-line error naming C{option}."""
-    try:
-        number = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: {value!r} is not a number") from None
-    if not low <= number <= high:
-        raise usage.UsageError(f"--{option}: {number} is out of range ({low} to {high})")
-    return number
 
 
 class Options(usage.Options):
@@ -102,7 +92,7 @@ class Options(usage.Options):
             self["interface"] = validate_interface_name(self["interface"])
         except ValueError as e:
             raise usage.UsageError(f"--interface: {e}") from None
-        self["answer-wait-us"] = _integer(
+        self["answer-wait-us"] = integer(
             "answer-wait-us", self["answer-wait-us"], 0, MAX_ANSWER_WAIT_US
         )
         joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
@@ -164,7 +154,7 @@ class Options(usage.Options):
                 "without leading or trailing spaces")
         self["name"] = name
         port = DEFAULT_PORT if self["port"] is None else self["port"]
-        self["port"] = _integer("port", port, 0, 65535)
+        self["port"] = integer("port", port, 0, 65535)
         try:
             self["private_key"] = load_or_create_key(self["data-dir"])
         except KeyFileError as e:
@@ -177,24 +167,30 @@ class _ExitOnStartError(service.MultiService):
     non-zero, rather than a traceback.
     """
 
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except NodeStartError as e:
+            sys.stderr.write(f"{e}\n")
+            raise SystemExit(1) from None
+
+
+class _ReactorHint(service.Service):
+    """A node on another reactor than twistvpn's says, once, what it misses."""
+
     log = Logger()
 
     def __init__(self, reactor: Any) -> None:
-        super().__init__()
         self._reactor = reactor
 
     def startService(self) -> None:
+        super().startService()
         if not IDataPlaneReactor.providedBy(self._reactor):
             self.log.info(
                 "running on {reactor}; `twistd --reactor twistvpn twistvpn-node ...` "
                 "dispatches the data plane directly (lower latency when idle)",
                 reactor=type(self._reactor).__name__,
             )
-        try:
-            super().startService()
-        except NodeStartError as e:
-            sys.stderr.write(f"{e}\n")
-            raise SystemExit(1) from None
 
 
 def makeService(config: Options, reactor: Any = None) -> service.MultiService:
@@ -205,7 +201,8 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     from twistvpn.node.tun import TunDevice
     from twistvpn.wireguard.device import WireGuardDevice
 
-    top = _ExitOnStartError(reactor)
+    top = _ExitOnStartError()
+    _ReactorHint(reactor).setServiceParent(top)
     control_socket = (
         os.path.join(config["control-dir"], f"{config['interface']}.sock")
         if config["control-dir"]

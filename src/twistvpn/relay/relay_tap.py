@@ -14,6 +14,7 @@ from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapC
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twistvpn.options import port
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import RelayLink
 from twistvpn.relay.policy import MembershipPolicy
@@ -34,13 +35,6 @@ log = Logger()
 MBIT = 1_000_000 / 8
 
 
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--udp-port: {port} is not a port number (0 to 65535)")
-    return port
-
-
 def _positive(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -58,7 +52,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["rendezvous", "r", None, "The rendezvous: twistvpn://HOST:PORT#sha256=FINGERPRINT."],
-        ["udp-port", None, 443, "UDP port for relay frames.", _port],
+        ["udp-port", None, 443, "UDP port for relay frames.", port("udp-port")],
         ["udp-interface", None, "", "Address to bind the UDP port to (default: all)."],
         ["tcp", None, "tcp:443", "Server endpoint for TLS over TCP (fallback when UDP fails)."],
         ["public-host", None, None,

@@ -21,6 +21,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from twistvpn.options import port
 from twistvpn.rendezvous.service import (
     DataDirError,
     RelaySettings,
@@ -31,19 +32,6 @@ from twistvpn.wireguard.keys import InvalidKey, decode_key
 
 DEFAULT_DATA_DIR = "/var/lib/twistvpn-rendezvous"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{port} is not a port number (0 to 65535; 0 picks a free one)")
-    return port
-
-
-_port.coerceDoc = "A UDP port, 0 to 65535."  # type: ignore[attr-defined]
 
 
 def _rate(value: str) -> float:
@@ -91,8 +79,8 @@ class Options(usage.Options):
         ["data-dir", "d", DEFAULT_DATA_DIR, "State directory (created mode 0700)."],
         ["hostname", None, None, "The name nodes reach this server by (default: the FQDN)."],
         ["control", None, "tcp:8443", "Endpoint of the control channel (TLS added)."],
-        ["udp-port", None, 3478, "UDP port of endpoint discovery.", _port],
-        ["udp-port2", None, 3479, "Second discovery port (NAT mapping checks).", _port],
+        ["udp-port", None, 3478, "UDP port of endpoint discovery.", port("udp-port")],
+        ["udp-port2", None, 3479, "Second discovery port (NAT mapping checks).", port("udp-port2")],
         ["udp-interface", None, "", "Address the discovery ports bind to (default: all)."],
         ["tls-cert", None, None, "PEM certificate (chain) instead of a self-signed one."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
@@ -115,8 +103,14 @@ class Options(usage.Options):
             None,
             "IP address nodes reach the embedded relay at (default: --hostname if an IP).",
         ],
-        ["relay-udp-port", None, 443, "UDP port of the embedded relay.", _port],
-        ["relay-tcp-port", None, 443, "TCP (TLS) port of the embedded relay.", _port],
+        ["relay-udp-port", None, 443, "UDP port of the embedded relay.", port("relay-udp-port")],
+        [
+            "relay-tcp-port",
+            None,
+            443,
+            "TCP (TLS) port of the embedded relay.",
+            port("relay-tcp-port"),
+        ],
         [
             "relay-link",
             None,

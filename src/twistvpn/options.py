@@ -1,0 +1,34 @@
+"""
+Checks shared by the twistd plugins' C{usage.Options}: each error is one
+line that names the option, as C{twistd} prints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.python import usage
+
+
+def integer(option: str, value: object, low: int, high: int) -> int:
+    """C{value} as an integer from C{low} to C{high}, or a one-line error naming C{option}."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{option}: {value!r} is not a number") from None
+    if not low <= number <= high:
+        raise usage.UsageError(f"--{option}: {number} is out of range ({low} to {high})")
+    return number
+
+
+def port(option: str) -> Callable[[str], int]:
+    """
+    A coercer for C{optParameters}: a port number for C{option}, 0 to 65535
+    (0: the kernel picks a free one).
+    """
+
+    def coerce(value: str) -> int:
+        return integer(option, value, 0, 65535)
+
+    coerce.coerceDoc = "A port, 0 to 65535 (0: any free one)."  # type: ignore[attr-defined]
+    return coerce
