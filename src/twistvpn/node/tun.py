@@ -298,13 +298,14 @@ class TunDevice(_TunBase):
                         continue
                     packet = packet[VNET_HEADER_SIZE:]
                 lone = False
-                if not delivered and window is not None:
+                if not delivered:
                     lone = not self._ready()
-                    if lone:
-                        window.lone += 1
-                    else:
-                        window.hold()
-                        held = True
+                    if window is not None:
+                        if lone:
+                            window.lone += 1
+                        else:
+                            window.hold()
+                            held = True
                 counters["rx_packets"] += 1
                 delivered += 1
                 try:
@@ -313,12 +314,10 @@ class TunDevice(_TunBase):
                     counters["drop_receiver_error"] += 1
                     self.log.failure("packet receiver raised")
                 finally:
-                    if lone:
-                        window.lone -= 1  # type: ignore[union-attr]
+                    if lone and window is not None:
+                        window.lone -= 1
                 if lone or self._receiver is not receiver:
                     break  # the only one, or stopped (or replaced) by what it set off
-                if delivered == 1 and window is None and not self._ready():
-                    break  # spare the read that would fail
         finally:
             self._in_read = False
             if held:
