@@ -12,14 +12,17 @@ from twisted.trial import unittest
 
 from tests.test_integration_nat import joined_mode_missing
 from twistvpn import cli, lab
+from twistvpn.testing import netns
 
 
 class JoinedLabCommand(unittest.SynchronousTestCase):
     skip = joined_mode_missing()
 
     def namespaces(self) -> set[str]:
+        """Named namespaces of labs made by this process (not by a parallel test run)."""
+        prefix = netns.process_prefix("tvl")
         try:
-            return {n for n in os.listdir("/run/netns") if n.startswith("tvl")}
+            return {n for n in os.listdir("/run/netns") if n.startswith(prefix)}
         except FileNotFoundError:
             return set()
 

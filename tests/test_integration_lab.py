@@ -26,13 +26,17 @@ class LabTests(unittest.TestCase):
     skip = netns.missing_requirements("wireguard-go", "wg", "iperf3", "ping")
     timeout = 120
 
-    def namespaces(self) -> set[str]:
-        """The lab's named namespaces (ip netns keeps them in /run/netns)."""
+    def namespaces(self, prefix: str | None = None) -> set[str]:
+        """
+        Named namespaces (ip netns keeps them in /run/netns) of labs made by
+        this process, or whose names begin with C{prefix}.
+        """
+        prefix = netns.process_prefix("tvl") if prefix is None else prefix
         try:
             names = os.listdir("/run/netns")
         except FileNotFoundError:
             return set()
-        return {name for name in names if name.startswith("tvl")}
+        return {name for name in names if name.startswith(prefix)}
 
     def test_lab(self) -> None:
         before = self.namespaces()
@@ -50,7 +54,7 @@ class LabTests(unittest.TestCase):
         self.assertEqual(self.namespaces(), before, "the lab left namespaces behind")
 
     def ours(self, prefix: str) -> set[str]:
-        return {n for n in self.namespaces() if n.startswith(prefix)}
+        return self.namespaces(prefix)
 
     def sockets(self, prefix: str) -> list[str]:
         return [p for p in os.listdir(netns.WIREGUARD_SOCKET_DIR) if p.startswith(prefix)]
@@ -65,7 +69,7 @@ class LabTests(unittest.TestCase):
             preexec_fn=_default_sigint,
         )
         self.addCleanup(process.kill)
-        prefix = f"tvl{process.pid % 0x10000:04x}"
+        prefix = netns.process_prefix("tvl", process.pid)
         if when_running:
             # Every VPN process up: the last host's control socket exists.
             netns.wait_for(

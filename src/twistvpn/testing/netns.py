@@ -173,6 +173,15 @@ class Switch:
         return inside
 
 
+def process_prefix(prefix: str, pid: int | None = None) -> str:
+    """
+    How the names of every L{Network} made by process C{pid} (this one by
+    default) with C{prefix} begin: tests look for what they left behind
+    by it, not for what other test processes have up at the same time.
+    """
+    return f"{prefix}{(os.getpid() if pid is None else pid) % 0x10000:04x}"
+
+
 class Network:
     """
     Namespaces, links, routers and processes of one test run.
@@ -180,7 +189,7 @@ class Network:
 
     def __init__(self, prefix: str = "tv") -> None:
         # Short: interface names are at most 15 characters.
-        self.run_id = f"{prefix}{os.getpid() % 0x10000:04x}{secrets.token_hex(2)}"
+        self.run_id = process_prefix(prefix) + secrets.token_hex(2)
         self.namespaces: list[str] = []
         self.processes: list[Process] = []
         self.socket_files: list[Path] = []
