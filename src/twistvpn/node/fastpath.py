@@ -394,13 +394,14 @@ class GROPort(udp.Port):
                 if size >= len(data):
                     size = 0  # one datagram
                 lone = False
-                if not read and window is not None:
+                if not read:
                     lone = not size and not (ready is not None and ready())
-                    if lone:
-                        window.lone += 1
-                    else:
-                        window.hold()
-                        held = True
+                    if window is not None:
+                        if lone:
+                            window.lone += 1
+                        else:
+                            window.hold()
+                            held = True
                 read += len(data)
                 try:
                     if size:
@@ -411,10 +412,10 @@ class GROPort(udp.Port):
                 except BaseException:
                     log.err()
                 finally:
-                    if lone:
-                        window.lone -= 1  # type: ignore[union-attr]
+                    if lone and window is not None:
+                        window.lone -= 1
                 if lone:
-                    return
+                    return  # the only one: spare the look that would find nothing
         finally:
             if held:
                 window.release()  # type: ignore[union-attr]
