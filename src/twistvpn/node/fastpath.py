@@ -122,6 +122,20 @@ class BatchWindow:
             self._call = None
 
 
+def first_read(window: BatchWindow | None, lone: bool) -> bool:
+    """
+    A reader has its first item in hand: mark C{window} lone (what the item
+    sets off goes out at once) or hold it for the batch; True if held.
+    """
+    if window is None:
+        return False
+    if lone:
+        window.lone += 1
+        return False
+    window.hold()
+    return True
+
+
 class DatagramBatcher:
     """
     Sends datagrams on a UDP socket, a run of datagrams of one size to one
@@ -396,12 +410,7 @@ class GROPort(udp.Port):
                 lone = False
                 if not read:
                     lone = not size and not (ready is not None and ready())
-                    if window is not None:
-                        if lone:
-                            window.lone += 1
-                        else:
-                            window.hold()
-                            held = True
+                    held = first_read(window, lone)
                 read += len(data)
                 try:
                     if size:

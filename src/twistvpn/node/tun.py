@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
-from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness
+from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, first_read
 from twistvpn.node.offload import (
     PLAIN,
     VNET_F_NEEDS_CSUM,
@@ -300,12 +300,7 @@ class TunDevice(_TunBase):
                 lone = False
                 if not delivered:
                     lone = not self._ready()
-                    if window is not None:
-                        if lone:
-                            window.lone += 1
-                        else:
-                            window.hold()
-                            held = True
+                    held = first_read(window, lone)
                 counters["rx_packets"] += 1
                 delivered += 1
                 try:
