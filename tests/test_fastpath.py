@@ -273,6 +273,18 @@ class LoopbackTests(unittest.TestCase):
         self.sender.bind(("127.0.0.1", 0))
         self.source = self.sender.getsockname()
 
+    def window_states(self, window: BatchWindow) -> list[tuple[int, int]]:
+        """(held, lone) of C{window} as each datagram is delivered, from now on."""
+        seen: list[tuple[int, int]] = []
+        receive = self.recorder.datagramReceived
+
+        def record(data: bytes, addr: Any) -> None:
+            seen.append((window.held, window.lone))
+            receive(data, addr)
+
+        self.patch(self.recorder, "datagramReceived", record)
+        return seen
+
     def test_gso_burst_arrives_as_datagrams(self) -> None:
         clock = Clock()
         counters: Counter[str] = Counter()
@@ -289,14 +301,38 @@ class LoopbackTests(unittest.TestCase):
         self.assertTrue(self.port.gro)
 
     def test_read_batch_holds_window(self) -> None:
+        """
+        The first datagram goes on at once (the window marked lone, not
+        held); finding more behind it, the port holds the window for the
+        rest and releases it once, when the batch ends.
+        """
         flushed: list[int] = []
         window = BatchWindow(Clock(), lambda: flushed.append(len(self.recorder.received)))
         self.port.read_batch_window = window
-        self.sender.sendto(b"one", self.address)
-        self.sender.sendto(b"two", self.address)
+        seen = self.window_states(window)
+        for data in (b"one", b"two", b"three"):
+            self.sender.sendto(data, self.address)
         self.port.doRead()
-        self.assertEqual(flushed, [2])
+        self.assertEqual(seen, [(0, 1), (1, 0), (1, 0)])
+        self.assertEqual(flushed, [3])
         self.assertEqual((window.held, window.lone), (0, 0))
+
+    def test_gro_burst_holds_window_from_the_start(self) -> None:
+        """A coalesced burst is bulk traffic: held from its first datagram."""
+        clock = Clock()
+        batcher = DatagramBatcher(self.sender, clock, Counter())
+        for i in range(4):
+            batcher.send(bytes([i]) * 1000, self.address)
+        clock.advance(0)
+        if batcher.counters["gso_disabled"]:
+            raise unittest.SkipTest("this kernel refuses UDP GSO")
+        window = BatchWindow(Clock(), lambda: None)
+        self.port.read_batch_window = window
+        seen = self.window_states(window)
+        self.port.doRead()
+        if not self.port.gro:
+            raise unittest.SkipTest("this kernel refuses UDP GRO")
+        self.assertEqual(seen, [(1, 0)] * 4)
 
     def test_lone_datagram_delivered_at_once(self) -> None:
         """
@@ -306,12 +342,7 @@ class LoopbackTests(unittest.TestCase):
         flushed: list[int] = []
         window = BatchWindow(Clock(), lambda: flushed.append(1))
         self.port.read_batch_window = window
-        seen: list[tuple[int, int]] = []
-        self.patch(
-            self.port.protocol,
-            "datagramReceived",
-            lambda data, addr: seen.append((window.held, window.lone)),
-        )
+        seen = self.window_states(window)
         self.sender.sendto(b"one", self.address)
         self.port.doRead()
         self.assertEqual((seen, flushed), ([(0, 1)], []))
@@ -373,10 +404,14 @@ class AnswerWaitTests(unittest.TestCase):
         self.reads += 1
         self.queued = False
 
+    def _poll(self, timeout: float) -> list[tuple[int, int]]:
+        self.assertEqual(timeout, 0)  # a look never blocks
+        return [(3, 1)] if self.queued else []
+
     def wait(self, budget: float = 100e-6, max_looks: int = 1000) -> AnswerWait:
         return AnswerWait(
             budget,
-            lambda: self.queued,
+            self._poll,
             self._read,
             self.counters,
             timer=self._timer,
@@ -417,16 +452,20 @@ class AnswerWaitTests(unittest.TestCase):
         self.assertEqual(nested, [False])
         self.assertEqual(self.counters["answer_wait_hit"], 1)
 
-    def test_port_readable(self) -> None:
+    def test_port_readiness(self) -> None:
         port = GROPort(0, Recorder(), "127.0.0.1", fastpath.GRO_BUFFER, MemoryReactor())
-        self.assertFalse(port.readable())  # not listening yet
+        self.assertIsNone(port.readiness)  # not listening yet
         port.startListening()
         self.addCleanup(port.socket.close)
         self.addCleanup(port.connectionLost)
-        self.assertFalse(port.readable())
+        readiness = port.readiness
+        assert readiness is not None
+        self.assertFalse(readiness())
+        self.assertEqual(readiness.poll(0), [])
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"x", ("127.0.0.1", port.getHost().port))
-        self.assertTrue(port.readable())
+        self.assertTrue(readiness())
+        self.assertTrue(readiness.poll(0))
 
 
 class AnswerWaitOptionTests(unittest.TestCase):

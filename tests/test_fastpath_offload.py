@@ -264,7 +264,7 @@ class OffloadTunTests(unittest.TestCase):
         self.device.start_reading(received.append)
         reads = [PLAIN + b"ping", VNET_HEADER.pack(0, VNET_GSO_TCPV4, 52, 1368, 20, 16) + b"big!"]
         self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
-        self.patch(self.device, "_ready", lambda: bool(reads))
+        self.patch(self.device, "_poll", lambda timeout: reads[:1])
         batches: list[int] = []
         self.device.read_batch_window = BatchWindow(
             self.clock, lambda: batches.append(len(received))
@@ -273,6 +273,25 @@ class OffloadTunTests(unittest.TestCase):
         self.assertEqual(received, [b"ping"])
         self.assertEqual(self.device.counters["drop_offload"], 1)
         self.assertEqual(batches, [1])  # flushed once, when the batch ended
+
+    def test_first_packet_at_once_then_batch(self) -> None:
+        """
+        The first packet of a wake-up is delivered with the sender's window
+        marked lone (sent at once: no look at the queue delays it); finding
+        more behind it, the device holds the window for the rest.
+        """
+        reads = [PLAIN + b"one", PLAIN + b"two", PLAIN + b"three"]
+        self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
+        self.patch(self.device, "_poll", lambda timeout: reads[:1])
+        flushed: list[int] = []
+        window = BatchWindow(self.clock, lambda: flushed.append(len(seen)))
+        self.device.read_batch_window = window
+        seen: list[tuple[bytes, int, int]] = []
+        self.device.start_reading(lambda packet: seen.append((packet, window.held, window.lone)))
+        self.device.doRead()
+        self.assertEqual(seen, [(b"one", 0, 1), (b"two", 1, 0), (b"three", 1, 0)])
+        self.assertEqual(flushed, [3])
+        self.assertEqual((window.held, window.lone), (0, 0))
 
     def test_lone_write_at_once(self) -> None:
         """
@@ -313,7 +332,7 @@ class OffloadTunTests(unittest.TestCase):
 
         self.patch(os, "read", read)
         self.patch(os, "write", write)
-        self.patch(self.device, "_ready", lambda: bool(answers))
+        self.patch(self.device, "_poll", lambda timeout: answers[:1])
         flushed: list[int] = []
         window = BatchWindow(self.clock, lambda: flushed.append(len(received)))
         self.device.read_batch_window = window
@@ -353,7 +372,7 @@ class OffloadTunTests(unittest.TestCase):
         """A write flushed while a batch is being read does not read again."""
         reads = [PLAIN + b"one", PLAIN + b"two"]
         self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
-        self.patch(self.device, "_ready", lambda: True)
+        self.patch(self.device, "_poll", lambda timeout: [(0, 1)])
         received: list[bytes] = []
 
         def receive(packet: bytes) -> None:
@@ -375,7 +394,7 @@ class OffloadTunTests(unittest.TestCase):
         """
         reads: list[bytes] = []
         self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
-        self.patch(self.device, "_ready", lambda: bool(reads))
+        self.patch(self.device, "_poll", lambda timeout: reads[:1])
         waits: list[int] = []
         self.device.after_lone_read = lambda: waits.append(1)
         self.device.start_reading(lambda packet: None)

@@ -122,15 +122,13 @@ class BatchWindow:
             self._call = None
 
 
-def first_read(window: BatchWindow | None, lone: bool) -> bool:
+def hold(window: BatchWindow | None) -> bool:
     """
-    A reader has its first item in hand: mark C{window} lone (what the item
-    sets off goes out at once) or hold it for the batch; True if held.
+    A reader found more behind its first item: hold C{window} until the
+    batch ends, so that what the rest sets off goes out together; True if
+    there was a window to hold.
     """
     if window is None:
-        return False
-    if lone:
-        window.lone += 1
         return False
     window.hold()
     return True
@@ -263,9 +261,13 @@ class Readiness:
     def __init__(self, fd: int) -> None:
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
+        # The per-packet form: C{poll(0)} is a non-empty list when readable.
+        # Callers on the data path call it directly, one Python frame fewer
+        # than L{__call__}.
+        self.poll: Callable[[float], list[tuple[int, int]]] = self._epoll.poll
 
     def __call__(self) -> bool:
-        return bool(self._epoll.poll(0))
+        return bool(self.poll(0))
 
     def close(self) -> None:
         self._epoll.close()
@@ -291,7 +293,7 @@ class AnswerWait:
     def __init__(
         self,
         budget: float,
-        ready: Callable[[], bool],
+        poll: Callable[[float], list[Any]],
         read: Callable[[], None],
         counters: Counter[str],
         *,
@@ -300,7 +302,7 @@ class AnswerWait:
         max_looks: int = MAX_ANSWER_LOOKS,
     ) -> None:
         self.budget = budget
-        self._ready = ready
+        self._poll = poll  # poll(0): non-empty when the answer is there (Readiness.poll)
         self._read = read
         self.counters = counters
         self._timer = timer
@@ -314,23 +316,21 @@ class AnswerWait:
             return False  # called again from what the answer set off
         self._waiting = True
         try:
-            return self._wait()
+            poll = self._poll
+            timer = self._timer
+            deadline = timer() + self.budget
+            for _ in range(self._max_looks):
+                if poll(0):
+                    self.counters["answer_wait_hit"] += 1
+                    self._read()
+                    return True
+                if timer() >= deadline:
+                    break
+                self._pause()
+            self.counters["answer_wait_miss"] += 1
+            return False
         finally:
             self._waiting = False
-
-    def _wait(self) -> bool:
-        timer = self._timer
-        deadline = timer() + self.budget
-        for _ in range(self._max_looks):
-            if self._ready():
-                self.counters["answer_wait_hit"] += 1
-                self._read()
-                return True
-            if timer() >= deadline:
-                break
-            self._pause()
-        self.counters["answer_wait_miss"] += 1
-        return False
 
 
 def enable_gro(sock: socket.socket) -> bool:
@@ -353,26 +353,22 @@ class GROPort(udp.Port):
     # batch decrypted are written when it ends).
     read_batch_window: BatchWindow | None = None
 
-    _ready: Readiness | None = None
+    # Whether a datagram is queued, asked without reading (while listening).
+    readiness: Readiness | None = None
 
     def startListening(self) -> None:
         super().startListening()
         self.gro = enable_gro(self.socket)
-        self._ready = Readiness(self.socket.fileno())
+        self.readiness = Readiness(self.socket.fileno())
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._ready is not None:
-            self._ready.close()
-            self._ready = None
+        if self.readiness is not None:
+            self.readiness.close()
+            self.readiness = None
         super().connectionLost(reason)
 
     def startReading(self) -> None:
         add_reader(self.reactor, self)
-
-    def readable(self) -> bool:
-        """Whether a datagram is queued (asked without reading it)."""
-        ready = self._ready
-        return ready is not None and ready()
 
     def doRead(self) -> None:
         """
@@ -387,14 +383,15 @@ class GROPort(udp.Port):
         sock = self.socket
         receive = self.protocol.datagramReceived
         trim = self.addressFamily == socket.AF_INET6
-        ready = self._ready
+        readiness = self.readiness
+        if readiness is None:
+            return  # not listening
+        poll = readiness.poll
         window = self.read_batch_window
         held = False
         read = 0
         try:
             while read < self.maxThroughput:
-                if read and ready is not None and not ready():
-                    return  # spare the read that would fail
                 try:
                     data, ancillary, _, addr = sock.recvmsg(GRO_BUFFER, _ANCILLARY_SPACE)
                 except OSError as se:
@@ -407,10 +404,12 @@ class GROPort(udp.Port):
                 size = gro_segment_size(ancillary) if ancillary else 0
                 if size >= len(data):
                     size = 0  # one datagram
-                lone = False
-                if not read:
-                    lone = not size and not (ready is not None and ready())
-                    held = first_read(window, lone)
+                lone = not read and not size
+                if lone:
+                    if window is not None:
+                        window.lone += 1
+                elif not read:
+                    held = hold(window)  # a coalesced burst
                 read += len(data)
                 try:
                     if size:
@@ -423,8 +422,10 @@ class GROPort(udp.Port):
                 finally:
                     if lone and window is not None:
                         window.lone -= 1
+                if not poll(0):
+                    return  # nothing more: spare the read that would fail
                 if lone:
-                    return  # the only one: spare the look that would find nothing
+                    held = hold(window)  # more behind it: a batch after all
         finally:
             if held:
                 window.release()  # type: ignore[union-attr]

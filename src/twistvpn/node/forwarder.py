@@ -123,17 +123,16 @@ class Forwarder(DatagramProtocol):
     # -- receiving ------------------------------------------------------------
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
+        """
+        Hand C{data} to the handler of its kind, with a dual-stack socket's
+        IPv4-mapped sender as plain IPv4.  Also the entry point for
+        datagrams that arrive by another path (a relay), as L{dispatch},
+        with that path's endpoint as C{addr}, so that roaming follows them
+        there (such an endpoint is not a tuple and passes unchanged).
+        """
         unmapped = self._unmapped.get(addr)
         if unmapped is None:
             unmapped = _cache(self._unmapped, addr, _unmap(addr))
-        self.dispatch(data, unmapped)
-
-    def dispatch(self, data: bytes, addr: Address) -> None:
-        """
-        Hand C{data} to the handler of its kind.  Also the entry point for
-        datagrams that arrive by another path (a relay), with that path's
-        endpoint as C{addr}, so that roaming follows them there.
-        """
         if not data:
             self.counters["drop_empty"] += 1
             return
@@ -146,12 +145,16 @@ class Forwarder(DatagramProtocol):
             self.counters["drop_unknown_type"] += 1
             return
         try:
-            handler.datagram_received(data, addr)
+            handler.datagram_received(data, unmapped)
         except Exception:
             # A handler is not supposed to raise; if one does, the socket
             # must keep working for every other peer.
             self.counters["drop_handler_error"] += 1
             self.log.failure("handler for message type {kind} raised", kind=kind)
+
+    # One method for both, so that a socket's datagram goes through one
+    # Python call here, not two.
+    dispatch = datagramReceived
 
     # -- sending --------------------------------------------------------------
 

@@ -254,10 +254,11 @@ class StaticNodeService(service.Service):
             tun.read_batch_window = self._batcher.window
         if hasattr(listening, "read_batch_window") and hasattr(tun, "window"):
             listening.read_batch_window = tun.window
-        if getattr(tun, "answer_wait", 0) and hasattr(listening, "readable"):
+        readiness = getattr(listening, "readiness", None)
+        if getattr(tun, "answer_wait", 0) and readiness is not None:
             # A lone packet sent: look for its answer before sleeping.
             tun.after_lone_read = AnswerWait(
-                tun.answer_wait, listening.readable, listening.doRead, tun.counters
+                tun.answer_wait, readiness.poll, listening.doRead, tun.counters
             )
         return listening
 

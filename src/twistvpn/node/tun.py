@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
-from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, first_read
+from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, hold
 from twistvpn.node.offload import (
     PLAIN,
     VNET_F_NEEDS_CSUM,
@@ -218,7 +218,8 @@ class TunDevice(_TunBase):
         self._log_prefix = f"TunDevice({self.name})"
         self._fd = self._tun.fileno()
         os.set_blocking(self._fd, False)
-        self._ready = Readiness(self._fd)
+        self._readiness = Readiness(self._fd)
+        self._poll = self._readiness.poll  # poll(0): non-empty when a packet is queued
         # Room for a packet bigger than the MTU, so that one is read whole
         # and can be counted rather than split.
         self._read_size = max(mtu, 1500) + 64 + (VNET_HEADER_SIZE if offload else 0)
@@ -231,7 +232,7 @@ class TunDevice(_TunBase):
             self._index: int = self._ipr.link_lookup(ifname=self.name)[0]
             self._ipr.link("set", index=self._index, mtu=mtu)
         except Exception:
-            self._ready.close()
+            self._readiness.close()
             self._tun.close()
             self._ipr.close()
             raise
@@ -248,13 +249,9 @@ class TunDevice(_TunBase):
         return self._log_prefix
 
     def doRead(self) -> None:
-        delivered = self._read()
-        if delivered == 1 and self.after_lone_read is not None:
-            self.after_lone_read()  # a lone packet sent: look for its answer
-
-    def _read(self) -> int:
         """
-        Read a batch; return the packets delivered.
+        Read a batch, then, if it was one packet, look for its answer
+        (L{after_lone_read}).
 
         The first packet decides: with nothing queued behind it (an idle
         flow's) it is delivered with the sender's window marked lone, so it
@@ -265,7 +262,7 @@ class TunDevice(_TunBase):
         """
         receiver = self._receiver
         if receiver is None:
-            return 0
+            return
         window = self.read_batch_window
         fd = self._fd
         size = self._read_size
@@ -297,10 +294,9 @@ class TunDevice(_TunBase):
                         counters["drop_offload"] += 1
                         continue
                     packet = packet[VNET_HEADER_SIZE:]
-                lone = False
-                if not delivered:
-                    lone = not self._ready()
-                    held = first_read(window, lone)
+                first = not delivered
+                if first and window is not None:
+                    window.lone += 1
                 counters["rx_packets"] += 1
                 delivered += 1
                 try:
@@ -309,15 +305,20 @@ class TunDevice(_TunBase):
                     counters["drop_receiver_error"] += 1
                     self.log.failure("packet receiver raised")
                 finally:
-                    if lone and window is not None:
+                    if first and window is not None:
                         window.lone -= 1
-                if lone or self._receiver is not receiver:
-                    break  # the only one, or stopped (or replaced) by what it set off
+                if self._receiver is not receiver:
+                    break  # stopped (or replaced) by what the packet set off
+                if first:
+                    if not self._poll(0):
+                        break  # the only one: spare the read that would fail
+                    held = hold(window)
         finally:
             self._in_read = False
             if held:
                 window.release()  # type: ignore[union-attr]
-        return delivered
+        if delivered == 1 and self.after_lone_read is not None:
+            self.after_lone_read()  # a lone packet sent: look for its answer
 
     def connectionLost(self, reason: Failure) -> None:
         self._reading = False
@@ -372,7 +373,7 @@ class TunDevice(_TunBase):
         else:
             for data in coalesce(pending):
                 self._write(data)
-        if self.read_after_write and self._reading and not self._in_read and self._ready():
+        if self.read_after_write and self._reading and not self._in_read and self._poll(0):
             self.counters["read_after_write"] += 1
             self.doRead()
 
@@ -434,7 +435,7 @@ class TunDevice(_TunBase):
             self.remove_route(route)
         self._ignore_missing(self._ipr.link, "del", index=self._index)
         self._closed = True
-        self._ready.close()
+        self._readiness.close()
         self._tun.close()
         self._ipr.close()
 

@@ -718,12 +718,14 @@ class WireGuardDevice:
     def send_packet(self, packet: bytes) -> None:
         try:
             if len(packet) >= 20 and packet[0] >> 4 == 4:
-                peer = self._routes.lookup(packet[16:20])
+                destination = packet[16:20]
             elif len(packet) >= 40 and packet[0] >> 4 == 6:
-                peer = self._routes.lookup(packet[24:40])
+                destination = packet[24:40]
             else:
                 self.counters["drop_malformed_outbound"] += 1
                 return
+            routes = self._routes
+            peer = routes.cache.get(destination) or routes.lookup(destination)
             if peer is None:
                 self.counters["drop_no_route"] += 1
                 return
@@ -813,7 +815,8 @@ class WireGuardDevice:
                     if length > size:
                         self.counters["drop_malformed_inner"] += 1
                         return
-                    if self._routes.lookup(source) is not peer:
+                    routes = self._routes
+                    if (routes.cache.get(source) or routes.lookup(source)) is not peer:
                         self.counters["drop_allowed_ips"] += 1
                         return
                     if length < size:
