@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from twistvpn.node import fastpath
+from twistvpn.node.awake import DEFAULT_STAY_AWAKE
 from twistvpn.node.fastpath import (
     SOL_UDP,
     UDP_GRO,
@@ -469,7 +470,10 @@ class AnswerWaitTests(unittest.TestCase):
 
 
 class AnswerWaitOptionTests(unittest.TestCase):
-    """twistvpn-node's --answer-wait-us, which sets the TUN device's wait."""
+    """
+    twistvpn-node's --answer-wait-us and --stay-awake-ms, which set the TUN
+    device's answer wait and how often it wakes its reactor while busy.
+    """
 
     def test_default_and_validation(self) -> None:
         from twisted.python import usage
@@ -483,7 +487,32 @@ class AnswerWaitOptionTests(unittest.TestCase):
             return options
 
         self.assertEqual(parse()["answer-wait-us"], round(fastpath.DEFAULT_ANSWER_WAIT * 1e6))
+        self.assertEqual(parse()["stay-awake-ms"], round(DEFAULT_STAY_AWAKE * 1e3))
         self.assertEqual(parse("--answer-wait-us", "0")["answer-wait-us"], 0)
-        for bad in ("-1", "10001", "soon"):
-            e = self.assertRaises(usage.UsageError, parse, "--answer-wait-us", bad)
-            self.assertIn("--answer-wait-us", str(e))
+        self.assertEqual(parse("--stay-awake-ms", "0")["stay-awake-ms"], 0)
+        for option, bad in [
+            ("answer-wait-us", "-1"),
+            ("answer-wait-us", "10001"),
+            ("answer-wait-us", "soon"),
+            ("stay-awake-ms", "-1"),
+            ("stay-awake-ms", "1001"),
+            ("stay-awake-ms", "often"),
+        ]:
+            e = self.assertRaises(usage.UsageError, parse, f"--{option}", bad)
+            self.assertIn(f"--{option}", str(e))
+
+    def test_device_gets_them(self) -> None:
+        """makeService opens the TUN device with both options, in seconds."""
+        from twistvpn.node import node_tap, tun
+
+        made: list[dict[str, Any]] = []
+        self.patch(node_tap, "load_config", lambda path: object())
+        self.patch(tun, "TunDevice", lambda *args, **kwargs: made.append(kwargs))
+        options = node_tap.Options()
+        options.parseOptions(
+            ["--config", "wg0.conf", "--answer-wait-us", "300", "--stay-awake-ms", "5"]
+        )
+        top = node_tap.makeService(options, reactor=Clock())
+        [node] = [s for s in top if isinstance(s, node_tap.StaticNodeService)]
+        node._open_tun("tvtest0", 1420)
+        self.assertEqual(made, [{"answer_wait": 300e-6, "stay_awake": 5e-3}])

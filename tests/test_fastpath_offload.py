@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from tests.test_node_tun import FakeIPRoute, patch_pytun
 from twistvpn.node import offload
+from twistvpn.node.awake import IDLE_LOOK
 from twistvpn.node.fastpath import BatchWindow
 from twistvpn.node.offload import (
     PLAIN,
@@ -292,6 +293,37 @@ class OffloadTunTests(unittest.TestCase):
         self.assertEqual(seen, [(b"one", 0, 1), (b"two", 1, 0), (b"three", 1, 0)])
         self.assertEqual(flushed, [3])
         self.assertEqual((window.held, window.lone), (0, 0))
+
+    def test_stays_awake_while_reading(self) -> None:
+        """
+        While it reads, the device wakes its reactor every stay_awake
+        seconds while packets flow (counted both ways); not after it stops.
+        """
+        patch_pytun(self, offload=True)
+        clock = FDClock()
+        device = TunDevice(clock, "tvtest1", 1420, iproute=FakeIPRoute(), stay_awake=0.005)
+        self.addCleanup(device.close)
+        self.assertEqual(clock.getDelayedCalls(), [])  # not reading yet
+        device.start_reading(lambda packet: None)
+        [call] = clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime() - clock.seconds(), IDLE_LOOK)  # quiet
+        device.write(b"\x45" + bytes(19))
+        device.flush()  # a packet: awake at once, not at the next look
+        clock.advance(0)  # (the write's own end-of-iteration flush)
+        [call] = clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime() - clock.seconds(), 0.005)
+        clock.advance(0.005)
+        [call] = clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime() - clock.seconds(), 0.005)
+        self.patch(os, "read", lambda fd, size: _again())
+        device.doRead()  # nothing read, awake already: nothing to change
+        self.assertEqual(clock.getDelayedCalls(), [call])
+        device.stop_reading()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        quiet = TunDevice(FDClock(), "tvtest2", 1420, iproute=FakeIPRoute(), stay_awake=0)
+        self.addCleanup(quiet.close)
+        quiet.start_reading(lambda packet: None)
+        self.assertEqual(quiet._reactor.getDelayedCalls(), [])
 
     def test_lone_write_at_once(self) -> None:
         """

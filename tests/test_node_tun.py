@@ -6,6 +6,7 @@ import errno
 import os
 
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -127,8 +128,9 @@ def patch_pytun(test: unittest.TestCase, offload: bool) -> list[FakePytunDevice]
     return made
 
 
-class FakeFDReactor:
+class FakeFDReactor(Clock):
     def __init__(self) -> None:
+        super().__init__()
         self.readers: list[object] = []
 
     def addReader(self, reader: object) -> None:

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistvpn.interfaces import IDataPlaneReactor
+from twistvpn.node.awake import DEFAULT_STAY_AWAKE
 from twistvpn.node.config import ConfigError, InsecurePermissionsError, load_config
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT
 from twistvpn.node.joined_service import (
@@ -69,6 +70,15 @@ class Options(usage.Options):
             "latency for request/response traffic; 0: never wait (0 to 10000).",
         ],
         [
+            "stay-awake-ms",
+            None,
+            str(round(DEFAULT_STAY_AWAKE * 1e3)),
+            "While packets flow through the tunnel (and for 10 s after), wake at "
+            "least this often (milliseconds), so that a packet after a pause finds the "
+            "CPU awake: lower latency on virtual machines, for about 100 short "
+            "wake-ups a second; 0: never (0 to 1000).",
+        ],
+        [
             "private-key-file",
             None,
             None,
@@ -95,6 +105,7 @@ class Options(usage.Options):
         self["answer-wait-us"] = integer(
             "answer-wait-us", self["answer-wait-us"], 0, MAX_ANSWER_WAIT_US
         )
+        self["stay-awake-ms"] = integer("stay-awake-ms", self["stay-awake-ms"], 0, 1000)
         joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
         if self["join"]:
             joined.append("join")
@@ -210,7 +221,13 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
     )
 
     def open_tun(name: str, mtu: int) -> TunDevice:
-        return TunDevice(reactor, name, mtu, answer_wait=config["answer-wait-us"] / 1e6)
+        return TunDevice(
+            reactor,
+            name,
+            mtu,
+            answer_wait=config["answer-wait-us"] / 1e6,
+            stay_awake=config["stay-awake-ms"] / 1e3,
+        )
 
     node: service.Service
     if config["mode"] == "joined":

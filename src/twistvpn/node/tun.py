@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.interfaces import ITunDevice
+from twistvpn.node.awake import DEFAULT_STAY_AWAKE, StayAwake
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, hold
 from twistvpn.node.offload import (
     PLAIN,
@@ -188,6 +189,7 @@ class TunDevice(_TunBase):
         offload: bool = True,
         read_after_write: bool = True,
         answer_wait: float = DEFAULT_ANSWER_WAIT,
+        stay_awake: float = DEFAULT_STAY_AWAKE,
     ) -> None:
         import pytun  # only the real device needs the C extension
 
@@ -207,6 +209,9 @@ class TunDevice(_TunBase):
         # (fastpath.AnswerWait; 0: never), and the wait itself, which the
         # node service makes once the socket the answer comes on exists.
         self.answer_wait = answer_wait
+        # While packets flow, wake the reactor at least this often (seconds;
+        # 0: never), while reading (twistvpn.node.awake).
+        self._awake = StayAwake(reactor, self.traffic, stay_awake) if stay_awake else None
         self.after_lone_read: Callable[[], object] | None = None
         # Held while a batch is read (the UDP sender's, so that what the
         # batch encrypted is sent when it ends).
@@ -319,6 +324,9 @@ class TunDevice(_TunBase):
                 window.release()  # type: ignore[union-attr]
         if delivered == 1 and self.after_lone_read is not None:
             self.after_lone_read()  # a lone packet sent: look for its answer
+        awake = self._awake
+        if awake is not None and delivered and awake.idle:
+            awake.poke()  # traffic after a quiet spell
 
     def connectionLost(self, reason: Failure) -> None:
         self._reading = False
@@ -330,12 +338,21 @@ class TunDevice(_TunBase):
         if not self._reading and not self._closed:
             self._reading = True
             add_reader(self._reactor, self)
+            if self._awake is not None:
+                self._awake.start()
 
     def stop_reading(self) -> None:
         if self._reading:
             self._reactor.removeReader(self)
             self._reading = False
+            if self._awake is not None:
+                self._awake.stop()
         self._receiver = None
+
+    def traffic(self) -> int:
+        """Packets read and written so far: what keeps the reactor awake."""
+        counters = self.counters
+        return counters["rx_packets"] + counters["tx_packets"]
 
     def write(self, packet: bytes) -> None:
         if self._closed:
@@ -376,6 +393,9 @@ class TunDevice(_TunBase):
         if self.read_after_write and self._reading and not self._in_read and self._poll(0):
             self.counters["read_after_write"] += 1
             self.doRead()
+        awake = self._awake
+        if awake is not None and awake.idle:
+            awake.poke()  # traffic after a quiet spell
 
     def _write(self, data: bytes) -> None:
         try:
