@@ -9,8 +9,8 @@ Two pieces, both thin adapters over a plain socket:
   socket option): the kernel splits the buffer into datagrams, so one
   system call and one trip through the stack carry up to
   L{MAX_SEGMENTS} packets.  What it groups is sent when the batch of
-  reads that produced it ends (L{BatchWindow}); a lone packet, the only
-  one its wake-up found, is sent at once.
+  reads that produced it ends (L{BatchWindow}); the first packet of a
+  wake-up is sent at once, before the reader looks for more.
 - L{GROPort} is Twisted's UDP port with a receive loop that asks the
   kernel for coalesced datagrams (the C{UDP_GRO} socket option): a GSO
   burst from a peer arrives as one buffer plus its segment size, and is
@@ -82,9 +82,9 @@ class BatchWindow:
 
     - while a reader reads a batch (it L{hold}s the window of whoever its
       reads feed): when the outermost hold is released, together;
-    - while a reader delivers the only item a wake-up found (L{lone}): at
-      once, so that it is on its way before the reader looks for the
-      answer, and without the bookkeeping of a batch;
+    - while a reader delivers the first item of a wake-up (L{lone}): at
+      once, so that it is on its way before the reader looks for more (or
+      for the answer), and without the bookkeeping of a batch;
     - otherwise (a timer's keepalive, a relay's delivery): at the end of
       the reactor iteration.
     """
@@ -261,13 +261,9 @@ class Readiness:
     def __init__(self, fd: int) -> None:
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
-        # The per-packet form: C{poll(0)} is a non-empty list when readable.
-        # Callers on the data path call it directly, one Python frame fewer
-        # than L{__call__}.
+        # C{poll(0)} is a non-empty list when readable: the data path calls
+        # the epoll's own method, no Python frame in between.
         self.poll: Callable[[float], list[tuple[int, int]]] = self._epoll.poll
-
-    def __call__(self) -> bool:
-        return bool(self.poll(0))
 
     def close(self) -> None:
         self._epoll.close()
@@ -374,11 +370,13 @@ class GROPort(udp.Port):
         """
         Read datagrams until none is queued (or L{maxThroughput} bytes).
 
-        The first decides, as the TUN device's reads do: alone (an idle
-        flow's), it is handed on with the TUN device's window marked lone,
-        so that what it decrypts is written at once; otherwise the window
-        is held until the batch ends.  One function on purpose: after an
-        idle spell every Python call on this path costs microseconds.
+        As the TUN device's reads do, the first datagram is handed on at
+        once, with the TUN device's window marked lone (what it decrypts is
+        written at once); only then does the port look whether more are
+        queued, and if so holds the window until the batch ends.  A
+        coalesced burst is held from its first datagram.  One function on
+        purpose: after an idle spell every Python call on this path costs
+        microseconds.
         """
         sock = self.socket
         receive = self.protocol.datagramReceived

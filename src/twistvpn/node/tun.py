@@ -258,12 +258,13 @@ class TunDevice(_TunBase):
         Read a batch, then, if it was one packet, look for its answer
         (L{after_lone_read}).
 
-        The first packet decides: with nothing queued behind it (an idle
-        flow's) it is delivered with the sender's window marked lone, so it
-        is sent at once, and the read that would fail is spared; otherwise
-        the window is held until the batch ends, so that what the batch
-        encrypted goes out together.  One function on purpose: after an
-        idle spell every Python call on this path costs microseconds.
+        The first packet is delivered at once, with the sender's window
+        marked lone, so it is sent before anything else happens; then the
+        device looks whether more are queued: if not (an idle flow), the
+        read that would fail is spared; if so, the window is held until the
+        batch ends, so that what the rest encrypted goes out together.  One
+        function on purpose: after an idle spell every Python call on this
+        path costs microseconds.
         """
         receiver = self._receiver
         if receiver is None:
