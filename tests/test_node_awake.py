@@ -27,22 +27,22 @@ class StayAwakeTests(unittest.TestCase):
         self.awake.start()
         self.assertAlmostEqual(self.next_delay(), IDLE_LOOK)
         self.clock.advance(IDLE_LOOK)
-        self.assertFalse(self.awake.awake)
+        self.assertTrue(self.awake.idle)
         self.assertAlmostEqual(self.next_delay(), IDLE_LOOK)
 
     def test_awake_while_traffic_flows_then_sleeps(self) -> None:
         self.awake.start()
         self.packets += 1
         self.clock.advance(IDLE_LOOK)  # the look notices the traffic
-        self.assertTrue(self.awake.awake)
+        self.assertFalse(self.awake.idle)
         self.assertAlmostEqual(self.next_delay(), 0.01)
         for _ in range(990):  # 9.9 s of 10 ms wake-ups, nothing more sent
             self.clock.advance(0.01)
-        self.assertTrue(self.awake.awake)
+        self.assertFalse(self.awake.idle)
         self.assertAlmostEqual(self.next_delay(), 0.01)
         for _ in range(15):  # past 10 s after the traffic: back to looking
             self.clock.advance(0.01)
-        self.assertFalse(self.awake.awake)
+        self.assertTrue(self.awake.idle)
         self.assertGreater(self.next_delay(), 0.9 * IDLE_LOOK)  # the look, made 10-odd ms ago
         self.packets += 5
         self.clock.advance(IDLE_LOOK)
@@ -69,7 +69,7 @@ class StayAwakeTests(unittest.TestCase):
         self.assertFalse(self.awake.idle)
         self.assertAlmostEqual(self.next_delay(), 0.01)
         self.clock.advance(0.01)
-        self.assertTrue(self.awake.awake)
+        self.assertFalse(self.awake.idle)
         self.awake.poke()  # awake already: nothing changes
         self.assertAlmostEqual(self.next_delay(), 0.01)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)

@@ -19,10 +19,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from twistvpn.wireguard.messages import KEEPALIVE_TIMEOUT
+
 # While packets flow, wake at least this often (seconds) ...
 DEFAULT_STAY_AWAKE = 10e-3
 # ... until this long after the last one: WireGuard's keepalive timeout.
-STAY_AWAKE_PERIOD = 10.0
+STAY_AWAKE_PERIOD = KEEPALIVE_TIMEOUT
 # A quiet node looks this often whether traffic has started again.
 IDLE_LOOK = 1.0
 
@@ -60,11 +62,6 @@ class StayAwake:
         # Whether the next firing is an idle look: the packet path reads it
         # once per wake-up, and pokes only then.
         self.idle = True
-
-    @property
-    def awake(self) -> bool:
-        """Whether traffic moved within the last C{period} seconds (as of the last firing)."""
-        return self._clock.seconds() < self._until
 
     def start(self) -> None:
         if self._call is None:
