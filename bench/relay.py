@@ -2,7 +2,7 @@
 Relayed against direct throughput on loopback, measured in the same run.
 
 Starts the rendezvous's relay side and a real C{twistd -n twistvpn-relay}
-that logs in to it (L{twistvpn.relay.loopback.Lab}), then moves the same stream of datagrams
+that logs in to it (L{twistvpn.testing.loopback.Lab}), then moves the same stream of datagrams
 between two peer processes three ways: directly (UDP socket to UDP
 socket), through the standalone relay over UDP, and through it over TLS
 on TCP.  The peers run a go-back-N window and check every datagram's bytes;
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from twistvpn.relay.loopback import Lab, expected_digest
+from twistvpn.testing.loopback import Lab, expected_digest
 
 PATHS = ("direct", "udp", "tcp")
 LABELS = {"direct": "direct UDP", "udp": "relayed, UDP", "tcp": "relayed, TLS/TCP"}

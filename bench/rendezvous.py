@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchjson  # noqa: E402
 
 from twistvpn.rendezvous.admin_cli import AdminClient  # noqa: E402
-from twistvpn.rendezvous.localrun import LocalRendezvous  # noqa: E402
+from twistvpn.testing.localrun import LocalRendezvous  # noqa: E402
 from twistvpn.wireguard.keys import (  # noqa: E402
     decode_key,
     encode_key,

@@ -11,8 +11,8 @@ import sys
 
 from twisted.trial import unittest
 
-from twistvpn import cli, lab
-from twistvpn.testing import netns
+from twistvpn import cli
+from twistvpn.testing import lab, netns
 from twistvpn.wireguard.keys import decode_key, encode_key, public_key
 
 WG = shutil.which("wg")
@@ -91,6 +91,55 @@ class CLITests(unittest.TestCase):
         self.patch(sys, "modules", {**sys.modules, module.__name__: module})
         self.patch(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, module.__name__])
         self.assertEqual(self.run_cli("hello")[0], 7)
+
+
+class LazyImportTests(unittest.TestCase):
+    """A command loads the modules it uses, not every command's."""
+
+    HEAVY = ("twistvpn.testing", "twistvpn.rendezvous.server", "twistvpn.rendezvous.service",
+             "twistvpn.relay", "twistvpn.node.joined")
+
+    def loaded(self, *argv: str) -> list[str]:
+        script = (
+            "import sys, io; from twistvpn import cli\n"
+            "sys.stdin = io.StringIO(sys.argv[1]); out = sys.stdout; sys.stdout = io.StringIO()\n"
+            "try: status = cli.main(sys.argv[2:])\n"
+            "except SystemExit as e: status = e.code or 0\n"
+            "out.write(' '.join(sorted(m for m in sys.modules if m.startswith('twistvpn'))))\n"
+            "sys.exit(status)\n"
+        )
+        key = encode_key(bytes(32))
+        done = subprocess.run([sys.executable, "-c", script, key, *argv],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout.split()
+
+    def assert_light(self, *argv: str) -> list[str]:
+        modules = self.loaded(*argv)
+        heavy = [m for m in modules if m.startswith(self.HEAVY)]
+        self.assertEqual(heavy, [], f"twistvpn {' '.join(argv)} imported {heavy}")
+        return modules
+
+    def test_key_commands(self) -> None:
+        for command in ("genkey", "pubkey", "genpsk"):
+            modules = self.assert_light(command)
+            self.assertNotIn("twistvpn.rendezvous.admin_cli", modules)
+
+    def test_admin_help_needs_no_server(self) -> None:
+        self.assertIn("twistvpn.rendezvous.admin_cli", self.assert_light("admin", "--help"))
+
+    def test_every_command_has_a_module(self) -> None:
+        parser = cli.build_parser()
+        choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        self.assertEqual(sorted(choices), sorted(cli.COMMANDS))
+
+    def test_modules_for(self) -> None:
+        self.assertEqual(cli.modules_for(["genkey"]), ["twistvpn.cli"])
+        self.assertEqual(cli.modules_for(["admin", "network", "list"]),
+                         ["twistvpn.rendezvous.admin_cli"])
+        self.assertEqual(cli.modules_for([]), cli.COMMAND_MODULES)
+        self.assertEqual(cli.modules_for(["--help"]), cli.COMMAND_MODULES)
+        self.assertEqual(cli.modules_for(["nonsense"]), cli.COMMAND_MODULES)
 
 
 class WireGuardCompatibilityTests(unittest.TestCase):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tests.test_node_tun import FakeIPRoute, patch_pytun
+from tests.support.tun import FakeIPRoute, patch_pytun
 from twistvpn.node import offload
 from twistvpn.node.awake import IDLE_LOOK
 from twistvpn.node.fastpath import BatchWindow

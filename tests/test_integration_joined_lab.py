@@ -10,9 +10,9 @@ import os
 
 from twisted.trial import unittest
 
-from tests.test_integration_nat import joined_mode_missing
-from twistvpn import cli, lab
-from twistvpn.testing import netns
+from tests.support.requirements import joined_mode_missing
+from twistvpn import cli
+from twistvpn.testing import lab, netns
 
 
 class JoinedLabCommand(unittest.SynchronousTestCase):

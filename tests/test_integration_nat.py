@@ -1,7 +1,7 @@
 """
 Joined mode across real kernel NAT (root only): the lab's rendezvous,
 sites behind Linux NAT routers in network namespaces and twistd nodes,
-driven through the admin CLI as users do (L{twistvpn.lab.JoinedLab}).
+driven through the admin CLI as users do (L{twistvpn.testing.lab.JoinedLab}).
 
 One lab per NAT pairing, each taken through as many checks as it honestly
 supports, so the suite stays within a few minutes on two cores:
@@ -26,20 +26,9 @@ from collections.abc import Callable
 
 from twisted.trial import unittest
 
-from twistvpn.lab import JoinedLab, PathResult
+from tests.support.requirements import joined_mode_missing
 from twistvpn.testing import netns
-
-
-def joined_mode_missing() -> str | None:
-    """Why these tests cannot run here, or None."""
-    missing = netns.missing_requirements("iptables", "ping")
-    if missing:
-        return missing
-    from twistvpn.node import node_tap
-
-    if "join" not in node_tap.Options().synonyms:
-        return "the node has no joined mode (twistvpn-node --join)"
-    return None
+from twistvpn.testing.lab import JoinedLab, PathResult
 
 
 class NatTestCase(unittest.SynchronousTestCase):

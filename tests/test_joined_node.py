@@ -10,7 +10,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.test_joined_support import Mesh
+from tests.support.joined import Mesh
 from twistvpn.interfaces import IPathManager, IRendezvousListener
 from twistvpn.node.joined import member_candidates, own_candidates
 from twistvpn.rendezvous.discovery import NetcheckResult

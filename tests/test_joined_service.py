@@ -15,15 +15,15 @@ from twisted.names.test.test_util import MemoryReactor
 from twisted.python import usage
 from twisted.trial import unittest
 
-from tests.test_node_service import FakeWireGuardDevice
-from tests.test_rendezvous_support import MemoryEndpoint, World
+from tests.support.fakes import FakeWireGuardDevice
+from tests.support.rendezvous import MemoryEndpoint, World
 from twistvpn.node import node_tap
 from twistvpn.node.joined_service import JoinedNodeService, load_or_create_key
 from twistvpn.node.service import NodeStartError
-from twistvpn.node.tun import FakeTunDevice
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.netmap import Member, NetworkMap
 from twistvpn.rendezvous.tls import parse_address
+from twistvpn.testing.faketun import FakeTunDevice
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
 NETWORK = "8f3a5c0d9e1b2a47"

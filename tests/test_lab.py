@@ -10,8 +10,8 @@ import io
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistvpn import cli, lab
-from twistvpn.testing import netns
+from twistvpn import cli
+from twistvpn.testing import lab, netns
 
 LOG = """\
 2026-11-24T22:26:30+0000 [twistvpn.node.joined.JoinedNode#info] node f6fd9ea330 is waiting \

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_joined_support import Mesh
+from tests.support.joined import Mesh
 from twistvpn import cli
 from twistvpn.node import local_cli
 from twistvpn.node.local_api import LocalAPI, LocalAPIFactory

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from twistvpn.relay import protocol as p
 from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.transport import RelayStreamFactory
+from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
 from .test_relay_memory import NET, RELAY_ADDR, World, data_message
@@ -127,16 +127,15 @@ class IdleTests(SynchronousTestCase):
         world = World()
         server_proto, pump = connect_raw(world)
         world.net.run(world.server.limits.auth_timeout + 5)
-        self.assertTrue(pump.serverIO.disconnecting)
+        self.assertTrue(pump.server_transport.disconnecting)
         self.assertEqual(world.server.counters["closed_unauthenticated"], 1)
 
 
-def connect_raw(world: World) -> tuple[object, iosim.IOPump]:
+def connect_raw(world: World) -> tuple[Protocol, StreamPump]:
     """A TCP connection to the relay with a client that speaks raw bytes."""
     server_proto = RelayStreamFactory(world.server).buildProtocol(None)
     client_proto = Protocol()
-    pump = iosim.connect(server_proto, iosim.makeFakeServer(server_proto), client_proto,
-                         iosim.makeFakeClient(client_proto), greet=False, clock=world.clock)
+    pump = StreamPump(client_proto, server_proto)
     world.net.pumps.append(pump)
     return client_proto, pump
 
@@ -161,7 +160,7 @@ class GarbageTests(SynchronousTestCase):
             client, pump = connect_raw(world)
             client.transport.write(garbage)
             world.net.run(0.1)
-            self.assertTrue(pump.clientIO.disconnected)
+            self.assertTrue(pump.closed)
         self.assertEqual(world.server.counters["malformed_tcp"], 3)
         a.send_to(b, data_message(1))
         world.net.run(1)

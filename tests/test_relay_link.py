@@ -14,7 +14,6 @@ from twisted.internet.defer import succeed
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.protocols import amp
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -29,6 +28,7 @@ from twistvpn.relay.link import (
 from twistvpn.relay.policy import ControllerMembership
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import get_db
+from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
 from .test_relay_memory import Node, World, data_message
@@ -54,12 +54,12 @@ class FakeSession:
 
 
 class MemoryEndpoint:
-    """A client endpoint that connects to a fresh server protocol over iosim."""
+    """A client endpoint that connects to a fresh server protocol in memory."""
 
     def __init__(self, clock: Clock, make_server: object) -> None:
         self.clock = clock
         self.make_server = make_server
-        self.pumps: list[iosim.IOPump] = []
+        self.pumps: list[StreamPump] = []
         self.servers: list[object] = []
         self.refuse = False
 
@@ -72,14 +72,12 @@ class MemoryEndpoint:
         client = factory.buildProtocol(None)
         server = self.make_server()
         self.servers.append(server)
-        self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client,
-                                        iosim.makeFakeClient(client), greet=False,
-                                        clock=self.clock))
+        self.pumps.append(StreamPump(client, server))
         return succeed(client)
 
     def flush(self) -> None:
         for pump in self.pumps:
-            pump.flush(advanceClock=False)
+            pump.flush()
 
 
 class Rendezvous:
@@ -273,11 +271,10 @@ class LinkTests(SynchronousTestCase):
         world, rendezvous = self.world, self.rendezvous
         server = RelayLinkServerProtocol(rendezvous.service, world.clock)
         client = amp.AMP()
-        pump = iosim.connect(server, iosim.makeFakeServer(server), client,
-                             iosim.makeFakeClient(client), greet=False, clock=world.clock)
+        pump = StreamPump(client, server)
         world.clock.advance(LOGIN_TIMEOUT + 1)
-        pump.flush(advanceClock=False)
-        self.assertTrue(pump.serverIO.disconnected)
+        pump.flush()
+        self.assertTrue(pump.closed)
 
     def test_announcement_must_match_key(self) -> None:
         world, rendezvous = self.world, self.rendezvous

@@ -18,7 +18,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistvpn.relay.loopback import Lab, expected_digest
+from twistvpn.testing.loopback import Lab, expected_digest
 
 COUNT = 3000
 SIZE = 1200
@@ -84,7 +84,7 @@ class PinTests(SynchronousTestCase):
         relays[0]["fingerprint"] = "00" * 32
         with open(lab.path("pinned.json"), "w") as f:
             json.dump(relays, f)
-        peer = lab.spawn([sys.executable, "-m", "twistvpn.relay.loopback", "peer", "receive",
+        peer = lab.spawn([sys.executable, "-m", "twistvpn.testing.loopback", "peer", "receive",
                           "--via", "tcp", "--key-file", lab.path("receiver.key"),
                           "--peer", lab.node_keys["sender"], "--relays-file",
                           lab.path("pinned.json"), "--ready-file", lab.path("ready.json"),

@@ -19,8 +19,8 @@ from twistvpn.relay import protocol as p
 from twistvpn.relay.client import RelayClient, RelayEndpoint, RelayInfo
 from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
-from twistvpn.relay.testing import MemoryInternet
 from twistvpn.relay.transport import RelayDatagramProtocol
+from twistvpn.testing.memorynet import MemoryInternet
 from twistvpn.testing.pathsim import Inbox
 from twistvpn.wireguard.keys import generate_private_key, public_key
 

@@ -12,46 +12,26 @@ import shutil
 import tempfile
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.test_rendezvous_support import FakeSession, new_key
+from tests.support.reactor import FakeReactor
+from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.cli import build_parser
 from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.admin import MAX_BODY, AdminAPI
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.database import get_db
+from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
 from twistvpn.rendezvous.rendezvous_tap import Options, makeService
-from twistvpn.rendezvous.service import ADMIN_SOCKET, STATE_FILE
 
 TOKEN = "s3cret-token-for-tests"
 
 
-class _UDPPort:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("UDP", "0.0.0.0", self.port)
-
-    def stopListening(self) -> None:
-        pass
 
 
-class FakeReactor(MemoryReactorClock):
-    """MemoryReactorClock, plus the listenUDP it lacks."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.udpPorts: dict[int, Any] = {}
-
-    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 0):
-        self.udpPorts[port] = protocol
-        return _UDPPort(port)
 
 
 class API(SynchronousTestCase):

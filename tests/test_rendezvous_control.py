@@ -13,7 +13,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.test_rendezvous_support import FakeSession, MemoryEndpoint, World, new_key
+from tests.support.rendezvous import FakeSession, MemoryEndpoint, World, new_key
 from twistvpn.interfaces import IControlSession, IRendezvousListener
 from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.client import NotConnectedError, ServerKeyMismatchError

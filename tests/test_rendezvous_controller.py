@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.test_rendezvous_support import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.interfaces import IControlSession, INetworkController
 from twistvpn.rendezvous.controller import (
     ConflictError,

@@ -18,7 +18,7 @@ import time
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_rendezvous_support import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.rendezvous import database
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.database import DBError, get_db, get_version
@@ -164,7 +164,7 @@ class Files(SynchronousTestCase):
             from twisted.internet.task import Clock
             from twistvpn.rendezvous.controller import Controller, node_id_of
             from twistvpn.rendezvous.database import get_db
-            from tests.test_rendezvous_support import FakeSession, new_key
+            from tests.support.rendezvous import FakeSession, new_key
             c = Controller(get_db(sys.argv[1]), Clock())
             net = c.create_network("load", "10.0.0.0/16")["id"]
             for i in range(100000):

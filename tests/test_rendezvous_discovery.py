@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.test_rendezvous_support import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, new_key
 from twistvpn import wire
 from twistvpn.interfaces import IDatagramHandler, INetworkController
 from twistvpn.node.forwarder import Forwarder

@@ -21,14 +21,14 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests.test_rendezvous_support import RecordingListener
+from tests.support.rendezvous import RecordingListener
 from twistvpn import wire
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import node_id_of
 from twistvpn.rendezvous.discovery import DiscoveryClient
-from twistvpn.rendezvous.localrun import LocalRendezvous
-from twistvpn.rendezvous.service import STATE_FILE
+from twistvpn.rendezvous.files import STATE_FILE
+from twistvpn.testing.localrun import LocalRendezvous
 from twistvpn.wireguard.keys import generate_private_key
 
 CLI = "import sys; from twistvpn.cli import main; sys.exit(main())"

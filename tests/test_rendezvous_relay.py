@@ -22,13 +22,13 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.test_rendezvous_admin import FakeReactor as _FakeReactor
-from tests.test_rendezvous_support import FakeSession, new_key
+from tests.support.reactor import FakeReactor as _FakeReactor
+from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.rendezvous.admin import AdminAPI
 from twistvpn.rendezvous.controller import node_id_of
-from twistvpn.rendezvous.localrun import LocalRendezvous
 from twistvpn.rendezvous.rendezvous_tap import Options, makeService
 from twistvpn.rendezvous.service import RendezvousService
+from twistvpn.testing.localrun import LocalRendezvous
 from twistvpn.wireguard.keys import encode_key
 
 

@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.test_rendezvous_support import RecordingListener
+from tests.support.rendezvous import RecordingListener
 from twistvpn.rendezvous import tls
 from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.client import RendezvousClient

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_wireguard_fixtures import A_TO_B, hold, pair
+from tests.support.wireguard import A_TO_B, hold, pair
 from twistvpn.wire import WG_COOKIE_REPLY, WG_HANDSHAKE_INITIATION, WG_HANDSHAKE_RESPONSE
 from twistvpn.wireguard import keys
 from twistvpn.wireguard.cookie import CookieChecker, CookieGenerator

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.test_wireguard_fixtures import (
+from tests.support.wireguard import (
     A_TO_B,
     B_TO_A,
     Network,

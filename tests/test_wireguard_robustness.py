@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_wireguard_fixtures import A_TO_B, B_TO_A, hold, pair
+from tests.support.wireguard import A_TO_B, B_TO_A, hold, pair
 from twistvpn.wire import (
     WG_COOKIE_REPLY,
     WG_HANDSHAKE_INITIATION,

@@ -1,10 +1,12 @@
 """
 The C{twistvpn} command.
 
-Subcommands come from the modules in L{COMMAND_MODULES}, each exposing
+Subcommands come from the modules in L{COMMANDS}, each exposing
 C{register(subparsers)} that adds its parsers and sets C{func} (called with
 the parsed arguments, returning an exit status) as their default.  Adding a
-command to twistvpn is adding a module name to that list.
+command to twistvpn is adding its name and module to that table.  A run
+imports only the module of the command it was given (all of them only for
+the overall help), so C{twistvpn genkey} loads no server, relay or lab.
 """
 
 from __future__ import annotations
@@ -26,12 +28,25 @@ from twistvpn.wireguard.keys import (
     public_key,
 )
 
-COMMAND_MODULES: list[str] = [
-    "twistvpn.cli",  # genkey, pubkey, genpsk (below)
-    "twistvpn.lab",
-    "twistvpn.rendezvous.admin_cli",
-    "twistvpn.node.local_cli",  # status, ping, netcheck
-]
+COMMANDS: dict[str, str] = {
+    "genkey": "twistvpn.cli",
+    "pubkey": "twistvpn.cli",
+    "genpsk": "twistvpn.cli",
+    "lab": "twistvpn.testing.lab",
+    "admin": "twistvpn.rendezvous.admin_cli",
+    "status": "twistvpn.node.local_cli",
+    "ping": "twistvpn.node.local_cli",
+    "netcheck": "twistvpn.node.local_cli",
+}
+COMMAND_MODULES: list[str] = list(dict.fromkeys(COMMANDS.values()))
+
+
+def modules_for(argv: list[str]) -> list[str]:
+    """The command modules a run with C{argv} needs: the named command's, else all."""
+    words = [word for word in argv if not word.startswith("-")]
+    if words and words[0] in COMMANDS and argv[0] == words[0]:
+        return [COMMANDS[words[0]]]
+    return COMMAND_MODULES
 
 
 def _warn_if_world_accessible(out: TextIO, err: TextIO) -> None:
@@ -97,7 +112,9 @@ def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(modules_for(argv))
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

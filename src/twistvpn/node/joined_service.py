@@ -16,9 +16,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from twistvpn.node.config import InsecurePermissionsError, InterfaceConfig, read_private_file
+from twistvpn.node.files import SOCKET_NAME
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.joined import JoinedNode, host_addresses
-from twistvpn.node.local_api import SOCKET_NAME, LocalAPI, LocalAPIFactory
+from twistvpn.node.local_api import LocalAPI, LocalAPIFactory
 from twistvpn.node.service import (
     DeviceFactory,
     Resolver,

@@ -27,11 +27,10 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from twistvpn.node.files import MAX_PINGS
 from twistvpn.node.joined import JoinedNode, PeerNotFoundError
 from twistvpn.traversal.manager import DIRECT, LAN
 
-SOCKET_NAME = "node.sock"
-MAX_PINGS = 1000
 MAX_REQUEST = 4096
 
 

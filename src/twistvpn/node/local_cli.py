@@ -19,10 +19,9 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from twistvpn.node.local_api import MAX_PINGS, SOCKET_NAME
+from twistvpn.node.files import DEFAULT_DATA_DIR, MAX_PINGS, SOCKET_NAME
 from twistvpn.table import columns
 
-DEFAULT_DATA_DIR = "/var/lib/twistvpn"
 # A ping run lasts up to count x (interval + timeout); the socket waits per line.
 LINE_TIMEOUT = 30.0
 

@@ -3,8 +3,9 @@ TUN devices: the kernel's side of the VPN.
 
 L{TunDevice} is the real thing (python-pytun for the file descriptor,
 pyroute2 for addresses and routes, registered with the reactor as a
-reader); L{FakeTunDevice} keeps everything in memory for tests.  Both
-implement L{ITunDevice}, so the node service never knows which it has.
+reader); L{twistvpn.testing.faketun.FakeTunDevice} keeps everything in
+memory for tests.  Both implement L{ITunDevice}, so the node service never
+knows which it has.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def parse_interface_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IP
     return ipaddress.ip_interface(text.strip())
 
 
-class _TunBase:
+class TunBase:
     """The bookkeeping the real and the fake device share."""
 
     def __init__(self, name: str, mtu: int) -> None:
@@ -105,63 +106,8 @@ class _TunBase:
         return str(ipaddress.ip_network(cidr, strict=False))
 
 
-@implementer(ITunDevice)
-class FakeTunDevice(_TunBase):
-    """
-    An in-memory TUN device.  Packets the "kernel" sends into the device are
-    injected with L{inject}; packets written to the kernel collect in
-    L{written}.
-    """
-
-    def __init__(self, name: str = DEFAULT_NAME, mtu: int = DEFAULT_MTU) -> None:
-        super().__init__(name, mtu)
-        self.written: list[bytes] = []
-        self.up = False
-        self.closed = False
-
-    def start_reading(self, receiver: Receiver) -> None:
-        self._receiver = receiver
-
-    def stop_reading(self) -> None:
-        self._receiver = None
-
-    def inject(self, packet: bytes) -> None:
-        """Pretend the kernel routed C{packet} into the device."""
-        if self.closed:
-            raise RuntimeError("device is closed")
-        self._deliver(packet)
-
-    def write(self, packet: bytes) -> None:
-        if self.closed:
-            self.counters["drop_closed"] += 1
-            return
-        self.counters["tx_packets"] += 1
-        self.written.append(packet)
-
-    def set_addresses(self, addresses: Iterable[str]) -> None:
-        self.addresses = tuple(str(parse_interface_address(a)) for a in addresses)
-        self.up = True
-
-    def add_route(self, cidr: str) -> None:
-        route = self._normalise_route(cidr)
-        if route not in self.routes:
-            self.routes.append(route)
-
-    def remove_route(self, cidr: str) -> None:
-        route = self._normalise_route(cidr)
-        if route in self.routes:
-            self.routes.remove(route)
-
-    def close(self) -> None:
-        self._receiver = None
-        self.routes = []
-        self.addresses = ()
-        self.up = False
-        self.closed = True
-
-
 @implementer(ITunDevice, IReadDescriptor)
-class TunDevice(_TunBase):
+class TunDevice(TunBase):
     """
     A kernel TUN device (IFF_TUN | IFF_NO_PI), read without blocking from
     the reactor.

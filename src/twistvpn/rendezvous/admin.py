@@ -38,10 +38,10 @@ from twistvpn.rendezvous.controller import (
     InvalidArgumentError,
     NotFoundError,
 )
+from twistvpn.rendezvous.files import TOKEN_FILE
 from twistvpn.rendezvous.tls import write_private
 
 MAX_BODY = 64 * 1024
-TOKEN_FILE = "admin-token"
 
 
 class HTTPError(Exception):

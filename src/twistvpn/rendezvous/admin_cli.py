@@ -27,9 +27,7 @@ import time
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-from twistvpn.rendezvous.admin import TOKEN_FILE
-from twistvpn.rendezvous.rendezvous_tap import DEFAULT_DATA_DIR
-from twistvpn.rendezvous.service import ADMIN_SOCKET
+from twistvpn.rendezvous.files import ADMIN_SOCKET, DEFAULT_DATA_DIR, TOKEN_FILE
 from twistvpn.table import columns
 
 TIMEOUT = 30.0

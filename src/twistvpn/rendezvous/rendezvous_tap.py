@@ -22,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from twistvpn.options import port
+from twistvpn.rendezvous.files import DEFAULT_DATA_DIR
 from twistvpn.rendezvous.service import (
     DataDirError,
     RelaySettings,
@@ -30,7 +31,6 @@ from twistvpn.rendezvous.service import (
 )
 from twistvpn.wireguard.keys import InvalidKey, decode_key
 
-DEFAULT_DATA_DIR = "/var/lib/twistvpn-rendezvous"
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 

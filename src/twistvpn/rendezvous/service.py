@@ -39,6 +39,7 @@ from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import DBError, get_db
 from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
+from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
 from twistvpn.rendezvous.server import ControlServerFactory
 from twistvpn.wireguard.keys import (
     InvalidKey,
@@ -50,8 +51,6 @@ SERVER_KEY_FILE = "server.key"
 CERT_FILE = "tls-cert.pem"
 KEY_FILE = "tls-key.pem"
 DB_FILE = "rendezvous.sqlite"
-ADMIN_SOCKET = "admin.sock"
-STATE_FILE = "rendezvous.json"
 # sockaddr_un holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 

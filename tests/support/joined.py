@@ -13,10 +13,9 @@ from typing import Any
 
 from twisted.test import iosim
 
-from tests.test_rendezvous_support import MemoryEndpoint, World
+from tests.support.rendezvous import MemoryEndpoint, World
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.joined import JoinedNode
-from twistvpn.node.tun import FakeTunDevice
 from twistvpn.relay.client import RelayClient, RelayInfo
 from twistvpn.relay.policy import ControllerMembership
 from twistvpn.relay.server import RelayServer
@@ -27,6 +26,7 @@ from twistvpn.relay.transport import (
 )
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.discovery import DiscoveryClient, DiscoveryProtocol, DiscoveryState
+from twistvpn.testing.faketun import FakeTunDevice
 from twistvpn.testing.natsim import Host, Internet
 from twistvpn.testing.pathsim import ipv4_packet
 from twistvpn.traversal.probe import ProbeService

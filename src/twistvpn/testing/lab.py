@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -363,19 +364,27 @@ class JoinedLab:
         start = self.authorized_at if self.authorized_at is not None else time.monotonic()
         self.authorized_at = None
         todo = list(pairs or self.pairs())
-        pings = {
-            pair: netns.ping_until_answered(
-                self.network, self.nodes[pair[0]].host.namespace, ips[pair[1]], timeout
+        give_up = time.monotonic() + timeout
+
+        def ping(pair: tuple[str, str]) -> subprocess.Popen[bytes]:
+            left = max(1.0, give_up - time.monotonic())
+            return netns.ping_until_answered(
+                self.network, self.nodes[pair[0]].host.namespace, ips[pair[1]], left
             )
-            for pair in todo
-        }
+
+        pings = {pair: ping(pair) for pair in todo}
         results = {}
-        deadline = time.monotonic() + timeout + 5
+        deadline = give_up + 5
         try:
             while pings and time.monotonic() < deadline:
                 for pair, process in list(pings.items()):
                     status = process.poll()
                     if status is None:
+                        continue
+                    if status != 0 and time.monotonic() < give_up - 1:
+                        # Ended early (no route yet: the node has not had its
+                        # map): ping again until the time is up.
+                        pings[pair] = ping(pair)
                         continue
                     del pings[pair]
                     answered = time.monotonic() - start if status == 0 else None

@@ -2,7 +2,8 @@
 An in-memory internet for relay tests: UDP sockets whose datagrams arrive
 after a latency on a L{Clock}, a switch that blocks UDP for chosen
 addresses (a network that only lets TCP out), and TCP connections between a
-relay and its clients made of Twisted's fake transports.
+relay and its clients made of L{StringTransport}s that a L{StreamPump}
+moves bytes between.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.test import iosim
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from twistvpn.relay.server import RelayServer
 from twistvpn.relay.transport import RelayClientStreamProtocol, RelayStreamFactory
@@ -33,6 +37,49 @@ class MemoryUDPTransport:
         return self.addr
 
 
+class StreamPump:
+    """
+    One TCP connection in memory: each side writes to a L{StringTransport};
+    L{pump} hands what one side wrote to the other, and a side that lost its
+    connection takes the other with it once its bytes are through.
+    """
+
+    def __init__(self, client: Protocol, server: Protocol) -> None:
+        self.client = client
+        self.server = server
+        self.client_transport = StringTransport()
+        self.server_transport = StringTransport()
+        self.closed = False
+        server.makeConnection(self.server_transport)
+        client.makeConnection(self.client_transport)
+
+    def flush(self, limit: int = 100) -> None:
+        """Pump until nothing moves (at most C{limit} rounds)."""
+        for _ in range(limit):
+            if not self.pump():
+                return
+
+    def pump(self) -> bool:
+        """Move what each side wrote; C{True} if any byte moved."""
+        if self.closed:
+            return False
+        moved = False
+        for transport, receiver in ((self.client_transport, self.server),
+                                    (self.server_transport, self.client)):
+            data = transport.value()
+            if data:
+                transport.clear()
+                receiver.dataReceived(data)
+                moved = True
+        if self.client_transport.disconnecting or self.server_transport.disconnecting:
+            self.closed = True
+            reason = Failure(ConnectionDone())
+            self.server.connectionLost(reason)
+            self.client.connectionLost(reason)
+            moved = True
+        return moved
+
+
 class MemoryInternet:
     """Delivers datagrams between bound protocols; UDP can be blocked per address."""
 
@@ -41,7 +88,7 @@ class MemoryInternet:
         self.latency = latency
         self.sockets: dict[Addr, Any] = {}
         self.udp_blocked: set[Addr] = set()
-        self.pumps: list[iosim.IOPump] = []
+        self.pumps: list[StreamPump] = []
         self.extra_latency: dict[Addr, float] = {}  # added to datagrams to or from
         self.path_latency: dict[frozenset[Addr], float] = {}  # added between two addresses
         self.sent = 0
@@ -75,11 +122,7 @@ class MemoryInternet:
         def connect(info: Any, receiver: Any) -> Deferred[Any]:
             server_proto = factory.buildProtocol(None)
             client_proto = RelayClientStreamProtocol(receiver, tls=False)
-            pump = iosim.connect(
-                server_proto, iosim.makeFakeServer(server_proto),
-                client_proto, iosim.makeFakeClient(client_proto),
-                greet=False, clock=self.clock,
-            )
+            pump = StreamPump(client_proto, server_proto)
             self.pumps.append(pump)
             return client_proto.ready
 
@@ -97,9 +140,9 @@ class MemoryInternet:
         for _ in range(100):
             moved = False
             for pump in list(self.pumps):
-                if pump.pump(advanceClock=False):
+                if pump.pump():
                     moved = True
-                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                if pump.closed:
                     self.pumps.remove(pump)
             if not moved:
                 return

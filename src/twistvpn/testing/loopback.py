@@ -1,10 +1,10 @@
 """
 Real processes on loopback, for the relay's integration test and benchmark.
 
-C{python -m twistvpn.relay.loopback rendezvous ...} is the rendezvous's
+C{python -m twistvpn.testing.loopback rendezvous ...} is the rendezvous's
 relay side (a real controller, the embedded relay and the relay link, as
 L{twistvpn.relay.service.attach_relays} sets them up);
-C{python -m twistvpn.relay.loopback peer ...} is a node that sends or
+C{python -m twistvpn.testing.loopback peer ...} is a node that sends or
 receives a stream of datagrams through a relay (over UDP or TLS) or
 directly, with a go-back-N window so that every byte arrives, and checks
 each datagram's bytes on arrival.  L{Lab} starts them, and a real
@@ -285,7 +285,7 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def main(reactor: Any, argv: list[str] | None = None) -> Deferred[None]:
-    parser = argparse.ArgumentParser(prog="python -m twistvpn.relay.loopback")
+    parser = argparse.ArgumentParser(prog="python -m twistvpn.testing.loopback")
     sub = parser.add_subparsers(dest="command", required=True)
     link = sub.add_parser("rendezvous")
     link.add_argument("--members", nargs="+", required=True)
@@ -386,7 +386,7 @@ class Lab:
         relay_private = load_or_create_private_key(os.path.join(self.relay_dir, "relay.key"))
         relay_key = keys.encode_key(keys.public_key(relay_private))
         self.rendezvous = self.spawn(
-            [self.python, "-m", "twistvpn.relay.loopback", "rendezvous",
+            [self.python, "-m", "twistvpn.testing.loopback", "rendezvous",
              "--members", *self.node_keys.values(), "--relay-key", relay_key,
              "--data-dir", self.dir, "--address-file", self.path("address.json"),
              "--relays-file", self.path("relays.json"),
@@ -443,7 +443,7 @@ class Lab:
         relays = self.path(f"relays-{relay}.json") if via != "direct" else self._no_relays()
         common = ["--via", via, "--relays-file", relays, "--count", str(count),
                   "--size", str(size), "--window", str(window)]
-        receiver = self.spawn([self.python, "-m", "twistvpn.relay.loopback", "peer", "receive",
+        receiver = self.spawn([self.python, "-m", "twistvpn.testing.loopback", "peer", "receive",
                                "--key-file", self.path("receiver.key"),
                                "--peer", self.node_keys["sender"],
                                "--ready-file", self.path(f"{tag}.receiver-ready.json"),
@@ -451,7 +451,7 @@ class Lab:
                                "--result-file", self.path(f"{tag}.received.json"), *common],
                               f"{tag}.receiver")
         port = self.wait_json(f"{tag}.receiver-ready.json", 30, receiver)["port"]
-        sender = self.spawn([self.python, "-m", "twistvpn.relay.loopback", "peer", "send",
+        sender = self.spawn([self.python, "-m", "twistvpn.testing.loopback", "peer", "send",
                              "--key-file", self.path("sender.key"),
                              "--peer", self.node_keys["receiver"], "--peer-port", str(port),
                              "--ready-file", self.path(f"{tag}.sender-ready.json"),

@@ -1,6 +1,6 @@
 """
-Fixtures shared by the WireGuard tests (two or more devices wired together
-in memory on one L{Clock}), and the key-encoding tests.
+Fixtures shared by the WireGuard tests: two or more devices wired together
+in memory on one L{Clock}, packets, and keys made by the real tools.
 
 The key pair below was made on this machine with the real tools::
 
@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from twistvpn.wireguard import keys
 from twistvpn.wireguard.device import WireGuardDevice
@@ -159,31 +158,3 @@ def pair(
 
 A_TO_B = ipv4_packet("10.0.0.1", "10.0.0.2", b"from a")
 B_TO_A = ipv4_packet("10.0.0.2", "10.0.0.1", b"from b")
-
-
-class KeyEncodingTests(SynchronousTestCase):
-    """Our key text form is byte for byte wg(8)'s."""
-
-    def test_public_key_matches_wg_pubkey(self) -> None:
-        for private, public in [
-            (WG_PRIVATE_KEY, WG_PUBLIC_KEY),
-            (WG_PRIVATE_KEY_2, WG_PUBLIC_KEY_2),
-        ]:
-            self.assertEqual(keys.encode_key(keys.public_key(keys.decode_key(private))), public)
-
-    def test_round_trip(self) -> None:
-        for text in (WG_PRIVATE_KEY, WG_PUBLIC_KEY, WG_PSK):
-            self.assertEqual(keys.encode_key(keys.decode_key(text)), text)
-
-    def test_wg_genkey_output_is_clamped(self) -> None:
-        private = keys.decode_key(WG_PRIVATE_KEY)
-        self.assertEqual(keys.clamp(private), private)
-
-    def test_generated_keys_are_clamped(self) -> None:
-        private = keys.generate_private_key()
-        self.assertEqual(keys.clamp(private), private)
-        self.assertEqual(len(keys.generate_preshared_key()), 32)
-
-    def test_bad_text_refused(self) -> None:
-        for bad in ("", "abc", WG_PUBLIC_KEY[:-2] + "==", "!" * 43 + "=", WG_PUBLIC_KEY[:-1]):
-            self.assertRaises(keys.InvalidKey, keys.decode_key, bad)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, BinaryIO
 
-from twistvpn.rendezvous.service import STATE_FILE
+from twistvpn.rendezvous.files import STATE_FILE
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 

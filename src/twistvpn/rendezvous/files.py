@@ -1,0 +1,10 @@
+"""
+What lives in a rendezvous's data directory, by name: the one place the
+server and the commands that talk to it agree on, so that
+C{twistvpn admin} needs none of the server's code to find its socket.
+"""
+
+DEFAULT_DATA_DIR = "/var/lib/twistvpn-rendezvous"
+ADMIN_SOCKET = "admin.sock"
+STATE_FILE = "rendezvous.json"
+TOKEN_FILE = "admin-token"

@@ -1,0 +1,108 @@
+"""
+Sites: LANs behind NAT routers (or none) on the simulated internet, each
+with its hosts in namespaces of a L{Network}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from pyroute2 import NetNS
+
+from twistvpn.testing.netns.namespaces import (
+    NAT_MODES,
+    Network,
+    Switch,
+    check_address,
+    signals_safe_for_children,
+)
+
+# How a site reaches the simulated internet: "open" is no NAT at all (its
+# hosts have public addresses), the others are L{Network.masquerade}'s.
+SITE_MODES = ("open", *NAT_MODES)
+
+
+@dataclass
+class Host:
+    """One machine of a site: its namespace, its interface and address."""
+
+    name: str
+    namespace: str
+    ifname: str
+    address: str
+    prefixlen: int
+    gateway: str | None
+
+
+@dataclass
+class Site:
+    """A LAN with its NAT router on the internet, or open hosts on the internet."""
+
+    name: str
+    mode: str
+    public_ip: str  # the router's WAN address (the first host's, open)
+    hosts: list[Host]
+    router: str | None = None
+    lan: str | None = None  # e.g. "192.168.1" (a /24)
+
+
+def add_site(
+    network: Network,
+    name: str,
+    internet: Switch,
+    public_ip: str,
+    lan: str,
+    *,
+    mode: str = "easy",
+    hosts: int = 1,
+    mtu: int = 1500,
+) -> Site:
+    """
+    A site: C{hosts} machines on the LAN C{lan}.0/24 (.2, .3, ...) behind a
+    router whose WAN side is C{public_ip} on C{internet} (a /24), NATting
+    as C{mode} says; with C{mode} "open", the machines are on the internet
+    themselves, at C{public_ip} and the addresses after it.  Namespaces are
+    C{name}r (router), C{name}l (the LAN's switch), C{name}1, C{name}2...
+    """
+    if mode not in SITE_MODES:
+        raise ValueError(f"unknown site mode {mode!r} (one of {', '.join(SITE_MODES)})")
+    first = ipaddress.ip_address(public_ip)
+    if mode == "open":
+        members = []
+        for i in range(hosts):
+            address = str(first + i)
+            namespace = network.add_namespace(f"{name}{i + 1}")
+            ifname = internet.attach(namespace, f"{address}/24", mtu=mtu)
+            members.append(Host(f"{name}{i + 1}", namespace, ifname, address, 24, None))
+        return Site(name, mode, public_ip, members)
+    router = network.add_namespace(f"{name}r")
+    wan = internet.attach(router, f"{public_ip}/24", mtu=mtu)
+    switch = network.add_switch(f"{name}l")
+    switch.attach(router, f"{lan}.1/24", mtu=mtu)
+    members = []
+    for i in range(hosts):
+        namespace = network.add_namespace(f"{name}{i + 1}")
+        address = f"{lan}.{i + 2}"
+        ifname = switch.attach(namespace, f"{address}/24", mtu=mtu)
+        network.add_route(namespace, "default", f"{lan}.1")
+        members.append(Host(f"{name}{i + 1}", namespace, ifname, address, 24, f"{lan}.1"))
+    network.masquerade(router, wan, mode=mode)
+    return Site(name, mode, public_ip, members, router, lan)
+
+
+def change_address(network: Network, host: Host, address: str) -> None:
+    """
+    Move C{host} to another address of its subnet (roaming: a new DHCP
+    lease), the old one gone and the default route back through the gateway.
+    """
+    new = check_address(f"{address}/{host.prefixlen}")
+    old = check_address(f"{host.address}/{host.prefixlen}")
+    with signals_safe_for_children(), NetNS(host.namespace) as ns:
+        index = ns.link_lookup(ifname=host.ifname)[0]
+        # Old first: removing a primary address removes its secondaries too.
+        ns.addr("del", index=index, address=str(old.ip), prefixlen=old.network.prefixlen)
+        ns.addr("add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen)
+    if host.gateway is not None:
+        network.add_route(host.namespace, "default", host.gateway)
+    host.address = address
