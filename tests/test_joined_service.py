@@ -17,12 +17,12 @@ from twisted.trial import unittest
 
 from tests.support.fakes import FakeWireGuardDevice
 from tests.support.rendezvous import MemoryEndpoint, World
+from twistvpn.common.tls import parse_address
 from twistvpn.node import node_tap
 from twistvpn.node.joined_service import JoinedNodeService, load_or_create_key
 from twistvpn.node.service import NodeStartError
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.netmap import Member, NetworkMap
-from twistvpn.rendezvous.tls import parse_address
 from twistvpn.testing.faketun import FakeTunDevice
 from twistvpn.wireguard.keys import generate_private_key, public_key
 

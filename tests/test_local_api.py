@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support.joined import Mesh
 from twistvpn import cli
 from twistvpn.node import local_cli
-from twistvpn.node.local_api import LocalAPI, LocalAPIFactory
+from twistvpn.node.local_api import LocalAPI, local_api_factory
 
 
 class Session:
@@ -26,7 +26,7 @@ class Session:
 
     def __init__(self, mesh: Mesh, api: LocalAPI) -> None:
         self.mesh = mesh
-        self.protocol = LocalAPIFactory(api).buildProtocol(None)
+        self.protocol = local_api_factory(api).buildProtocol(None)
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
 

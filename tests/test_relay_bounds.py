@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twistvpn.relay import protocol as p
 from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
-from twistvpn.relay.transport import RelayStreamFactory
+from twistvpn.relay.transport import relay_stream_factory
 from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
@@ -133,7 +133,7 @@ class IdleTests(SynchronousTestCase):
 
 def connect_raw(world: World) -> tuple[Protocol, StreamPump]:
     """A TCP connection to the relay with a client that speaks raw bytes."""
-    server_proto = RelayStreamFactory(world.server).buildProtocol(None)
+    server_proto = relay_stream_factory(world.server).buildProtocol(None)
     client_proto = Protocol()
     pump = StreamPump(client_proto, server_proto)
     world.net.pumps.append(pump)

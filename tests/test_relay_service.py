@@ -19,12 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
+from twistvpn.common import tls
 from twistvpn.interfaces import IRelayProvider
 from twistvpn.relay import relay_tap
 from twistvpn.relay.client import RelayEndpoint, RelayInfo, RelayUnavailableError
 from twistvpn.relay.service import StatsResource, attach_relays
 from twistvpn.relay.transport import RelayDatagramProtocol
-from twistvpn.rendezvous import tls
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
 from .test_relay_link import Rendezvous

@@ -18,7 +18,7 @@ from twistvpn.relay.server import RelayServer
 from twistvpn.relay.transport import (
     RelayClientStreamProtocol,
     RelayDatagramProtocol,
-    RelayStreamFactory,
+    relay_stream_factory,
 )
 from twistvpn.testing.pathsim import OVERLAY, Pair, ipv4_packet
 from twistvpn.traversal.manager import PathConfig
@@ -46,7 +46,7 @@ class SimRelay:
 
     def connect_stream(self, info: Any, receiver: Any) -> Any:
         """TCP to the relay (the simulation only does UDP): fake transports."""
-        server = RelayStreamFactory(self.server).buildProtocol(None)
+        server = relay_stream_factory(self.server).buildProtocol(None)
         client = RelayClientStreamProtocol(receiver, tls=False)
         self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client,
                                         iosim.makeFakeClient(client), greet=False,

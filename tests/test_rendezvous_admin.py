@@ -20,7 +20,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from tests.support.reactor import FakeReactor
 from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.cli import build_parser
-from twistvpn.rendezvous import tls
+from twistvpn.common import tls
 from twistvpn.rendezvous.admin import MAX_BODY, AdminAPI
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.database import get_db

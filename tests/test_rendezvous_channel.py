@@ -19,7 +19,8 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from twistvpn.rendezvous import channel, tls
+from twistvpn.common import tls
+from twistvpn.rendezvous import channel
 from twistvpn.rendezvous.channel import (
     HANDSHAKE,
     MAX_PLAINTEXT,

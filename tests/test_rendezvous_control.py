@@ -14,13 +14,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support.rendezvous import FakeSession, MemoryEndpoint, World, new_key
+from twistvpn.common import auth
+from twistvpn.common.amp import MAX_INBOUND_BOX
+from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, IRendezvousListener
-from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.client import NotConnectedError, ServerKeyMismatchError
 from twistvpn.rendezvous.controller import InvalidArgumentError, NotFoundError, node_id_of
-from twistvpn.rendezvous.discovery import TokenBuckets
 from twistvpn.rendezvous.protocol import (
-    MAX_INBOUND_BOX,
     Challenge,
     Join,
     Register,

@@ -13,9 +13,9 @@ from zope.interface.verify import verifyObject
 
 from tests.support.rendezvous import FakeSession, new_key
 from twistvpn import wire
+from twistvpn.common import auth
 from twistvpn.interfaces import IDatagramHandler, INetworkController
 from twistvpn.node.forwarder import Forwarder
-from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import get_db
 from twistvpn.rendezvous.discovery import (

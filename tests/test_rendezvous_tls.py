@@ -17,7 +17,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.rendezvous import RecordingListener
-from twistvpn.rendezvous import tls
+from twistvpn.common import tls
 from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import Controller

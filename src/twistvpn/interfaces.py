@@ -539,3 +539,25 @@ class IRelayPolicy(Interface):
         """
         Stop calling C{observer}; unknown observers are ignored.
         """
+
+
+class IRendezvousRelays(Interface):
+    """
+    The relays a rendezvous hosts (its embedded one, the link standalone
+    ones log in to), as the rendezvous service sees them: the relay
+    package builds them and the rendezvous's tap attaches them, so the
+    rendezvous package never imports the relay.
+    """
+
+    def stats():
+        """
+        Return a dict for the admin API: C{embedded}, the embedded relay's
+        counters (None when there is none), and C{standalone}, a list of
+        the linked relays.
+        """
+
+    def refresh():
+        """
+        Membership changed (an admin's action): make every relay's policy
+        learn it now rather than at its next poll.
+        """

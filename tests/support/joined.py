@@ -22,7 +22,7 @@ from twistvpn.relay.server import RelayServer
 from twistvpn.relay.transport import (
     RelayClientStreamProtocol,
     RelayDatagramProtocol,
-    RelayStreamFactory,
+    relay_stream_factory,
 )
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.discovery import DiscoveryClient, DiscoveryProtocol, DiscoveryState
@@ -129,7 +129,7 @@ class Mesh:
 
     def connect_stream(self, info: Any, receiver: Any) -> Any:
         """TCP to the relay (the simulation only does UDP): fake transports."""
-        server = RelayStreamFactory(self.relay_server).buildProtocol(None)
+        server = relay_stream_factory(self.relay_server).buildProtocol(None)
         client = RelayClientStreamProtocol(receiver, tls=False)
         self.world.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client,
                                               iosim.makeFakeClient(client), greet=False,

@@ -15,11 +15,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
+from twistvpn.common.datadir import load_or_create_key as common_load_or_create_key
+from twistvpn.common.datadir import make_data_dir
+from twistvpn.common.tls import RendezvousAddress
 from twistvpn.node.config import InsecurePermissionsError, InterfaceConfig, read_private_file
 from twistvpn.node.files import SOCKET_NAME
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.joined import JoinedNode, host_addresses
-from twistvpn.node.local_api import LocalAPI, LocalAPIFactory
+from twistvpn.node.local_api import LocalAPI, local_api_factory
 from twistvpn.node.service import (
     DeviceFactory,
     Resolver,
@@ -31,13 +34,11 @@ from twistvpn.node.tun import DEFAULT_MTU
 from twistvpn.node.uapi import UAPIFactory, claim_socket_path
 from twistvpn.relay.client import RelayClient
 from twistvpn.rendezvous.discovery import DiscoveryClient
-from twistvpn.rendezvous.tls import RendezvousAddress
 from twistvpn.traversal.probe import ProbeService
 from twistvpn.wireguard.keys import (
     InvalidKey,
     decode_key,
     encode_key,
-    generate_private_key,
     public_key,
 )
 
@@ -47,10 +48,6 @@ KEY_FILE = "node.key"
 
 class KeyFileError(ValueError):
     """A private key file that cannot be used; one line naming it."""
-
-
-class DataDirError(KeyFileError):
-    """The data directory or the key in it is unusable; one line."""
 
 
 def read_key_file(path: str) -> bytes:
@@ -67,24 +64,11 @@ def read_key_file(path: str) -> bytes:
 
 def load_or_create_key(data_dir: str) -> bytes:
     """
-    The node's private key from C{DATA_DIR/node.key}; on first start, create
-    the directory (0700) and the key (0600).
+    The node's private key from C{DATA_DIR/node.key} (refused if group or
+    others may read it); on first start, the directory and the key.
     """
-    try:
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise DataDirError(f"{data_dir}: {e.strerror or e}") from None
-    path = os.path.join(data_dir, KEY_FILE)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return read_key_file(path)
-    except OSError as e:
-        raise DataDirError(f"{path}: {e.strerror or e}") from None
-    key = generate_private_key()
-    with os.fdopen(fd, "w") as f:
-        f.write(encode_key(key) + "\n")
-    return key
+    make_data_dir(data_dir)
+    return common_load_or_create_key(os.path.join(data_dir, KEY_FILE), read=read_key_file)
 
 
 # (reactor, address, private key, name, listener, networks, local endpoints)
@@ -175,7 +159,7 @@ class JoinedNodeService(StaticNodeService):
         node.attach(self.client)
         node.start()
         claim_socket_path(self.socket_path)
-        self.api_port = reactor.listenUNIX(self.socket_path, LocalAPIFactory(LocalAPI(node)),
+        self.api_port = reactor.listenUNIX(self.socket_path, local_api_factory(LocalAPI(node)),
                                            mode=0o600)
         if self._control_socket:
             claim_socket_path(self._control_socket)

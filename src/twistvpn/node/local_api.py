@@ -16,6 +16,7 @@ the last line.  L{LocalAPI} is the logic; L{LocalAPIProtocol} the adapter.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -153,11 +154,6 @@ class LocalAPIProtocol(LineOnlyReceiver):
             self.transport.loseConnection()
 
 
-class LocalAPIFactory(Factory):
-    def __init__(self, api: LocalAPI) -> None:
-        self.api = api
-
-    def buildProtocol(self, addr: Any) -> LocalAPIProtocol:
-        protocol = LocalAPIProtocol(self.api)
-        protocol.factory = self
-        return protocol
+def local_api_factory(api: LocalAPI) -> Factory:
+    """The local API's listening factory: one L{LocalAPIProtocol} per client."""
+    return Factory.forProtocol(functools.partial(LocalAPIProtocol, api))

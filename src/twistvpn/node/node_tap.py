@@ -15,6 +15,8 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twistvpn.common.datadir import DataDirError
+from twistvpn.common.tls import TLSConfigError, parse_address
 from twistvpn.interfaces import IDataPlaneReactor
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE
 from twistvpn.node.config import ConfigError, InsecurePermissionsError, load_config
@@ -29,7 +31,6 @@ from twistvpn.node.joined_service import (
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
 from twistvpn.options import integer
-from twistvpn.rendezvous.tls import TLSConfigError, parse_address
 
 NAME_LENGTH = 64
 MAX_ANSWER_WAIT_US = 10_000
@@ -168,7 +169,7 @@ class Options(usage.Options):
         self["port"] = integer("port", port, 0, 65535)
         try:
             self["private_key"] = load_or_create_key(self["data-dir"])
-        except KeyFileError as e:
+        except (KeyFileError, DataDirError) as e:
             raise usage.UsageError(str(e)) from None
 
 

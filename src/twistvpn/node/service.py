@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from twistvpn.common.services import enlarge_socket_buffers
 from twistvpn.node.config import InterfaceConfig, PeerConfig
 from twistvpn.node.fastpath import AnswerWait, DatagramBatcher, listen_udp
 from twistvpn.node.forwarder import Forwarder
@@ -33,10 +34,6 @@ TunFactory = Callable[[str, int], Any]  # returns an ITunDevice
 # (private_key, clock, send_datagram, deliver_packet) -> the WireGuard state
 DeviceFactory = Callable[..., Any]  # returns an IWireGuardDevice
 Resolver = Callable[[str, int], tuple[str, int]]
-
-# Socket buffers big enough to absorb a burst while Python catches up.
-SOCKET_BUFFER = 4 * 1024 * 1024
-
 
 def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
     """
@@ -68,21 +65,6 @@ def routed_prefixes(peers: tuple[PeerConfig, ...]) -> tuple[list[str], list[str]
             if cidr not in target:
                 target.append(cidr)
     return routes, skipped
-
-
-def _enlarge_buffers(sock: socket.socket) -> None:
-    for forced, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-    ):
-        for option in (forced, plain):
-            if option is None:
-                continue
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-                break
-            except OSError:
-                continue
 
 
 class NodeStartError(RuntimeError):
@@ -244,7 +226,7 @@ class StaticNodeService(service.Service):
             listening = listen_udp(self._reactor, port, forwarder, "")
         sock = getattr(listening, "socket", None)
         if isinstance(sock, socket.socket):
-            _enlarge_buffers(sock)
+            enlarge_socket_buffers(sock)
             # The fast path: sends straight on the socket, in GSO batches.
             self._batcher = DatagramBatcher(sock, self._reactor, forwarder.counters)
             forwarder.use_batcher(self._batcher, sock.family == socket.AF_INET6)

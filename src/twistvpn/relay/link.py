@@ -4,7 +4,7 @@ The link between a standalone relay and the rendezvous: AMP over TLS.
 Authenticated both ways: the relay pins the rendezvous's certificate (the
 C{#sha256=} of its C{twistvpn://} address), and proves possession of its own
 X25519 key, which the rendezvous must list as an authorized relay, with the
-rendezvous's proof-of-possession scheme (L{twistvpn.rendezvous.auth}) under
+rendezvous's proof-of-possession scheme (L{twistvpn.common.auth}) under
 a label of its own.  After login the rendezvous pushes every network's
 authorized members, then each change as it happens (within its polling
 interval, two seconds by default), so a deauthorization reaches the relay
@@ -20,6 +20,7 @@ kept connected by a L{ClientService}.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -33,10 +34,10 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from twistvpn.common import auth
+from twistvpn.common.amp import BigBytes, BoundedAMP, Ping
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.policy import MembershipPolicy
-from twistvpn.rendezvous import auth
-from twistvpn.rendezvous.protocol import BigBytes, BoundedAMP, Ping
 
 LABEL_RELAY_LINK = b"twistvpn relay link v1"
 KEY = 32
@@ -229,13 +230,9 @@ class RelayLinkServerProtocol(RelayLinkResponders, BoundedAMP):
         super().connectionLost(reason)
 
 
-class RelayLinkServerFactory(Factory):
-    def __init__(self, service: RelayLinkService, clock: IReactorTime) -> None:
-        self.service = service
-        self.clock = clock
-
-    def buildProtocol(self, addr: Any) -> RelayLinkServerProtocol:
-        return RelayLinkServerProtocol(self.service, self.clock)
+def relay_link_server_factory(service: RelayLinkService, clock: IReactorTime) -> Factory:
+    """The rendezvous's listening factory for standalone relays' links."""
+    return Factory.forProtocol(functools.partial(RelayLinkServerProtocol, service, clock))
 
 
 # -- the relay's side ----------------------------------------------------------------

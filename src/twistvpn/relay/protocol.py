@@ -21,7 +21,7 @@ Relay to node::
     RECV       F5 02 src_key(32) datagram               a datagram from src_key
     PONG       F5 21 nonce(8) known(1)                  known: the token was valid
 
-The proof is the rendezvous's proof of possession (L{twistvpn.rendezvous.auth}:
+The proof is the rendezvous's proof of possession (L{twistvpn.common.auth}:
 a MAC keyed by X25519(node private, relay public)) over the challenge and both
 keys, under a label of the relay's own, so registering proves possession of the node's
 WireGuard private key; the relay never learns a key that decrypts traffic.
@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import struct
 
-from twistvpn.rendezvous import auth as auth_module
-from twistvpn.rendezvous.auth import AuthError
+from twistvpn.common import auth as auth_module
+from twistvpn.common.auth import AuthError
 from twistvpn.wire import RELAY
 
 KEY = 32
@@ -164,7 +164,7 @@ def proof(private_key: bytes, peer_public: bytes, relay_key: bytes, node_key: by
     """
     The registration proof, computed alike by the node (its private key, the
     relay's public key) and the relay (its private key, the node's public
-    key): both arrive at the same shared key (L{twistvpn.rendezvous.auth}).
+    key): both arrive at the same shared key (L{twistvpn.common.auth}).
     Raises L{AuthError} for a low-order key.
     """
     shared = auth_module.shared_key(private_key, peer_public)

@@ -14,25 +14,25 @@ from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapC
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twistvpn.common import tls
+from twistvpn.common.datadir import DataDirError, load_or_create_key, make_data_dir
+from twistvpn.common.services import StartStopService, StreamListener
 from twistvpn.options import port
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import RelayLink
 from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.service import (
-    StartStopService,
-    StreamListenService,
     admin_site,
     bound_info,
-    load_or_create_private_key,
     load_or_create_tls,
     relay_services,
 )
-from twistvpn.rendezvous import tls
 from twistvpn.wireguard import keys
 
 log = Logger()
 MBIT = 1_000_000 / 8
+KEY_FILE = "relay.key"
 
 
 def _positive(value: str) -> float:
@@ -104,14 +104,14 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
         data_dir = self["data-dir"]
         try:
-            os.makedirs(data_dir, mode=0o700, exist_ok=True)
-            self["private-key"] = load_or_create_private_key(os.path.join(data_dir, "relay.key"))
+            make_data_dir(data_dir)
+            self["private-key"] = load_or_create_key(os.path.join(data_dir, KEY_FILE))
             if not self["tls-cert"]:
                 self["tls-pems"] = load_or_create_tls(data_dir, self["public-host"] or "relay")
+        except DataDirError as e:
+            raise usage.UsageError(f"--data-dir: {e}") from None
         except OSError as e:
             raise usage.UsageError(f"--data-dir: {e.filename or data_dir}: {e.strerror}") from None
-        except keys.InvalidKey as e:
-            raise usage.UsageError(f"{data_dir}/relay.key: {e}") from None
 
 
 def makeService(config: Options, reactor: Any = None) -> service.MultiService:
@@ -148,7 +148,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
                                    "synced": link.synced,
                                    "networks": len(policy.networks())}}
 
-        StreamListenService(serverFromString(reactor, config["admin"]),
+        StreamListener(serverFromString(reactor, config["admin"]),
                             admin_site(relay, link_state)).setServiceParent(top)
     pub_path = os.path.join(config["data-dir"], "relay.pub")
     with open(pub_path, "w") as f:

@@ -27,9 +27,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from twistvpn.common.auth import SharedKeyCache
+from twistvpn.common.ratelimit import TokenBucket
 from twistvpn.interfaces import IRelayPolicy
 from twistvpn.relay import protocol as p
-from twistvpn.rendezvous.auth import SharedKeyCache
 from twistvpn.wireguard.keys import encode_key
 
 _COOKIE_TIME = struct.Struct(">Q")
@@ -56,29 +57,6 @@ class RelayLimits:
     deny_ttl: float = 5.0  # and about a refused pair this often
     sweep_interval: float = 2.0
     auth_rate: float = 1000.0  # registrations checked per second, for the whole relay
-
-
-class TokenBucket:
-    """Bytes per second with a burst; C{take} is the per-datagram check."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, amount: int, now: float) -> bool:
-        tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        self.stamp = now
-        if tokens < amount:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - amount
-        return True
 
 
 class Traffic:

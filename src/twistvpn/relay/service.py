@@ -9,122 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource
 from twisted.web import server as web_server
+from zope.interface import implementer
 
+from twistvpn.common import tls
+from twistvpn.common.services import DatagramListenService, StartStopService, StreamListener
+from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.relay.client import RelayInfo
-from twistvpn.relay.link import RelayLinkServerFactory, RelayLinkService
+from twistvpn.relay.link import RelayLinkService, relay_link_server_factory
 from twistvpn.relay.policy import ControllerMembership
 from twistvpn.relay.server import RelayLimits, RelayServer
-from twistvpn.relay.transport import RelayDatagramProtocol, RelayStreamFactory
-from twistvpn.rendezvous import tls
+from twistvpn.relay.transport import RelayDatagramProtocol, relay_stream_factory
 from twistvpn.wireguard import keys
-
-
-class StartStopService(service.Service):
-    """Runs a plain object's C{start()} and C{stop()} with the service's life."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def startService(self) -> None:
-        super().startService()
-        self.target.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self.target.stop()
-
-
-class ListeningService(service.Service):
-    """
-    Listens when started (C{listen()} gives a Deferred of the port), stops
-    listening when stopped; C{listening} fires with the port.
-    """
-
-    port: Any = None
-
-    def __init__(self, listen: Callable[[], Deferred[IListeningPort]]) -> None:
-        self._listen = listen
-        self.listening: Deferred[IListeningPort] = Deferred()
-
-    def startService(self) -> None:
-        super().startService()
-
-        def listened(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            self.listening.callback(port)
-            return port
-
-        self._listen().addCallbacks(listened, self.listening.errback)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
-
-
-class UDPListenService(ListeningService):
-    """A UDP port whose number is known once listening (port 0 picks one)."""
-
-    def __init__(self, reactor: Any, port: int, protocol: Any, interface: str = "") -> None:
-        super().__init__(self._listen_udp)
-        self.reactor = reactor
-        self.requested = port
-        self.protocol = protocol
-        self.interface = interface
-
-    def _listen_udp(self) -> Deferred[IListeningPort]:
-        port = self.reactor.listenUDP(self.requested, self.protocol,
-                                      interface=self.interface, maxPacketSize=65535)
-        enlarge_socket_buffers(port.socket)
-        return succeed(port)
-
-
-SOCKET_BUFFER = 4 << 20
-
-
-def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> None:
-    """
-    A relay's UDP socket takes bursts from many nodes: the default buffer
-    (about 200 kB) overflows at a few Mbit/s of bursty traffic.  As root
-    the system's limit does not apply (SO_RCVBUFFORCE); otherwise we get
-    what net.core.rmem_max allows.
-    """
-    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
-        try:
-            if force is None:
-                raise OSError
-            sock.setsockopt(socket.SOL_SOCKET, force, size)
-        except OSError:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
-            except OSError:
-                pass
-
-
-class StreamListenService(ListeningService):
-    """A stream endpoint listening with a factory."""
-
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
-        # TCP endpoints listen synchronously, so a port that cannot be bound
-        # fails startService, and twistd, with its error.
-        super().__init__(lambda: endpoint.listen(factory))
-        self.endpoint = endpoint
-        self.factory = factory
 
 
 def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,
@@ -135,12 +39,12 @@ def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,
     """
     top = service.MultiService()
     StartStopService(server).setServiceParent(top)
-    udp = UDPListenService(reactor, udp_port, RelayDatagramProtocol(server), udp_interface)
+    udp = DatagramListenService(reactor, udp_port, RelayDatagramProtocol(server), udp_interface)
     udp.setName("udp")
     udp.setServiceParent(top)
-    stream = StreamListenService(
+    stream = StreamListener(
         serverFromString(reactor, tcp),
-        TLSMemoryBIOFactory(tls_options, False, RelayStreamFactory(server)),
+        TLSMemoryBIOFactory(tls_options, False, relay_stream_factory(server)),
     )
     stream.setName("tcp")
     stream.setServiceParent(top)
@@ -148,16 +52,6 @@ def relay_services(reactor: Any, server: RelayServer, udp_port: int, tcp: str,
 
 
 # -- keys and certificates in a data directory --------------------------------------
-
-
-def load_or_create_private_key(path: str) -> bytes:
-    """The relay's X25519 key (WireGuard text form), created on first start."""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return keys.decode_key(f.read().decode("ascii", "replace"))
-    private = keys.generate_private_key()
-    tls.write_private(path, (keys.encode_key(private) + "\n").encode())
-    return private
 
 
 def load_or_create_tls(data_dir: str, hostname: str) -> tuple[bytes, bytes]:
@@ -281,6 +175,7 @@ class _Advertiser:
 # -- everything the rendezvous hosts for relays ------------------------------------------
 
 
+@implementer(IRendezvousRelays)
 @dataclass
 class RendezvousRelays:
     """The relays a rendezvous serves: its own, and the standalone ones' link."""
@@ -288,7 +183,7 @@ class RendezvousRelays:
     membership: ControllerMembership
     embedded: EmbeddedRelay | None
     link: RelayLinkService | None
-    link_listener: StreamListenService | None
+    link_listener: StreamListener | None
 
     def stats(self) -> dict[str, Any]:
         """For the admin API: the embedded relay's counters, the linked relays."""
@@ -296,6 +191,9 @@ class RendezvousRelays:
             "embedded": self.embedded.server.stats() if self.embedded is not None else None,
             "standalone": list(self.link.relays()) if self.link is not None else [],
         }
+
+    def refresh(self) -> None:
+        self.membership.refresh()
 
 
 def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
@@ -325,16 +223,16 @@ def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
     advertiser = _Advertiser(controller, mine)
     advertiser.update()
     link_service: RelayLinkService | None = None
-    listener: StreamListenService | None = None
+    listener: StreamListener | None = None
     if link is not None:
         authorized = frozenset(relay_keys)
         link_service = RelayLinkService(server_private, keys.public_key(server_private),
                                         membership.policy, authorized.__contains__,
                                         advertiser.update)
-        listener = StreamListenService(
+        listener = StreamListener(
             serverFromString(reactor, link),
             TLSMemoryBIOFactory(tls.server_options(cert_pem, key_pem), False,
-                                RelayLinkServerFactory(link_service, reactor)),
+                                relay_link_server_factory(link_service, reactor)),
         )
         listener.setName("relay-link")
         listener.setServiceParent(parent)

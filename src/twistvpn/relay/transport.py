@@ -6,6 +6,7 @@ to a relay.  Streams carry length-prefixed frames (L{protocol.StreamDecoder}).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +23,9 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistvpn.common import tls
 from twistvpn.relay import protocol as p
 from twistvpn.relay.server import RelayServer, StreamConnection
-from twistvpn.rendezvous import tls
 
 
 class RelayDatagramProtocol(DatagramProtocol):
@@ -119,14 +120,9 @@ class RelayStreamProtocol(FramedProtocol):
         self.connection.close()
 
 
-class RelayStreamFactory(Factory):
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
-
-    def buildProtocol(self, addr: Any) -> RelayStreamProtocol:
-        proto = RelayStreamProtocol(self.server)
-        proto.factory = self
-        return proto
+def relay_stream_factory(server: RelayServer) -> Factory:
+    """The relay's TCP (inside TLS) listening factory: one stream per node."""
+    return Factory.forProtocol(functools.partial(RelayStreamProtocol, server))
 
 
 @implementer(IHandshakeListener)

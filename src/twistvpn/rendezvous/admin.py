@@ -31,6 +31,7 @@ from typing import Any
 from twisted.web import resource
 from twisted.web.server import Request
 
+from twistvpn.common.tls import write_private
 from twistvpn.interfaces import INetworkController
 from twistvpn.rendezvous.controller import (
     ConflictError,
@@ -39,7 +40,6 @@ from twistvpn.rendezvous.controller import (
     NotFoundError,
 )
 from twistvpn.rendezvous.files import TOKEN_FILE
-from twistvpn.rendezvous.tls import write_private
 
 MAX_BODY = 64 * 1024
 

@@ -313,7 +313,7 @@ class ChannelFactory(WrappingFactory[ChannelProtocol]):
     """
     Wraps C{wrapped} in the channel: on the client side C{tls} is an
     C{IOpenSSLClientConnectionCreator} (the pinning or CA check of
-    L{twistvpn.rendezvous.tls.client_creator}), on the server side the
+    L{twistvpn.common.tls.client_creator}), on the server side the
     server's C{CertificateOptions}.
     """
 

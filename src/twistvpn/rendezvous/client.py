@@ -17,6 +17,7 @@ The latest map of each network stays available in C{client.maps}.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,8 +31,10 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from twistvpn.common import auth
+from twistvpn.common.amp import Ping
+from twistvpn.common.tls import RendezvousAddress, client_creator, parse_address
 from twistvpn.interfaces import IRendezvousListener
-from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.channel import ChannelClientEndpoint
 from twistvpn.rendezvous.netmap import MapDelta, MapError, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
@@ -41,7 +44,6 @@ from twistvpn.rendezvous.protocol import (
     Leave,
     MapDeltaPush,
     NetworkMapPush,
-    Ping,
     PunchPush,
     Register,
     RequestMap,
@@ -49,7 +51,6 @@ from twistvpn.rendezvous.protocol import (
     RevokedPush,
     SetLocalEndpoints,
 )
-from twistvpn.rendezvous.tls import RendezvousAddress, client_creator, parse_address
 from twistvpn.wireguard.keys import public_key
 
 CONNECT_TIMEOUT = 15
@@ -105,16 +106,6 @@ class ControlClientProtocol(amp.AMP):
         self._client._connection_lost(self, reason)
 
 
-class _ClientFactory(Factory):
-    def __init__(self, client: RendezvousClient) -> None:
-        self._client = client
-
-    def buildProtocol(self, addr: Any) -> ControlClientProtocol:
-        protocol = ControlClientProtocol(self._client)
-        protocol.factory = self
-        return protocol
-
-
 class RendezvousClient(Service):
     """A node's registration with a rendezvous and its membership of networks."""
 
@@ -149,7 +140,7 @@ class RendezvousClient(Service):
         self._protocol: ControlClientProtocol | None = None
         self._clock = clock
         self._endpoint = endpoint
-        self._factory = _ClientFactory(self)
+        self._factory = Factory.forProtocol(functools.partial(ControlClientProtocol, self))
         self._retry_policy = retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=60.0)
         self._failures = 0
         self._attempt: defer.Deferred[Any] | None = None

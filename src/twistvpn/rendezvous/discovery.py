@@ -43,9 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistvpn.common import auth
+from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IDatagramHandler, IDatagramSender, INetworkController
-from twistvpn.relay.server import TokenBucket
-from twistvpn.rendezvous import auth
 from twistvpn.wire import DISCOVERY_REQUEST, DISCOVERY_RESPONSE
 from twistvpn.wireguard.keys import public_key
 
@@ -103,32 +103,6 @@ def decode_response(key: bytes, data: bytes) -> tuple[int, bytes, tuple[str, int
     if (family, len(raw)) not in ((4, 4), (6, 16)):
         raise ValueError("bad family")
     return which, nonce, (str(ipaddress.ip_address(raw)), xport ^ 0x2112)
-
-
-class TokenBuckets:
-    """
-    Per-source rate limits: C{rate} datagrams a second, bursts of C{burst}.
-    Bounded: when full, the table is cleared (a flood of spoofed sources
-    must not grow memory).
-    """
-
-    def __init__(
-        self, clock: IReactorTime, rate: float, burst: float, max_sources: int = 65536
-    ) -> None:
-        self._clock = clock
-        self._rate = rate
-        self._burst = burst
-        self._max = max_sources
-        self._buckets: dict[Any, TokenBucket] = {}
-
-    def allow(self, source: Any) -> bool:
-        now = self._clock.seconds()
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            if len(self._buckets) >= self._max:
-                self._buckets.clear()
-            bucket = self._buckets[source] = TokenBucket(self._rate, self._burst, now)
-        return bucket.take(1, now)
 
 
 class DiscoveryState:

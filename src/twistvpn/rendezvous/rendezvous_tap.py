@@ -22,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from twistvpn.options import port
+from twistvpn.relay.service import attach_relays
 from twistvpn.rendezvous.files import DEFAULT_DATA_DIR
 from twistvpn.rendezvous.service import (
     DataDirError,
@@ -211,7 +212,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         )
     except DataDirError as e:
         raise SystemExit(f"twistvpn-rendezvous: {e}") from None
-    return RendezvousService(
+    rendezvous = RendezvousService(
         reactor,
         data,
         config["hostname"],
@@ -222,3 +223,13 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         registration_rate=config["registration-rate"],
         relays=relay_settings(config),
     )
+    if rendezvous.wants_relays:
+        settings = rendezvous.relay_settings
+        embedded = settings.embedded and settings.public_ip is not None
+        rendezvous.relays = attach_relays(
+            rendezvous, reactor, rendezvous.controller, data.server_private, data.cert_pem,
+            data.key_pem, settings.public_ip, embedded=embedded, udp_port=settings.udp_port,
+            tcp_port=settings.tcp_port, interface=config["udp-interface"], link=settings.link,
+            relay_keys=settings.relay_keys,
+        )
+    return rendezvous

@@ -15,20 +15,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistvpn.common import auth
+from twistvpn.common.amp import BoundedAMP, Ping
+from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, INetworkController
-from twistvpn.rendezvous import auth
 from twistvpn.rendezvous.controller import InvalidArgumentError
-from twistvpn.rendezvous.discovery import TokenBuckets
 from twistvpn.rendezvous.netmap import MapDelta, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
-    BoundedAMP,
     Challenge,
     Join,
     Leave,
     MapDeltaPush,
     NetworkMapPush,
-    Ping,
     PunchPush,
     Register,
     RequestMap,

@@ -9,31 +9,25 @@ a C{MultiService}.  Both take everything as arguments, the reactor too.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sqlite3
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.web.server import Site
 
 from twistvpn import __version__
-from twistvpn.relay.service import (
-    ListeningService,
-    RendezvousRelays,
-    attach_relays,
-    load_or_create_private_key,
-)
-from twistvpn.rendezvous import tls
+from twistvpn.common import tls
+from twistvpn.common.datadir import DataDirError, load_or_create_key, make_data_dir
+from twistvpn.common.services import DatagramListenService, StreamListener
+from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
 from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.controller import Controller
@@ -42,7 +36,6 @@ from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
 from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
 from twistvpn.rendezvous.server import ControlServerFactory
 from twistvpn.wireguard.keys import (
-    InvalidKey,
     encode_key,
     public_key,
 )
@@ -53,10 +46,7 @@ KEY_FILE = "tls-key.pem"
 DB_FILE = "rendezvous.sqlite"
 # sockaddr_un holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
-
-
-class DataDirError(Exception):
-    """The data directory or a file in it is unusable (one-line message)."""
+_Listener = TypeVar("_Listener", StreamListener, DatagramListenService)
 
 
 @dataclass
@@ -99,19 +89,8 @@ def prepare_data_dir(
             f"{path}: too long a path for the admin socket {socket_path} "
             f"(at most {MAX_SOCKET_PATH} bytes)"
         )
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise DataDirError(f"cannot create {path}: {e.strerror}") from None
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o700)
-    key_path = os.path.join(path, SERVER_KEY_FILE)
-    try:
-        server_private = load_or_create_private_key(key_path)
-    except OSError as e:
-        raise DataDirError(f"cannot read {key_path}: {e.strerror}") from None
-    except InvalidKey as e:
-        raise DataDirError(f"{key_path}: {e}") from None
+    make_data_dir(path)
+    server_private = load_or_create_key(os.path.join(path, SERVER_KEY_FILE))
     if tls_cert is not None and tls_key is not None:
         cert_pem, key_pem = _read(tls_cert), _read(tls_key)
     else:
@@ -162,12 +141,6 @@ def _exit_failed() -> None:
     os._exit(1)
 
 
-def _listen_udp(
-    reactor: Any, port: int, protocol: DatagramProtocol, interface: str
-) -> defer.Deferred[IListeningPort]:
-    return defer.succeed(reactor.listenUDP(port, protocol, interface=interface))
-
-
 def _port_number(port: IListeningPort) -> int:
     """The port number a listener got (the configured one, or the kernel's for 0)."""
     address: Any = port.getHost()  # an IPv4Address or IPv6Address: both have .port
@@ -200,55 +173,49 @@ class RendezvousService(MultiService):
         self.control_factory = ControlServerFactory(
             self.controller, data.server_private, reactor, udp_ports, registration_rate
         )
-        self._listeners: list[ListeningService] = []
-        self._udp: list[ListeningService] = []
+        self._listeners: list[StreamListener | DatagramListenService] = []
+        self._udp: list[DatagramListenService] = []
         for which, port in enumerate(udp_ports):
             protocol = DiscoveryProtocol(self.discovery, which)
-            listen = functools.partial(
-                _listen_udp, reactor, port, protocol, interface=udp_interface
-            )
-            self._udp.append(self._add(f"udp{which}", listen))
+            udp = DatagramListenService(reactor, port, protocol, udp_interface, buffer_size=None)
+            self._udp.append(self._add(f"udp{which}", udp))
         control_tls = tls.server_options(data.cert_pem, data.key_pem, ssl.TLSVersion.TLSv1_3)
         self.channel_factory = ChannelFactory(control_tls, False, self.control_factory)
         self.control = self._add(
-            "control", lambda: serverFromString(reactor, control).listen(self.channel_factory)
+            "control", StreamListener(serverFromString(reactor, control), self.channel_factory)
         )
         self.relay_settings = relays
-        self.relays: RendezvousRelays | None = None
-        embedded = relays.embedded and relays.public_ip is not None
-        if embedded or relays.link is not None:
-            self.relays = attach_relays(
-                self, reactor, self.controller, data.server_private, data.cert_pem, data.key_pem,
-                relays.public_ip, embedded=embedded, udp_port=relays.udp_port,
-                tcp_port=relays.tcp_port, interface=udp_interface, link=relays.link,
-                relay_keys=relays.relay_keys,
-            )
+        # The relays, when the tap attaches them (twistvpn.rendezvous.rendezvous_tap).
+        self.relays: IRendezvousRelays | None = None
         socket = data.file(ADMIN_SOCKET)
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
             "admin-unix",
-            lambda: unix.listen(Site(AdminAPI(self.controller, None, self.info, self._changed))),
+            StreamListener(unix, Site(AdminAPI(self.controller, None, self.info, self._changed))),
         )
-        self.admin_http: ListeningService | None = None
+        self.admin_http: StreamListener | None = None
         if admin_http is not None:
             site = Site(AdminAPI(self.controller, data.token, self.info, self._changed))
             self.admin_http = self._add(
-                "admin-http", lambda: serverFromString(reactor, admin_http).listen(site)
+                "admin-http", StreamListener(serverFromString(reactor, admin_http), site)
             )
 
-    def _add(
-        self, name: str, listen: Callable[[], defer.Deferred[IListeningPort]]
-    ) -> ListeningService:
-        service = ListeningService(listen)
-        service.setName(name)
-        service.setServiceParent(self)
-        self._listeners.append(service)
-        return service
+    def _add(self, name: str, listener: _Listener) -> _Listener:
+        listener.setName(name)
+        listener.setServiceParent(self)
+        self._listeners.append(listener)
+        return listener
+
+    @property
+    def wants_relays(self) -> bool:
+        """Whether the settings ask for an embedded relay or a link for standalone ones."""
+        settings = self.relay_settings
+        return (settings.embedded and settings.public_ip is not None) or settings.link is not None
 
     def _changed(self) -> None:
         """An admin changed members: relays learn it now, not at their next poll."""
         if self.relays is not None:
-            self.relays.membership.refresh()
+            self.relays.refresh()
 
     def relay_status(self) -> dict[str, Any]:
         """The relays' part of the status: where they are and their counters."""
@@ -259,7 +226,7 @@ class RendezvousService(MultiService):
                 reason = f"no --public-ip (--hostname {self.hostname} is not an IP address)"
             return {"embedded": None, "embedded_off": reason, "standalone": [], "advertised": []}
         status = self.relays.stats()
-        if self.relays.embedded is None:
+        if status["embedded"] is None:
             status["embedded_off"] = "--no-relay"
         status["advertised"] = list(self.controller.relays)
         return status

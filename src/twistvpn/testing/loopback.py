@@ -80,8 +80,8 @@ def run_rendezvous(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
     from twisted.application.service import MultiService
     from twisted.internet.task import LoopingCall
 
+    from twistvpn.common import tls
     from twistvpn.relay.service import attach_relays
-    from twistvpn.rendezvous import tls
     from twistvpn.rendezvous.controller import Controller
     from twistvpn.rendezvous.database import get_db
 
@@ -100,7 +100,7 @@ def run_rendezvous(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
                            relay_keys=[keys.decode_key(k) for k in args.relay_key])
     top.startService()
     assert relays.link_listener is not None and relays.link_listener.port is not None
-    port = relays.link_listener.port.getHost().port
+    port = relays.link_listener.port.getHost().port  # type: ignore[attr-defined]
     url = f"twistvpn://127.0.0.1:{port}#sha256={tls.fingerprint(cert).hex()}"
     _write_json(args.address_file, {"url": url, "network_id": network_id})
     written: list[Any] = []
@@ -125,9 +125,9 @@ def run_rendezvous(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
 
 
 def run_peer(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
+    from twistvpn.common.services import enlarge_socket_buffers
     from twistvpn.node.forwarder import Forwarder
     from twistvpn.relay.client import RelayClient, RelayClientTimings, RelayInfo
-    from twistvpn.relay.service import enlarge_socket_buffers
     from twistvpn.relay.transport import tls_stream_connector
 
     private = keys.decode_key(open(args.key_file).read())
@@ -381,9 +381,9 @@ class Lab:
         The rendezvous's relay side (embedded relay and link), then a real
         twistd relay that logs in to it; C{relays.json} then lists both.
         """
-        from twistvpn.relay.service import load_or_create_private_key
+        from twistvpn.common.datadir import load_or_create_key
 
-        relay_private = load_or_create_private_key(os.path.join(self.relay_dir, "relay.key"))
+        relay_private = load_or_create_key(os.path.join(self.relay_dir, "relay.key"))
         relay_key = keys.encode_key(keys.public_key(relay_private))
         self.rendezvous = self.spawn(
             [self.python, "-m", "twistvpn.testing.loopback", "rendezvous",

@@ -12,13 +12,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from twistvpn.relay.server import RelayServer
-from twistvpn.relay.transport import RelayClientStreamProtocol, RelayStreamFactory
+from twistvpn.relay.transport import RelayClientStreamProtocol, relay_stream_factory
 
 Addr = tuple[str, int]
 
@@ -44,7 +44,7 @@ class StreamPump:
     connection takes the other with it once its bytes are through.
     """
 
-    def __init__(self, client: Protocol, server: Protocol) -> None:
+    def __init__(self, client: IProtocol, server: IProtocol) -> None:
         self.client = client
         self.server = server
         self.client_transport = StringTransport()
@@ -117,10 +117,11 @@ class MemoryInternet:
 
     def stream_connector(self, server: RelayServer) -> Any:
         """A C{connect_stream} for a RelayClient, connecting to C{server}."""
-        factory = RelayStreamFactory(server)
+        factory = relay_stream_factory(server)
 
         def connect(info: Any, receiver: Any) -> Deferred[Any]:
             server_proto = factory.buildProtocol(None)
+            assert server_proto is not None
             client_proto = RelayClientStreamProtocol(receiver, tls=False)
             pump = StreamPump(client_proto, server_proto)
             self.pumps.append(pump)

@@ -1,0 +1,54 @@
+"""
+Data directories and the X25519 keys in them, made in one place for the
+node, the relay and the rendezvous: the directory is created 0700 on
+first start (and tightened if it is not), a key is created 0600 with
+C{O_EXCL} (two starts at once cannot write two keys), and every failure
+is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from twistvpn.wireguard.keys import InvalidKey, decode_key, encode_key, generate_private_key
+
+
+class DataDirError(Exception):
+    """The data directory or a file in it is unusable (one-line message)."""
+
+
+def make_data_dir(path: str) -> str:
+    """Create C{path} (0700) on first start; tighten it if others may read it."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        raise DataDirError(f"cannot create {path}: {e.strerror or e}") from None
+    return path
+
+
+def read_key(path: str) -> bytes:
+    """A private key in WireGuard's text form."""
+    try:
+        with open(path, "rb") as f:
+            return decode_key(f.read().decode("ascii", "replace"))
+    except InvalidKey as e:
+        raise DataDirError(f"{path}: {e}") from None
+    except OSError as e:
+        raise DataDirError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def load_or_create_key(path: str, read: Callable[[str], bytes] = read_key) -> bytes:
+    """The private key in C{path} (read with C{read}), created on first start."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read(path)
+    except OSError as e:
+        raise DataDirError(f"cannot create {path}: {e.strerror or e}") from None
+    key = generate_private_key()
+    with os.fdopen(fd, "w") as f:
+        f.write(encode_key(key) + "\n")
+    return key
