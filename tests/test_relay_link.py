@@ -15,9 +15,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
-from twistvpn.interfaces import IControlSession
+from tests.support.rendezvous import FakeSession
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import (
     LOGIN_TIMEOUT,
@@ -32,25 +31,6 @@ from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
 from .test_relay_memory import Node, World, data_message
-
-
-@implementer(IControlSession)
-class FakeSession:
-    def __init__(self, key: bytes) -> None:
-        self.public_key = key
-        self.revoked: list[tuple[str, str]] = []
-
-    def send_map(self, network_id: str, netmap: object) -> None:
-        pass
-
-    def send_punch(self, network_id: str, punch: object) -> None:
-        pass
-
-    def send_revoked(self, network_id: str, reason: str) -> None:
-        self.revoked.append((network_id, reason))
-
-    def close(self, reason: str) -> None:
-        pass
 
 
 class MemoryEndpoint:

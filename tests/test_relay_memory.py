@@ -16,7 +16,13 @@ from zope.interface.verify import verifyObject
 from twistvpn.interfaces import IDatagramHandler, IRelayPolicy
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.relay import protocol as p
-from twistvpn.relay.client import RelayClient, RelayEndpoint, RelayInfo
+from twistvpn.relay.client import (
+    TRANSITIONS,
+    RegistrationState,
+    RelayClient,
+    RelayEndpoint,
+    RelayInfo,
+)
 from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.transport import RelayDatagramProtocol
@@ -195,6 +201,32 @@ def ip_packet(src: str, dst: str, payload: bytes) -> bytes:
     return header + struct.pack("!HHHH", 1000, 2000, 8 + len(payload), 0) + payload
 
 
+class RegistrationStateTests(SynchronousTestCase):
+    """The registration's states are the (registered, registering) pairs that exist."""
+
+    def test_states(self) -> None:
+        self.assertIs(RegistrationState((None, "udp")), RegistrationState.REGISTERING_UDP)
+        self.assertEqual(RegistrationState.UP_TCP_REGISTERING_UDP.via, "tcp")
+        self.assertEqual(RegistrationState.UP_TCP_REGISTERING_UDP.registering, "udp")
+        self.assertRaises(ValueError, RegistrationState, ("udp", "tcp"))
+        self.assertEqual(set(TRANSITIONS), set(RegistrationState))
+
+    def test_a_move_not_in_the_table_is_counted(self) -> None:
+        world = World()
+        a, _ = world.registered_pair()
+        registration = a.client._links["r1"]
+        self.assertEqual(registration.state, RegistrationState.UP_UDP)
+        registration._enter("tcp", None)  # UP_UDP -> UP_TCP is no move the client makes
+        self.assertEqual(a.client.counters["registration_bad_transition"], 1)
+        self.assertEqual(registration.state, RegistrationState.UP_TCP)
+
+    def test_tcp_registration(self) -> None:
+        world = World()
+        a, _ = world.registered_pair(seconds=5, a_blocked=True)
+        self.assertEqual(a.client._links["r1"].state, RegistrationState.UP_TCP)
+        self.assertEqual(a.client.counters["registration_bad_transition"], 0)
+
+
 class FallbackTests(SynchronousTestCase):
     def test_udp_to_tcp_and_back(self) -> None:
         world = World()
@@ -219,6 +251,8 @@ class FallbackTests(SynchronousTestCase):
         a.send_to(b, data_message(8))
         world.net.run(1)
         self.assertEqual(b.wireguard.received[-1][0], data_message(8))
+        self.assertEqual(a.client.counters["registration_bad_transition"], 0)
+        self.assertEqual(a.client._links["r1"].state, RegistrationState.UP_UDP)
 
     def test_relay_restart_noticed_by_data(self) -> None:
         """Data to a relay that forgot us gets a refusal and a new registration at once."""

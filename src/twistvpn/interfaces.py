@@ -111,6 +111,21 @@ class IDatagramSender(Interface):
         WireGuard and cannot be taken.
         """
 
+    def dispatch(data, addr):
+        """
+        Hand C{data} to the handler of its kind as if it had arrived on the
+        socket from C{addr}: how datagrams that came another way (through a
+        relay, on an extra socket) join the node's, so that WireGuard's
+        roaming follows a peer onto that path.  Never raises.
+        """
+
+    def register_route(endpoint_type, send):
+        """
+        Send datagrams whose endpoint is an instance of C{endpoint_type}
+        (not a (host, port) tuple: a relay's, an extra socket's) with
+        C{send(data, endpoint)} instead of the socket.
+        """
+
 
 class IWireGuardDevice(Interface):
     """

@@ -17,6 +17,7 @@ time to every relay it knows and calls the nearest its home.
 from __future__ import annotations
 
 import collections
+import enum
 import ipaddress
 import os
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistvpn.interfaces import IDatagramHandler, IRelayProvider
+from twistvpn.interfaces import IDatagramHandler, IDatagramSender, IRelayProvider
 from twistvpn.relay import protocol as p
 from twistvpn.wire import RELAY
 from twistvpn.wireguard.keys import decode_key, encode_key
@@ -124,22 +125,10 @@ class StreamReceiver(Protocol):
 ConnectStream = Callable[[RelayInfo, StreamReceiver], "Deferred[StreamLink]"]
 
 
-class Forwarding(Protocol):
-    """The parts of L{twistvpn.node.forwarder.Forwarder} the client uses."""
-
-    def send_datagram(self, data: bytes, addr: Any) -> None: ...
-
-    def dispatch(self, data: bytes, addr: Any) -> None: ...
-
-    def register_handler(self, message_type: int, handler: Any) -> None: ...
-
-    def register_route(self, endpoint_type: type, send: Callable[[bytes, Any], None]) -> None: ...
-
-
 class _Stream:
     """Receives one TCP connection's frames on behalf of a link."""
 
-    def __init__(self, link: _Link) -> None:
+    def __init__(self, link: RelayRegistration) -> None:
         self.link = link
         self.connection: StreamLink | None = None
         self.dead = False
@@ -159,16 +148,56 @@ class _Stream:
             self.connection.close()
 
 
-class _Link:
-    """The client's state with one relay: registration, path, queue."""
+class RegistrationState(enum.Enum):
+    """
+    Where a node stands with one relay, as (path registered on, path being
+    registered): the only combinations that exist.  On TCP a node keeps
+    trying to get back to UDP, so it can be up on one path while
+    registering on the other.
+    """
+
+    IDLE = (None, None)  # not registered; maybe backing off before a retry
+    REGISTERING_UDP = (None, "udp")
+    REGISTERING_TCP = (None, "tcp")
+    UP_UDP = ("udp", None)
+    UP_TCP = ("tcp", None)
+    UP_TCP_REGISTERING_UDP = ("tcp", "udp")
+
+    @property
+    def via(self) -> str | None:
+        return self.value[0]  # type: ignore[no-any-return]
+
+    @property
+    def registering(self) -> str | None:
+        return self.value[1]  # type: ignore[no-any-return]
+
+
+_S = RegistrationState
+# Every move the registration makes; anything else is a bug (counted, logged).
+TRANSITIONS: dict[RegistrationState, frozenset[RegistrationState]] = {
+    _S.IDLE: frozenset({_S.REGISTERING_UDP, _S.REGISTERING_TCP}),
+    _S.REGISTERING_UDP: frozenset({_S.IDLE, _S.UP_UDP, _S.REGISTERING_TCP}),
+    _S.REGISTERING_TCP: frozenset({_S.IDLE, _S.UP_TCP}),
+    _S.UP_UDP: frozenset({_S.IDLE}),
+    _S.UP_TCP: frozenset({_S.IDLE, _S.UP_TCP_REGISTERING_UDP}),
+    _S.UP_TCP_REGISTERING_UDP: frozenset({_S.IDLE, _S.UP_TCP, _S.UP_UDP, _S.REGISTERING_UDP}),
+}
+
+
+class RelayRegistration:
+    """
+    The client's state with one relay: its registration (a
+    L{RegistrationState}, changed only through L{_enter}), path, queue.
+    """
+
+    log = Logger()
 
     def __init__(self, client: RelayClient, info: RelayInfo) -> None:
         self.client = client
         self.info = info
         self.addr = (info.host, info.udp_port)
-        self.via: str | None = None  # "udp" or "tcp" once registered
+        self.state = RegistrationState.IDLE
         self.token = b""
-        self.registering: str | None = None  # "udp" or "tcp" while registering
         self.attempts = 0
         self.stream: _Stream | None = None
         self.queue: collections.deque[tuple[bytes, bytes]] = collections.deque()
@@ -195,8 +224,26 @@ class _Link:
     # -- registration ---------------------------------------------------------------
 
     @property
+    def via(self) -> str | None:
+        """"udp" or "tcp" once registered."""
+        return self.state.via
+
+    @property
+    def registering(self) -> str | None:
+        """"udp" or "tcp" while registering."""
+        return self.state.registering
+
+    @property
     def up(self) -> bool:
-        return self.via is not None
+        return self.state.via is not None
+
+    def _enter(self, via: str | None, registering: str | None) -> None:
+        new = RegistrationState((via, registering))
+        if new is not self.state and new not in TRANSITIONS[self.state]:
+            self.client.counters["registration_bad_transition"] += 1
+            self.log.error("relay {relay}: registration went from {old} to {new}",
+                           relay=self.info.relay_id, old=self.state.name, new=new.name)
+        self.state = new
 
     def ensure(self) -> None:
         """Get registered, if not already on the way or backing off."""
@@ -207,13 +254,13 @@ class _Link:
         self.start_udp()
 
     def start_udp(self) -> None:
-        self.registering = "udp"
+        self._enter(self.via, "udp")
         self.attempts = 0
         self._hello_udp()
 
     def _hello_udp(self) -> None:
         if self.attempts >= self.client.timings.udp_attempts:
-            self.registering = None
+            self._enter(self.via, None)
             self.client.counters["udp_registration_timeouts"] += 1
             if self.via != "tcp":
                 # UDP does not get through: fall back to TLS on TCP.
@@ -225,7 +272,7 @@ class _Link:
 
     def start_tcp(self) -> None:
         self._drop_stream()
-        self.registering = "tcp"
+        self._enter(self.via, "tcp")
         self.client.counters["tcp_connects"] += 1
         stream = self.stream = _Stream(self)
         d = self.client.connect_stream(self.info, stream)
@@ -254,7 +301,7 @@ class _Link:
             self._retry_later()
 
     def _retry_later(self) -> None:
-        self.registering = None
+        self._enter(self.via, None)
         self._fail_waiters(RelayUnavailableError(f"relay {self.info.relay_id} is unreachable"))
         if not self.closed and not self.up:
             timings = self.client.timings
@@ -310,7 +357,7 @@ class _Link:
             if self.registering != path:
                 return
             self.client.counters["refused"] += 1
-            self.registering = None
+            self._enter(self.via, None)
             if path == "tcp":
                 self._drop_stream()
             self._retry_later()
@@ -321,8 +368,7 @@ class _Link:
 
     def registered(self, path: str, token: bytes) -> None:
         self._cancel()
-        self.registering = None
-        self.via = path
+        self._enter(path, None)
         self.token = token
         self.failures = 0
         self.client.counters["registered_" + path] += 1
@@ -344,7 +390,7 @@ class _Link:
             return
         self.stream = None
         if self.via == "tcp":
-            self.via = None
+            self._enter(None, self.registering)
             self.client.counters["tcp_lost"] += 1
             self.client.path_changed(self)
             self.ensure()
@@ -388,9 +434,8 @@ class _Link:
     def reset(self) -> None:
         """Forget the registration (the relay forgot it or went silent)."""
         self._cancel()
-        self.via = None
+        self._enter(None, None)
         self.token = b""
-        self.registering = None
         self._drop_stream()
         self.client.path_changed(self)
 
@@ -449,7 +494,7 @@ class RelayClient:
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, forwarder: Forwarding, private_key: bytes,
+    def __init__(self, clock: IReactorTime, forwarder: IDatagramSender, private_key: bytes,
                  connect_stream: ConnectStream,
                  timings: RelayClientTimings | None = None,
                  on_path_change: Callable[[str, str | None], None] | None = None) -> None:
@@ -464,8 +509,8 @@ class RelayClient:
         self.relays: dict[str, RelayInfo] = {}
         self.rtt: dict[str, float] = {}
         self._order: list[str] = []
-        self._links: dict[str, _Link] = {}
-        self._by_addr: dict[tuple[str, int], _Link] = {}
+        self._links: dict[str, RelayRegistration] = {}
+        self._by_addr: dict[tuple[str, int], RelayRegistration] = {}
         # nonce -> (relay id, time sent, path, whether the ping carried our token)
         self._pings: dict[bytes, tuple[str, float, str, bool]] = {}
         self._rtt_call: IDelayedCall | None = None
@@ -555,10 +600,10 @@ class RelayClient:
         link = self._links.get(relay_id)
         return link.via if link is not None else None
 
-    def _link(self, relay_id: str) -> _Link:
+    def _link(self, relay_id: str) -> RelayRegistration:
         link = self._links.get(relay_id)
         if link is None:
-            link = self._links[relay_id] = _Link(self, self.relays[relay_id])
+            link = self._links[relay_id] = RelayRegistration(self, self.relays[relay_id])
             self._by_addr[link.addr] = link
         return link
 
@@ -585,14 +630,14 @@ class RelayClient:
                 return
         link.frame_received(data, None)
 
-    def _measuring(self, addr: Any) -> _Link | None:
+    def _measuring(self, addr: Any) -> RelayRegistration | None:
         """A PONG from a relay we measure but hold no link with."""
         for info in self.relays.values():
             if (info.host, info.udp_port) == addr:
                 return self._link(info.relay_id)
         return None
 
-    def received(self, link: _Link, frame: bytes) -> None:
+    def received(self, link: RelayRegistration, frame: bytes) -> None:
         """A RECV frame: hand the datagram in as if it arrived from the peer."""
         self.counters["rx_packets"] += 1
         self.forwarder.dispatch(
@@ -637,7 +682,7 @@ class RelayClient:
         self._pings[nonce] = (relay_id, self.clock.seconds(), "udp", bool(token))
         self.send_udp(p.ping(nonce, token), addr)
 
-    def ping(self, link: _Link, with_token: bool, force_udp: bool = False) -> None:
+    def ping(self, link: RelayRegistration, with_token: bool, force_udp: bool = False) -> None:
         token = link.token if with_token else b""
         if link.via == "tcp" and not force_udp:
             connection = link.stream.connection if link.stream is not None else None
@@ -649,7 +694,7 @@ class RelayClient:
             return
         self._ping_udp(link.info.relay_id, link.addr, token)
 
-    def pong(self, link: _Link, frame: bytes, path: str) -> None:
+    def pong(self, link: RelayRegistration, frame: bytes, path: str) -> None:
         nonce = frame[2 : 2 + p.NONCE]
         sent = self._pings.pop(nonce, None)
         if sent is None or sent[0] != link.info.relay_id or sent[2] != path:
@@ -665,6 +710,6 @@ class RelayClient:
             link.reset()
             link.ensure()
 
-    def path_changed(self, link: _Link) -> None:
+    def path_changed(self, link: RelayRegistration) -> None:
         if self.on_path_change is not None:
             self.on_path_change(link.info.relay_id, link.via)

@@ -3,11 +3,10 @@ Who may talk to whom through a relay.
 
 L{MembershipPolicy} is an in-memory table of each network's authorized
 members.  The rendezvous feeds it: in process when the relay is embedded
-(its controller calls L{MembershipPolicy.set_members} whenever a network's
-authorized members change), over the relay link when the relay is
-standalone (L{twistvpn.relay.link}).  Answers are local dictionary look-ups,
-so the relay never waits on the rendezvous per packet, and shrinking a
-network tells the relay at once which nodes lost whom.
+(L{ControllerMembership} copies the controller's networks into it), over
+the relay link when the relay is standalone (L{twistvpn.relay.link}).
+Answers are local dictionary look-ups, so the relay never waits on the
+rendezvous per packet, and shrinking a network tells the relay at once which nodes lost whom.
 """
 
 from __future__ import annotations
@@ -64,10 +63,6 @@ class MembershipPolicy:
     def add_change_observer(self, observer: ChangeObserver) -> None:
         """Call C{observer(network_id, members)} after every change of a network."""
         self._change_observers.append(observer)
-
-    def remove_change_observer(self, observer: ChangeObserver) -> None:
-        if observer in self._change_observers:
-            self._change_observers.remove(observer)
 
     def networks(self) -> dict[str, frozenset[bytes]]:
         """Every network's authorized members, as last set."""

@@ -434,16 +434,8 @@ class Controller:
             sent = node.sent.get(network_id)
             if sent == netmap.revision:
                 continue
-            # (Sessions written before deltas existed lack send_map_delta;
-            # they get full maps.)
-            send_delta = getattr(node.session, "send_map_delta", None)
-            if (
-                delta is not None
-                and previous is not None
-                and sent == previous.revision
-                and send_delta is not None
-            ):
-                send_delta(network_id, delta)
+            if delta is not None and previous is not None and sent == previous.revision:
+                node.session.send_map_delta(network_id, delta)
                 self.counters["deltas_pushed"] += 1
             else:
                 node.session.send_map(network_id, netmap)

@@ -2,15 +2,16 @@
 C{twistvpn lab}: a whole twistvpn network on one machine, in network
 namespaces, measured and torn down again.
 
-The lab is the project's demonstration and its end-to-end check: hosts on a
-simulated internet (203.0.113.0/24), two running twistvpn and one stock
-wireguard-go, all in static mode with generated keys; it pings across every
-pair, runs iperf3 across every pair, prints a table and removes everything
-it built, also on Ctrl-C or failure.
-
-The topology is a list of L{HostSpec}s, so later modes (hosts behind NAT
-routers, a rendezvous instead of static endpoints) are new fields and new
-steps, not a new lab.
+The lab is the project's demonstration and its end-to-end check.  By
+default (L{JoinedLab}): a rendezvous on a simulated internet
+(203.0.113.0/24) and two sites behind Linux NAT routers of the chosen kinds
+(two hosts on site A's LAN, one on site B's); it starts the rendezvous and
+joined nodes with twistd, creates a network, authorizes the nodes with
+C{twistvpn admin}, pings across every pair and prints which path each took
+and its time to first ping.  With C{--static}: two twistvpn nodes and a
+stock wireguard-go peer from wg-quick files with generated keys, ping and
+iperf3 across every pair.  Either way it removes everything it built, also
+on Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ class JoinedLab:
         self.sites: dict[str, netns.Site] = {}
         self.rendezvous: netns.Rendezvous | None = None
         self.network_id = ""
-        self.nodes: dict[str, netns.JoinedNode] = {}
+        self.nodes: dict[str, netns.NodeProcess] = {}
         self.authorized_at: float | None = None
         self.ips: dict[str, str] = {}  # overlay IPs, as of the last authorization
 

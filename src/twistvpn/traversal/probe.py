@@ -33,7 +33,7 @@ from nacl.bindings import crypto_scalarmult
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from twistvpn.interfaces import IDatagramHandler
+from twistvpn.interfaces import IDatagramHandler, IDatagramSender
 from twistvpn.traversal.candidates import ReactorUDP
 from twistvpn.wire import PROBE, PROBE_REPLY
 
@@ -157,13 +157,6 @@ def address_of(endpoint: Any) -> Any:
     return endpoint.addr if isinstance(endpoint, BoundEndpoint) else endpoint
 
 
-class Dispatcher(Protocol):
-    def dispatch(self, data: bytes, addr: Any) -> None: ...
-    def send_datagram(self, data: bytes, addr: Any) -> None: ...
-    def register_route(self, endpoint_type: type, send: Callable[[bytes, Any], None]) -> None: ...
-    def register_handler(self, message_type: int, handler: Any) -> None: ...
-
-
 class _ExtraSocket(DatagramProtocol):
     """Feeds an extra socket's datagrams to the forwarder, named by socket."""
 
@@ -181,7 +174,7 @@ class SocketPool:
     strategy holds them while it runs, a verified path while it is kept.
     """
 
-    def __init__(self, reactor: ReactorUDP, forwarder: Dispatcher) -> None:
+    def __init__(self, reactor: ReactorUDP, forwarder: IDatagramSender) -> None:
         self.reactor = reactor
         self.forwarder = forwarder
         self._ports: dict[int, Any] = {}
@@ -254,7 +247,7 @@ class ProbeService:
     paths and the peer's probes to each peer's listener.
     """
 
-    def __init__(self, forwarder: Dispatcher, reactor: ReactorUDP, private_key: bytes,
+    def __init__(self, forwarder: IDatagramSender, reactor: ReactorUDP, private_key: bytes,
                  public_key: bytes, *, max_skew: float = 120.0, reply_window: float = 10.0,
                  random_bytes: Callable[[int], bytes] = os.urandom,
                  sockets: SocketPool | None = None) -> None:

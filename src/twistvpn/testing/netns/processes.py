@@ -116,7 +116,7 @@ def admin_json(rendezvous: Rendezvous, path: str) -> Any:
 
 
 @dataclass
-class JoinedNode:
+class NodeProcess:
     """A node in joined mode: its host, data directory and process."""
 
     name: str
@@ -145,9 +145,9 @@ def peer_paths(log: str) -> dict[str, str]:
 def start_joined_node(
     network: Network, host: Host, rendezvous: Rendezvous, network_id: str, *,
     port: int = 41641,
-) -> JoinedNode:
+) -> NodeProcess:
     """Run C{twistd -n twistvpn-node} joined to C{network_id} on C{host}."""
-    node = JoinedNode(host.name, host, network.tmpdir / network.name(host.name),
+    node = NodeProcess(host.name, host, network.tmpdir / network.name(host.name),
                       network.interface_name(f"t{host.name}"))
     network.track_socket(WIREGUARD_SOCKET_DIR / f"{node.ifname}.sock")
     node.process = network.spawn(
@@ -166,7 +166,7 @@ def start_joined_node(
     return node
 
 
-def node_status(network: Network, node: JoinedNode) -> Any:
+def node_status(network: Network, node: NodeProcess) -> Any:
     """C{twistvpn status --json} of a joined node (its local API), or None."""
     result = network.command(
         [sys.executable, "-m", "twistvpn", "status", "--json", "--data-dir", str(node.data_dir)],
