@@ -47,7 +47,7 @@ from twistvpn.relay.server import RelayServer
 from twistvpn.relay.service import RendezvousRelays
 from twistvpn.relay.transport import RelayClientStreamProtocol, RelayStreamProtocol
 from twistvpn.rendezvous.controller import Controller
-from twistvpn.rendezvous.database import get_db
+from twistvpn.rendezvous.store import open_store
 from twistvpn.testing.fakerelay import FakeRelay, FakeRelayProvider
 from twistvpn.testing.loopback import _Session
 from twistvpn.testing.pathsim import Inbox
@@ -116,9 +116,9 @@ class ObjectTests(SynchronousTestCase):
 
     def test_rendezvous_relays(self) -> None:
         path = os.path.join(tempfile.mkdtemp(), "rendezvous.sqlite")
-        controller = Controller(get_db(path), Clock())
+        controller = Controller(open_store(path), Clock())
         self.addCleanup(controller.close)
-        membership = ControllerMembership(controller, Clock())
+        membership = ControllerMembership(controller)
         relays = RendezvousRelays(membership, None, None, None)
         verifyObject(IRendezvousRelays, relays)
         self.assertEqual(relays.stats(), {"embedded": None, "standalone": []})

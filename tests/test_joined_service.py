@@ -64,6 +64,7 @@ class FakeClient:
         self.running = False
         self.server_key = None
         self.udp_ports: list[int] = []
+        self.maps: dict[str, NetworkMap] = {}  # the one copy, as the real client's
 
     def startService(self) -> None:
         self.running = True
@@ -129,6 +130,7 @@ class ServiceTests(unittest.TestCase):
             Member("aaaaaaaaaa", me, "laptop", "100.64.0.1"),
             Member("bbbbbbbbbb", peer, "desk", "100.64.0.2", endpoints=("203.0.113.9:41641",)),
         ))
+        self.clients[0].maps[NETWORK] = netmap
         node.node.map_received(NETWORK, netmap)
         (tun,) = self.tuns
         self.assertEqual(tun.addresses, ("100.64.0.1/32",))

@@ -26,7 +26,7 @@ from twistvpn.relay.link import (
 )
 from twistvpn.relay.policy import ControllerMembership
 from twistvpn.rendezvous.controller import Controller
-from twistvpn.rendezvous.database import get_db
+from twistvpn.rendezvous.store import open_store
 from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
@@ -66,8 +66,8 @@ class Rendezvous:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         path = os.path.join(tempfile.mkdtemp(), "rendezvous.sqlite")
-        self.controller = Controller(get_db(path), clock)
-        self.membership = ControllerMembership(self.controller, clock, interval=2.0)
+        self.controller = Controller(open_store(path), clock)
+        self.membership = ControllerMembership(self.controller)
         self.server_private = generate_private_key()
         self.relay_keys: set[bytes] = set()
         self.advertised: tuple[dict[str, object], ...] = ()
@@ -84,7 +84,6 @@ class Rendezvous:
         self.controller.register_node(key, "n", FakeSession(key))
         self.controller.join(key, self.network_id)
         self.controller.authorize(self.network_id, encode_key(key))
-        self.membership.refresh()
 
 
 class StandaloneRelay:
@@ -120,14 +119,18 @@ class ControllerMembershipTests(SynchronousTestCase):
         revoked: list[frozenset[bytes]] = []
         policy.add_revocation_observer(revoked.append)
         rendezvous.controller.deauthorize(rendezvous.network_id, encode_key(b))
-        clock.advance(2)
+        # At once: the controller tells the policy, nothing polls.
         self.assertFalse(policy.may_relay(a, b))
         self.assertFalse(policy.may_register(b))
         self.assertEqual(revoked, [frozenset({a, b})])
         rendezvous.controller.delete_network(rendezvous.network_id)
-        rendezvous.membership.refresh()  # a change path may also refresh at once
         self.assertFalse(policy.may_register(a))
         rendezvous.membership.stop()
+        # Stopped: no longer told.
+        c = public_key(generate_private_key())
+        rendezvous.network_id = rendezvous.controller.create_network("again")["id"]
+        rendezvous.member(c)
+        self.assertFalse(policy.may_register(c))
 
 
 class EmbeddedRelayTests(SynchronousTestCase):

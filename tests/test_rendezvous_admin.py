@@ -23,9 +23,9 @@ from twistvpn.cli import build_parser
 from twistvpn.common import tls
 from twistvpn.rendezvous.admin import MAX_BODY, AdminAPI
 from twistvpn.rendezvous.controller import Controller, node_id_of
-from twistvpn.rendezvous.database import get_db
 from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
 from twistvpn.rendezvous.rendezvous_tap import Options, makeService
+from twistvpn.rendezvous.store import open_store
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -36,7 +36,7 @@ TOKEN = "s3cret-token-for-tests"
 
 class API(SynchronousTestCase):
     def setUp(self) -> None:
-        self.controller = Controller(get_db(":memory:"), Clock())
+        self.controller = Controller(open_store(":memory:"), Clock())
         self.api = AdminAPI(self.controller, TOKEN, lambda: {"url": "twistvpn://x:1"})
 
     def call(

@@ -18,14 +18,14 @@ from twistvpn.rendezvous.controller import (
     NotFoundError,
     node_id_of,
 )
-from twistvpn.rendezvous.database import get_db
+from twistvpn.rendezvous.store import open_store
 from twistvpn.wireguard.keys import encode_key
 
 
 class ControllerTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.controller = Controller(get_db(":memory:"), self.clock, push_delay=0.05)
+        self.controller = Controller(open_store(":memory:"), self.clock, push_delay=0.05)
 
     def node(self, name: str = "n", network: str | None = None) -> tuple[bytes, FakeSession]:
         _, public = new_key()

@@ -22,6 +22,25 @@ from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.rendezvous import database
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.database import DBError, get_db, get_version
+from twistvpn.rendezvous.store import SQLiteStore
+
+
+class FailingConnection:
+    """A database connection whose C{statement} fails, as a full disk would."""
+
+    def __init__(self, db: sqlite3.Connection, statement: str | None) -> None:
+        self.db = db
+        self.statement = statement
+        self.failed = 0
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if self.statement is not None and sql.startswith(self.statement):
+            self.failed += 1
+            raise OSError("disk on fire")
+        return self.db.execute(sql, *args)
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class Files(SynchronousTestCase):
@@ -35,7 +54,7 @@ class Files(SynchronousTestCase):
     def open(self) -> Controller:
         db = get_db(self.path)
         self.addCleanup(db.close)
-        return Controller(db, self.clock)
+        return Controller(SQLiteStore(db), self.clock)
 
     def test_new_database(self) -> None:
         db = get_db(self.path)
@@ -60,7 +79,7 @@ class Files(SynchronousTestCase):
         controller.record_endpoint(keys[0], ("198.51.100.4", 4444), 0)
         before = controller.list_members(net)
         networks = controller.list_networks()
-        controller._db.close()
+        controller.store.close()
 
         again = self.open()
         after = again.list_members(net)
@@ -91,7 +110,7 @@ class Files(SynchronousTestCase):
         old.close()
 
         controller = self.open()
-        self.assertEqual(get_version(controller._db), 2)
+        self.assertEqual(get_version(controller.store.db), 2)
         [member] = controller.list_members("00112233aabbccdd")
         self.assertEqual(member["name"], "veteran")
         self.assertEqual(member["ip"], "10.5.0.9")
@@ -138,22 +157,25 @@ class Files(SynchronousTestCase):
 
     def test_interrupted_write_changes_nothing(self) -> None:
         """A failure half-way through a change rolls all of it back."""
-        controller = self.open()
+        db = get_db(self.path)
+        self.addCleanup(db.close)
+        failing = FailingConnection(db, "DELETE FROM networks")
+        controller = Controller(SQLiteStore(failing), self.clock)  # type: ignore[arg-type]
         net = controller.create_network("home")["id"]
         _, public = new_key()
         controller.register_node(public, "a", FakeSession(public))
         controller.join(public, net)
-
-        def crash(network_id: str) -> None:
-            raise OSError("disk on fire")
-
-        controller._bump_revision = crash  # the second statement of authorize
-        self.assertRaises(OSError, controller.authorize, net, node_id_of(public))
-        del controller._bump_revision
+        controller.authorize(net, node_id_of(public))
+        # Deleting a network deletes its members, then the network: the
+        # second statement fails, and the first is undone with it.
+        self.assertRaises(OSError, controller.delete_network, net)
+        self.assertEqual(failing.failed, 1)
         [member] = controller.list_members(net)
-        self.assertFalse(member["authorized"])
-        self.assertIsNone(member["ip"])
-        self.assertEqual(controller.authorize(net, node_id_of(public))["ip"], "100.64.0.1")
+        self.assertTrue(member["authorized"])
+        self.assertEqual(member["ip"], "100.64.0.1")
+        failing.statement = None
+        controller.delete_network(net)
+        self.assertEqual(controller.list_networks(), [])
 
     def test_sigkill_while_writing(self) -> None:
         """Kill -9 a process in the middle of a stream of changes: every
@@ -163,9 +185,9 @@ class Files(SynchronousTestCase):
             import sys
             from twisted.internet.task import Clock
             from twistvpn.rendezvous.controller import Controller, node_id_of
-            from twistvpn.rendezvous.database import get_db
+            from twistvpn.rendezvous.store import open_store
             from tests.support.rendezvous import FakeSession, new_key
-            c = Controller(get_db(sys.argv[1]), Clock())
+            c = Controller(open_store(sys.argv[1]), Clock())
             net = c.create_network("load", "10.0.0.0/16")["id"]
             for i in range(100000):
                 _, public = new_key()

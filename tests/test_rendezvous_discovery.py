@@ -17,7 +17,6 @@ from twistvpn.common import auth
 from twistvpn.interfaces import IDatagramHandler, INetworkController
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.rendezvous.controller import Controller
-from twistvpn.rendezvous.database import get_db
 from twistvpn.rendezvous.discovery import (
     REQUEST_LENGTH,
     DiscoveryClient,
@@ -29,6 +28,7 @@ from twistvpn.rendezvous.discovery import (
     encode_request,
     encode_response,
 )
+from twistvpn.rendezvous.store import open_store
 from twistvpn.testing.natsim import Internet
 
 NOW = 1_700_000_000.0
@@ -39,7 +39,7 @@ class ServerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.controller = Controller(get_db(":memory:"), self.clock)
+        self.controller = Controller(open_store(":memory:"), self.clock)
         self.server_private, self.server_public = new_key()
         self.state = DiscoveryState(self.controller, self.server_private, self.clock)
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
@@ -71,7 +71,7 @@ class ServerTests(SynchronousTestCase):
         self.assertLess(len(data), REQUEST_LENGTH, "no amplification")
         self.assertNotIn(struct.pack("!H", NODE_ADDR[1]), data[12:15])
         self.assertEqual(decode_response(self.key, data), (0, b"12345678", NODE_ADDR))
-        node = self.controller._nodes[self.node_public]
+        node = self.controller.registry.node(self.node_public)
         self.assertEqual(node.endpoints, ["198.51.100.7:40123", None])
         self.servers[1].datagram_received(self.request(), ("198.51.100.7", 40999))
         self.assertEqual(decode_response(self.key, self.sent[-1][0])[0], 1)
@@ -86,7 +86,8 @@ class ServerTests(SynchronousTestCase):
         self.servers[0].datagram_received(self.request(), ("::ffff:198.51.100.7", 9, 0, 0))
         self.assertEqual(decode_response(self.key, self.sent[-1][0])[2], ("198.51.100.7", 9))
         self.assertEqual(self.sent[-1][1], ("::ffff:198.51.100.7", 9, 0, 0))
-        self.assertEqual(self.controller._nodes[self.node_public].endpoints[0], "198.51.100.7:9")
+        node = self.controller.registry.node(self.node_public)
+        self.assertEqual(node.endpoints[0], "198.51.100.7:9")
 
     def test_garbage_dropped(self) -> None:
         good = self.request()
@@ -114,7 +115,7 @@ class ServerTests(SynchronousTestCase):
         self.servers[0].datagram_received(bytes(forged), NODE_ADDR)
         self.assertEqual(self.sent, [])
         self.assertEqual(self.counters(), {"drop_bad_mac": 2})
-        self.assertEqual(self.controller._nodes[other_public].endpoints, [None, None])
+        self.assertEqual(self.controller.registry.node(other_public).endpoints, [None, None])
 
     def test_unknown_node_dropped(self) -> None:
         stranger, _ = new_key()
@@ -129,7 +130,7 @@ class ServerTests(SynchronousTestCase):
         self.servers[1].datagram_received(data, ("203.0.113.66", 1))
         self.assertEqual(len(self.sent), 1)
         self.assertEqual(self.counters()["drop_replay"], 2)
-        node = self.controller._nodes[self.node_public]
+        node = self.controller.registry.node(self.node_public)
         self.assertEqual(node.endpoints[0], "198.51.100.7:40123")
 
     def test_stale_first_request_dropped(self) -> None:
@@ -154,7 +155,7 @@ class ServerTests(SynchronousTestCase):
 
     def test_endpoint_change_pushes_map(self) -> None:
         net = self.controller.create_network("n", private=False)["id"]
-        session = self.controller._nodes[self.node_public].session
+        session = self.controller.registry.node(self.node_public).session
         self.controller.join(self.node_public, net)
         self.clock.advance(1)
         before = len(session.maps)
@@ -259,7 +260,7 @@ class ThroughNATs(SynchronousTestCase):
         self.clock.advance(NOW)
         self.server_private, self.server_public = new_key()
         rendezvous = self.net.add_public_host("203.0.113.10")
-        self.controller = Controller(get_db(":memory:"), self.clock)
+        self.controller = Controller(open_store(":memory:"), self.clock)
         self.state = DiscoveryState(self.controller, self.server_private, self.clock)
         for which, port in enumerate((3478, 3479)):
             rendezvous.reactor.listenUDP(port, DiscoveryProtocol(self.state, which))
@@ -292,7 +293,7 @@ class ThroughNATs(SynchronousTestCase):
         self.assertEqual(result.mapped[0], result.mapped[1])
         self.assertFalse(result.varies_by_destination)
         self.assertEqual(result.endpoint[0], host.nat.public_ip)
-        node = self.controller._nodes[public]
+        node = self.controller.registry.node(public)
         self.assertEqual(node.endpoints[0], f"{result.endpoint[0]}:{result.endpoint[1]}")
 
     def test_hard_nat(self) -> None:

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from tests.support.reactor import FakeReactor as _FakeReactor
-from tests.support.rendezvous import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, RecordingObserver, new_key
 from twistvpn.rendezvous.admin import AdminAPI
 from twistvpn.rendezvous.controller import node_id_of
 from twistvpn.rendezvous.rendezvous_tap import Options, makeService
@@ -164,7 +164,7 @@ class Revocation(SynchronousTestCase):
         service, reactor = start(self, parse(self))
         assert service.relays is not None
         policy = service.relays.membership.policy
-        api = AdminAPI(service.controller, None, service.info, service._changed)
+        api = AdminAPI(service.controller, None, service.info)
         network = self.call(api, "POST", "/api/v1/networks", {"name": "lab"})["id"]
         keys = [new_key()[1] for _ in range(2)]
         for key in keys:
@@ -184,15 +184,22 @@ class Revocation(SynchronousTestCase):
         self.call(api, "DELETE", f"/api/v1/networks/{network}")
         self.assertFalse(policy.may_register(keys[0]))
 
-    def test_reads_do_not_refresh(self) -> None:
-        calls: list[None] = []
+    def test_observers_hear_changes_not_reads(self) -> None:
         service, reactor = start(self, parse(self, "--no-relay"))
-        api = AdminAPI(service.controller, None, service.info, lambda: calls.append(None))
+        heard = RecordingObserver()
+        service.controller.add_membership_observer(heard)
+        api = AdminAPI(service.controller, None, service.info)
+        network = self.call(api, "POST", "/api/v1/networks", {"name": "x"})["id"]
+        key = new_key()[1]
+        service.controller.register_node(key, "n", FakeSession(key))
+        service.controller.join(key, network)
         self.call(api, "GET", "/api/v1/networks")
+        self.call(api, "GET", f"/api/v1/networks/{network}/members")
         self.call(api, "GET", "/api/v1/status")
-        self.assertEqual(calls, [])
-        self.call(api, "POST", "/api/v1/networks", {"name": "x"})
-        self.assertEqual(calls, [None])
+        self.assertEqual(heard.events, [])
+        self.call(api, "POST", f"/api/v1/networks/{network}/members/{node_id_of(key)}",
+                  {"authorized": True})
+        self.assertEqual(heard.events, [("members", network, frozenset({key}))])
 
 
 class RealProcess(SynchronousTestCase):

@@ -21,8 +21,8 @@ from twistvpn.common import tls
 from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import Controller
-from twistvpn.rendezvous.database import get_db
 from twistvpn.rendezvous.server import ControlServerFactory
+from twistvpn.rendezvous.store import open_store
 from twistvpn.wireguard.keys import generate_private_key
 
 
@@ -99,7 +99,7 @@ class Loopback(TestCase):
     timeout = 20
 
     def listen(self, cert_pem: bytes, key_pem: bytes) -> defer.Deferred[int]:
-        self.controller = Controller(get_db(":memory:"), reactor)
+        self.controller = Controller(open_store(":memory:"), reactor)
         factory = ControlServerFactory(self.controller, generate_private_key(), reactor)
         self.addCleanup(factory.close_all)
         options = tls.server_options(cert_pem, key_pem, ssl.TLSVersion.TLSv1_3)

@@ -468,6 +468,22 @@ class INetworkController(Interface):
     def delete_member(network_id, node):
         """Remove a member and release its IP."""
 
+    def update_member(network_id, node, authorized=None, ip=None):
+        """
+        Change what is given of a member (its authorization, its address)
+        in one step: looked up once, written in one transaction, so a
+        refused change leaves the other unmade.  Returns the member.
+        """
+
+    def add_membership_observer(observer):
+        """Tell C{observer} (an L{IMembershipObserver}) of every change from now on."""
+
+    def remove_membership_observer(observer):
+        """Stop telling C{observer}; unknown observers are ignored."""
+
+    def authorized_members():
+        """Every network's authorized members now: {network_id: frozenset of keys}."""
+
     def set_ip(network_id, node, ip):
         """
         Give a member C{ip} (str), which must be a host address of the
@@ -514,6 +530,111 @@ class IRendezvousListener(Interface):
         its peers.  C{reason} as in L{IControlSession.send_revoked}.
         """
 
+
+
+class IMembershipObserver(Interface):
+    """
+    Told of every change of networks and their members as it is made (the
+    map publisher, the relays' policy), so nothing needs to poll.
+    """
+
+    def members_changed(network_id, authorized):
+        """
+        What the members of C{network_id} see may have changed (an
+        authorization, an address, a member gone); C{authorized} is the
+        frozenset of the network's authorized members' public keys now
+        (empty when the network was deleted).
+        """
+
+    def member_revoked(network_id, public_key, reason):
+        """
+        The node C{public_key} lost C{network_id}: C{reason} is
+        "deauthorized", "deleted" or "network deleted".
+        """
+
+    def network_deleted(network_id):
+        """The network is gone, with its members."""
+
+
+class IRendezvousStore(Interface):
+    """
+    The rendezvous's persistent state: nodes, networks, members.  Every
+    write is one transaction (all of it or none); reads return plain
+    records (L{twistvpn.rendezvous.store}).  The controller's parts hold no
+    SQL: a store for another database implements this.
+    """
+
+    def load_nodes():
+        """Every node ever registered (a list of NodeRecord)."""
+
+    def add_node(public_key, node_id, name, now):
+        """Record a new node; returns its NodeRecord."""
+
+    def update_node(public_key, last_seen, name=None):
+        """Record when a node was last seen (and its new name, if given)."""
+
+    def set_endpoint(public_key, which, endpoint, last_seen):
+        """Record the "host:port" discovery port C{which} (0 or 1) saw."""
+
+    def set_local_endpoints(public_key, endpoints):
+        """Record a node's own (LAN) addresses, a tuple of "host:port"."""
+
+    def get_network(network_id):
+        """The NetworkRecord of C{network_id}, or None."""
+
+    def list_networks():
+        """Every NetworkRecord, oldest first."""
+
+    def count_networks():
+        """How many networks there are."""
+
+    def count_members(network_id):
+        """(members, authorized members) of a network."""
+
+    def subnets():
+        """Every network's subnet (CIDR text): what a new network must avoid."""
+
+    def add_network(network_id, name, subnet, private, now):
+        """Create a network; returns its NetworkRecord, or None if the ID is taken."""
+
+    def delete_network(network_id):
+        """Delete a network and its members; returns the members' keys."""
+
+    def revisions():
+        """Every network's last published map revision, {network_id: int}."""
+
+    def set_revision(network_id, revision):
+        """Record the revision of the map just published for C{network_id}."""
+
+    def get_member(network_id, public_key):
+        """The MemberRecord of a node in a network, or None."""
+
+    def list_members(network_id, authorized_only=False):
+        """A network's MemberRecords, oldest first."""
+
+    def member_networks(public_key):
+        """The IDs of the networks C{public_key} is an authorized member of."""
+
+    def authorized_members():
+        """Every network's authorized members: {network_id: frozenset of keys}."""
+
+    def used_ips(network_id):
+        """The set of addresses (text) members of a network hold."""
+
+    def ip_holder(network_id, ip):
+        """The key of the member holding C{ip} in the network, or None."""
+
+    def add_member(network_id, public_key, now, authorized, ip):
+        """Make a node a member (authorized or pending, with C{ip} or None)."""
+
+    def update_member(network_id, public_key, authorized, ip):
+        """Set a member's authorization and address together."""
+
+    def delete_member(network_id, public_key):
+        """Remove a member (its address is free again)."""
+
+    def close():
+        """Release the database."""
 
 
 # --- the relay (see twistvpn.relay) -----------------------------------------
@@ -569,10 +690,4 @@ class IRendezvousRelays(Interface):
         Return a dict for the admin API: C{embedded}, the embedded relay's
         counters (None when there is none), and C{standalone}, a list of
         the linked relays.
-        """
-
-    def refresh():
-        """
-        Membership changed (an admin's action): make every relay's policy
-        learn it now rather than at its next poll.
         """

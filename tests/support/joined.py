@@ -113,7 +113,7 @@ class Mesh:
             self.rendezvous_host.reactor.listenUDP(port, DiscoveryProtocol(state, which))
         relay_host = self.internet.add_public_host()
         relay_private = clamp(random.Random(seed ^ 0x4E1A).randbytes(32))
-        self.membership = ControllerMembership(self.controller, self.clock, interval=0.5)
+        self.membership = ControllerMembership(self.controller)
         self.membership.start()
         self.relay_server = RelayServer(relay_host.reactor, relay_private,
                                         public_key(relay_private), self.membership.policy,

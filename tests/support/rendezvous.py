@@ -15,11 +15,12 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from zope.interface import implementer
 
-from twistvpn.interfaces import IControlSession, IRendezvousListener
+from twistvpn.interfaces import IControlSession, IMembershipObserver, IRendezvousListener
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import get_db
 from twistvpn.rendezvous.server import ControlServerFactory
+from twistvpn.rendezvous.store import SQLiteStore
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
 PUSH_DELAY = 0.05
@@ -89,6 +90,23 @@ class FakeSession:
         self.closed.append(reason)
 
 
+@implementer(IMembershipObserver)
+class RecordingObserver:
+    """An IMembershipObserver that remembers what the controller told it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
+        self.events.append(("members", network_id, authorized))
+
+    def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
+        self.events.append(("revoked", network_id, public_key, reason))
+
+    def network_deleted(self, network_id: str) -> None:
+        self.events.append(("deleted", network_id))
+
+
 @implementer(IStreamClientEndpoint)
 class MemoryEndpoint:
     """Connects each client to a fresh server protocol through an IOPump."""
@@ -127,7 +145,7 @@ class World:
     def __init__(self, db_path: str = ":memory:", clock: Clock | None = None) -> None:
         self.clock = clock or Clock()
         self.db = get_db(db_path)
-        self.controller = Controller(self.db, self.clock, push_delay=PUSH_DELAY)
+        self.controller = Controller(SQLiteStore(self.db), self.clock, push_delay=PUSH_DELAY)
         self.server_private = generate_private_key()
         self.server_factory = ControlServerFactory(
             self.controller, self.server_private, self.clock, udp_ports=(3478, 3479)

@@ -192,7 +192,6 @@ class JoinedNode:
         self.client: Any = None  # the RendezvousClient, set by attach()
         self.node_id: str | None = None
         self.rendezvous_up = False
-        self.maps: dict[str, NetworkMap] = {}
         self.join_answers: dict[str, str] = {}  # network ID -> last answer
         self.peers: dict[bytes, JoinedPeer] = {}
         self.addresses: tuple[str, ...] = ()
@@ -207,6 +206,17 @@ class JoinedNode:
     def attach(self, client: Any) -> None:
         """The L{RendezvousClient} whose news this node follows."""
         self.client = client
+
+    @property
+    def maps(self) -> dict[str, NetworkMap]:
+        """
+        The maps of the networks this node is an authorized member of: the
+        client's copies (it keeps the one copy, the base of the next delta).
+        """
+        if self.client is None:
+            return {}
+        return {network_id: netmap for network_id, netmap in self.client.maps.items()
+                if netmap.member(self.public_key) is not None}
 
     # -- this node's own addresses ---------------------------------------------
 
@@ -253,12 +263,9 @@ class JoinedNode:
                           node=self.node_id, network=network_id)
 
     def map_received(self, network_id: str, netmap: NetworkMap) -> None:
-        if netmap.member(self.public_key) is None:
-            # Not (or no longer) a member: nothing of this network is ours.
-            self.maps.pop(network_id, None)
-        else:
+        # A map without us in it (no longer a member) is left out of maps.
+        if netmap.member(self.public_key) is not None:
             self.join_answers[network_id] = "authorized"
-            self.maps[network_id] = netmap
         self._apply()
 
     def punch_requested(self, network_id: str, punch: Punch) -> None:
@@ -274,13 +281,11 @@ class JoinedNode:
 
     def revoked(self, network_id: str, reason: str) -> None:
         self.join_answers[network_id] = "pending" if reason == "deauthorized" else reason
-        had = self.maps.pop(network_id, None)
         self.log.warn(
             "node {node} is no longer a member of network {network} ({reason}); "
             "its peers and routes are removed", node=self.node_id, network=network_id,
             reason=reason)
-        if had is not None:
-            self._apply()
+        self._apply()  # the client dropped the network's map: its peers and routes go
         if reason == "deauthorized":
             # Still joined: an admin may authorize it again.
             self.join_status(network_id, "pending")

@@ -3,7 +3,7 @@ Who may talk to whom through a relay.
 
 L{MembershipPolicy} is an in-memory table of each network's authorized
 members.  The rendezvous feeds it: in process when the relay is embedded
-(L{ControllerMembership} copies the controller's networks into it), over
+(L{ControllerMembership} is told of every change by the controller), over
 the relay link when the relay is standalone (L{twistvpn.relay.link}).
 Answers are local dictionary look-ups, so the relay never waits on the
 rendezvous per packet, and shrinking a network tells the relay at once which nodes lost whom.
@@ -14,13 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twistvpn.interfaces import IRelayPolicy
-from twistvpn.wireguard.keys import decode_key
+from twistvpn.interfaces import IMembershipObserver, IRelayPolicy
 
 Observer = Callable[[frozenset[bytes]], None]
 ChangeObserver = Callable[[str, frozenset[bytes]], None]
@@ -118,46 +115,39 @@ class MembershipPolicy:
                 self.log.failure("relay revocation observer raised")
 
 
+@implementer(IMembershipObserver)
 class ControllerMembership:
     """
     Keeps a L{MembershipPolicy} in step with the rendezvous's controller
-    (L{twistvpn.interfaces.INetworkController}), through its public
-    C{list_networks} and C{list_members}: every C{interval} seconds, and at
-    once when the rendezvous calls L{refresh} after a change.  Polling bounds
-    how long a deauthorization takes to reach the relay even if a change
-    path forgets to call L{refresh}.
+    (L{twistvpn.interfaces.INetworkController}) in the same process: a
+    snapshot of every network's authorized members when started, then every
+    change as the controller makes it (it tells its membership observers),
+    so a deauthorization reaches the relay before the admin's request returns.
     """
 
     log = Logger()
 
-    def __init__(self, controller: Any, clock: IReactorTime, interval: float = 2.0,
-                 policy: MembershipPolicy | None = None) -> None:
+    def __init__(self, controller: Any, policy: MembershipPolicy | None = None) -> None:
         self.controller = controller
         self.policy = policy if policy is not None else MembershipPolicy()
-        self._loop = LoopingCall(self.refresh)
-        self._loop.clock = clock
-        self._interval = interval
+        self.running = False
 
     def start(self) -> None:
-        self._loop.start(self._interval, now=True)
+        self.controller.add_membership_observer(self)
+        self.running = True
+        self.policy.replace_all(self.controller.authorized_members())
 
     def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        self.controller.remove_membership_observer(self)
+        self.running = False
 
-    def refresh(self) -> None:
-        """Read every network's authorized members now."""
-        try:
-            memberships: dict[str, Iterable[bytes]] = {}
-            for network in self.controller.list_networks():
-                network_id = network["id"]
-                memberships[network_id] = [
-                    decode_key(m["public_key"])
-                    for m in self.controller.list_members(network_id)
-                    if m["authorized"]
-                ]
-        except Exception:
-            # Keep the last good table; the next round tries again.
-            self.log.failure("reading memberships from the controller failed")
-            return
-        self.policy.replace_all(memberships)
+    # -- IMembershipObserver ----------------------------------------------------------
+
+    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
+        self.policy.set_members(network_id, authorized)
+
+    def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
+        """The change itself follows as L{members_changed}."""
+
+    def network_deleted(self, network_id: str) -> None:
+        self.policy.forget_network(network_id)

@@ -113,7 +113,7 @@ class EmbeddedRelay:
 
     service: service.MultiService  # hang on the rendezvous's MultiService
     server: RelayServer  # server.stats() for the admin API
-    membership: ControllerMembership  # call membership.refresh() after a change
+    membership: ControllerMembership  # told of every change by the controller
     host: str
     udp_port: int
     tcp_port: int
@@ -133,13 +133,13 @@ def embedded_relay(reactor: Any, controller: Any, private_key: bytes, cert_pem: 
                    membership: ControllerMembership | None = None) -> EmbeddedRelay:
     """
     A relay inside the rendezvous, using its X25519 key and TLS certificate,
-    told who may talk to whom by its controller in process (polled, and at
-    once on C{membership.refresh()}).  C{host} is the IP address nodes reach
+    told who may talk to whom by its controller in process (of every change
+    as it is made).  C{host} is the IP address nodes reach
     it at (the rendezvous's public address).
     """
     own_membership = membership is None
     if membership is None:
-        membership = ControllerMembership(controller, reactor)
+        membership = ControllerMembership(controller)
     relay = RelayServer(reactor, private_key, keys.public_key(private_key), membership.policy,
                         limits, relay_id=relay_id)
     tcp = f"tcp:{tcp_port}" + (f":interface={interface}" if interface else "")
@@ -192,9 +192,6 @@ class RendezvousRelays:
             "standalone": list(self.link.relays()) if self.link is not None else [],
         }
 
-    def refresh(self) -> None:
-        self.membership.refresh()
-
 
 def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
                   server_private: bytes, cert_pem: bytes, key_pem: bytes,
@@ -211,7 +208,7 @@ def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,
     certificate, so its C{twistvpn://} fingerprint is theirs too).  Keeps
     C{controller.relays}, which network maps carry, up to date.
     """
-    membership = ControllerMembership(controller, reactor)
+    membership = ControllerMembership(controller)
     StartStopService(membership).setServiceParent(parent)
     mine: EmbeddedRelay | None = None
     if embedded:

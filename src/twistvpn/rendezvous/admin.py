@@ -33,7 +33,7 @@ from twisted.web.server import Request
 
 from twistvpn.common.tls import write_private
 from twistvpn.interfaces import INetworkController
-from twistvpn.rendezvous.controller import (
+from twistvpn.rendezvous.errors import (
     ConflictError,
     ControllerError,
     InvalidArgumentError,
@@ -77,15 +77,11 @@ class AdminAPI(resource.Resource):
         controller: INetworkController,
         token: str | None,
         info: Callable[[], dict[str, Any]] = dict,
-        changed: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__()
         self._controller = controller
         self._token = token
         self._info = info
-        # Called after a change of networks or members succeeded (the
-        # embedded relay re-reads who may relay to whom).
-        self._changed = changed
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -98,8 +94,6 @@ class AdminAPI(resource.Resource):
                 path = path[:-1]
             body = self._body(request) if method in ("POST", "PUT") else {}
             result = self._route(method, path, body)
-            if method in ("POST", "DELETE"):
-                self._changed()
             code = 201 if method == "POST" and path == ["api", "v1", "networks"] else 200
         except HTTPError as e:
             code, result = e.code, {"error": str(e)}
@@ -175,16 +169,12 @@ class AdminAPI(resource.Resource):
         unknown = set(body) - {"authorized", "ip"}
         if unknown:
             raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
-        c = self._controller
-        member = c.get_member(network_id, node)
+        changes: dict[str, Any] = {}
         if "ip" in body:
-            member = c.set_ip(network_id, node, _field(body, "ip", str))
+            changes["ip"] = _field(body, "ip", str)
         if "authorized" in body:
-            if _field(body, "authorized", bool):
-                member = c.authorize(network_id, node)
-            else:
-                member = c.deauthorize(network_id, node)
-        return member
+            changes["authorized"] = _field(body, "authorized", bool)
+        return self._controller.update_member(network_id, node, **changes)
 
 
 _MISSING = object()

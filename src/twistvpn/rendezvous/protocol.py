@@ -15,7 +15,7 @@ from twisted.protocols import amp
 
 from twistvpn.common.amp import BigBytes
 from twistvpn.common.auth import AuthError
-from twistvpn.rendezvous.controller import (
+from twistvpn.rendezvous.errors import (
     ConflictError,
     InvalidArgumentError,
     NotFoundError,

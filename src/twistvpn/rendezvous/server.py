@@ -19,7 +19,7 @@ from twistvpn.common import auth
 from twistvpn.common.amp import BoundedAMP, Ping
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, INetworkController
-from twistvpn.rendezvous.controller import InvalidArgumentError
+from twistvpn.rendezvous.errors import InvalidArgumentError
 from twistvpn.rendezvous.netmap import MapDelta, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,

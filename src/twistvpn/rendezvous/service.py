@@ -35,6 +35,7 @@ from twistvpn.rendezvous.database import DBError, get_db
 from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
 from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
 from twistvpn.rendezvous.server import ControlServerFactory
+from twistvpn.rendezvous.store import SQLiteStore
 from twistvpn.wireguard.keys import (
     encode_key,
     public_key,
@@ -168,7 +169,7 @@ class RendezvousService(MultiService):
         self.reactor = reactor
         self.data = data
         self.hostname = hostname
-        self.controller = Controller(data.db, reactor)
+        self.controller = Controller(SQLiteStore(data.db), reactor)
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
         self.control_factory = ControlServerFactory(
             self.controller, data.server_private, reactor, udp_ports, registration_rate
@@ -191,11 +192,11 @@ class RendezvousService(MultiService):
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
             "admin-unix",
-            StreamListener(unix, Site(AdminAPI(self.controller, None, self.info, self._changed))),
+            StreamListener(unix, Site(AdminAPI(self.controller, None, self.info))),
         )
         self.admin_http: StreamListener | None = None
         if admin_http is not None:
-            site = Site(AdminAPI(self.controller, data.token, self.info, self._changed))
+            site = Site(AdminAPI(self.controller, data.token, self.info))
             self.admin_http = self._add(
                 "admin-http", StreamListener(serverFromString(reactor, admin_http), site)
             )
@@ -211,11 +212,6 @@ class RendezvousService(MultiService):
         """Whether the settings ask for an embedded relay or a link for standalone ones."""
         settings = self.relay_settings
         return (settings.embedded and settings.public_ip is not None) or settings.link is not None
-
-    def _changed(self) -> None:
-        """An admin changed members: relays learn it now, not at their next poll."""
-        if self.relays is not None:
-            self.relays.refresh()
 
     def relay_status(self) -> dict[str, Any]:
         """The relays' part of the status: where they are and their counters."""

@@ -30,6 +30,7 @@ from twisted.internet.task import react
 from zope.interface import implementer
 
 from twistvpn.interfaces import IControlSession
+from twistvpn.rendezvous.store import open_store
 from twistvpn.wireguard import keys
 
 HEADER = struct.Struct("<IQ")  # WireGuard's type 4 (so the forwarder hands it on), sequence
@@ -83,9 +84,8 @@ def run_rendezvous(reactor: Any, args: argparse.Namespace) -> Deferred[None]:
     from twistvpn.common import tls
     from twistvpn.relay.service import attach_relays
     from twistvpn.rendezvous.controller import Controller
-    from twistvpn.rendezvous.database import get_db
 
-    controller = Controller(get_db(os.path.join(args.data_dir, "rendezvous.sqlite")), reactor)
+    controller = Controller(open_store(os.path.join(args.data_dir, "rendezvous.sqlite")), reactor)
     network_id = controller.create_network("lab")["id"]
     for text in args.members:
         key = keys.decode_key(text)

@@ -1,0 +1,254 @@
+"""
+Networks, their members, and the addresses members are given: the
+controller's membership part, over an L{IRendezvousStore}.
+
+Every change is written through the store in one call (one transaction),
+then told to the L{IMembershipObserver}s: the map publisher, which pushes
+maps, and the relays' policy, which learns who may talk to whom.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import os
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from twistvpn.interfaces import IMembershipObserver, IRendezvousStore
+from twistvpn.rendezvous.errors import ConflictError, InvalidArgumentError, NotFoundError
+from twistvpn.rendezvous.registry import Node, SessionRegistry, check_name, node_id_of
+from twistvpn.rendezvous.store import MemberRecord, NetworkRecord
+from twistvpn.wireguard.keys import encode_key
+
+# Overlay addresses come from the shared address space (RFC 6598), as
+# Tailscale's do.
+DEFAULT_POOL = ipaddress.IPv4Network("100.64.0.0/10")
+DEFAULT_PREFIX = 24
+NETWORK_ID_LENGTH = 16
+
+_UNCHANGED: Any = object()
+
+
+def check_network_id(network_id: Any) -> str:
+    if (
+        not isinstance(network_id, str)
+        or len(network_id) != NETWORK_ID_LENGTH
+        or any(c not in "0123456789abcdef" for c in network_id.lower())
+    ):
+        raise NotFoundError(f"unknown network {str(network_id)[:40]!r} (an ID is 16 hex digits)")
+    return network_id.lower()
+
+
+def parse_subnet(text: Any) -> ipaddress.IPv4Network:
+    """An IPv4 subnet with room for at least two members."""
+    try:
+        net = ipaddress.ip_network(str(text), strict=True)
+    except ValueError as e:
+        raise InvalidArgumentError(f"bad subnet {str(text)[:50]!r}: {e}") from None
+    if net.version != 4:
+        raise InvalidArgumentError(f"bad subnet {text!r}: only IPv4 subnets are supported")
+    if net.prefixlen > 30:
+        raise InvalidArgumentError(f"bad subnet {text!r}: a /30 or larger is needed")
+    return net
+
+
+def check_ip(network: NetworkRecord, ip: Any) -> str:
+    """C{ip} as a host address of the network's subnet."""
+    subnet = ipaddress.IPv4Network(network.subnet)
+    try:
+        address = ipaddress.IPv4Address(str(ip))
+    except ValueError:
+        raise InvalidArgumentError(f"bad IP address {str(ip)[:50]!r}") from None
+    if address not in subnet:
+        raise InvalidArgumentError(f"{address} is not in the network's subnet {subnet}")
+    if address in (subnet.network_address, subnet.broadcast_address):
+        raise InvalidArgumentError(f"{address} is not a host address of {subnet}")
+    return str(address)
+
+
+class Membership:
+    """Networks and members: create, authorize, address, remove; observers told."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IRendezvousStore,
+        registry: SessionRegistry,
+        clock: IReactorTime,
+        counters: collections.Counter[str],
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self.counters = counters
+        self._observers: list[IMembershipObserver] = []
+
+    # -- observers --------------------------------------------------------------
+
+    def add_observer(self, observer: IMembershipObserver) -> None:
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: IMembershipObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _members_changed(self, network_id: str) -> None:
+        authorized = frozenset(m.public_key for m in
+                               self._store.list_members(network_id, authorized_only=True))
+        for observer in list(self._observers):
+            observer.members_changed(network_id, authorized)
+
+    def _revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
+        for observer in list(self._observers):
+            observer.member_revoked(network_id, public_key, reason)
+
+    # -- networks ---------------------------------------------------------------
+
+    def network(self, network_id: Any) -> NetworkRecord:
+        record = self._store.get_network(check_network_id(network_id))
+        if record is None:
+            raise NotFoundError(f"unknown network {check_network_id(network_id)}")
+        return record
+
+    def exists(self, network_id: str) -> bool:
+        return self._store.get_network(network_id) is not None
+
+    def describe_network(self, network: NetworkRecord) -> dict[str, Any]:
+        members, authorized = self._store.count_members(network.id)
+        return {
+            "id": network.id,
+            "name": network.name,
+            "subnet": network.subnet,
+            "private": network.private,
+            "created": network.created,
+            "members": members,
+            "authorized": authorized,
+        }
+
+    def _free_subnet(self) -> ipaddress.IPv4Network:
+        taken = [ipaddress.IPv4Network(s) for s in self._store.subnets()]
+        for candidate in DEFAULT_POOL.subnets(new_prefix=DEFAULT_PREFIX):
+            if not any(candidate.overlaps(t) for t in taken):
+                return candidate
+        raise ConflictError("no free /24 left in 100.64.0.0/10; give --subnet")
+
+    def create_network(self, name: str, subnet: str | None = None,
+                       private: bool = True) -> dict[str, Any]:
+        name = check_name(name, "a network name")
+        net = self._free_subnet() if subnet is None else parse_subnet(subnet)
+        record = None
+        while record is None:
+            record = self._store.add_network(os.urandom(NETWORK_ID_LENGTH // 2).hex(), name,
+                                             str(net), bool(private), self._clock.seconds())
+        self.counters["networks_created"] += 1
+        return self.describe_network(record)
+
+    def list_networks(self) -> list[dict[str, Any]]:
+        return [self.describe_network(n) for n in self._store.list_networks()]
+
+    def delete_network(self, network_id: str) -> None:
+        network_id = self.network(network_id).id
+        keys = self._store.delete_network(network_id)
+        for key in keys:
+            self._revoked(network_id, key, "network deleted")
+        for observer in list(self._observers):
+            observer.network_deleted(network_id)
+            observer.members_changed(network_id, frozenset())
+
+    # -- members --------------------------------------------------------------
+
+    def member(self, network_id: Any, node_name: Any) -> tuple[NetworkRecord, Node, MemberRecord]:
+        """The network, the node and its membership: one look-up for a request."""
+        network = self.network(network_id)
+        node = self._registry.resolve(node_name)
+        member = self._store.get_member(network.id, node.public_key)
+        if member is None:
+            raise NotFoundError(f"node {node.node_id} is not a member of network {network.id}")
+        return network, node, member
+
+    def describe_member(self, member: MemberRecord, node: Node | None = None) -> dict[str, Any]:
+        if node is None:
+            node = self._registry.node(member.public_key)
+        return {
+            "node_id": node.node_id,
+            "public_key": encode_key(node.public_key),
+            "name": node.name,
+            "authorized": member.authorized,
+            "ip": member.ip,
+            "created": member.created,
+            "last_seen": node.last_seen,
+            "endpoints": [e for e in node.endpoints if e],
+            "local_endpoints": list(node.local_endpoints),
+            "nat_varies": node.nat_varies,
+            "online": node.online,
+        }
+
+    def list_members(self, network_id: str) -> list[dict[str, Any]]:
+        network = self.network(network_id)
+        return [self.describe_member(m) for m in self._store.list_members(network.id)]
+
+    def is_authorized(self, network_id: str, public_key: bytes) -> bool:
+        member = self._store.get_member(network_id, public_key)
+        return member is not None and member.authorized
+
+    def _next_free_ip(self, network: NetworkRecord) -> str:
+        used = self._store.used_ips(network.id)
+        for host in ipaddress.IPv4Network(network.subnet).hosts():
+            if str(host) not in used:
+                return str(host)
+        raise ConflictError(f"no free address left in {network.subnet} of network {network.id}")
+
+    def join(self, public_key: bytes, network: NetworkRecord) -> MemberRecord:
+        """The node's membership, made on its first join (authorized if the network is public)."""
+        member = self._store.get_member(network.id, public_key)
+        if member is not None:
+            return member
+        ip = None if network.private else self._next_free_ip(network)
+        member = self._store.add_member(network.id, public_key, self._clock.seconds(),
+                                        authorized=not network.private, ip=ip)
+        self.counters["joins"] += 1
+        if member.authorized:
+            self._members_changed(network.id)
+        return member
+
+    def update_member(self, network_id: str, node_name: str, authorized: bool | None = None,
+                      ip: Any = _UNCHANGED) -> dict[str, Any]:
+        """
+        Change a member's authorization and address together: one look-up,
+        one write, then the observers (a revocation first, so the node drops
+        its peers before the others learn it is gone).
+        """
+        network, node, member = self.member(network_id, node_name)
+        new_ip = member.ip
+        if ip is not _UNCHANGED:
+            new_ip = check_ip(network, ip)
+            holder = self._store.ip_holder(network.id, new_ip)
+            if holder is not None and holder != node.public_key:
+                raise ConflictError(f"{new_ip} is already used by node {node_id_of(holder)}")
+        new_authorized = member.authorized if authorized is None else authorized
+        if new_authorized and new_ip is None:
+            new_ip = self._next_free_ip(network)
+        if (new_authorized, new_ip) != (member.authorized, member.ip):
+            self._store.update_member(network.id, node.public_key, new_authorized, new_ip)
+            if member.authorized and not new_authorized:
+                self._revoked(network.id, node.public_key, "deauthorized")
+            if member.authorized or new_authorized:
+                self._members_changed(network.id)
+        updated = MemberRecord(network.id, node.public_key, new_authorized, new_ip,
+                               member.created)
+        return self.describe_member(updated, node)
+
+    def delete_member(self, network_id: str, node_name: str) -> None:
+        network, node, member = self.member(network_id, node_name)
+        self._store.delete_member(network.id, node.public_key)
+        self._revoked(network.id, node.public_key, "deleted")
+        self._registry.unsubscribe(node, network.id)
+        if member.authorized:
+            self._members_changed(network.id)
+
+    def authorized_members(self) -> dict[str, frozenset[bytes]]:
+        return self._store.authorized_members()

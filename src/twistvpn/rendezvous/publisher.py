@@ -1,0 +1,203 @@
+"""
+The maps members receive, and the pushes that keep them current: the
+controller's map publisher.
+
+It holds each network's one map revision: counted up on every change a
+member could see, carried by every map and delta, and stored with the
+network whenever a map goes out, so that after a restart revisions go on
+from where they were.  Changes are coalesced per network for
+C{push_delay} seconds, so that a burst of changes (a hundred nodes coming
+online) costs one map per member, not a hundred.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from zope.interface import implementer
+
+from twistvpn.interfaces import IMembershipObserver, IRendezvousStore
+from twistvpn.rendezvous.errors import NotFoundError
+from twistvpn.rendezvous.netmap import Member, NetworkMap
+from twistvpn.rendezvous.registry import SessionRegistry
+from twistvpn.rendezvous.store import NetworkRecord
+
+
+@implementer(IMembershipObserver)
+class MapPublisher:
+    """Builds each network's map and pushes it (or its delta) to subscribed members."""
+
+    def __init__(
+        self,
+        store: IRendezvousStore,
+        registry: SessionRegistry,
+        clock: IReactorTime,
+        counters: collections.Counter[str],
+        push_delay: float = 0.05,
+        relays: tuple[dict[str, Any], ...] = (),
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self.counters = counters
+        self._push_delay = push_delay
+        self._relays = tuple(relays)
+        self._revisions: dict[str, int] = store.revisions()
+        # network ID -> the map last pushed (the base of the next delta)
+        self._pushed: dict[str, NetworkMap] = {}
+        self._dirty: set[str] = set()
+        self._flush_call: IDelayedCall | None = None
+
+    @property
+    def relays(self) -> tuple[dict[str, Any], ...]:
+        """The relays every network map lists ({"host", "port", "public_key"}...)."""
+        return self._relays
+
+    @relays.setter
+    def relays(self, relays: tuple[dict[str, Any], ...]) -> None:
+        relays = tuple(relays)
+        if relays == self._relays:
+            return
+        self._relays = relays
+        for network_id in list(self._revisions):
+            self.changed(network_id)
+
+    def revision(self, network_id: str) -> int:
+        return self._revisions.get(network_id, 0)
+
+    # -- what changed --------------------------------------------------------------
+
+    def changed(self, network_id: str) -> None:
+        """Something members of C{network_id} see changed: count it, push soon."""
+        self._revisions[network_id] = self._revisions.get(network_id, 0) + 1
+        if not self._registry.has_subscribers(network_id):
+            return
+        self._dirty.add(network_id)
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(self._push_delay, self.flush)
+
+    def node_changed(self, public_key: bytes) -> None:
+        """A node's facts changed (online, endpoints): its networks' maps show them."""
+        for network_id in self._store.member_networks(public_key):
+            self.changed(network_id)
+
+    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
+        if authorized or self._store.get_network(network_id) is not None:
+            self.changed(network_id)
+
+    def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
+        """Tell a connected node it lost the network, if it joined it."""
+        try:
+            node = self._registry.node(public_key)
+        except KeyError:
+            return
+        if node.session is not None and network_id in node.subscriptions:
+            node.sent.pop(network_id, None)
+            node.session.send_revoked(network_id, reason)
+
+    def network_deleted(self, network_id: str) -> None:
+        self._registry.forget_network(network_id)
+        self._revisions.pop(network_id, None)
+        self._pushed.pop(network_id, None)
+        self._dirty.discard(network_id)
+
+    # -- pushing -----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Push the maps of every network that changed since the last flush."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, set()
+        for network_id in sorted(dirty):
+            network = self._store.get_network(network_id)
+            if network is not None:
+                self._push(network)
+
+    def _push(self, network: NetworkRecord) -> None:
+        """
+        A member holding the previous map gets only the change (so a change
+        costs its own size, not the network's); others get the whole map.
+        """
+        network_id = network.id
+        netmap = self.network_map(network)
+        previous = self._pushed.get(network_id)
+        delta = None
+        if previous is not None:
+            delta = netmap.diff(previous)
+            if (
+                not delta.upsert
+                and not delta.remove
+                and (
+                    (previous.name, previous.subnet, previous.relays)
+                    == (netmap.name, netmap.subnet, netmap.relays)
+                )
+            ):
+                delta = None
+                netmap = previous  # nothing a member sees has changed
+        if netmap is not previous:
+            self._store.set_revision(network_id, netmap.revision)
+        self._pushed[network_id] = netmap
+        authorized = {m.public_key for m in netmap.members}
+        for node in self._registry.subscribers(network_id):
+            if node.public_key not in authorized or node.session is None:
+                continue
+            sent = node.sent.get(network_id)
+            if sent == netmap.revision:
+                continue
+            if delta is not None and previous is not None and sent == previous.revision:
+                node.session.send_map_delta(network_id, delta)
+                self.counters["deltas_pushed"] += 1
+            else:
+                node.session.send_map(network_id, netmap)
+                self.counters["maps_pushed"] += 1
+            node.sent[network_id] = netmap.revision
+
+    def resend(self, public_key: bytes, network: NetworkRecord) -> None:
+        """Send the node the full current map (its copy could not take a delta)."""
+        node = self._registry.session_node(public_key)
+        if network.id not in node.subscriptions:
+            raise NotFoundError(f"not joined to network {network.id}")
+        netmap = self._pushed.get(network.id)
+        if netmap is None:
+            netmap = self.network_map(network)
+            self._store.set_revision(network.id, netmap.revision)
+        assert node.session is not None
+        node.session.send_map(network.id, netmap)
+        node.sent[network.id] = netmap.revision
+        self.counters["maps_resent"] += 1
+
+    def network_map(self, network: NetworkRecord) -> NetworkMap:
+        """The map every authorized member of C{network} receives."""
+        members = []
+        for member in self._store.list_members(network.id, authorized_only=True):
+            node = self._registry.node(member.public_key)
+            members.append(
+                Member(
+                    node_id=node.node_id,
+                    public_key=node.public_key,
+                    name=node.name,
+                    ip=member.ip,
+                    endpoints=node.seen_endpoints(),
+                    local_endpoints=node.local_endpoints,
+                    nat_varies=node.nat_varies,
+                    online=node.online,
+                    last_seen=node.last_seen,
+                )
+            )
+        return NetworkMap(
+            network_id=network.id,
+            name=network.name,
+            subnet=network.subnet,
+            revision=self.revision(network.id),
+            members=tuple(members),
+            relays=self.relays,
+        )
+
+    def close(self) -> None:
+        """Stop pending pushes."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None

@@ -1,0 +1,293 @@
+"""
+Who is connected: the controller's session registry.
+
+Every node that ever registered, kept in memory with its control session
+(if connected), the networks that session joined, the endpoints discovery
+saw and the addresses the node reported, and when a pair last punched.
+Node facts are persisted through the store; what a change means for the
+maps is the publisher's business, told through C{node_changed}.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from twistvpn.interfaces import IControlSession, IRendezvousStore
+from twistvpn.rendezvous.errors import InvalidArgumentError, NotFoundError
+from twistvpn.rendezvous.netmap import (
+    MAX_NAME_LENGTH,
+    MapError,
+    Punch,
+    check_endpoints,
+    format_endpoint,
+)
+from twistvpn.rendezvous.store import NodeRecord
+from twistvpn.wireguard.keys import KEY_LENGTH, InvalidKey, decode_key
+
+NODE_ID_LENGTH = 10
+# How often last_seen is written for a node that keeps sending discovery
+# requests from the same address.
+LAST_SEEN_WRITE_INTERVAL = 60.0
+PUNCH_DELAY = 0.5
+PUNCH_MIN_INTERVAL = 1.0
+
+
+def node_id_of(public_key: bytes) -> str:
+    """The short, stable node ID admins see (10 hex digits, as ZeroTier's)."""
+    return hashlib.blake2s(public_key, digest_size=NODE_ID_LENGTH // 2).hexdigest()
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """A printable name of at most 64 characters."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise InvalidArgumentError(f"{what} must be at most {MAX_NAME_LENGTH} printable characters")
+    return name
+
+
+@dataclass
+class Node:
+    """What the registry keeps in memory about a registered node."""
+
+    public_key: bytes
+    node_id: str
+    name: str
+    last_seen: float | None
+    endpoints: list[str | None] = field(default_factory=lambda: [None, None])
+    local_endpoints: tuple[str, ...] = ()
+    last_seen_written: float = 0.0
+    session: IControlSession | None = None
+    subscriptions: set[str] = field(default_factory=set)
+    # network ID -> revision of the last map this session was sent
+    sent: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: NodeRecord) -> Node:
+        return cls(record.public_key, record.node_id, record.name, record.last_seen,
+                   list(record.endpoints), record.local_endpoints)
+
+    @property
+    def online(self) -> bool:
+        return self.session is not None
+
+    @property
+    def nat_varies(self) -> bool:
+        """Whether the two discovery ports saw different mappings of one socket."""
+        first, second = self.endpoints
+        return first is not None and second is not None and first != second
+
+    def seen_endpoints(self) -> tuple[str, ...]:
+        """The observed endpoints, once each."""
+        return tuple(dict.fromkeys(e for e in self.endpoints if e))
+
+    def candidates(self) -> tuple[str, ...]:
+        """Every address worth probing, observed ones first."""
+        return tuple(dict.fromkeys(self.seen_endpoints() + self.local_endpoints))
+
+
+class SessionRegistry:
+    """Registered nodes, their sessions and subscriptions, and punch timing."""
+
+    def __init__(
+        self,
+        store: IRendezvousStore,
+        clock: IReactorTime,
+        counters: collections.Counter[str],
+        node_changed: Callable[[bytes], None] = lambda key: None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.counters = counters
+        # A node's facts that members' maps show changed (its sessions,
+        # endpoints): the publisher re-sends its networks' maps.
+        self.node_changed = node_changed
+        self._nodes: dict[bytes, Node] = {}
+        self._by_id: dict[str, bytes] = {}
+        # network ID -> node keys whose current session joined it
+        self._subscribers: dict[str, set[bytes]] = collections.defaultdict(set)
+        self._last_punch: dict[tuple[bytes, bytes], float] = {}
+        for record in store.load_nodes():
+            self._remember(Node.from_record(record))
+
+    def _remember(self, node: Node) -> Node:
+        self._nodes[node.public_key] = node
+        self._by_id[node.node_id] = node.public_key
+        return node
+
+    # -- looking nodes up --------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def online_count(self) -> int:
+        return sum(1 for n in self._nodes.values() if n.session is not None)
+
+    def is_registered(self, public_key: bytes) -> bool:
+        return public_key in self._nodes
+
+    def node(self, public_key: bytes) -> Node:
+        """A registered node (KeyError if it never registered)."""
+        return self._nodes[public_key]
+
+    def session_node(self, public_key: bytes) -> Node:
+        """A node with a session: what a node's own requests need."""
+        node = self._nodes.get(public_key)
+        if node is None or node.session is None:
+            raise InvalidArgumentError("register first")
+        return node
+
+    def resolve(self, name: Any) -> Node:
+        """A node named by its ID (10 hex digits) or public key (base64)."""
+        if isinstance(name, str):
+            key = self._by_id.get(name.lower())
+            if key is not None:
+                return self._nodes[key]
+            try:
+                key = decode_key(name)
+            except InvalidKey:
+                pass
+            else:
+                if key in self._nodes:
+                    return self._nodes[key]
+        raise NotFoundError(f"unknown node {str(name)[:50]!r}")
+
+    # -- sessions -----------------------------------------------------------------
+
+    def register(self, public_key: bytes, name: str, session: IControlSession) -> str:
+        if len(public_key) != KEY_LENGTH:
+            raise InvalidArgumentError("a public key is 32 bytes")
+        name = check_name(name)
+        now = self._clock.seconds()
+        node = self._nodes.get(public_key)
+        if node is None:
+            record = self._store.add_node(public_key, node_id_of(public_key), name, now)
+            node = self._remember(Node.from_record(record))
+        else:
+            self._store.update_node(public_key, now, name)
+        node.name, node.last_seen, node.last_seen_written = name, now, now
+        old = node.session
+        if old is not None and old is not session:
+            self._unsubscribe_all(node)
+            node.session = None
+            old.close("replaced by a newer connection")
+        node.session = session
+        self.counters["registrations"] += 1
+        self.node_changed(public_key)
+        return node.node_id
+
+    def detach(self, session: IControlSession) -> None:
+        node = self._nodes.get(session.public_key)
+        if node is None or node.session is not session:
+            return
+        node.session = None
+        self._unsubscribe_all(node)
+        now = self._clock.seconds()
+        self._store.update_node(node.public_key, now)
+        node.last_seen = node.last_seen_written = now
+        self.node_changed(node.public_key)
+
+    def close(self) -> None:
+        """Close every session (the service is stopping)."""
+        for node in self._nodes.values():
+            if node.session is not None:
+                session, node.session = node.session, None
+                session.close("the rendezvous is stopping")
+
+    # -- subscriptions ---------------------------------------------------------------
+
+    def subscribe(self, node: Node, network_id: str) -> None:
+        node.subscriptions.add(network_id)
+        self._subscribers[network_id].add(node.public_key)
+
+    def unsubscribe(self, node: Node, network_id: str) -> None:
+        node.subscriptions.discard(network_id)
+        node.sent.pop(network_id, None)
+        self._subscribers[network_id].discard(node.public_key)
+
+    def _unsubscribe_all(self, node: Node) -> None:
+        for network_id in node.subscriptions:
+            self._subscribers[network_id].discard(node.public_key)
+        node.subscriptions.clear()
+        node.sent.clear()
+
+    def subscribers(self, network_id: str) -> list[Node]:
+        """The nodes whose sessions joined C{network_id}, in key order."""
+        return [self._nodes[k] for k in sorted(self._subscribers.get(network_id, ()))]
+
+    def has_subscribers(self, network_id: str) -> bool:
+        return bool(self._subscribers.get(network_id))
+
+    def forget_network(self, network_id: str) -> None:
+        for key in self._subscribers.pop(network_id, set()):
+            self._nodes[key].subscriptions.discard(network_id)
+
+    # -- what nodes report and discovery sees ---------------------------------------
+
+    def set_local_endpoints(self, public_key: bytes, endpoints: Any) -> None:
+        node = self.session_node(public_key)
+        try:
+            local = check_endpoints(endpoints)
+        except MapError as e:
+            raise InvalidArgumentError(str(e)) from None
+        if local == node.local_endpoints:
+            return
+        self._store.set_local_endpoints(public_key, local)
+        node.local_endpoints = local
+        self.node_changed(public_key)
+
+    def record_endpoint(self, public_key: bytes, endpoint: tuple[str, int], which: int) -> bool:
+        node = self._nodes.get(public_key)
+        if node is None:
+            return False
+        text = format_endpoint(endpoint)
+        now = self._clock.seconds()
+        node.last_seen = now
+        changed = node.endpoints[which] != text
+        if changed or now - node.last_seen_written >= LAST_SEEN_WRITE_INTERVAL:
+            self._store.set_endpoint(public_key, which, text, now)
+            node.endpoints[which] = text
+            node.last_seen_written = now
+        if changed:
+            self.counters["endpoint_changes"] += 1
+            self.node_changed(public_key)
+        return True
+
+    # -- punching ---------------------------------------------------------------------
+
+    def punch(self, network_id: str, node: Node, peer_key: bytes) -> None:
+        """
+        Tell C{node} and the peer to start traversal at about the same
+        moment; both must be online in C{network_id} (the caller checked
+        they are authorized members).  At most one punch a second per pair.
+        """
+        peer = self._nodes.get(peer_key)
+        if peer is None or peer.session is None or network_id not in peer.subscriptions:
+            raise NotFoundError("the peer is offline")
+        pair = (min(node.public_key, peer_key), max(node.public_key, peer_key))
+        now = self._clock.seconds()
+        if now - self._last_punch.get(pair, -PUNCH_MIN_INTERVAL) < PUNCH_MIN_INTERVAL:
+            self.counters["punch_rate_limited"] += 1
+            return
+        self._last_punch[pair] = now
+        punch_id = os.urandom(8).hex()
+        # Each side is told to wait so that both start at about the same
+        # moment despite different latencies to the rendezvous.
+        for me, other in ((node, peer), (peer, node)):
+            assert me.session is not None
+            rtt = me.session.rtt or 0.0
+            me.session.send_punch(
+                network_id,
+                Punch(
+                    peer_key=other.public_key,
+                    candidates=other.candidates(),
+                    delay=max(0.0, PUNCH_DELAY - rtt / 2),
+                    punch_id=punch_id,
+                ),
+            )
+        self.counters["punches"] += 1

@@ -1,0 +1,247 @@
+"""
+The rendezvous's persistent state behind L{IRendezvousStore}: nodes,
+networks and members in the sqlite database (L{twistvpn.rendezvous.database}).
+
+This is the only module with SQL in it.  Every write method is one
+transaction, so a failure half-way leaves nothing half-written; reads
+return plain records, not database rows, so the controller's parts do not
+know which database holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from zope.interface import implementer
+
+from twistvpn.interfaces import IRendezvousStore
+from twistvpn.rendezvous.database import get_db, transaction
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A node as stored: its key, IDs, and where it was last seen."""
+
+    public_key: bytes
+    node_id: str
+    name: str
+    last_seen: float | None
+    endpoints: tuple[str | None, str | None]
+    local_endpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    """A network as stored; C{revision} is its last published map's."""
+
+    id: str
+    name: str
+    subnet: str
+    private: bool
+    created: float
+    revision: int
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One node's membership of one network."""
+
+    network_id: str
+    public_key: bytes
+    authorized: bool
+    ip: str | None
+    created: float
+
+
+def _node(row: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(
+        public_key=bytes(row["public_key"]),
+        node_id=row["node_id"],
+        name=row["name"],
+        last_seen=row["last_seen"],
+        endpoints=(row["endpoint"], row["endpoint2"]),
+        local_endpoints=tuple(json.loads(row["local_endpoints"])),
+    )
+
+
+def _network(row: sqlite3.Row) -> NetworkRecord:
+    return NetworkRecord(row["id"], row["name"], row["subnet"], bool(row["private"]),
+                         row["created"], row["revision"])
+
+
+def _member(row: sqlite3.Row) -> MemberRecord:
+    return MemberRecord(row["network_id"], bytes(row["public_key"]), bool(row["authorized"]),
+                        row["ip"], row["created"])
+
+
+@implementer(IRendezvousStore)
+class SQLiteStore:
+    """L{IRendezvousStore} over one sqlite connection (L{database.get_db})."""
+
+    ENDPOINT_COLUMNS = ("endpoint", "endpoint2")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- nodes ------------------------------------------------------------------
+
+    def load_nodes(self) -> list[NodeRecord]:
+        return [_node(r) for r in self.db.execute("SELECT * FROM nodes")]
+
+    def add_node(self, public_key: bytes, node_id: str, name: str, now: float) -> NodeRecord:
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT INTO nodes (public_key, node_id, name, created, last_seen)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (public_key, node_id, name, now, now),
+            )
+        return NodeRecord(public_key, node_id, name, now, (None, None), ())
+
+    def update_node(self, public_key: bytes, last_seen: float, name: str | None = None) -> None:
+        with transaction(self.db):
+            if name is None:
+                self.db.execute("UPDATE nodes SET last_seen = ? WHERE public_key = ?",
+                                (last_seen, public_key))
+            else:
+                self.db.execute("UPDATE nodes SET name = ?, last_seen = ? WHERE public_key = ?",
+                                (name, last_seen, public_key))
+
+    def set_endpoint(self, public_key: bytes, which: int, endpoint: str,
+                     last_seen: float) -> None:
+        column = self.ENDPOINT_COLUMNS[which]
+        with transaction(self.db):
+            self.db.execute(
+                f"UPDATE nodes SET {column} = ?, last_seen = ? WHERE public_key = ?",
+                (endpoint, last_seen, public_key),
+            )
+
+    def set_local_endpoints(self, public_key: bytes, endpoints: tuple[str, ...]) -> None:
+        with transaction(self.db):
+            self.db.execute("UPDATE nodes SET local_endpoints = ? WHERE public_key = ?",
+                            (json.dumps(list(endpoints)), public_key))
+
+    # -- networks ---------------------------------------------------------------
+
+    def get_network(self, network_id: str) -> NetworkRecord | None:
+        row = self.db.execute("SELECT * FROM networks WHERE id = ?", (network_id,)).fetchone()
+        return None if row is None else _network(row)
+
+    def list_networks(self) -> list[NetworkRecord]:
+        return [_network(r) for r in
+                self.db.execute("SELECT * FROM networks ORDER BY created, id")]
+
+    def count_networks(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM networks").fetchone()[0])
+
+    def count_members(self, network_id: str) -> tuple[int, int]:
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(authorized), 0) FROM members WHERE network_id = ?",
+            (network_id,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def subnets(self) -> list[str]:
+        return [r["subnet"] for r in self.db.execute("SELECT subnet FROM networks")]
+
+    def add_network(self, network_id: str, name: str, subnet: str, private: bool,
+                    now: float) -> NetworkRecord | None:
+        with transaction(self.db):
+            if self.db.execute("SELECT 1 FROM networks WHERE id = ?",
+                               (network_id,)).fetchone() is not None:
+                return None
+            self.db.execute(
+                "INSERT INTO networks (id, name, subnet, private, created, revision)"
+                " VALUES (?, ?, ?, ?, ?, 0)",
+                (network_id, name, subnet, int(private), now),
+            )
+        return NetworkRecord(network_id, name, subnet, private, now, 0)
+
+    def delete_network(self, network_id: str) -> list[bytes]:
+        with transaction(self.db):
+            keys = [bytes(r["public_key"]) for r in self.db.execute(
+                "SELECT public_key FROM members WHERE network_id = ?", (network_id,))]
+            self.db.execute("DELETE FROM members WHERE network_id = ?", (network_id,))
+            self.db.execute("DELETE FROM networks WHERE id = ?", (network_id,))
+        return keys
+
+    def revisions(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT id, revision FROM networks")
+        return {r["id"]: r["revision"] for r in rows}
+
+    def set_revision(self, network_id: str, revision: int) -> None:
+        with transaction(self.db):
+            self.db.execute("UPDATE networks SET revision = ? WHERE id = ?",
+                            (revision, network_id))
+
+    # -- members ----------------------------------------------------------------
+
+    def get_member(self, network_id: str, public_key: bytes) -> MemberRecord | None:
+        row = self.db.execute(
+            "SELECT * FROM members WHERE network_id = ? AND public_key = ?",
+            (network_id, public_key),
+        ).fetchone()
+        return None if row is None else _member(row)
+
+    def list_members(self, network_id: str, authorized_only: bool = False) -> list[MemberRecord]:
+        query = "SELECT * FROM members WHERE network_id = ?"
+        if authorized_only:
+            query += " AND authorized = 1"
+        query += " ORDER BY created, public_key"
+        return [_member(r) for r in self.db.execute(query, (network_id,))]
+
+    def member_networks(self, public_key: bytes) -> list[str]:
+        return [r["network_id"] for r in self.db.execute(
+            "SELECT network_id FROM members WHERE public_key = ? AND authorized = 1",
+            (public_key,))]
+
+    def authorized_members(self) -> dict[str, frozenset[bytes]]:
+        found: dict[str, set[bytes]] = {r["id"]: set() for r in
+                                        self.db.execute("SELECT id FROM networks")}
+        for row in self.db.execute(
+            "SELECT network_id, public_key FROM members WHERE authorized = 1"
+        ):
+            found.setdefault(row["network_id"], set()).add(bytes(row["public_key"]))
+        return {network_id: frozenset(keys) for network_id, keys in found.items()}
+
+    def used_ips(self, network_id: str) -> set[str]:
+        return {r["ip"] for r in self.db.execute(
+            "SELECT ip FROM members WHERE network_id = ? AND ip IS NOT NULL", (network_id,))}
+
+    def ip_holder(self, network_id: str, ip: str) -> bytes | None:
+        row = self.db.execute(
+            "SELECT public_key FROM members WHERE network_id = ? AND ip = ?", (network_id, ip)
+        ).fetchone()
+        return None if row is None else bytes(row["public_key"])
+
+    def add_member(self, network_id: str, public_key: bytes, now: float, authorized: bool,
+                   ip: str | None) -> MemberRecord:
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT INTO members (network_id, public_key, authorized, ip, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (network_id, public_key, int(authorized), ip, now),
+            )
+        return MemberRecord(network_id, public_key, authorized, ip, now)
+
+    def update_member(self, network_id: str, public_key: bytes, authorized: bool,
+                      ip: str | None) -> None:
+        with transaction(self.db):
+            self.db.execute(
+                "UPDATE members SET authorized = ?, ip = ? WHERE network_id = ? AND public_key = ?",
+                (int(authorized), ip, network_id, public_key),
+            )
+
+    def delete_member(self, network_id: str, public_key: bytes) -> None:
+        with transaction(self.db):
+            self.db.execute("DELETE FROM members WHERE network_id = ? AND public_key = ?",
+                            (network_id, public_key))
+
+
+def open_store(path: str) -> SQLiteStore:
+    """The store in the sqlite database at C{path} (created or upgraded)."""
+    return SQLiteStore(get_db(path))
