@@ -502,9 +502,10 @@ class AnswerWaitOptionTests(unittest.TestCase):
     def test_device_gets_them(self) -> None:
         """makeService opens the TUN device with both options, in seconds."""
         from twistvpn.node import node_tap, tun
+        from twistvpn.node.config import InterfaceConfig
 
         made: list[dict[str, Any]] = []
-        self.patch(node_tap, "load_config", lambda path: object())
+        self.patch(node_tap, "load_config", lambda path: InterfaceConfig(private_key=bytes(32)))
         self.patch(tun, "TunDevice", lambda *args, **kwargs: made.append(kwargs))
         options = node_tap.Options()
         options.parseOptions(
@@ -512,5 +513,5 @@ class AnswerWaitOptionTests(unittest.TestCase):
         )
         top = node_tap.makeService(options, reactor=Clock())
         [node] = [s for s in top if isinstance(s, node_tap.StaticNodeService)]
-        node._open_tun("tvtest0", 1420)
+        node.datapath._open_tun("tvtest0", 1420)
         self.assertEqual(made, [{"answer_wait": 300e-6, "stay_awake": 5e-3}])

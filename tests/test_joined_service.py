@@ -10,6 +10,7 @@ import os
 import stat
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import succeed
 from twisted.names.test.test_util import MemoryReactor
 from twisted.python import usage
@@ -55,22 +56,18 @@ class UNIXMemoryReactor(MemoryReactor):
         return port
 
 
-class FakeClient:
+class FakeClient(Service):
     """Stands in for the RendezvousClient: records how it was made and used."""
 
     def __init__(self, *args: Any) -> None:
-        (self.reactor, self.address, self.private_key, self.name, self.listener,
+        (self.reactor, self.address, self.private_key, self.node_name, self.listener,
          self.networks, self.local_endpoints) = args
-        self.running = False
         self.server_key = None
         self.udp_ports: list[int] = []
         self.maps: dict[str, NetworkMap] = {}  # the one copy, as the real client's
 
-    def startService(self) -> None:
-        self.running = True
-
     def stopService(self) -> Any:
-        self.running = False
+        super().stopService()
         return succeed(None)
 
 
@@ -115,7 +112,7 @@ class ServiceTests(unittest.TestCase):
         (client,) = self.clients
         self.assertTrue(client.running)
         self.assertEqual(client.networks, [NETWORK])
-        self.assertEqual(client.name, "laptop")
+        self.assertEqual(client.node_name, "laptop")
         self.assertEqual(client.local_endpoints, ["192.168.1.5:41641"])
         self.assertIs(client.listener, node.node)
         self.assertIs(node.node.client, client)

@@ -11,14 +11,23 @@ from twisted.internet.task import Clock
 from twisted.names.test.test_util import MemoryReactor
 from twisted.python import usage
 from twisted.trial import unittest
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support.fakes import FakeWireGuardDevice
-from twistvpn.interfaces import IWireGuardDevice, IWireGuardPeer
+from tests.support.node import CONFIG, PEER1, PEER2, PRIVATE, PSK, FakeNode
+from twistvpn.interfaces import (
+    IBatchReader,
+    IReadinessPort,
+    IWindowedTunDevice,
+    IWireGuardDevice,
+    IWireGuardPeer,
+)
+from twistvpn.node import datapath as datapath_module
 from twistvpn.node import node_tap
-from twistvpn.node import service as service_module
 from twistvpn.node.config import parse_config
-from twistvpn.node.fastpath import BatchWindow
+from twistvpn.node.datapath import DataPath
+from twistvpn.node.fastpath import AnswerWait, BatchWindow
 from twistvpn.node.service import (
     NodeStartError,
     StaticNodeService,
@@ -27,58 +36,6 @@ from twistvpn.node.service import (
 )
 from twistvpn.testing.faketun import FakeTunDevice
 from twistvpn.wireguard.keys import encode_key
-
-PRIVATE = bytes(range(32))
-PEER1 = bytes([1] * 32)
-PEER2 = bytes([2] * 32)
-PSK = bytes([3] * 32)
-
-CONFIG = f"""\
-[Interface]
-PrivateKey = {encode_key(PRIVATE)}
-Address = 100.64.0.1/24
-ListenPort = 51820
-MTU = 1380
-
-[Peer]
-PublicKey = {encode_key(PEER1)}
-PresharedKey = {encode_key(PSK)}
-Endpoint = 203.0.113.2:51820
-AllowedIPs = 100.64.0.2/32, 100.64.8.0/24
-PersistentKeepalive = 25
-
-[Peer]
-PublicKey = {encode_key(PEER2)}
-AllowedIPs = 100.64.0.3/32, 0.0.0.0/0
-"""
-
-
-
-
-
-
-class FakeNode:
-    """A node service on in-memory fakes, and the fakes it made."""
-
-    def __init__(self, reactor: MemoryReactor, config: Any, **kwargs: Any) -> None:
-        self.tuns: list[FakeTunDevice] = []
-        self.devices: list[FakeWireGuardDevice] = []
-        self.service = StaticNodeService(
-            reactor,
-            config,
-            interface_name="tvtest0",
-            open_tun=self._open_tun,
-            make_device=self._make_device,
-            **kwargs,
-        )
-
-    def _open_tun(self, name: str, mtu: int) -> FakeTunDevice:
-        self.tuns.append(FakeTunDevice(name, mtu))
-        return self.tuns[-1]
-
-    def _make_device(self, *args: Any) -> FakeWireGuardDevice:
-        self.devices.append(FakeWireGuardDevice(*args))
-        return self.devices[-1]
 
 
 class StaticNodeServiceTests(unittest.TestCase):
@@ -284,8 +241,9 @@ class RecordingSocket(socket.socket):
         return sum(len(b) for b in buffers)
 
 
+@implementer(IBatchReader)
 class FakeGROPort:
-    """What L{listen_udp} returns on a real reactor, as far as the service looks."""
+    """What L{listen_udp} returns on a real reactor, as far as the data path looks."""
 
     def __init__(self, port: int, protocol: Any) -> None:
         self.port = port
@@ -302,6 +260,7 @@ class FakeGROPort:
         self.socket.close()
 
 
+@implementer(IWindowedTunDevice)
 class WindowedTun(FakeTunDevice):
     """An in-memory TUN device with the real one's batch windows."""
 
@@ -309,6 +268,8 @@ class WindowedTun(FakeTunDevice):
         super().__init__(name, mtu)
         self.read_batch_window: Any = None
         self.window = BatchWindow(clock, lambda: None)
+        self.answer_wait = 0.0
+        self.after_lone_read = None
 
 
 class FastPathWiringTests(unittest.TestCase):
@@ -321,7 +282,7 @@ class FastPathWiringTests(unittest.TestCase):
             ports.append(FakeGROPort(port, protocol))
             return ports[-1]
 
-        self.patch(service_module, "listen_udp", listen)
+        self.patch(datapath_module, "listen_udp", listen)
         tuns: list[WindowedTun] = []
         devices: list[FakeWireGuardDevice] = []
 
@@ -342,7 +303,7 @@ class FastPathWiringTests(unittest.TestCase):
         )
         node.startService()
         [port], [tun], [device] = ports, tuns, devices
-        batcher = node._batcher
+        batcher = node.datapath.batcher
         assert batcher is not None
         self.assertIs(tun.read_batch_window, batcher.window)
         self.assertIs(port.read_batch_window, tun.window)
@@ -356,3 +317,67 @@ class FastPathWiringTests(unittest.TestCase):
         node.stopService()
         self.assertEqual(port.socket.sent[-1], (b"\x04last", ("::ffff:203.0.113.2", 51820)))
         self.assertTrue(port.stopped)
+
+    def test_answer_wait_wired_through_the_port_readiness(self) -> None:
+        """A windowed TUN device and a port that can be asked get an answer wait."""
+        clock = Clock()
+        ports: list[ReadinessPort] = []
+
+        def listen(reactor: Any, port: int, protocol: Any, interface: str) -> ReadinessPort:
+            ports.append(ReadinessPort(port, protocol))
+            return ports[-1]
+
+        self.patch(datapath_module, "listen_udp", listen)
+        tun = WindowedTun("tvtest0", 1420, clock)
+        tun.answer_wait = 200e-6
+        datapath = DataPath(clock, PRIVATE, interface_name="tvtest0", mtu=1420,
+                            open_tun=lambda name, mtu: tun, make_device=FakeWireGuardDevice)
+        datapath.open(0)
+        [port] = ports
+        wait = tun.after_lone_read
+        self.assertIsInstance(wait, AnswerWait)
+        self.assertEqual(wait.budget, 200e-6)
+        self.assertEqual(port.reads, 0)
+        port.queued = True  # the answer is there at the first look
+        self.assertTrue(wait())
+        self.assertEqual(port.reads, 1)
+        self.assertEqual(tun.counters["answer_wait_hit"], 1)
+        datapath.close()
+        self.assertTrue(tun.closed)
+
+    def test_plain_parts_stay_unwired(self) -> None:
+        """An in-memory TUN device provides no windows: nothing is wired, packets flow."""
+        reactor = MemoryReactor()
+        tun = FakeTunDevice("tvtest0", 1420)
+        datapath = DataPath(reactor, PRIVATE, interface_name="tvtest0", mtu=1420,
+                            open_tun=lambda name, mtu: tun, make_device=FakeWireGuardDevice)
+        datapath.open(51820)
+        self.assertIsNone(datapath.batcher)
+        self.assertFalse(hasattr(tun, "after_lone_read"))
+        datapath.start_reading()
+        tun.inject(b"\x45packet")
+        self.assertEqual(datapath.device.packets, [b"\x45packet"])
+        datapath.close()
+
+
+class _Readiness:
+    def __init__(self, port: ReadinessPort) -> None:
+        self.port = port
+
+    def poll(self, timeout: float) -> list[Any]:
+        return [1] if self.port.queued else []
+
+
+@implementer(IReadinessPort)
+class ReadinessPort(FakeGROPort):
+    """A port that says whether a datagram is queued, and counts its reads."""
+
+    def __init__(self, port: int, protocol: Any) -> None:
+        super().__init__(port, protocol)
+        self.readiness = _Readiness(self)
+        self.queued = False
+        self.reads = 0
+
+    def doRead(self) -> None:
+        self.reads += 1
+        self.queued = False

@@ -10,6 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.names.test.test_util import MemoryReactor
 from twisted.trial import unittest
 
+from tests.support.node import CONFIG, PEER1, PEER2, PRIVATE, PSK, FakeNode
 from twistvpn.node.config import parse_config
 from twistvpn.node.uapi import (
     MAX_REQUEST,
@@ -18,8 +19,6 @@ from twistvpn.node.uapi import (
     claim_socket_path,
     format_get,
 )
-
-from .test_node_service import CONFIG, PEER1, PEER2, PRIVATE, PSK, FakeNode
 
 
 class FormatTests(unittest.TestCase):

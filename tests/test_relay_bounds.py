@@ -15,14 +15,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support.relay import NET, RELAY_ADDR, World, data_message
 from twistvpn.relay import protocol as p
 from twistvpn.relay.policy import MembershipPolicy
 from twistvpn.relay.server import RelayLimits, RelayServer
 from twistvpn.relay.transport import relay_stream_factory
 from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import generate_private_key, public_key
-
-from .test_relay_memory import NET, RELAY_ADDR, World, data_message
 
 
 class FloodTests(SynchronousTestCase):

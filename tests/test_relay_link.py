@@ -7,83 +7,20 @@ both ways authenticated, in memory.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
-from twisted.internet.defer import succeed
-from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.rendezvous import FakeSession
+from tests.support.relay import MemoryEndpoint, Node, Rendezvous, World, data_message
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import (
     LOGIN_TIMEOUT,
     RelayLink,
     RelayLinkServerProtocol,
-    RelayLinkService,
 )
-from twistvpn.relay.policy import ControllerMembership
-from twistvpn.rendezvous.controller import Controller
-from twistvpn.rendezvous.store import open_store
 from twistvpn.testing.memorynet import StreamPump
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
-
-from .test_relay_memory import Node, World, data_message
-
-
-class MemoryEndpoint:
-    """A client endpoint that connects to a fresh server protocol in memory."""
-
-    def __init__(self, clock: Clock, make_server: object) -> None:
-        self.clock = clock
-        self.make_server = make_server
-        self.pumps: list[StreamPump] = []
-        self.servers: list[object] = []
-        self.refuse = False
-
-    def connect(self, factory: Factory) -> object:
-        if self.refuse:
-            from twisted.internet.defer import fail
-            from twisted.internet.error import ConnectionRefusedError
-
-            return fail(ConnectionRefusedError())
-        client = factory.buildProtocol(None)
-        server = self.make_server()
-        self.servers.append(server)
-        self.pumps.append(StreamPump(client, server))
-        return succeed(client)
-
-    def flush(self) -> None:
-        for pump in self.pumps:
-            pump.flush()
-
-
-class Rendezvous:
-    """A real controller in a temporary database, with the relay link's server."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        path = os.path.join(tempfile.mkdtemp(), "rendezvous.sqlite")
-        self.controller = Controller(open_store(path), clock)
-        self.membership = ControllerMembership(self.controller)
-        self.server_private = generate_private_key()
-        self.relay_keys: set[bytes] = set()
-        self.advertised: tuple[dict[str, object], ...] = ()
-        self.service = RelayLinkService(
-            self.server_private, public_key(self.server_private), self.membership.policy,
-            self.relay_keys.__contains__, self._relays_changed,
-        )
-        self.network_id = self.controller.create_network("test")["id"]
-
-    def _relays_changed(self, relays: tuple[dict[str, object], ...]) -> None:
-        self.advertised = relays
-
-    def member(self, key: bytes) -> None:
-        self.controller.register_node(key, "n", FakeSession(key))
-        self.controller.join(key, self.network_id)
-        self.controller.authorize(self.network_id, encode_key(key))
 
 
 class StandaloneRelay:

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
+from tests.support.relay import RELAY_ADDR, Rendezvous, World, data_message
 from twistvpn.common import tls
 from twistvpn.interfaces import IRelayProvider
 from twistvpn.relay import relay_tap
@@ -26,9 +27,6 @@ from twistvpn.relay.client import RelayEndpoint, RelayInfo, RelayUnavailableErro
 from twistvpn.relay.service import StatsResource, attach_relays
 from twistvpn.relay.transport import RelayDatagramProtocol
 from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
-
-from .test_relay_link import Rendezvous
-from .test_relay_memory import RELAY_ADDR, World, data_message
 
 
 class FakeUDPPort:

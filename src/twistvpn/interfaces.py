@@ -65,6 +65,48 @@ class ITunDevice(Interface):
         """
 
 
+class IBatchReader(Interface):
+    """
+    A descriptor that reads a batch per reactor wake-up (the TUN device, the
+    node's UDP port).  The node's data path pairs the two: each holds the
+    other side's write window open while it reads, so that what its batch
+    produced leaves together when the batch ends.
+    """
+
+    read_batch_window = Attribute(
+        "The BatchWindow (twistvpn.node.fastpath) held open while a batch is "
+        "read, or None: set by the data path."
+    )
+
+
+class IWindowedTunDevice(ITunDevice, IBatchReader):
+    """
+    A TUN device that writes in batches (joined into GSO writes) and can
+    look for the answer after sending a lone packet.
+    """
+
+    window = Attribute("The BatchWindow that decides when written packets are flushed.")
+    answer_wait = Attribute(
+        "Seconds to look for the answer after a lone packet was sent (0: never)."
+    )
+    after_lone_read = Attribute(
+        "Called after a read that delivered a lone packet, or None: set by the data path."
+    )
+    counters = Attribute("A Counter of what the device did and dropped.")
+
+
+class IReadinessPort(IBatchReader):
+    """The node's UDP port as the answer wait uses it: asked, then read."""
+
+    readiness = Attribute(
+        "Its Readiness (twistvpn.node.fastpath): whether a datagram is queued, "
+        "asked without reading; None once closed."
+    )
+
+    def doRead():
+        """Read the datagrams that are queued (and dispatch them)."""
+
+
 class IDataPlaneReactor(Interface):
     """
     A reactor that can dispatch the data plane's busiest descriptors with

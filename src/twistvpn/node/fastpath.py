@@ -37,7 +37,9 @@ from typing import Any
 
 from twisted.internet import udp
 from twisted.python import log
+from zope.interface import implementer
 
+from twistvpn.interfaces import IReadinessPort
 from twistvpn.node.reactor import add_reader
 
 # linux/udp.h; Python's socket module does not export them.
@@ -338,6 +340,7 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
+@implementer(IReadinessPort)
 class GROPort(udp.Port):
     """
     Twisted's UDP port, reading coalesced datagrams (UDP GRO) and handing

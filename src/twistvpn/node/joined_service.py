@@ -2,9 +2,10 @@
 The joined-mode node service: a data directory, a node key, a TUN device,
 one UDP socket, a control connection to the rendezvous, and the local API.
 
-L{JoinedNodeService} builds everything in C{startService} from factories it
-is given (so tests hand it a fake TUN device and an in-memory reactor) and
-removes device, routes and sockets in C{stopService}.
+L{JoinedNodeService} opens its L{DataPath} (as the static node does) and
+builds the rest in C{startService} from factories it is given (so tests
+hand it a fake TUN device and an in-memory reactor); the rendezvous client
+is its child service.  C{stopService} removes device, routes and sockets.
 """
 
 from __future__ import annotations
@@ -13,25 +14,22 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.logger import Logger
 
 from twistvpn.common.datadir import load_or_create_key as common_load_or_create_key
 from twistvpn.common.datadir import make_data_dir
 from twistvpn.common.tls import RendezvousAddress
-from twistvpn.node.config import InsecurePermissionsError, InterfaceConfig, read_private_file
+from twistvpn.node.config import InsecurePermissionsError, read_private_file
+from twistvpn.node.datapath import DataPath, DeviceFactory, TunFactory
 from twistvpn.node.files import SOCKET_NAME
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.joined import JoinedNode, host_addresses
 from twistvpn.node.local_api import LocalAPI, local_api_factory
-from twistvpn.node.service import (
-    DeviceFactory,
-    Resolver,
-    StaticNodeService,
-    TunFactory,
-    resolve_endpoint,
-)
+from twistvpn.node.service import Resolver, listen_control_socket, resolve_endpoint, starting
 from twistvpn.node.tun import DEFAULT_MTU
-from twistvpn.node.uapi import UAPIFactory, claim_socket_path
+from twistvpn.node.uapi import claim_socket_path
 from twistvpn.relay.client import RelayClient
 from twistvpn.rendezvous.discovery import DiscoveryClient
 from twistvpn.traversal.probe import ProbeService
@@ -85,13 +83,15 @@ def tls_client(reactor: Any, address: RendezvousAddress, private_key: bytes, nam
                                          networks=networks, local_endpoints=local_endpoints)
 
 
-class JoinedNodeService(StaticNodeService):
+class JoinedNodeService(MultiService):
     """
-    A node whose networks come from a rendezvous.  The socket, the TUN
-    device, the control socket for C{wg show} and their teardown are the
-    static node's; what differs is where peers, addresses and routes come
-    from (a L{JoinedNode}).
+    A node whose networks come from a rendezvous: a L{DataPath} like the
+    static node's, a L{JoinedNode} that applies what the rendezvous says,
+    the rendezvous client (a child service), the local API and the control
+    socket for C{wg show}.
     """
+
+    log = Logger()
 
     def __init__(self, reactor: Any, *, data_dir: str, private_key: bytes,
                  rendezvous: RendezvousAddress, networks: Sequence[str], name: str,
@@ -103,10 +103,12 @@ class JoinedNodeService(StaticNodeService):
                  resolve: Resolver = resolve_endpoint, listen_interface: str = "::",
                  control_socket: str | None = None, mtu: int = DEFAULT_MTU,
                  **node_options: Any) -> None:
-        super().__init__(
-            reactor, InterfaceConfig(private_key=private_key, listen_port=port, mtu=mtu),
-            interface_name=interface_name, open_tun=open_tun, make_device=make_device,
-            resolve=resolve, listen_interface=listen_interface, control_socket=control_socket)
+        super().__init__()
+        self._reactor = reactor
+        self.datapath = DataPath(reactor, private_key, interface_name=interface_name, mtu=mtu,
+                                 open_tun=open_tun, make_device=make_device,
+                                 listen_interface=listen_interface)
+        self.port_number = port
         self.data_dir = data_dir
         self.private_key = private_key
         self.public_key = public_key(private_key)
@@ -116,25 +118,43 @@ class JoinedNodeService(StaticNodeService):
         self._make_client = make_client
         self._connect_stream = connect_stream
         self._local_addresses = local_addresses
+        self._resolve = resolve
+        self._control_socket = control_socket
         self._node_options = node_options
         self.node: JoinedNode | None = None
         self.client: Any = None
         self.api_port: Any = None
+        self.control_port: Any = None
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        return self.datapath.forwarder
+
+    @property
+    def listening_port(self) -> int | None:
+        return self.datapath.listening_port
 
     @property
     def socket_path(self) -> str:
         return os.path.join(self.data_dir, SOCKET_NAME)
 
+    def describe(self) -> str:
+        """The node's state in the control socket's C{get=1} form (for C{wg show})."""
+        return self.datapath.describe()
+
+    def startService(self) -> None:
+        super().startService()
+        with starting(self._teardown):
+            self._start()
+
     def _start(self) -> None:
         reactor = self._reactor
         # Resolve first: a bad name should fail before anything is created.
         discovery_host = self._resolve(self.rendezvous.host, self.rendezvous.port)[0]
-        self.tun = tun = self._open_tun(self._interface_name, self._config.mtu or DEFAULT_MTU)
-        self.forwarder = forwarder = Forwarder()
-        self.device = device = self._make_device(
-            self.private_key, reactor, forwarder.send_datagram, tun.write)
-        forwarder.set_wireguard(device)
-        self.port = self._listen(self._config.listen_port or 0, forwarder)
+        datapath = self.datapath
+        datapath.open(self.port_number)
+        forwarder, tun = datapath.forwarder, datapath.tun
+        assert forwarder is not None
         probes = ProbeService(forwarder, reactor, self.private_key, self.public_key)
         relay = None
         if self._connect_stream is not None:
@@ -149,7 +169,7 @@ class JoinedNodeService(StaticNodeService):
             return DiscoveryClient(forwarder, reactor, self.private_key, server_key, servers)
 
         self.node = node = JoinedNode(
-            reactor, self.public_key, forwarder=forwarder, device=device,
+            reactor, self.public_key, forwarder=forwarder, device=datapath.device,
             tun=tun, probes=probes, relay=relay, listen_port=lambda: self.listening_port,
             local_addresses=local_addresses, make_discovery=make_discovery,
             discovery_host=discovery_host, **self._node_options)
@@ -161,11 +181,8 @@ class JoinedNodeService(StaticNodeService):
         claim_socket_path(self.socket_path)
         self.api_port = reactor.listenUNIX(self.socket_path, local_api_factory(LocalAPI(node)),
                                            mode=0o600)
-        if self._control_socket:
-            claim_socket_path(self._control_socket)
-            self.control_port = reactor.listenUNIX(
-                self._control_socket, UAPIFactory(self.describe), mode=0o600)
-        self.client.startService()
+        self.control_port = listen_control_socket(reactor, self._control_socket, self.describe)
+        self.client.setServiceParent(self)  # started now: this service is running
         self.log.info(
             "twistvpn node up (joined mode): interface {name}, UDP port {port}, "
             "public key {key}, rendezvous {rendezvous}, networks {networks}, "
@@ -173,10 +190,19 @@ class JoinedNodeService(StaticNodeService):
             key=encode_key(self.public_key), rendezvous=str(self.rendezvous),
             networks=", ".join(self.networks), socket=self.socket_path)
 
+    def stopService(self) -> Deferred[Any]:
+        children = maybeDeferred(super().stopService)  # the rendezvous client
+        stopped = [children, *self._teardown()]
+        self.log.info("twistvpn node down: {name} removed", name=self.datapath.interface_name)
+        return gatherResults(stopped, consumeErrors=True)
+
     def _teardown(self) -> list[Deferred[Any]]:
         stopped: list[Deferred[Any]] = []
         if self.client is not None:
-            if self.client.running:
+            if self.client.parent is self:
+                # Stopped here if this service still runs (a failed start).
+                stopped.append(maybeDeferred(self.removeService, self.client))
+            elif self.client.running:
                 stopped.append(maybeDeferred(self.client.stopService))
             self.client = None
         if self.api_port is not None:
@@ -185,4 +211,7 @@ class JoinedNodeService(StaticNodeService):
         if self.node is not None:
             self.node.stop()
             self.node = None
-        return stopped + super()._teardown()
+        if self.control_port is not None:
+            stopped.append(maybeDeferred(self.control_port.stopListening))
+            self.control_port = None
+        return stopped + self.datapath.close()

@@ -1,38 +1,34 @@
 """
 The static-mode node: a wg-quick configuration brought to life.
 
-L{StaticNodeService} opens the TUN device and the UDP socket when it starts
-and removes both when it stops.  Everything it builds comes from factories
-it is given, so a test can hand it an in-memory TUN device, a fake
-WireGuard device and a L{MemoryReactor}.
+L{StaticNodeService} opens its L{DataPath} (the TUN device, the UDP socket,
+the WireGuard state) when it starts and closes it when it stops.  Everything
+it builds comes from factories it is given, so a test can hand it an
+in-memory TUN device, a fake WireGuard device and a L{MemoryReactor}.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from twistvpn.common.services import enlarge_socket_buffers
 from twistvpn.node.config import InterfaceConfig, PeerConfig
-from twistvpn.node.fastpath import AnswerWait, DatagramBatcher, listen_udp
+from twistvpn.node.datapath import DataPath, DeviceFactory, TunFactory
 from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.tun import DEFAULT_MTU
-from twistvpn.node.uapi import PeerStatus, UAPIFactory, claim_socket_path, format_get
+from twistvpn.node.uapi import UAPIFactory, claim_socket_path
 from twistvpn.wireguard.keys import encode_key, public_key
 
-# Interface-typed values are Any: mypy cannot check zope interfaces.
-TunFactory = Callable[[str, int], Any]  # returns an ITunDevice
-# (private_key, clock, send_datagram, deliver_packet) -> the WireGuard state
-DeviceFactory = Callable[..., Any]  # returns an IWireGuardDevice
+__all__ = ["DeviceFactory", "NodeStartError", "StaticNodeService", "TunFactory"]
+
 Resolver = Callable[[str, int], tuple[str, int]]
 
 def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
@@ -76,6 +72,31 @@ def _one_line(error: Exception) -> str:
     return " ".join(text.split())
 
 
+@contextlib.contextmanager
+def starting(teardown: Callable[[], object]) -> Iterator[None]:
+    """
+    Start a node: on any failure remove what was made, and report an
+    ordinary error as one line (L{NodeStartError}).
+    """
+    try:
+        yield
+    except Exception as e:
+        teardown()
+        raise NodeStartError(f"twistvpn node cannot start: {_one_line(e)}") from e
+    except BaseException:
+        teardown()
+        raise
+
+
+def listen_control_socket(reactor: Any, path: str | None,
+                          describe: Callable[[], str]) -> Any:
+    """The control socket C{wg show} reads (the UAPI), if a path is given."""
+    if not path:
+        return None
+    claim_socket_path(path)
+    return reactor.listenUNIX(path, UAPIFactory(describe), mode=0o600)
+
+
 class StaticNodeService(service.Service):
     """
     A node configured entirely by a wg-quick file: no rendezvous, fixed
@@ -99,49 +120,37 @@ class StaticNodeService(service.Service):
     ) -> None:
         self._reactor = reactor
         self._config = config
-        self._interface_name = interface_name
-        self._open_tun = open_tun
-        self._make_device = make_device
         self._resolve = resolve
-        self._listen_interface = listen_interface
         self._control_socket = control_socket
         self._wall_clock = wall_clock
+        self.datapath = DataPath(reactor, config.private_key, interface_name=interface_name,
+                                 mtu=config.mtu or DEFAULT_MTU, open_tun=open_tun,
+                                 make_device=make_device, listen_interface=listen_interface)
         self.control_port: Any = None
-        self.tun: Any = None  # ITunDevice
-        self.device: Any = None  # IWireGuardDevice
-        self.forwarder: Forwarder | None = None
-        self.port: Any = None
-        self._batcher: DatagramBatcher | None = None
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        return self.datapath.forwarder
 
     @property
     def listening_port(self) -> int | None:
         """The UDP port actually bound (ListenPort may be left to the kernel)."""
-        return None if self.port is None else self.port.getHost().port
+        return self.datapath.listening_port
 
     def startService(self) -> None:
         super().startService()
-        try:
+        with starting(self._teardown):
             self._start()
-        except Exception as e:
-            self._teardown()
-            raise NodeStartError(f"twistvpn node cannot start: {_one_line(e)}") from e
-        except BaseException:
-            self._teardown()
-            raise
 
     def _start(self) -> None:
         config = self._config
-        mtu = config.mtu or DEFAULT_MTU
         # Resolve first: a bad name should fail before anything is created.
         endpoints = [
             None if p.endpoint is None else self._resolve(*p.endpoint) for p in config.peers
         ]
-        self.tun = tun = self._open_tun(self._interface_name, mtu)
-        self.forwarder = forwarder = Forwarder()
-        self.device = device = self._make_device(
-            config.private_key, self._reactor, forwarder.send_datagram, tun.write
-        )
-        forwarder.set_wireguard(device)  # type: ignore[arg-type]
+        datapath = self.datapath
+        datapath.open(config.listen_port or 0)
+        tun, device = datapath.tun, datapath.device
         for peer, endpoint in zip(config.peers, endpoints, strict=True):
             device.add_peer(
                 peer.public_key,
@@ -161,18 +170,14 @@ class StaticNodeService(service.Service):
                 cidr=cidr,
                 name=tun.name,
             )
-        self.port = self._listen(config.listen_port or 0, forwarder)
-        if self._control_socket:
-            claim_socket_path(self._control_socket)
-            self.control_port = self._reactor.listenUNIX(
-                self._control_socket, UAPIFactory(self.describe), mode=0o600
-            )
-        tun.start_reading(device.send_packet)
+        self.control_port = listen_control_socket(self._reactor, self._control_socket,
+                                                  self.describe)
+        datapath.start_reading()
         self.log.info(
             "twistvpn node up: interface {name} (mtu {mtu}) addresses {addresses}, "
             "UDP port {port}, public key {key}, {count} peer(s)",
             name=tun.name,
-            mtu=mtu,
+            mtu=datapath.mtu,
             addresses=", ".join(config.addresses) or "none",
             port=self.listening_port,
             key=encode_key(public_key(config.private_key)),
@@ -193,61 +198,12 @@ class StaticNodeService(service.Service):
 
     def describe(self) -> str:
         """The node's state in the control socket's C{get=1} form (for C{wg show})."""
-        if self.device is None:
-            return f"errno=-{errno.ENODEV}\n\n"
-        configured = {p.public_key: p for p in self._config.peers}
-        elapsed = self._wall_clock() - self._reactor.seconds()
-        statuses = []
-        for peer in self.device.peers():
-            config = configured.get(peer.public_key)
-            statuses.append(
-                PeerStatus(
-                    public_key=peer.public_key,
-                    preshared_key=None if config is None else config.preshared_key,
-                    endpoint=peer.endpoint,
-                    allowed_ips=tuple(peer.allowed_ips),
-                    last_handshake_wall=(
-                        None if peer.last_handshake is None else peer.last_handshake + elapsed
-                    ),
-                    rx_bytes=peer.rx_bytes,
-                    tx_bytes=peer.tx_bytes,
-                    persistent_keepalive=0 if config is None else config.persistent_keepalive,
-                )
-            )
-        return format_get(self._config.private_key, self.listening_port, statuses)
-
-    def _listen(self, port: int, forwarder: Forwarder) -> Any:
-        try:
-            listening = listen_udp(self._reactor, port, forwarder, self._listen_interface)
-        except CannotListenError:
-            if self._listen_interface != "::":
-                raise
-            # No IPv6 in this network namespace: IPv4 only.
-            listening = listen_udp(self._reactor, port, forwarder, "")
-        sock = getattr(listening, "socket", None)
-        if isinstance(sock, socket.socket):
-            enlarge_socket_buffers(sock)
-            # The fast path: sends straight on the socket, in GSO batches.
-            self._batcher = DatagramBatcher(sock, self._reactor, forwarder.counters)
-            forwarder.use_batcher(self._batcher, sock.family == socket.AF_INET6)
-        # Send and write what each batch of reads produced as soon as it ends.
-        tun = self.tun
-        if self._batcher is not None and hasattr(tun, "read_batch_window"):
-            tun.read_batch_window = self._batcher.window
-        if hasattr(listening, "read_batch_window") and hasattr(tun, "window"):
-            listening.read_batch_window = tun.window
-        readiness = getattr(listening, "readiness", None)
-        if getattr(tun, "answer_wait", 0) and readiness is not None:
-            # A lone packet sent: look for its answer before sleeping.
-            tun.after_lone_read = AnswerWait(
-                tun.answer_wait, readiness.poll, listening.doRead, tun.counters
-            )
-        return listening
+        return self.datapath.describe(self._config.peers, self._wall_clock)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         stopped = self._teardown()
-        self.log.info("twistvpn node down: {name} removed", name=self._interface_name)
+        self.log.info("twistvpn node down: {name} removed", name=self.datapath.interface_name)
         # twistd waits for the sockets to be closed (and the control socket
         # file unlinked) before the reactor stops.
         return gatherResults(stopped, consumeErrors=True)
@@ -257,18 +213,4 @@ class StaticNodeService(service.Service):
         if self.control_port is not None:
             stopped.append(maybeDeferred(self.control_port.stopListening))
             self.control_port = None
-        if self.tun is not None:
-            self.tun.stop_reading()
-        if self._batcher is not None:
-            self._batcher.close()
-            self._batcher = None
-        if self.port is not None:
-            stopped.append(maybeDeferred(self.port.stopListening))
-            self.port = None
-        if self.device is not None:
-            self.device.close()
-            self.device = None
-        if self.tun is not None:
-            self.tun.close()
-            self.tun = None
-        return stopped
+        return stopped + self.datapath.close()

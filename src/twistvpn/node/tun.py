@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistvpn.interfaces import ITunDevice
+from twistvpn.interfaces import IWindowedTunDevice
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE, StayAwake
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, hold
 from twistvpn.node.offload import (
@@ -106,7 +106,7 @@ class TunBase:
         return str(ipaddress.ip_network(cidr, strict=False))
 
 
-@implementer(ITunDevice, IReadDescriptor)
+@implementer(IWindowedTunDevice, IReadDescriptor)
 class TunDevice(TunBase):
     """
     A kernel TUN device (IFF_TUN | IFF_NO_PI), read without blocking from
