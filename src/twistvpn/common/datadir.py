@@ -40,6 +40,15 @@ def read_key(path: str) -> bytes:
         raise DataDirError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def open_data_dir(path: str, key_file: str, read: Callable[[str], bytes] | None = None) -> bytes:
+    """
+    What every service does first: its data directory, made on first start,
+    and its private key in C{key_file} there, made on first start too.
+    """
+    make_data_dir(path)
+    return load_or_create_key(os.path.join(path, key_file), read or read_key)
+
+
 def load_or_create_key(path: str, read: Callable[[str], bytes] = read_key) -> bytes:
     """The private key in C{path} (read with C{read}), created on first start."""
     try:

@@ -18,8 +18,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
-from twistvpn.common.datadir import load_or_create_key as common_load_or_create_key
-from twistvpn.common.datadir import make_data_dir
+from twistvpn.common.datadir import open_data_dir
 from twistvpn.common.tls import RendezvousAddress
 from twistvpn.node.config import InsecurePermissionsError, read_private_file
 from twistvpn.node.datapath import DataPath, DeviceFactory, TunFactory
@@ -65,8 +64,7 @@ def load_or_create_key(data_dir: str) -> bytes:
     The node's private key from C{DATA_DIR/node.key} (refused if group or
     others may read it); on first start, the directory and the key.
     """
-    make_data_dir(data_dir)
-    return common_load_or_create_key(os.path.join(data_dir, KEY_FILE), read=read_key_file)
+    return open_data_dir(data_dir, KEY_FILE, read=read_key_file)
 
 
 # (reactor, address, private key, name, listener, networks, local endpoints)

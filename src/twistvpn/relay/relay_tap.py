@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from twistvpn.common import tls
-from twistvpn.common.datadir import DataDirError, load_or_create_key, make_data_dir
+from twistvpn.common.datadir import DataDirError, open_data_dir
 from twistvpn.common.services import StartStopService, StreamListener
 from twistvpn.options import port
 from twistvpn.relay.client import RelayInfo
@@ -104,8 +104,7 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
         data_dir = self["data-dir"]
         try:
-            make_data_dir(data_dir)
-            self["private-key"] = load_or_create_key(os.path.join(data_dir, KEY_FILE))
+            self["private-key"] = open_data_dir(data_dir, KEY_FILE)
             if not self["tls-cert"]:
                 self["tls-pems"] = load_or_create_tls(data_dir, self["public-host"] or "relay")
         except DataDirError as e:

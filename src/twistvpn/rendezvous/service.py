@@ -25,7 +25,7 @@ from twisted.web.server import Site
 
 from twistvpn import __version__
 from twistvpn.common import tls
-from twistvpn.common.datadir import DataDirError, load_or_create_key, make_data_dir
+from twistvpn.common.datadir import DataDirError, open_data_dir
 from twistvpn.common.services import DatagramListenService, StreamListener
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
@@ -90,8 +90,7 @@ def prepare_data_dir(
             f"{path}: too long a path for the admin socket {socket_path} "
             f"(at most {MAX_SOCKET_PATH} bytes)"
         )
-    make_data_dir(path)
-    server_private = load_or_create_key(os.path.join(path, SERVER_KEY_FILE))
+    server_private = open_data_dir(path, SERVER_KEY_FILE)
     if tls_cert is not None and tls_key is not None:
         cert_pem, key_pem = _read(tls_cert), _read(tls_key)
     else:
