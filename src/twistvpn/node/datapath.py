@@ -33,6 +33,21 @@ TunFactory = Callable[[str, int], Any]  # returns an ITunDevice
 DeviceFactory = Callable[..., Any]  # returns an IWireGuardDevice
 
 
+class DataPathOwner:
+    """What a node service that owns a L{DataPath} shows of it."""
+
+    datapath: DataPath
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        return self.datapath.forwarder
+
+    @property
+    def listening_port(self) -> int | None:
+        """The UDP port actually bound (port 0 leaves it to the kernel)."""
+        return self.datapath.listening_port
+
+
 class DataPath:
     """A node's TUN device, UDP port and WireGuard state, wired for speed."""
 

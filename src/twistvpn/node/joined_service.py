@@ -21,9 +21,8 @@ from twisted.logger import Logger
 from twistvpn.common.datadir import open_data_dir
 from twistvpn.common.tls import RendezvousAddress
 from twistvpn.node.config import InsecurePermissionsError, read_private_file
-from twistvpn.node.datapath import DataPath, DeviceFactory, TunFactory
+from twistvpn.node.datapath import DataPath, DataPathOwner, DeviceFactory, TunFactory
 from twistvpn.node.files import SOCKET_NAME
-from twistvpn.node.forwarder import Forwarder
 from twistvpn.node.joined import JoinedNode, host_addresses
 from twistvpn.node.local_api import LocalAPI, local_api_factory
 from twistvpn.node.service import Resolver, listen_control_socket, resolve_endpoint, starting
@@ -81,7 +80,7 @@ def tls_client(reactor: Any, address: RendezvousAddress, private_key: bytes, nam
                                          networks=networks, local_endpoints=local_endpoints)
 
 
-class JoinedNodeService(MultiService):
+class JoinedNodeService(DataPathOwner, MultiService):
     """
     A node whose networks come from a rendezvous: a L{DataPath} like the
     static node's, a L{JoinedNode} that applies what the rendezvous says,
@@ -123,14 +122,6 @@ class JoinedNodeService(MultiService):
         self.client: Any = None
         self.api_port: Any = None
         self.control_port: Any = None
-
-    @property
-    def forwarder(self) -> Forwarder | None:
-        return self.datapath.forwarder
-
-    @property
-    def listening_port(self) -> int | None:
-        return self.datapath.listening_port
 
     @property
     def socket_path(self) -> str:

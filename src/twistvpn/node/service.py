@@ -21,8 +21,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
 from twistvpn.node.config import InterfaceConfig, PeerConfig
-from twistvpn.node.datapath import DataPath, DeviceFactory, TunFactory
-from twistvpn.node.forwarder import Forwarder
+from twistvpn.node.datapath import DataPath, DataPathOwner, DeviceFactory, TunFactory
 from twistvpn.node.tun import DEFAULT_MTU
 from twistvpn.node.uapi import UAPIFactory, claim_socket_path
 from twistvpn.wireguard.keys import encode_key, public_key
@@ -97,7 +96,7 @@ def listen_control_socket(reactor: Any, path: str | None,
     return reactor.listenUNIX(path, UAPIFactory(describe), mode=0o600)
 
 
-class StaticNodeService(service.Service):
+class StaticNodeService(DataPathOwner, service.Service):
     """
     A node configured entirely by a wg-quick file: no rendezvous, fixed
     peers, fixed endpoints (which still roam as WireGuard's do).
@@ -127,15 +126,6 @@ class StaticNodeService(service.Service):
                                  mtu=config.mtu or DEFAULT_MTU, open_tun=open_tun,
                                  make_device=make_device, listen_interface=listen_interface)
         self.control_port: Any = None
-
-    @property
-    def forwarder(self) -> Forwarder | None:
-        return self.datapath.forwarder
-
-    @property
-    def listening_port(self) -> int | None:
-        """The UDP port actually bound (ListenPort may be left to the kernel)."""
-        return self.datapath.listening_port
 
     def startService(self) -> None:
         super().startService()
