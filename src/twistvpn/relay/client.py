@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistvpn.common import auth
 from twistvpn.interfaces import IDatagramHandler, IDatagramSender, IRelayProvider
 from twistvpn.relay import protocol as p
 from twistvpn.wire import RELAY
@@ -162,6 +163,9 @@ class RegistrationState(enum.Enum):
     UP_UDP = ("udp", None)
     UP_TCP = ("tcp", None)
     UP_TCP_REGISTERING_UDP = ("tcp", "udp")
+    # Told the session is gone (a REFUSED or a PONG anyone could forge):
+    # register again, keeping the session until a new one is welcomed.
+    UP_UDP_REGISTERING_UDP = ("udp", "udp")
 
     @property
     def via(self) -> str | None:
@@ -178,7 +182,8 @@ TRANSITIONS: dict[RegistrationState, frozenset[RegistrationState]] = {
     _S.IDLE: frozenset({_S.REGISTERING_UDP, _S.REGISTERING_TCP}),
     _S.REGISTERING_UDP: frozenset({_S.IDLE, _S.UP_UDP, _S.REGISTERING_TCP}),
     _S.REGISTERING_TCP: frozenset({_S.IDLE, _S.UP_TCP}),
-    _S.UP_UDP: frozenset({_S.IDLE}),
+    _S.UP_UDP: frozenset({_S.IDLE, _S.UP_UDP_REGISTERING_UDP}),
+    _S.UP_UDP_REGISTERING_UDP: frozenset({_S.IDLE, _S.UP_UDP}),
     _S.UP_TCP: frozenset({_S.IDLE, _S.UP_TCP_REGISTERING_UDP}),
     _S.UP_TCP_REGISTERING_UDP: frozenset({_S.IDLE, _S.UP_TCP, _S.UP_UDP, _S.REGISTERING_UDP}),
 }
@@ -198,6 +203,8 @@ class RelayRegistration:
         self.addr = (info.host, info.udp_port)
         self.state = RegistrationState.IDLE
         self.token = b""
+        self.session_key = b""  # tags PINGs that move the session (protocol.session_key)
+        self.last_rebind = float("-inf")
         self.attempts = 0
         self.stream: _Stream | None = None
         self.queue: collections.deque[tuple[bytes, bytes]] = collections.deque()
@@ -262,7 +269,7 @@ class RelayRegistration:
         if self.attempts >= self.client.timings.udp_attempts:
             self._enter(self.via, None)
             self.client.counters["udp_registration_timeouts"] += 1
-            if self.via != "tcp":
+            if self.via is None:
                 # UDP does not get through: fall back to TLS on TCP.
                 self.start_tcp()
             return
@@ -348,11 +355,10 @@ class RelayRegistration:
             self.registered(path, frame[2:])
         elif kind == p.REFUSED:
             if frame[2] == p.REFUSED_UNKNOWN_SESSION:
-                if path == "udp" and self.via == "udp" and self.registering is None:
-                    # The relay forgot us (restart, idle): register again now.
-                    self.client.counters["relay_forgot"] += 1
-                    self.reset()
-                    self.ensure()
+                if path == "udp":
+                    # The relay forgot us (restart, idle), or someone says
+                    # so: register again, keeping the session meanwhile.
+                    self.reregister()
                 return
             if self.registering != path:
                 return
@@ -363,6 +369,8 @@ class RelayRegistration:
             self._retry_later()
         elif kind == p.PONG:
             self.client.pong(self, frame, path)
+        elif kind == p.REBIND:
+            self.rebind(path)
         else:
             self.client.counters["drop_unexpected"] += 1
 
@@ -370,6 +378,8 @@ class RelayRegistration:
         self._cancel()
         self._enter(path, None)
         self.token = token
+        self.session_key = p.session_key(
+            auth.shared_key(self.client.private_key, self.info.public_key), token)
         self.failures = 0
         self.client.counters["registered_" + path] += 1
         if path == "udp":
@@ -425,6 +435,29 @@ class RelayRegistration:
             self.client.counters["udp_probes"] += 1
             self.client.ping(self, with_token=False, force_udp=True)
         self._schedule_tick()
+
+    def reregister(self) -> None:
+        """
+        Told over UDP that our session is gone: get a new one.  Such news is
+        unauthenticated, so the session stays in use until the relay
+        welcomes us again; a forgery costs one registration, never the path.
+        """
+        if self.via != "udp" or self.registering is not None:
+            return
+        self.client.counters["relay_forgot"] += 1
+        self._enter("udp", "udp")
+        self.attempts = 0
+        self._hello_udp()
+
+    def rebind(self, path: str) -> None:
+        """A SEND came from an address the relay does not know: prove it (once a second)."""
+        now = self.client.clock.seconds()
+        if path != "udp" or self.via != "udp" or now - self.last_rebind < 1.0:
+            self.client.counters["drop_rebind_hint"] += 1
+            return
+        self.last_rebind = now
+        self.client.counters["rebind_hints"] += 1
+        self.client.ping(self, with_token=True)
 
     def udp_answered(self) -> None:
         """A UDP PONG arrived while we are on TCP: try registering on UDP."""
@@ -677,10 +710,11 @@ class RelayClient:
         for relay_id in self.relays:
             self._link(relay_id).ensure()
 
-    def _ping_udp(self, relay_id: str, addr: tuple[str, int], token: bytes) -> None:
+    def _ping_udp(self, relay_id: str, addr: tuple[str, int], token: bytes,
+                  key: bytes = b"") -> None:
         nonce = os.urandom(p.NONCE)
         self._pings[nonce] = (relay_id, self.clock.seconds(), "udp", bool(token))
-        self.send_udp(p.ping(nonce, token), addr)
+        self.send_udp(p.ping(nonce, token, key), addr)
 
     def ping(self, link: RelayRegistration, with_token: bool, force_udp: bool = False) -> None:
         token = link.token if with_token else b""
@@ -690,9 +724,9 @@ class RelayClient:
                 return
             nonce = os.urandom(p.NONCE)
             self._pings[nonce] = (link.info.relay_id, self.clock.seconds(), "tcp", bool(token))
-            connection.write_frame(p.ping(nonce, token))
+            connection.write_frame(p.ping(nonce, token, link.session_key))
             return
-        self._ping_udp(link.info.relay_id, link.addr, token)
+        self._ping_udp(link.info.relay_id, link.addr, token, link.session_key)
 
     def pong(self, link: RelayRegistration, frame: bytes, path: str) -> None:
         nonce = frame[2 : 2 + p.NONCE]
@@ -705,10 +739,14 @@ class RelayClient:
         if path == "udp" and link.via == "tcp":
             link.udp_answered()
         elif sent[3] and link.up and path == link.via and not known and link.registering is None:
-            # The relay forgot us (it restarted, or our session idled out).
-            self.counters["relay_forgot"] += 1
-            link.reset()
-            link.ensure()
+            # The relay forgot us (it restarted, or our session idled out),
+            # or a forger says so: on UDP register again, keeping the session.
+            if path == "udp":
+                link.reregister()
+            else:
+                self.counters["relay_forgot"] += 1
+                link.reset()
+                link.ensure()
 
     def path_changed(self, link: RelayRegistration) -> None:
         if self.on_path_change is not None:

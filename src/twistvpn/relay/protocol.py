@@ -10,7 +10,8 @@ Node to relay::
     HELLO      F5 10 node_key(32)                       ask for a challenge
     AUTH       F5 12 node_key(32) challenge(24) proof(16)
     SEND       F5 01 token(8) dst_key(32) datagram      relay this datagram
-    PING       F5 20 nonce(8) [token(8)]                liveness, RTT, keepalive
+    PING       F5 20 nonce(8) [token(8) tag(16)]        liveness, RTT, keepalive; the
+                                                        tag proves the session key
     BYE        F5 30 token(8)                           end the session
 
 Relay to node::
@@ -20,11 +21,21 @@ Relay to node::
     REFUSED    F5 14 reason(1)                          (also: unknown token)
     RECV       F5 02 src_key(32) datagram               a datagram from src_key
     PONG       F5 21 nonce(8) known(1)                  known: the token was valid
+    REBIND     F5 15                                    a SEND came from an address
+                                                        the session is not bound to
 
 The proof is the rendezvous's proof of possession (L{twistvpn.common.auth}:
 a MAC keyed by X25519(node private, relay public)) over the challenge and both
 keys, under a label of the relay's own, so registering proves possession of the node's
 WireGuard private key; the relay never learns a key that decrypts traffic.
+
+The token names a session in every UDP frame, in clear, so it is no
+credential: a session moves to a new address (NAT rebinding) only on a
+PING whose tag is a MAC under the session key, which both ends derive from
+the same shared key and the token (L{session_key}).  A SEND
+from another address is dropped and answered with REBIND, which makes the
+node send such a PING at once; a forged REBIND or REFUSED costs the node a
+PING or a re-registration, never its session.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ TOKEN = 8
 NONCE = 8
 CHALLENGE_LENGTH = 24
 PROOF = auth_module.MAC_LENGTH
+TAG = 16
 
 SEND = 0x01
 RECV = 0x02
@@ -48,6 +60,7 @@ CHALLENGE = 0x11
 AUTH = 0x12
 WELCOME = 0x13
 REFUSED = 0x14
+REBIND = 0x15
 PING = 0x20
 PONG = 0x21
 BYE = 0x30
@@ -68,6 +81,8 @@ MAX_FRAME = 0xFFFF
 
 _PREFIX = bytes((RELAY,))
 _AUTH_LABEL = b"twistvpn relay register v1"
+_SESSION_LABEL = b"twistvpn relay session v1"
+_PING_LABEL = b"twistvpn relay ping v1"
 
 
 class MalformedFrameError(ValueError):
@@ -107,8 +122,34 @@ def recv(src_key: bytes, datagram: bytes) -> bytes:
     return header(RECV) + src_key + datagram
 
 
-def ping(nonce: bytes, token: bytes = b"") -> bytes:
-    return header(PING) + nonce + token
+def ping(nonce: bytes, token: bytes = b"", key: bytes = b"") -> bytes:
+    """A PING; with C{token}, tagged under the session C{key}."""
+    if not token:
+        return header(PING) + nonce
+    return header(PING) + nonce + token + ping_tag(key, nonce, token)
+
+
+def ping_tag(key: bytes, nonce: bytes, token: bytes) -> bytes:
+    return auth_module.mac(key, _PING_LABEL, nonce, token)[:TAG]
+
+
+def ping_tag_valid(key: bytes, frame: bytes) -> bool:
+    """Whether a token-bearing PING's tag is the session C{key}'s."""
+    nonce = frame[2 : 2 + NONCE]
+    token = frame[2 + NONCE : 2 + NONCE + TOKEN]
+    return auth_module.check(ping_tag(key, nonce, token), frame[2 + NONCE + TOKEN :])
+
+
+def session_key(shared: bytes, token: bytes) -> bytes:
+    """
+    The key a session's rebinding PINGs are tagged with: both ends derive it
+    from their X25519 shared key, which nobody else has, and the token.
+    """
+    return auth_module.mac(shared, _SESSION_LABEL, token)
+
+
+def rebind() -> bytes:
+    return header(REBIND)
 
 
 def pong(nonce: bytes, known: bool) -> bytes:
@@ -126,6 +167,7 @@ _EXACT = {
     AUTH: 2 + KEY + CHALLENGE_LENGTH + PROOF,
     WELCOME: 2 + TOKEN,
     REFUSED: 3,
+    REBIND: 2,
     PONG: 2 + NONCE + 1,
     BYE: 2 + TOKEN,
 }
@@ -153,7 +195,7 @@ def frame_kind(frame: bytes) -> int:
             raise MalformedFrameError(f"frame of kind {kind:#x} too short")
         return kind
     if kind == PING:
-        if len(frame) not in (2 + NONCE, 2 + NONCE + TOKEN):
+        if len(frame) not in (2 + NONCE, 2 + NONCE + TOKEN + TAG):
             raise MalformedFrameError("ping of bad length")
         return kind
     raise MalformedFrameError(f"unknown frame kind {kind:#x}")

@@ -37,6 +37,8 @@ _COOKIE_TIME = struct.Struct(">Q")
 _RECV_HEADER = p.header(p.RECV)
 _UNKNOWN_SESSION = p.refused(p.REFUSED_UNKNOWN_SESSION)
 COOKIE_LIFETIME = 30.0
+# At most one REBIND a second to a session's unbound sender: no amplification.
+REBIND_HINT_INTERVAL = 1.0
 
 
 @dataclass
@@ -94,6 +96,9 @@ class Session:
         self.denied: dict[bytes, float] = {}
         self.asking: set[bytes] = set()
         self.pending: list[bytes] = []
+        # The key this session's rebinding PINGs are tagged with (protocol.session_key).
+        self.session_key = b""
+        self.rebind_hinted = float("-inf")
 
     def deliver(self, frame: bytes) -> bool:
         """Send C{frame} to the node; False when it was dropped."""
@@ -295,9 +300,13 @@ class RelayServer:
                 self._udp_out(_UNKNOWN_SESSION, addr)
                 return
             if session.addr != addr:
-                # NAT rebinding: the token is the credential, follow it.
-                session.addr = addr
-                self.counters["udp_rebind"] += 1
+                # The token travels in clear: it proves nothing.  A node
+                # whose NAT moved proves its session key in a PING first.
+                self.drop("udp_unbound_addr")
+                if now - session.rebind_hinted >= REBIND_HINT_INTERVAL:
+                    session.rebind_hinted = now
+                    self._udp_out(p.rebind(), addr)
+                return
             session.last_seen = now
             self._relay(session, frame, now)
             return
@@ -311,11 +320,17 @@ class RelayServer:
         elif kind == p.AUTH:
             self._udp_auth(frame, addr, now)
         elif kind == p.PING:
-            token = frame[2 + p.NONCE :]
+            token = frame[2 + p.NONCE : 2 + p.NONCE + p.TOKEN]
             session = self._by_token.get(token) if token else None
+            if session is not None and not p.ping_tag_valid(session.session_key, frame):
+                self.drop("bad_ping_tag")
+                session = None
             if session is not None:
                 session.last_seen = now
-                session.addr = addr
+                if session.addr != addr:
+                    # NAT rebinding, proven with the session key.
+                    session.addr = addr
+                    self.counters["udp_rebind"] += 1
             self._udp_out(p.pong(frame[2 : 2 + p.NONCE], session is not None), addr)
         elif kind == p.BYE:
             session = self._by_token.get(frame[2:])
@@ -479,6 +494,7 @@ class RelayServer:
             now = self.clock.seconds()
             bucket = TokenBucket(self.limits.node_rate, self.limits.node_burst, now)
             session = make(os.urandom(p.TOKEN), bucket)
+            session.session_key = p.session_key(self._shared_keys.get(node_key), session.token)
             self._by_key[node_key] = session
             if isinstance(session, UDPSession):
                 self._by_token[session.token] = session
