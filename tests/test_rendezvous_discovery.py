@@ -54,7 +54,8 @@ class ServerTests(SynchronousTestCase):
 
     def request(self, nonce: bytes = b"12345678", private: bytes | None = None) -> bytes:
         self.ts += 1
-        return encode_request(private or self.node_private, self.server_public, self.ts, nonce)
+        return encode_request(private or self.node_private, self.server_public, self.ts, nonce,
+                              self.state.epoch)
 
     def counters(self) -> dict[str, int]:
         return dict(self.state.counters)
@@ -135,10 +136,35 @@ class ServerTests(SynchronousTestCase):
 
     def test_stale_first_request_dropped(self) -> None:
         old = encode_request(
-            self.node_private, self.server_public, int((NOW - 3600) * 1000), b"abcdefgh"
+            self.node_private, self.server_public, int((NOW - 3600) * 1000), b"abcdefgh",
+            self.state.epoch,
         )
         self.servers[0].datagram_received(old, NODE_ADDR)
         self.assertEqual(self.counters(), {"drop_stale": 1})
+
+    def test_replay_after_a_restart_dropped(self) -> None:
+        """
+        Audit item 3: a request captured 60 s before the rendezvous restarts,
+        replayed after it (the timestamps seen are forgotten), is refused:
+        it carries the old process's epoch.
+        """
+        data = self.request()
+        self.servers[0].datagram_received(data, NODE_ADDR)
+        self.clock.advance(60)
+        restarted = DiscoveryState(self.controller, self.server_private, self.clock)
+        self.assertNotEqual(restarted.epoch, self.state.epoch)
+        sent: list[tuple[bytes, tuple[str, int]]] = []
+        server = DiscoveryServer(restarted, 0, lambda d, a: sent.append((d, a)))
+        server.datagram_received(data, ("203.0.113.66", 1))
+        self.assertEqual(sent, [])
+        self.assertEqual(dict(restarted.counters), {"drop_wrong_epoch": 1})
+        node = self.controller.registry.node(self.node_public)
+        self.assertEqual(node.endpoints[0], "198.51.100.7:40123")
+        # The node, told the new epoch when it registers again, is answered.
+        fresh = encode_request(self.node_private, self.server_public, self.ts + 60_000,
+                               b"87654321", restarted.epoch)
+        server.datagram_received(fresh, NODE_ADDR)
+        self.assertEqual(len(sent), 1)
 
     def test_rate_limited_per_source(self) -> None:
         for _ in range(30):
@@ -190,7 +216,8 @@ class ClientTests(SynchronousTestCase):
         self.sender = _Recorder()
         self.servers = [("203.0.113.10", 3478), ("203.0.113.10", 3479)]
         self.client = DiscoveryClient(
-            self.sender, self.clock, self.node_private, self.server_public, self.servers
+            self.sender, self.clock, self.node_private, self.server_public, self.servers,
+            epoch=b"e" * 8,
         )
 
     def test_interface(self) -> None:
@@ -277,6 +304,7 @@ class ThroughNATs(SynchronousTestCase):
             private,
             self.server_public,
             [("203.0.113.10", 3478), ("203.0.113.10", 3479)],
+            epoch=self.state.epoch,
         )
         forwarder.register_handler(wire.DISCOVERY_RESPONSE, client)
         return client, public, host

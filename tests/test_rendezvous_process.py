@@ -109,6 +109,7 @@ class RealProcess(TestCase):
             private,
             client.server_key,
             [("127.0.0.1", p) for p in info["udp_ports"]],
+            epoch=client.discovery_epoch,
         )
         forwarder.register_handler(wire.DISCOVERY_RESPONSE, discovery)
         result = yield discovery.netcheck()

@@ -76,9 +76,10 @@ class SimJoinedNode:
         self.node.start()
         self.client.startService()
 
-    def _discovery(self, server_key: bytes, servers: list[tuple[str, int]]) -> DiscoveryClient:
+    def _discovery(self, server_key: bytes, servers: list[tuple[str, int]],
+                   epoch: bytes) -> DiscoveryClient:
         return DiscoveryClient(self.forwarder, self.host.reactor, self.private_key,
-                               server_key, servers)
+                               server_key, servers, epoch=epoch)
 
     @property
     def ip(self) -> str:
@@ -108,7 +109,8 @@ class Mesh:
         self.world = World(clock=self.clock)
         self.controller = self.world.controller
         self.rendezvous_host = self.internet.add_public_host()
-        state = DiscoveryState(self.controller, self.world.server_private, self.clock)
+        state = DiscoveryState(self.controller, self.world.server_private, self.clock,
+                               epoch=self.world.server_factory.discovery_epoch)
         for which, port in enumerate(DISCOVERY_PORTS):
             self.rendezvous_host.reactor.listenUDP(port, DiscoveryProtocol(state, which))
         relay_host = self.internet.add_public_host()

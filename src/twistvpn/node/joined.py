@@ -168,7 +168,7 @@ class JoinedNode:
                  forwarder: Any, device: Any, tun: Any, probes: Any,
                  relay: Any = None, listen_port: Callable[[], int | None],
                  local_addresses: Callable[[], list[str]] = list,
-                 make_discovery: Callable[[bytes, list[Address]], Any] | None = None,
+                 make_discovery: Callable[[bytes, list[Address], bytes], Any] | None = None,
                  discovery_host: str | None = None,
                  discovery_interval: float = DISCOVERY_INTERVAL,
                  strategies: Sequence[Any] | None = None,
@@ -198,7 +198,7 @@ class JoinedNode:
         self.routes: list[str] = []
         self.relay_infos: tuple[RelayInfo, ...] = ()
         self.discovery: Any = None
-        self._discovery_for: tuple[list[Address], bytes] | None = None
+        self._discovery_for: tuple[list[Address], bytes, bytes] | None = None
         self.netcheck_result: NetcheckResult | None = None
         self.local = own_candidates(None, self.local_candidates())
         self._stopped = False
@@ -439,11 +439,12 @@ class JoinedNode:
         servers = [(self.discovery_host, port) for port in client.udp_ports[:2]]
         current = self.discovery
         if current is not None:
-            if (servers, client.server_key) == self._discovery_for:
+            if (servers, client.server_key, client.discovery_epoch) == self._discovery_for:
                 return
             current.stop()
-        self._discovery_for = (servers, client.server_key)
-        self.discovery = self._make_discovery(client.server_key, servers)
+        self._discovery_for = (servers, client.server_key, client.discovery_epoch)
+        self.discovery = self._make_discovery(client.server_key, servers,
+                                              client.discovery_epoch)
         self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)
         self.discovery.start(self.discovery_interval, self._discovered)
 

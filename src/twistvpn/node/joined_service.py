@@ -154,8 +154,10 @@ class JoinedNodeService(DataPathOwner, MultiService):
                 return self._local_addresses()
             return host_addresses(exclude=[tun.name])
 
-        def make_discovery(server_key: bytes, servers: list[tuple[str, int]]) -> DiscoveryClient:
-            return DiscoveryClient(forwarder, reactor, self.private_key, server_key, servers)
+        def make_discovery(server_key: bytes, servers: list[tuple[str, int]],
+                           epoch: bytes) -> DiscoveryClient:
+            return DiscoveryClient(forwarder, reactor, self.private_key, server_key, servers,
+                                   epoch=epoch)
 
         self.node = node = JoinedNode(
             reactor, self.public_key, forwarder=forwarder, device=datapath.device,

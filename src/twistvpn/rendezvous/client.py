@@ -134,6 +134,7 @@ class RendezvousClient(Service):
         self.server_key: bytes | None = None
         self.node_id: str | None = None
         self.udp_ports: list[int] = []
+        self.discovery_epoch = b""  # echoed in discovery requests (this rendezvous process's)
         self.maps: dict[str, NetworkMap] = {}
         self.status: dict[str, str] = {}
         self.counters: collections.Counter[str] = collections.Counter()
@@ -345,6 +346,7 @@ class RendezvousClient(Service):
         self.server_key = server_key
         self.node_id = registered["node_id"]
         self.udp_ports = list(registered["udp_ports"])
+        self.discovery_epoch = registered["discovery_epoch"]
         self._protocol = protocol
         self._revisions: dict[str, int] = {}
         self.counters["registrations"] += 1

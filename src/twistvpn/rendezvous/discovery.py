@@ -29,6 +29,7 @@ endpoint.
 from __future__ import annotations
 
 import collections
+import hmac
 import ipaddress
 import os
 import struct
@@ -49,7 +50,9 @@ from twistvpn.interfaces import IDatagramHandler, IDatagramSender, INetworkContr
 from twistvpn.wire import DISCOVERY_REQUEST, DISCOVERY_RESPONSE
 from twistvpn.wireguard.keys import public_key
 
-_REQUEST = struct.Struct("!B3x32sQ8s")
+# type, node key, timestamp (ms), nonce, the rendezvous's epoch
+_REQUEST = struct.Struct("!B3x32sQ8s8s")
+EPOCH_LENGTH = 8
 REQUEST_LENGTH = _REQUEST.size + auth.MAC_LENGTH
 _RESPONSE_HEAD = struct.Struct("!BB2x8sBH")
 MAGIC_COOKIE = bytes.fromhex("2112a442")
@@ -74,10 +77,14 @@ def _xor(data: bytes, pad: bytes) -> bytes:
 
 
 def encode_request(
-    node_private: bytes, server_public: bytes, timestamp_ms: int, nonce: bytes
+    node_private: bytes, server_public: bytes, timestamp_ms: int, nonce: bytes, epoch: bytes
 ) -> bytes:
-    """A signed discovery request."""
-    head = _REQUEST.pack(DISCOVERY_REQUEST, public_key(node_private), timestamp_ms, nonce)
+    """
+    A signed discovery request for the rendezvous process whose C{epoch} the
+    node was told at registration: a request captured before a restart is
+    refused after it, when the timestamps seen are forgotten.
+    """
+    head = _REQUEST.pack(DISCOVERY_REQUEST, public_key(node_private), timestamp_ms, nonce, epoch)
     key = auth.shared_key(node_private, server_public)
     return head + auth.mac(key, auth.LABEL_DISCOVERY_REQUEST, head)
 
@@ -115,8 +122,11 @@ class DiscoveryState:
         clock: IReactorTime,
         rate: float = 10.0,
         burst: float = 20.0,
+        epoch: bytes | None = None,
     ) -> None:
         self.controller = controller
+        # Per process: what nodes are told at registration and must echo.
+        self.epoch = os.urandom(EPOCH_LENGTH) if epoch is None else epoch
         self.clock = clock
         self.keys = auth.SharedKeyCache(server_private)
         self.limits = TokenBuckets(clock, rate, burst)
@@ -148,7 +158,7 @@ class DiscoveryServer:
         if len(data) != REQUEST_LENGTH or data[0] != DISCOVERY_REQUEST or any(data[1:4]):
             return self._drop("malformed")
         head, tag = data[: _REQUEST.size], data[_REQUEST.size :]
-        _, node_key, timestamp, nonce = _REQUEST.unpack(head)
+        _, node_key, timestamp, nonce, epoch = _REQUEST.unpack(head)
         if not state.controller.is_registered(node_key):
             return self._drop("unknown_node")
         try:
@@ -157,6 +167,8 @@ class DiscoveryServer:
             return self._drop("bad_key")
         if not auth.check(auth.mac(key, auth.LABEL_DISCOVERY_REQUEST, head), tag):
             return self._drop("bad_mac")
+        if not hmac.compare_digest(epoch, state.epoch):
+            return self._drop("wrong_epoch")  # made for an earlier process: a replay
         last = state.last_timestamp.get(node_key)
         if last is None:
             if abs(timestamp / 1000 - state.clock.seconds()) > MAX_SKEW:
@@ -214,8 +226,8 @@ class DiscoveryClient:
     The node's side: register on the L{Forwarder} for C{DISCOVERY_RESPONSE}
     and send requests through it, from the same socket as WireGuard::
 
-        discovery = DiscoveryClient(forwarder, reactor, private_key,
-                                    server_key, [(host, 3478), (host, 3479)])
+        discovery = DiscoveryClient(forwarder, reactor, private_key, server_key,
+                                    [(host, 3478), (host, 3479)], epoch=client.discovery_epoch)
         forwarder.register_handler(wire.DISCOVERY_RESPONSE, discovery)
         result = await discovery.netcheck()
     """
@@ -229,9 +241,12 @@ class DiscoveryClient:
         private_key: bytes,
         server_key: bytes,
         servers: list[tuple[str, int]],
+        *,
+        epoch: bytes,
         timeout: float = 1.0,
         attempts: int = 3,
     ) -> None:
+        self.epoch = epoch
         self._sender = sender
         self._clock = clock
         self._private = private_key
@@ -269,7 +284,8 @@ class DiscoveryClient:
             result.errback(DiscoveryError(f"no answer from {self.servers[which]}"))
             return
         nonce = os.urandom(8)
-        request = encode_request(self._private, self._server_key, self._timestamp_ms(), nonce)
+        request = encode_request(self._private, self._server_key, self._timestamp_ms(), nonce,
+                                 self.epoch)
 
         def expired() -> None:
             self._pending.pop(nonce, None)

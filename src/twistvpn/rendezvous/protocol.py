@@ -52,7 +52,12 @@ class Register(amp.Command):
         (b"name", amp.Unicode()),
         (b"local_endpoints", amp.ListOf(amp.Unicode())),
     ]
-    response = [(b"node_id", amp.Unicode()), (b"udp_ports", amp.ListOf(amp.Integer()))]
+    response = [
+        (b"node_id", amp.Unicode()),
+        (b"udp_ports", amp.ListOf(amp.Integer())),
+        # Discovery requests carry it: those made for an earlier process are replays.
+        (b"discovery_epoch", amp.String()),
+    ]
     errors = ERRORS
 
 

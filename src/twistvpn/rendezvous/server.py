@@ -169,7 +169,8 @@ class ControlServerProtocol(BoundedAMP):
         # The first ping measures the round trip punches are timed with.
         self._cancel_timer()
         self._timer = self._clock.callLater(0, self._ping)
-        return {"node_id": node_id, "udp_ports": list(self._service.udp_ports)}
+        return {"node_id": node_id, "udp_ports": list(self._service.udp_ports),
+                "discovery_epoch": self._service.discovery_epoch}
 
     def _registered(self) -> bytes:
         if self.public_key is None:
@@ -247,8 +248,10 @@ class ControlServerFactory(Factory):
         clock: IReactorTime,
         udp_ports: tuple[int, ...] = (),
         registration_rate: float = 20.0,
+        discovery_epoch: bytes = b"\x00" * 8,
     ) -> None:
         self.controller = controller
+        self.discovery_epoch = discovery_epoch
         self.server_private = server_private
         self.server_public = public_key(server_private)
         self.clock = clock

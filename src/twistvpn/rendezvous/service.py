@@ -171,7 +171,8 @@ class RendezvousService(MultiService):
         self.controller = Controller(SQLiteStore(data.db), reactor)
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
         self.control_factory = ControlServerFactory(
-            self.controller, data.server_private, reactor, udp_ports, registration_rate
+            self.controller, data.server_private, reactor, udp_ports, registration_rate,
+            discovery_epoch=self.discovery.epoch,
         )
         self._listeners: list[StreamListener | DatagramListenService] = []
         self._udp: list[DatagramListenService] = []
