@@ -78,6 +78,18 @@ class Handshake(SynchronousTestCase):
         out, delivered = client.received(server.seal(b"here") + server.seal(b"and here"))
         self.assertEqual((out, delivered), (b"", [b"here", b"and here"]))
 
+    def test_both_ends_name_the_channel_alike(self) -> None:
+        """The binding a proof is made with: this connection's, and the pinned identity."""
+        client, server = client_state(), server_state()
+        self.assertEqual(client.binding, b"")
+        run_handshake(client, server)
+        self.assertEqual(client.binding, server.binding)
+        self.assertEqual(len(client.binding), 32 + len(PIN.hex(":").upper()))
+        self.assertTrue(client.binding.endswith(PIN.hex(":").upper().encode()))
+        other_client, other_server = client_state(), server_state()
+        run_handshake(other_client, other_server)
+        self.assertNotEqual(other_client.binding, client.binding)
+
     def test_tls_freed_after_the_handshake(self) -> None:
         """The point of the channel: no OpenSSL state per idle connection."""
         context = tls.server_options(CERT, KEY).getContext()

@@ -13,7 +13,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.support.rendezvous import FakeSession, MemoryEndpoint, World, new_key
+from tests.support.rendezvous import FakeSession, MemoryEndpoint, World, bind_channel, new_key
 from twistvpn.common import auth
 from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
@@ -69,6 +69,7 @@ class Registration(SynchronousTestCase):
         pump = iosim.connect(
             server, iosim.makeFakeServer(server), raw, iosim.makeFakeClient(raw), greet=False
         )
+        bind_channel(pump)
         self.world.pumps.append(pump)
         return raw, pump
 
@@ -80,7 +81,8 @@ class Registration(SynchronousTestCase):
 
     def _register_raw(self, raw: RawClient, private: bytes, challenge: bytes) -> object:
         server_key = public_key(self.world.server_private)
-        proof = auth.registration_proof(private, public_key(private), server_key, challenge)
+        proof = auth.registration_proof(private, public_key(private), server_key, challenge,
+                                        raw.transport.channel_binding)
         return self._call(
             raw,
             Register,
@@ -95,7 +97,8 @@ class Registration(SynchronousTestCase):
         private, public = new_key()
         raw, _ = self._raw()
         hello = self._call(raw, Challenge)
-        proof = auth.registration_proof(private, public, hello["server_key"], hello["challenge"])
+        proof = auth.registration_proof(private, public, hello["server_key"], hello["challenge"],
+                                        raw.transport.channel_binding)
         args = dict(public_key=public, proof=proof, name="n", local_endpoints=[])
         self.assertEqual(self._call(raw, Register, **args)["node_id"], node_id_of(public))
         # replayed on another connection, after that connection's challenge
@@ -107,13 +110,46 @@ class Registration(SynchronousTestCase):
         self.assertEqual(self.world.server_factory.counters["auth_failed"], 1)
         self.assertEqual(self.world.server_factory.counters["auth_no_challenge"], 1)
 
+    def test_proof_bound_to_its_connection(self) -> None:
+        """
+        Audit item 4: a proof made for one connection, relayed by someone in
+        the middle onto another (with that connection's own challenge), does
+        not verify: it is bound to the channel it was made on.
+        """
+        private, public = new_key()
+        victim, _ = self._raw()
+        attacker, _ = self._raw()
+        hello = self._call(attacker, Challenge)
+        # The victim is made to answer the attacker's challenge on its own channel.
+        proof = auth.registration_proof(private, public, hello["server_key"], hello["challenge"],
+                                        victim.transport.channel_binding)
+        self.assertRaises(auth.AuthError, self._call, attacker, Register, public_key=public,
+                          proof=proof, name="n", local_endpoints=[])
+        self.assertEqual(self.world.server_factory.counters["auth_failed"], 1)
+
+    def test_unbound_connection_refused(self) -> None:
+        """A connection that cannot name itself (no channel) cannot register."""
+        private, public = new_key()
+        raw = RawClient()
+        server = self.world.server_factory.buildProtocol(None)
+        pump = iosim.connect(
+            server, iosim.makeFakeServer(server), raw, iosim.makeFakeClient(raw), greet=False
+        )
+        self.world.pumps.append(pump)
+        hello = self._call(raw, Challenge)
+        proof = auth.registration_proof(private, public, hello["server_key"], hello["challenge"],
+                                        b"")
+        self.assertRaises(auth.AuthError, self._call, raw, Register, public_key=public,
+                          proof=proof, name="n", local_endpoints=[])
+
     def test_wrong_key_refused(self) -> None:
         """A proof made with another private key does not verify."""
         private, public = new_key()
         impostor, _ = new_key()
         raw, _ = self._raw()
         hello = self._call(raw, Challenge)
-        proof = auth.registration_proof(impostor, public, hello["server_key"], hello["challenge"])
+        proof = auth.registration_proof(impostor, public, hello["server_key"], hello["challenge"],
+                                        raw.transport.channel_binding)
         self.assertRaises(
             auth.AuthError,
             self._call,

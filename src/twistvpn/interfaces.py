@@ -533,6 +533,20 @@ class INetworkController(Interface):
         """
 
 
+class IChannelBinding(Interface):
+    """
+    A connection that can name itself: what a proof sent on it is bound to,
+    so the proof is worthless on any other connection (RFC 5929's idea, with
+    RFC 8446's exporter).
+    """
+
+    channel_binding = Attribute(
+        "Bytes both ends agree on once the channel is keyed: the TLS exporter "
+        "of this connection and the fingerprint of the server's certificate "
+        "(the identity a node pins); empty before."
+    )
+
+
 class IRendezvousListener(Interface):
     """
     What a node does with the news its control connection brings (the

@@ -6,6 +6,7 @@ all on one L{Clock}.  (No tests here.)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer
@@ -13,9 +14,14 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.test import iosim
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
-from twistvpn.interfaces import IControlSession, IMembershipObserver, IRendezvousListener
+from twistvpn.interfaces import (
+    IChannelBinding,
+    IControlSession,
+    IMembershipObserver,
+    IRendezvousListener,
+)
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import get_db
@@ -90,6 +96,18 @@ class FakeSession:
         self.closed.append(reason)
 
 
+def bind_channel(pump: iosim.IOPump, binding: bytes | None = None) -> bytes:
+    """
+    Give both ends of an in-memory connection the same channel binding, as
+    the control channel's TLS exporter gives a real one (IChannelBinding).
+    """
+    value = os.urandom(64) if binding is None else binding
+    for transport in (pump.clientIO, pump.serverIO):
+        directlyProvides(transport, IChannelBinding)
+        transport.channel_binding = value  # type: ignore[attr-defined]
+    return value
+
+
 @implementer(IMembershipObserver)
 class RecordingObserver:
     """An IMembershipObserver that remembers what the controller told it."""
@@ -129,6 +147,7 @@ class MemoryEndpoint:
             greet=False,
             clock=self.world.clock,
         )
+        bind_channel(pump)
         self.pumps.append(pump)
         self.world.pumps.append(pump)
         return defer.succeed(client)

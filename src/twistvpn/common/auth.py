@@ -71,11 +71,16 @@ def new_challenge() -> bytes:
 
 
 def registration_proof(
-    node_private: bytes, node_public: bytes, server_public: bytes, challenge: bytes
+    node_private: bytes, node_public: bytes, server_public: bytes, challenge: bytes,
+    binding: bytes,
 ) -> bytes:
-    """The node's answer to a registration challenge."""
+    """
+    The node's answer to a registration challenge, bound to the connection
+    it is sent on and the server identity the node checked (C{binding}:
+    L{twistvpn.interfaces.IChannelBinding}), so nobody can pass it on.
+    """
     key = shared_key(node_private, server_public)
-    return mac(key, LABEL_REGISTER, challenge, node_public, server_public)
+    return mac(key, LABEL_REGISTER, challenge, node_public, server_public, binding)
 
 
 def verify_registration(
@@ -84,13 +89,14 @@ def verify_registration(
     node_public: bytes,
     challenge: bytes,
     proof: bytes,
+    binding: bytes,
 ) -> bool:
-    """Whether C{proof} answers C{challenge} for C{node_public}."""
+    """Whether C{proof} answers C{challenge} for C{node_public} on this connection."""
     try:
         key = shared_key(server_private, node_public)
     except AuthError:
         return False
-    expected = mac(key, LABEL_REGISTER, challenge, node_public, server_public)
+    expected = mac(key, LABEL_REGISTER, challenge, node_public, server_public, binding)
     return check(expected, proof)
 
 

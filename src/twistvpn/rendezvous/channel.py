@@ -39,6 +39,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistvpn.interfaces import IChannelBinding
+
 HANDSHAKE = 0x16
 RECORD = 0x17
 HEADER_SIZE = 3
@@ -50,6 +52,7 @@ MAX_PLAINTEXT = MAX_BODY - TAG_SIZE
 MAX_HANDSHAKE = 64 * 1024
 MAX_LATE_HANDSHAKE = 16 * 1024
 EXPORTER_LABEL = b"EXPORTER-twistvpn-control-channel-v1"
+BINDING_LABEL = b"EXPORTER-twistvpn-channel-binding-v1"
 _MAX_COUNTER = 2**64 - 1
 
 
@@ -103,7 +106,7 @@ class ChannelState:
 
     __slots__ = (
         "_tls", "is_client", "_buffer", "_handshake_in", "_late_handshake",
-        "_verification_failure", "_send", "_receive",
+        "_verification_failure", "_send", "_receive", "binding",
     )
 
     def __init__(self, tls: SSL.Connection, is_client: bool) -> None:
@@ -114,6 +117,7 @@ class ChannelState:
         self._verification_failure: Failure | None = None
         self._send: _Sealer | None = None
         self._receive: _Sealer | None = None
+        self.binding = b""  # IChannelBinding's value, once keyed
         if is_client:
             tls.set_connect_state()
         else:
@@ -229,6 +233,9 @@ class ChannelState:
         if version != "TLSv1.3":
             raise ChannelError(f"the control channel needs TLS 1.3; the peer spoke {version}")
         material = tls.export_keying_material(EXPORTER_LABEL, 64)
+        certificate = tls.get_peer_certificate() if self.is_client else tls.get_certificate()
+        identity = b"" if certificate is None else certificate.digest("sha256")
+        self.binding = tls.export_keying_material(BINDING_LABEL, 32) + identity
         to_server, to_client = material[:32], material[32:]
         self._send = _Sealer(to_server if self.is_client else to_client)
         self._receive = _Sealer(to_client if self.is_client else to_server)
@@ -237,12 +244,19 @@ class ChannelState:
         self._tls = None
 
 
+@implementer(IChannelBinding)
 class ChannelProtocol(ProtocolWrapper):
     """
     The channel on a TCP connection, for the wrapped protocol (AMP).  As
     with Twisted's TLS, the wrapped protocol is connected at once, and what
-    it writes before the handshake is done is sent when it is.
+    it writes before the handshake is done is sent when it is.  The wrapped
+    protocol's transport is this wrapper: L{channel_binding} names the
+    connection for proofs of possession.
     """
+
+    @property
+    def channel_binding(self) -> bytes:
+        return b"" if self.state is None else self.state.binding
 
     factory: ChannelFactory
     transport: Any  # the TCP transport

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twistvpn.common import auth
 from twistvpn.common.amp import Ping
 from twistvpn.common.tls import RendezvousAddress, client_creator, parse_address
-from twistvpn.interfaces import IRendezvousListener
+from twistvpn.interfaces import IChannelBinding, IRendezvousListener
 from twistvpn.rendezvous.channel import ChannelClientEndpoint
 from twistvpn.rendezvous.netmap import MapDelta, MapError, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
@@ -333,8 +333,12 @@ class RendezvousClient(Service):
         if self.expected_server_key is not None and server_key != self.expected_server_key:
             self.counters["server_key_mismatch"] += 1
             raise ServerKeyMismatchError("the rendezvous's server key is not the expected one")
+        channel = IChannelBinding(protocol.transport, None)
+        binding = b"" if channel is None else channel.channel_binding
+        if not binding:
+            raise auth.AuthError("the control channel is not keyed")
         proof = auth.registration_proof(
-            self.private_key, self.public_key, server_key, hello["challenge"]
+            self.private_key, self.public_key, server_key, hello["challenge"], binding
         )
         registered = yield protocol.callRemote(
             Register,

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from twistvpn.common import auth
 from twistvpn.common.amp import BoundedAMP, Ping
 from twistvpn.common.ratelimit import TokenBuckets
-from twistvpn.interfaces import IControlSession, INetworkController
+from twistvpn.interfaces import IChannelBinding, IControlSession, INetworkController
 from twistvpn.rendezvous.errors import InvalidArgumentError
 from twistvpn.rendezvous.netmap import MapDelta, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
@@ -150,12 +150,15 @@ class ControlServerProtocol(BoundedAMP):
         if challenge is None:
             self._service.counters["auth_no_challenge"] += 1
             raise auth.AuthError("ask for a challenge first")
-        if not auth.verify_registration(
+        channel = IChannelBinding(self.transport, None)
+        binding = b"" if channel is None else channel.channel_binding
+        if not binding or not auth.verify_registration(
             self._service.server_private,
             self._service.server_public,
             public_key,
             challenge,
             proof,
+            binding,
         ):
             self._service.counters["auth_failed"] += 1
             raise auth.AuthError("the proof of possession does not verify")
