@@ -14,6 +14,7 @@ from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -202,6 +203,39 @@ class Malformed(SynchronousTestCase):
         junk = bytes((HANDSHAKE,)) + (0xFFFF).to_bytes(2, "big") + b"\x16" * 0xFFFF
         with self.assertRaises(ChannelError):
             server.received(junk + junk[:10])
+
+    def test_empty_handshake_frame(self) -> None:
+        """Audit item 5: three bytes (16 00 00) made OpenSSL's error escape."""
+        with self.assertRaises(ChannelError):
+            server_state().received(b"\x16\x00\x00")
+
+    def test_judged_by_the_first_bytes(self) -> None:
+        """A frame that may not come is refused before its body is buffered."""
+        with self.assertRaises(ChannelError):
+            server_state().received(bytes((RECORD,)))
+        with self.assertRaises(ChannelError):
+            server_state().received(b"\x42")
+        # A client's handshake frame larger than a client sends: at its header.
+        header = bytes((HANDSHAKE,)) + (channel.MAX_CLIENT_HANDSHAKE + 1).to_bytes(2, "big")
+        with self.assertRaises(ChannelError):
+            server_state().received(header)
+
+    def test_server_takes_no_handshake_after_keying(self) -> None:
+        """Audit item 5: a keyed server took 16 KiB of unauthenticated handshake bytes."""
+        _, server = self.keyed_pair()
+        with self.assertRaises(ChannelError):
+            server.received(bytes((HANDSHAKE,)) + (10).to_bytes(2, "big") + b"t" * 10)
+
+    def test_ssl_errors_do_not_escape_the_protocol(self) -> None:
+        """Whatever OpenSSL raises ends that connection, counted, and nothing else."""
+        factory = channel.ChannelFactory(tls.server_options(CERT, KEY), False,
+                                         Factory.forProtocol(Protocol))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x16\x00\x00")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(factory.counters["failed"], 1)
 
     def test_late_handshake_bytes_bounded(self) -> None:
         """Session tickets after the switch are ignored, but not without end."""

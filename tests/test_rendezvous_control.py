@@ -547,9 +547,13 @@ class BadInput(SynchronousTestCase):
         self._still_served()
 
     def test_malformed_box(self) -> None:
-        """A command lacking arguments is answered with an error and the
-        connection closed (AMP's policy); an unknown command gets an error.
-        The service goes on."""
+        """
+        Audit items 5 and 8d: a command lacking arguments (KeyError inside
+        AMP), one with a non-ASCII name, and a box with neither command nor
+        answer are each answered or ended with one log line and a count,
+        never a traceback; an unknown command gets an error.  The service
+        goes on.
+        """
         box = amp.AmpBox(_command=b"NoSuchThing", _ask=b"1")
         pump = self._send(box.serialize())
         self.assertFalse(pump.serverIO.disconnected)
@@ -557,8 +561,18 @@ class BadInput(SynchronousTestCase):
         box = amp.AmpBox(_command=b"Register", _ask=b"2", public_key=b"x")
         pump.client.transport.write(box.serialize())
         self.world.flush()
+        self.assertIn(b"BAD_REQUEST", pump.client.received)
+        self.assertFalse(pump.serverIO.disconnected)
+        box = amp.AmpBox(_command="Régister".encode(), _ask=b"3")
+        pump.client.transport.write(box.serialize())
+        self.world.flush()
+        self.assertFalse(pump.serverIO.disconnected)
+        self.assertEqual(self.world.server_factory.counters["bad_request"], 2)
+        pump.client.transport.write(amp.AmpBox(foo=b"bar").serialize())
+        self.world.flush()
         self.assertTrue(pump.serverIO.disconnected)
-        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.world.server_factory.counters["bad_request"], 3)
+        self.assertEqual(self.flushLoggedErrors(), [])
         self._still_served()
 
     def test_oversized_box(self) -> None:

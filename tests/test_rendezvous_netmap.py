@@ -89,7 +89,8 @@ class Format(SynchronousTestCase):
     def test_endpoints(self) -> None:
         self.assertEqual(parse_endpoint("[2001:db8::1]:5"), ("2001:db8::1", 5))
         self.assertEqual(format_endpoint(("2001:db8::1", 5)), "[2001:db8::1]:5")
-        for bad in ("1.2.3.4", "1.2.3.4:0", "[1.2.3.4]:5", "2001:db8::1:5", ":5", "a" * 100):
+        for bad in ("1.2.3.4", "1.2.3.4:0", "[1.2.3.4]:5", "2001:db8::1:5", ":5", "a" * 100,
+                    "1.2.3.4:\u00b9\u00b2", "[2001:db8::1]:\u0665"):  # superscripts, Arabic-Indic
             self.assertRaises(MapError, parse_endpoint, bad)
         self.assertRaises(MapError, check_endpoints, "1.2.3.4:5")
 

@@ -10,6 +10,14 @@ from collections.abc import Callable
 from twisted.python import usage
 
 
+def is_decimal(text: str) -> bool:
+    """
+    Whether C{text} is ASCII digits only.  C{str.isdigit} also takes other
+    scripts' digits and superscripts ("¹²"), which C{int} then refuses.
+    """
+    return text.isascii() and text.isdigit()
+
+
 def integer(option: str, value: object, low: int, high: int) -> int:
     """C{value} as an integer from C{low} to C{high}, or a one-line error naming C{option}."""
     try:

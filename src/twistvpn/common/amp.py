@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.protocols import amp
+
+
+def _peer(protocol: amp.AMP) -> str:
+    transport = getattr(protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    return f"{host}:{getattr(peer, 'port', '?')}" if host else "a peer"
 
 # A node's commands are small; a box beyond this is an attack or a bug.
 MAX_INBOUND_BOX = 64 * 1024
@@ -59,12 +67,23 @@ class Ping(amp.Command):
     response = []
 
 
+BAD_REQUEST = b"BAD_REQUEST"
+# What parsing a command's arguments raises on malformed input.
+_MALFORMED = (KeyError, ValueError, TypeError, UnicodeDecodeError, OverflowError,
+              amp.TooLong)
+
+
 class BoundedAMP(amp.AMP):
     """
-    AMP that drops a peer whose box grows beyond C{max_box} bytes: AMP
-    bounds each key and value but not the number of keys in a box.
+    AMP for peers that may be hostile: it drops a peer whose box grows
+    beyond C{max_box} bytes (AMP bounds each key and value but not the
+    number of keys in a box), answers a command whose arguments do not
+    parse with BAD_REQUEST, and ends a connection that sends a box with
+    neither command nor answer: each with one log line and a count
+    (L{malformed}), never a traceback.
     """
 
+    log = Logger()
     max_box = MAX_INBOUND_BOX
     _box_bytes = 0
     # A TCP or TLS transport once connected (it can also abort).
@@ -84,3 +103,35 @@ class BoundedAMP(amp.AMP):
 
     def box_too_big(self) -> None:
         """A box passed the limit; the connection is dropped next."""
+
+    def malformed(self, what: str) -> None:
+        """Count and log (once per event, one line) what a peer got wrong."""
+        self.log.info("malformed AMP from {peer}: {what}", peer=_peer(self), what=what)
+
+    def locateResponder(self, name: bytes) -> Any:  # noqa: N802 (Twisted's name)
+        try:
+            responder = super().locateResponder(name)
+        except UnicodeDecodeError:
+            self.malformed("a command name that is not ASCII")
+            return None  # answered as an unknown command
+        if responder is None:
+            return None
+
+        def checked(box: amp.AmpBox) -> Any:
+            try:
+                return responder(box)
+            except _MALFORMED as e:
+                command = name.decode("ascii", "replace")
+                self.malformed(f"{command}: {type(e).__name__}: {e}"[:200])
+                raise amp.RemoteAmpError(BAD_REQUEST, f"malformed {command}") from None
+
+        return checked
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:  # noqa: N802 (Twisted's name)
+        try:
+            super().ampBoxReceived(box)
+        except amp.NoEmptyBoxes:
+            self.malformed("a box with neither command nor answer")
+            transport = self.transport
+            if transport is not None:
+                transport.loseConnection()

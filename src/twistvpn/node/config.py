@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twistvpn.options import is_decimal
 from twistvpn.wireguard.keys import InvalidKey, decode_key
 
 # wg-quick keys that make sense for wg-quick's shell hooks or its routing
@@ -102,7 +103,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 
 def parse_port(text: str) -> int:
-    if not text.strip().isdigit():
+    if not is_decimal(text.strip()):
         raise ValueError(f"{text!r} is not a port number")
     port = int(text)
     if not 0 <= port <= 65535:
@@ -111,7 +112,7 @@ def parse_port(text: str) -> int:
 
 
 def _parse_int(text: str, low: int, high: int) -> int:
-    if not text.strip().isdigit():
+    if not is_decimal(text.strip()):
         raise ValueError(f"{text!r} is not a whole number")
     value = int(text)
     if not low <= value <= high:

@@ -50,7 +50,12 @@ MAX_PLAINTEXT = MAX_BODY - TAG_SIZE
 # Handshake bytes a side accepts in all: a certificate chain and its
 # messages, with room to spare; beyond that is abuse.
 MAX_HANDSHAKE = 64 * 1024
-MAX_LATE_HANDSHAKE = 16 * 1024
+# What a server takes from a client before it is keyed: a ClientHello and a
+# Finished are a few hundred bytes; an unauthenticated peer gets no more.
+MAX_CLIENT_HANDSHAKE = 8 * 1024
+# TLS 1.3 session tickets a server sends after its handshake (a client
+# ignores them); a few hundred bytes each, two of them.
+MAX_LATE_HANDSHAKE = 4 * 1024
 EXPORTER_LABEL = b"EXPORTER-twistvpn-control-channel-v1"
 BINDING_LABEL = b"EXPORTER-twistvpn-channel-binding-v1"
 _MAX_COUNTER = 2**64 - 1
@@ -157,12 +162,19 @@ class ChannelState:
         delivered: list[bytes] = []
         offset = 0
         end = len(buffer)
-        while end - offset >= HEADER_SIZE:
+        while end - offset >= 1:
+            # Judge a frame by its first bytes, before buffering its body:
+            # what may not come is refused before it costs memory.
+            kind = buffer[offset]
+            self._check_kind(kind)
+            if end - offset < HEADER_SIZE:
+                break
             length = int.from_bytes(buffer[offset + 1 : offset + 3], "big")
+            if kind == HANDSHAKE:
+                self._check_handshake_length(length)
             stop = offset + HEADER_SIZE + length
             if stop > end:
                 break
-            kind = buffer[offset]
             header = buffer[offset : offset + HEADER_SIZE]
             body = buffer[offset + HEADER_SIZE : stop]
             offset = stop
@@ -170,25 +182,43 @@ class ChannelState:
                 if self._receive is None:
                     raise ChannelError("a record before the handshake was done")
                 delivered.append(self._receive.open(header, body))
-            elif kind == HANDSHAKE:
-                out.append(self._handshake(body))
             else:
-                raise ChannelError(f"unknown frame type {kind:#x}")
+                out.append(self._handshake(body))
         self._buffer = buffer[offset:]
         return b"".join(out), delivered
+
+    def _check_kind(self, kind: int) -> None:
+        if kind == RECORD:
+            if self._receive is None:
+                raise ChannelError("a record before the handshake was done")
+        elif kind == HANDSHAKE:
+            if self._tls is None and not self.is_client:
+                # A TLS 1.3 client sends nothing after its Finished.
+                raise ChannelError("handshake bytes after the handshake")
+        else:
+            raise ChannelError(f"unknown frame type {kind:#x}")
+
+    def _check_handshake_length(self, length: int) -> None:
+        if length == 0:
+            raise ChannelError("an empty handshake frame")
+        if self._tls is None:
+            if self._late_handshake + length > MAX_LATE_HANDSHAKE:
+                raise ChannelError("too many handshake bytes after the handshake")
+        elif self._handshake_in + length > (MAX_HANDSHAKE if self.is_client
+                                            else MAX_CLIENT_HANDSHAKE):
+            raise ChannelError("the TLS handshake is too long")
 
     def _handshake(self, body: bytes) -> bytes:
         if self._tls is None:
             # Our side is done: TLS 1.3 session tickets from a server, which
             # we have no use for.
             self._late_handshake += len(body)
-            if self._late_handshake > MAX_LATE_HANDSHAKE:
-                raise ChannelError("too many handshake bytes after the handshake")
             return b""
         self._handshake_in += len(body)
-        if self._handshake_in > MAX_HANDSHAKE:
-            raise ChannelError("the TLS handshake is too long")
-        self._tls.bio_write(body)
+        try:
+            self._tls.bio_write(body)
+        except SSL.Error as e:
+            raise ChannelError(f"TLS handshake failed: {e}") from e
         return self._advance()
 
     def _advance(self) -> bytes:
@@ -281,12 +311,11 @@ class ChannelProtocol(ProtocolWrapper):
         was_keyed = state.keyed
         try:
             out, delivered = state.received(data)
+        except SSL.Error as e:  # never expected: ChannelState wraps what it knows
+            self._fail(ChannelError(f"TLS failed: {e}"))
+            return
         except ChannelError as e:
-            self.factory.counters["failed"] += 1
-            self._reason = Failure(e)
-            if e.final:
-                self.transport.write(e.final)  # the TLS alert, for the peer's log
-            self.transport.loseConnection()
+            self._fail(e)
             return
         if out:
             self.transport.write(out)
@@ -299,6 +328,13 @@ class ChannelProtocol(ProtocolWrapper):
             self.wrappedProtocol.dataReceived(chunk)
             if self._reason is not None or self.disconnecting:
                 return
+
+    def _fail(self, error: ChannelError) -> None:
+        self.factory.counters["failed"] += 1
+        self._reason = Failure(error)
+        if error.final:
+            self.transport.write(error.final)  # the TLS alert, for the peer's log
+        self.transport.loseConnection()
 
     def write(self, data: bytes) -> None:
         if self.disconnecting or self._reason is not None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twistvpn.options import is_decimal
 from twistvpn.wireguard.keys import decode_key, encode_key
 
 MAX_ENDPOINTS = 8
@@ -56,7 +57,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not is_decimal(port):
         raise MapError(f"not host:port: {text!r}")
     try:
         ip = ipaddress.ip_address(host)

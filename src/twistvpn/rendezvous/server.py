@@ -98,6 +98,10 @@ class ControlServerProtocol(BoundedAMP):
     def box_too_big(self) -> None:
         self._service.counters["drop_box_too_big"] += 1
 
+    def malformed(self, what: str) -> None:
+        self._service.counters["bad_request"] += 1
+        super().malformed(what)
+
     def _schedule_ping(self) -> None:
         self._cancel_timer()
         self._timer = self._clock.callLater(PING_INTERVAL, self._ping)
