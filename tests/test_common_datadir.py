@@ -38,11 +38,26 @@ class DataDirTests(SynchronousTestCase):
         key_path = os.path.join(self.path, "server.key")
         with open(key_path, "w") as f:
             f.write("not a key\n")
+        os.chmod(key_path, 0o600)
         e = self.assertRaises(DataDirError, open_data_dir, self.path, "server.key")
         self.assertIn(key_path, str(e))
         self.assertNotIn("\n", str(e))
         with open(key_path) as f:
             self.assertEqual(f.read(), "not a key\n", "a bad key is never overwritten")
+
+    def test_key_others_may_read_is_refused(self) -> None:
+        """
+        Audit item 6: a group- or world-readable server.key (or relay.key)
+        was accepted and left so; now it is refused, naming file and mode,
+        for every service, as the node refused its own.
+        """
+        open_data_dir(self.path, "server.key")
+        key_path = os.path.join(self.path, "server.key")
+        os.chmod(key_path, 0o644)
+        e = self.assertRaises(DataDirError, open_data_dir, self.path, "server.key")
+        self.assertIn(key_path, str(e))
+        self.assertIn("0644", str(e))
+        self.assertEqual(self.mode(key_path), 0o644, "refused, not silently changed")
 
     def test_directory_that_cannot_be_made(self) -> None:
         parent = os.path.dirname(self.path)

@@ -6,10 +6,9 @@ import os
 
 from twisted.trial import unittest
 
+from twistvpn.common.datadir import InsecurePermissionsError, check_private_file
 from twistvpn.node.config import (
     ConfigError,
-    InsecurePermissionsError,
-    check_private_file,
     load_config,
     parse_config,
     parse_endpoint,

@@ -9,6 +9,7 @@ is one line naming the file.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 from twistvpn.wireguard.keys import InvalidKey, decode_key, encode_key, generate_private_key
@@ -16,6 +17,23 @@ from twistvpn.wireguard.keys import InvalidKey, decode_key, encode_key, generate
 
 class DataDirError(Exception):
     """The data directory or a file in it is unusable (one-line message)."""
+
+
+class InsecurePermissionsError(ValueError):
+    """A file holding a private key can be read by other users."""
+
+
+def check_private_file(path: str | os.PathLike[str]) -> None:
+    """
+    Refuse a file that group or others may access, as ssh refuses a private
+    key: it holds a secret, and its permissions say others could have it.
+    """
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecurePermissionsError(
+            f"{path}: permissions {stat.S_IMODE(mode):04o} are too open: it holds a private "
+            f"key and must not be accessible by group or others (chmod 600 {path})"
+        )
 
 
 def make_data_dir(path: str) -> str:
@@ -30,10 +48,13 @@ def make_data_dir(path: str) -> str:
 
 
 def read_key(path: str) -> bytes:
-    """A private key in WireGuard's text form."""
+    """A private key in WireGuard's text form, from a file only its owner may read."""
     try:
+        check_private_file(path)
         with open(path, "rb") as f:
             return decode_key(f.read().decode("ascii", "replace"))
+    except InsecurePermissionsError as e:
+        raise DataDirError(str(e)) from None
     except InvalidKey as e:
         raise DataDirError(f"{path}: {e}") from None
     except OSError as e:

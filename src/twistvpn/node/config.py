@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twistvpn.common.datadir import check_private_file
 from twistvpn.options import is_decimal
 from twistvpn.wireguard.keys import InvalidKey, decode_key
 
@@ -39,10 +39,6 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {key}: {reason}" if key else f"{where}: {reason}")
 
 
-class InsecurePermissionsError(ValueError):
-    """A file holding a private key can be read by other users."""
-
-
 @dataclass(frozen=True)
 class PeerConfig:
     public_key: bytes
@@ -60,19 +56,6 @@ class InterfaceConfig:
     listen_port: int | None = None
     mtu: int | None = None
     peers: tuple[PeerConfig, ...] = field(default=())
-
-
-def check_private_file(path: str | os.PathLike[str]) -> None:
-    """
-    Refuse a file that group or others may access, as ssh refuses a private
-    key: it holds a secret, and its permissions say others could have it.
-    """
-    mode = os.stat(path).st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InsecurePermissionsError(
-            f"{path}: permissions {stat.S_IMODE(mode):04o} are too open: it holds a private "
-            f"key and must not be accessible by group or others (chmod 600 {path})"
-        )
 
 
 def read_private_file(path: str | os.PathLike[str]) -> str:

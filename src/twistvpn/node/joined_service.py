@@ -18,9 +18,9 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
-from twistvpn.common.datadir import open_data_dir
+from twistvpn.common.datadir import InsecurePermissionsError, open_data_dir
 from twistvpn.common.tls import RendezvousAddress
-from twistvpn.node.config import InsecurePermissionsError, read_private_file
+from twistvpn.node.config import read_private_file
 from twistvpn.node.datapath import DataPath, DataPathOwner, DeviceFactory, TunFactory
 from twistvpn.node.files import SOCKET_NAME
 from twistvpn.node.joined import JoinedNode, host_addresses

@@ -15,11 +15,11 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from twistvpn.common.datadir import DataDirError
+from twistvpn.common.datadir import DataDirError, InsecurePermissionsError
 from twistvpn.common.tls import TLSConfigError, parse_address
 from twistvpn.interfaces import IDataPlaneReactor
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE
-from twistvpn.node.config import ConfigError, InsecurePermissionsError, load_config
+from twistvpn.node.config import ConfigError, load_config
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT
 from twistvpn.node.joined_service import (
     DEFAULT_PORT,
