@@ -118,6 +118,38 @@ class ServiceTests(unittest.TestCase):
         self.assertIs(node.node.client, client)
         self.assertEqual(node.node.discovery_host, "203.0.113.1")
 
+    def test_overlay_that_covers_the_underlay_is_not_routed(self) -> None:
+        """
+        Audit item 7: a network on the member's own LAN prefix, or covering
+        the rendezvous, is not routed through the tunnel (the member keeps
+        its LAN and its path to the rendezvous), said in the log and status.
+        """
+        node = self.service()
+        node.startService()
+        (tun,) = self.tuns
+        me = public_key(self.private)
+        maps = {
+            "0000000000000001": ("192.168.0.0/16", "192.168.200.1", "this host's address"),
+            "0000000000000002": ("203.0.113.0/24", "203.0.113.200", "the rendezvous"),
+            NETWORK: ("100.64.0.0/24", "100.64.0.1", None),
+        }
+        for network_id, (subnet, ip, _) in maps.items():
+            members = (Member("aaaaaaaaaa", me, "laptop", ip),)
+            netmap = NetworkMap(network_id, "n", subnet, 1, members)
+            self.clients[0].maps[network_id] = netmap
+            node.node.map_received(network_id, netmap)
+        self.assertEqual(tun.routes, ["100.64.0.0/24"])
+        self.assertEqual(tun.addresses, ("100.64.0.1/32",))
+        networks = node.node.status()["networks"]
+        for network_id, (subnet, _, what) in maps.items():
+            refused = networks[network_id]["route_refused"]
+            if what is None:
+                self.assertIsNone(refused)
+            else:
+                self.assertIn(subnet, refused)
+                self.assertIn(what, refused)
+        node.stopService()
+
     def test_stop_removes_device_and_routes(self) -> None:
         node = self.service()
         node.startService()

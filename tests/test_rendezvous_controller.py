@@ -22,6 +22,29 @@ from twistvpn.rendezvous.store import open_store
 from twistvpn.wireguard.keys import encode_key
 
 
+class SubnetTests(SynchronousTestCase):
+    """Audit item 7: a network's subnet cannot take over its members' routing."""
+
+    def setUp(self) -> None:
+        self.controller = Controller(open_store(":memory:"), Clock())
+
+    def test_outside_private_space_refused(self) -> None:
+        for subnet in ("0.0.0.0/0", "8.8.8.0/24", "203.0.113.0/24", "100.0.0.0/8", "172.0.0.0/8"):
+            e = self.assertRaises(InvalidArgumentError, self.controller.create_network, "x",
+                                  subnet)
+            self.assertIn("private or shared space", str(e))
+        for subnet in ("10.1.0.0/16", "172.16.5.0/24", "192.168.77.0/24", "100.127.0.0/24"):
+            self.assertEqual(self.controller.create_network("ok", subnet)["subnet"], subnet)
+
+    def test_overlapping_networks_refused(self) -> None:
+        first = self.controller.create_network("home")  # the first free /24: 100.64.0.0/24
+        e = self.assertRaises(ConflictError, self.controller.create_network, "lab", "100.64.0.0/16")
+        self.assertIn(first["id"], str(e))
+        self.controller.create_network("lab", "10.0.0.0/16")
+        self.assertRaises(ConflictError, self.controller.create_network, "sub", "10.0.5.0/24")
+        self.assertEqual(len(self.controller.list_networks()), 2)
+
+
 class ControllerTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()

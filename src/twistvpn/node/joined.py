@@ -193,6 +193,8 @@ class JoinedNode:
         self.node_id: str | None = None
         self.rendezvous_up = False
         self.join_answers: dict[str, str] = {}  # network ID -> last answer
+        # network ID -> why its subnet is not routed (it covers our underlay)
+        self.refused_routes: dict[str, str] = {}
         self.peers: dict[bytes, JoinedPeer] = {}
         self.addresses: tuple[str, ...] = ()
         self.routes: list[str] = []
@@ -315,13 +317,43 @@ class JoinedNode:
             else:
                 self._update_peer(peer, members)
 
+    def underlay_conflict(self, subnet: str) -> str | None:
+        """
+        Why routing C{subnet} through the tunnel would cut this node off
+        (it covers one of its own addresses, the rendezvous or a relay), or
+        None.  A network's subnet is the rendezvous's to choose; whether it
+        may take over our routing is ours.
+        """
+        net = ipaddress.ip_network(subnet, strict=False)
+        underlay = [(ip, "this host's address") for ip in self._local_addresses()]
+        if self.discovery_host is not None:
+            underlay.append((self.discovery_host, "the rendezvous"))
+        underlay += [(info.host, f"relay {info.relay_id}") for info in self.relay_infos]
+        for ip, what in underlay:
+            try:
+                covered = ipaddress.ip_address(ip) in net
+            except ValueError:
+                continue
+            if covered:
+                return f"{subnet} covers {what} {ip}"
+        return None
+
     def _apply_interface(self) -> None:
         addresses, routes = [], []
-        for netmap in self.maps.values():
+        refused: dict[str, str] = {}
+        for network_id, netmap in self.maps.items():
             me = netmap.member(self.public_key)
             assert me is not None
+            conflict = self.underlay_conflict(netmap.subnet)
+            if conflict is not None:
+                refused[network_id] = conflict
+                if self.refused_routes.get(network_id) != conflict:
+                    self.log.warn("network {network}: not routing {conflict}; its peers stay "
+                                  "unreachable", network=network_id, conflict=conflict)
+                continue
             addresses.append(f"{me.ip}/32")
             routes.append(netmap.subnet)
+        self.refused_routes = refused
         addresses = list(dict.fromkeys(addresses))
         routes = list(dict.fromkeys(routes))
         if tuple(addresses) != self.addresses:
@@ -514,6 +546,7 @@ class JoinedNode:
                 "name": netmap.name if netmap else None,
                 "subnet": netmap.subnet if netmap else None,
                 "ip": me.ip if me else None,
+                "route_refused": self.refused_routes.get(network_id),
             }
         result = self.netcheck_result
         return {

@@ -110,6 +110,8 @@ def render_status(status: dict[str, Any]) -> str:
         detail = net["status"]
         if net["ip"]:
             detail += f", ip {net['ip']} in {net['subnet']} ({net['name']})"
+        if net.get("route_refused"):
+            detail += f"; not routed: {net['route_refused']}"
         lines.append(f"network {network_id}: {detail}")
     text = "\n".join(lines) + "\n\n"
     rows = [

@@ -42,8 +42,17 @@ def check_network_id(network_id: Any) -> str:
     return network_id.lower()
 
 
+# Where an overlay may live: private (RFC 1918) and shared (RFC 6598) space.
+# Anything else could be a member's path to the internet or to us.
+OVERLAY_SPACE = tuple(ipaddress.IPv4Network(n) for n in
+                      ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
+
+
 def parse_subnet(text: Any) -> ipaddress.IPv4Network:
-    """An IPv4 subnet with room for at least two members."""
+    """
+    An IPv4 subnet with room for at least two members, inside private or
+    shared address space (L{OVERLAY_SPACE}).
+    """
     try:
         net = ipaddress.ip_network(str(text), strict=True)
     except ValueError as e:
@@ -52,6 +61,11 @@ def parse_subnet(text: Any) -> ipaddress.IPv4Network:
         raise InvalidArgumentError(f"bad subnet {text!r}: only IPv4 subnets are supported")
     if net.prefixlen > 30:
         raise InvalidArgumentError(f"bad subnet {text!r}: a /30 or larger is needed")
+    if not any(net.subnet_of(space) for space in OVERLAY_SPACE):
+        raise InvalidArgumentError(
+            f"bad subnet {text!r}: an overlay must be in private or shared space "
+            f"({', '.join(str(s) for s in OVERLAY_SPACE)}), not addresses members "
+            "may need to reach the internet or the rendezvous")
     return net
 
 
@@ -140,6 +154,11 @@ class Membership:
                        private: bool = True) -> dict[str, Any]:
         name = check_name(name, "a network name")
         net = self._free_subnet() if subnet is None else parse_subnet(subnet)
+        for taken in self._store.list_networks():
+            if net.overlaps(ipaddress.IPv4Network(taken.subnet)):
+                raise ConflictError(
+                    f"subnet {net} overlaps network {taken.id} ({taken.name}, {taken.subnet}): "
+                    "a member of both could not route to either")
         record = None
         while record is None:
             record = self._store.add_network(os.urandom(NETWORK_ID_LENGTH // 2).hex(), name,
