@@ -139,6 +139,7 @@ class APITests(SynchronousTestCase):
     def test_bad_requests(self) -> None:
         for request, error in [
             (b"not json", "the request is not JSON"),
+            (b"[" * 2000 + b"]" * 2000, "the request is not JSON"),  # audit item 8d
             ([1, 2], "a request is a JSON object"),
             ({"command": "reboot"}, "unknown command 'reboot'"),
             ({"command": "ping"}, "ping needs a peer"),

@@ -7,6 +7,7 @@ only the connection it came on.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -223,6 +224,17 @@ class SessionEndTests(SynchronousTestCase):
         self.assertIsNone(world.server.session(a.key))
         self.assertIsNotNone(world.server.session(b.key))
 
+    def test_bye_only_from_the_session(self) -> None:
+        """Audit item 8d: a BYE with an unknown token was dropped uncounted."""
+        world = World()
+        a, _ = world.registered_pair()
+        world.server.attach_udp(lambda data, addr: None)
+        world.server.udp_received(p.bye(b"t" * 8), ("198.51.100.66", 1))
+        token = world.server.session(a.key).token
+        world.server.udp_received(p.bye(token), ("198.51.100.66", 1))  # seen, replayed
+        self.assertEqual(world.server.counters["drop_bye_unknown"], 2)
+        self.assertIsNotNone(world.server.session(a.key))
+
     def test_newer_registration_replaces_older(self) -> None:
         """The same node registering again (new socket, other path) wins."""
         world = World()
@@ -272,7 +284,49 @@ class ClientGarbageTests(SynchronousTestCase):
         self.assertEqual(a.wireguard.received[-1][0], data_message(2))
 
 
+class ClientCountsTests(SynchronousTestCase):
+    def test_unexpected_frames_counted(self) -> None:
+        """Audit item 8d: challenges and welcomes while not registering were dropped uncounted."""
+        world = World()
+        a, _ = world.registered_pair()
+        for frame in (p.challenge(b"c" * p.CHALLENGE_LENGTH), p.welcome(b"w" * 8),
+                      p.refused(p.REFUSED_FULL)):
+            a.forwarder.datagramReceived(frame, RELAY_ADDR)
+        counters = a.client.counters
+        self.assertEqual((counters["drop_unexpected_challenge"],
+                          counters["drop_unexpected_welcome"],
+                          counters["drop_unexpected_refused"]), (1, 1, 1))
+        self.assertEqual(a.client.path("r1"), "udp")
+
+
 class RegistrationFloodTests(SynchronousTestCase):
+    def test_one_source_cannot_spend_everyones_registrations(self) -> None:
+        """
+        Audit item 8c: 2,500 junk proofs from one address, each on a
+        challenge it asked for itself, locked out a legitimate member; now
+        that address spends its own budget only.
+        """
+        world = World()
+        node = generate_private_key()
+        key = public_key(node)
+        world.policy.set_members(NET, [key])
+        relay_key = world.relays[0].public_key
+        replies: list[tuple[bytes, Any]] = []
+        world.server.attach_udp(lambda data, addr: replies.append((data, addr)))
+        flooder = ("198.51.100.66", 666)
+        for _ in range(2500):
+            world.server.udp_received(p.hello(key), flooder)
+            challenge = replies[-1][0][2:]
+            world.server.udp_received(p.auth(key, challenge, b"junk" * 4), flooder)
+        self.assertEqual(world.server.counters["drop_bad_proof"], 20)  # its burst
+        self.assertEqual(world.server.counters["drop_rate_auth_source"], 2480)
+        member = ("198.51.100.7", 7)
+        world.server.udp_received(p.hello(key), member)
+        challenge = replies[-1][0][2:]
+        world.server.udp_received(
+            p.auth(key, challenge, p.proof(node, relay_key, relay_key, key, challenge)), member)
+        self.assertEqual(world.server.counters["registrations"], 1)
+
     def test_registrations_are_rate_limited(self) -> None:
         """Each registration costs a Diffie-Hellman: a flood of them is bounded."""
         world = World(RelayLimits(auth_rate=5))
@@ -288,8 +342,10 @@ class RegistrationFloodTests(SynchronousTestCase):
             challenge = replies[-1][2:]
             world.server.udp_received(
                 p.auth(key, challenge, p.proof(node, relay_key, relay_key, key, challenge)), addr)
-        self.assertEqual(world.server.counters["registrations"], 10)  # the burst
-        self.assertEqual(world.server.counters["drop_rate_auth"], 40)
+        self.assertEqual(world.server.counters["registrations"], 10)  # the relay's burst
+        # The source's own burst (20) is spent first; the relay's (10) is what passes.
+        self.assertEqual(world.server.counters["drop_rate_auth"], 10)
+        self.assertEqual(world.server.counters["drop_rate_auth_source"], 30)
         world.clock.advance(1)
         world.server.udp_received(p.hello(key), ("198.51.100.51", 1))
         challenge = replies[-1][2:]

@@ -131,6 +131,8 @@ class API(SynchronousTestCase):
             ("POST", "/api/v1/networks", {"name": "x", "subnet": "bad"}, None, 400),
             ("POST", "/api/v1/networks", {"name": "x" * 100}, None, 400),
             ("POST", "/api/v1/networks", None, b"{" + b" " * MAX_BODY + b"}", 413),
+            # audit item 8d: nested past the recursion limit was a 500
+            ("POST", "/api/v1/networks", None, b"[" * 30_000 + b"]" * 30_000, 400),
             ("POST", member, {"authorized": "yes"}, None, 400),
             ("POST", member, {"color": "blue"}, None, 400),
             ("GET", "/api/v1/networks/ffffffffffffffff/members", None, None, 404),

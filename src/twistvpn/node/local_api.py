@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from twistvpn.common import jsonin
 from twistvpn.node.files import MAX_PINGS
 from twistvpn.node.joined import JoinedNode, PeerNotFoundError
 from twistvpn.traversal.manager import DIRECT, LAN
@@ -122,7 +123,7 @@ class LocalAPIProtocol(LineOnlyReceiver):
             return
         self.busy = True
         try:
-            request = json.loads(line)
+            request = jsonin.loads(line)
         except ValueError:
             self._finish({"ok": False, "error": "the request is not JSON"})
             return

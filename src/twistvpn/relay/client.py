@@ -340,6 +340,7 @@ class RelayRegistration:
             self.client.received(self, frame)
         elif kind == p.CHALLENGE:
             if self.registering != path:
+                self.client.counters["drop_unexpected_challenge"] += 1
                 return
             challenge_value = frame[2:]
             proof = p.proof(self.client.private_key, self.info.public_key, self.info.public_key,
@@ -351,6 +352,7 @@ class RelayRegistration:
                 stream.connection.write_frame(message)
         elif kind == p.WELCOME:
             if self.registering != path:
+                self.client.counters["drop_unexpected_welcome"] += 1
                 return
             self.registered(path, frame[2:])
         elif kind == p.REFUSED:
@@ -361,6 +363,7 @@ class RelayRegistration:
                     self.reregister()
                 return
             if self.registering != path:
+                self.client.counters["drop_unexpected_refused"] += 1
                 return
             self.client.counters["refused"] += 1
             self._enter(self.via, None)

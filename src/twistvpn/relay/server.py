@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twistvpn.common.auth import SharedKeyCache
-from twistvpn.common.ratelimit import TokenBucket
+from twistvpn.common.ratelimit import TokenBucket, TokenBuckets
 from twistvpn.interfaces import IRelayPolicy
 from twistvpn.relay import protocol as p
 from twistvpn.wireguard.keys import encode_key
@@ -59,6 +59,8 @@ class RelayLimits:
     deny_ttl: float = 5.0  # and about a refused pair this often
     sweep_interval: float = 2.0
     auth_rate: float = 1000.0  # registrations checked per second, for the whole relay
+    # ...and per source address, so that one source cannot spend them all.
+    auth_rate_per_source: float = 10.0
 
 
 class Traffic:
@@ -144,8 +146,9 @@ class StreamConnection:
     """
 
     def __init__(self, server: RelayServer, write: Callable[[bytes], None],
-                 lose: Callable[[], None], now: float) -> None:
+                 lose: Callable[[], None], now: float, peer: str | None = None) -> None:
         self.server = server
+        self.peer = peer  # the source address, for per-source budgets
         self._write = write
         self._lose = lose
         self.opened = now
@@ -234,6 +237,8 @@ class RelayServer:
         # Registrations cost a Diffie-Hellman each: bound them, and cache
         # the shared keys of nodes seen recently.
         self._auth_bucket = TokenBucket(self.limits.auth_rate, self.limits.auth_rate * 2, now)
+        rate = self.limits.auth_rate_per_source
+        self._auth_by_source = TokenBuckets(clock, rate, max(1.0, rate * 2))
         self._shared_keys = SharedKeyCache(private_key)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
@@ -334,7 +339,9 @@ class RelayServer:
             self._udp_out(p.pong(frame[2 : 2 + p.NONCE], session is not None), addr)
         elif kind == p.BYE:
             session = self._by_token.get(frame[2:])
-            if session is not None:
+            if session is None or session.addr != addr:
+                self.drop("bye_unknown")  # unknown token, or not from the session's address
+            else:
                 self._end(session)
         else:
             # A well-formed frame that only the relay sends.
@@ -371,8 +378,7 @@ class RelayServer:
         if not self._cookie_valid(cookie, node_key, addr, now):
             self.drop("bad_challenge")
             return
-        if not self._auth_bucket.take(1, now):
-            self.drop("rate_auth")
+        if not self._may_check_proof(addr[0], now):
             return
         if not p.proof_is_valid(self._shared_keys, self.public_key, node_key, cookie, proof):
             self.drop("bad_proof")
@@ -387,6 +393,20 @@ class RelayServer:
 
         self._register(node_key, make, lambda frame: self._udp_out(frame, addr))
 
+    def _may_check_proof(self, source: Any, now: float) -> bool:
+        """
+        Whether to spend a Diffie-Hellman on a proof from C{source}: its own
+        budget first, so that one source (with junk proofs on challenges it
+        asked for itself) cannot use up everyone's, then the relay's.
+        """
+        if not self._auth_by_source.allow(source):
+            self.drop("rate_auth_source")
+            return False
+        if not self._auth_bucket.take(1, now):
+            self.drop("rate_auth")
+            return False
+        return True
+
     @staticmethod
     def _split_auth(frame: bytes) -> tuple[bytes, bytes, bytes]:
         key_end = 2 + p.KEY
@@ -395,10 +415,10 @@ class RelayServer:
 
     # -- TCP ------------------------------------------------------------------------
 
-    def stream_opened(self, write: Callable[[bytes], None],
-                      lose: Callable[[], None]) -> StreamConnection:
-        """A TCP (TLS) connection was accepted."""
-        connection = StreamConnection(self, write, lose, self.clock.seconds())
+    def stream_opened(self, write: Callable[[bytes], None], lose: Callable[[], None],
+                      peer: str | None = None) -> StreamConnection:
+        """A TCP (TLS) connection was accepted from C{peer} (its host)."""
+        connection = StreamConnection(self, write, lose, self.clock.seconds(), peer)
         self._streams.add(connection)
         self.counters["connections_tcp"] += 1
         return connection
@@ -451,8 +471,7 @@ class RelayServer:
             self.drop("bad_challenge")
             connection.stream_malformed()
             return
-        if not self._auth_bucket.take(1, self.clock.seconds()):
-            self.drop("rate_auth")
+        if not self._may_check_proof(connection.peer, self.clock.seconds()):
             connection.close()
             return
         if not p.proof_is_valid(self._shared_keys, self.public_key, node_key, challenge, proof):

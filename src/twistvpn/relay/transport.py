@@ -91,7 +91,8 @@ class RelayStreamProtocol(FramedProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.connection = self.server.stream_opened(self.transport.write, self._lose)
+        peer = getattr(self.transport.getPeer(), "host", None)
+        self.connection = self.server.stream_opened(self.transport.write, self._lose, peer)
         self.transport.registerProducer(self, True)
 
     def _lose(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 from twisted.web import resource
 from twisted.web.server import Request
 
+from twistvpn.common import jsonin
 from twistvpn.common.tls import write_private
 from twistvpn.interfaces import INetworkController
 from twistvpn.rendezvous.errors import (
@@ -124,7 +125,7 @@ class AdminAPI(resource.Resource):
         if not data.strip():
             return {}
         try:
-            body = json.loads(data)
+            body = jsonin.loads(data)
         except ValueError as e:
             raise HTTPError(400, f"the body is not JSON: {e}") from None
         if not isinstance(body, dict):
