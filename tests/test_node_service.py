@@ -146,6 +146,28 @@ class StaticNodeServiceTests(unittest.TestCase):
         )
 
 
+class FirstHandshakeTests(unittest.TestCase):
+    def test_keepalive_peer_handshakes_at_once(self) -> None:
+        """
+        Reliability item 8: with PersistentKeepalive, the start-up keepalive
+        was sent before the socket was bound (lost), so the first handshake
+        waited for WireGuard's 5 s retry.  The data path binds first.
+        """
+        from twistvpn.wireguard.device import WireGuardDevice
+
+        reactor = MemoryReactor()
+        node = StaticNodeService(
+            reactor, parse_config(CONFIG, "wg0.conf"), interface_name="tvtest0",
+            open_tun=lambda name, mtu: FakeTunDevice(name, mtu), make_device=WireGuardDevice)
+        node.startService()
+        self.addCleanup(node.stopService)
+        sent = reactor.udpPorts[51820]._sentPackets
+        initiations = [(data, addr) for data, addr in sent if data[0] == 1]
+        self.assertEqual(len(initiations), 1, sent)
+        self.assertEqual(initiations[0][1], ("203.0.113.2", 51820))
+        self.assertEqual(node.forwarder.counters["drop_not_listening"], 0)
+
+
 class OptionsTests(unittest.TestCase):
     def write(self, text: str = CONFIG, mode: int = 0o600) -> str:
         path = self.mktemp()
