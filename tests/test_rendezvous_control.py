@@ -6,6 +6,7 @@ over iosim pumps, the controller behind it, one Clock.
 from __future__ import annotations
 
 import dataclasses
+import random
 
 from twisted.internet import defer
 from twisted.protocols import amp
@@ -18,7 +19,13 @@ from twistvpn.common import auth
 from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, IRendezvousListener
-from twistvpn.rendezvous.client import NotConnectedError, ServerKeyMismatchError
+from twistvpn.rendezvous.client import (
+    RECONNECT_JITTER,
+    RECONNECT_MAX,
+    NotConnectedError,
+    ServerKeyMismatchError,
+    reconnect_policy,
+)
 from twistvpn.rendezvous.controller import InvalidArgumentError, NotFoundError, node_id_of
 from twistvpn.rendezvous.protocol import (
     Challenge,
@@ -335,6 +342,35 @@ class Membership(SynchronousTestCase):
             self.world.settle(5)
         self.assertTrue(a.connected)
         self.assertEqual(len(la.of("connected")), 2)
+
+    def test_back_within_ten_seconds(self) -> None:
+        """
+        Reliability item 9: after the rendezvous was away for minutes, the
+        default policy had grown to about 20 s between attempts; now a node
+        is back within 10 s of the rendezvous returning, for any herd: 200
+        nodes' waits spread over the jitter rather than all in one instant.
+        """
+        policy = reconnect_policy(random.Random(7))
+        waits = [policy(n) for n in range(200)]
+        self.assertTrue(all(1.0 <= w <= RECONNECT_MAX + RECONNECT_JITTER < 10 for w in waits))
+        herd = [reconnect_policy(random.Random(seed))(30) for seed in range(200)]
+        self.assertGreater(max(herd) - min(herd), 1.0)
+        self.assertEqual(len(set(herd)), 200)
+        client, listener, endpoint = self.world.node("a")
+        self.world.flush()
+        self.assertTrue(client.connected)
+        endpoint.refuse = True
+        endpoint.drop()
+        self.world.clock.advance(600)  # away ten minutes: the backoff is at its cap
+        endpoint.refuse = False
+        back = self.world.clock.seconds()
+        for _ in range(100):
+            self.world.clock.advance(0.1)
+            self.world.flush()
+            if client.connected:
+                break
+        self.assertTrue(client.connected)
+        self.assertLess(self.world.clock.seconds() - back, 10.0)
 
     def test_backoff_grows(self) -> None:
         """Failed attempts are retried ever more slowly, up to a minute."""

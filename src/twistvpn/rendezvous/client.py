@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -106,6 +107,20 @@ class ControlClientProtocol(amp.AMP):
         self._client._connection_lost(self, reason)
 
 
+# Reconnection: back within 10 s of the rendezvous returning (the longest
+# wait plus the jitter), nodes spread over the jitter so that a rendezvous
+# that restarts is not met by all of them in the same instant.
+RECONNECT_MAX = 8.0
+RECONNECT_JITTER = 1.5
+
+
+def reconnect_policy(rng: random.Random | None = None) -> Callable[[int], float]:
+    """Seconds to wait before attempt n+1 after n failures: 1 s, growing 1.5x, capped, jittered."""
+    source = rng or random.Random()
+    return backoffPolicy(initialDelay=1.0, factor=1.5, maxDelay=RECONNECT_MAX,
+                         jitter=lambda: source.uniform(0, RECONNECT_JITTER))
+
+
 class RendezvousClient(Service):
     """A node's registration with a rendezvous and its membership of networks."""
 
@@ -142,7 +157,8 @@ class RendezvousClient(Service):
         self._clock = clock
         self._endpoint = endpoint
         self._factory = Factory.forProtocol(functools.partial(ControlClientProtocol, self))
-        self._retry_policy = retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=60.0)
+        self._retry_policy = retry_policy or reconnect_policy()
+        self.where = "the rendezvous"  # host:port, for the log
         self._failures = 0
         self._attempt: defer.Deferred[Any] | None = None
         self._attempt_protocol: ControlClientProtocol | None = None
@@ -175,7 +191,9 @@ class RendezvousClient(Service):
             HostnameEndpoint(reactor, address.host, address.port, timeout=CONNECT_TIMEOUT),
         )
         kwargs.setdefault("clock", reactor)
-        return cls(endpoint, private_key, name, listener, **kwargs)
+        client = cls(endpoint, private_key, name, listener, **kwargs)
+        client.where = f"{address.host}:{address.port}"
+        return client
 
     # -- service ------------------------------------------------------------
 
@@ -241,6 +259,8 @@ class RendezvousClient(Service):
 
     def _registered(self, protocol: ControlClientProtocol) -> None:
         self._attempt = self._attempt_protocol = None
+        if self._failures:
+            self.log.info("rendezvous {where} reached again", where=self.where)
         self._failures = 0
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
@@ -255,13 +275,14 @@ class RendezvousClient(Service):
             return
         self._failures += 1
         self.counters["failed_attempts"] += 1
+        delay = self._retry_policy(self._failures)
         self.log.info(
-            "rendezvous connection attempt {n} failed: {why}",
-            n=self._failures,
-            why=failure.getErrorMessage(),
+            "cannot reach the rendezvous {where} (attempt {n}): {why}; next attempt in {delay} s",
+            where=self.where, n=self._failures, why=failure.getErrorMessage(),
+            delay=f"{delay:.1f}",
         )
         self._fail_waiters(failure)
-        self._schedule(self._retry_policy(self._failures))
+        self._schedule(delay)
 
     def _fail_waiters(self, failure: Any, force: bool = False) -> None:
         waiters, self._waiters = self._waiters, []
