@@ -123,6 +123,19 @@ def _reference(observed: Address, local: Sequence[Address]) -> Address:
     return observed if observed in local else _first(local)
 
 
+# Punch requests the rendezvous could not arrange are made again after 1, 2,
+# 4, 8, 8... s, at most this many times in a row.
+PUNCH_RETRY_FIRST = 1.0
+PUNCH_RETRY_MAX = 8.0
+PUNCH_RETRIES = 8
+
+
+def _cancel(peer: JoinedPeer) -> None:
+    if peer.punch_retry is not None and peer.punch_retry.active():
+        peer.punch_retry.cancel()
+    peer.punch_retry = None
+
+
 @dataclass
 class JoinedPeer:
     """One WireGuard peer and the network members it stands for."""
@@ -132,6 +145,8 @@ class JoinedPeer:
     manager: PathManager
     members: dict[str, Member] = field(default_factory=dict)  # network ID -> entry
     reported: tuple[str, Any] = (NONE, None)  # last (kind, endpoint) logged
+    punch_failures: int = 0  # punch requests the rendezvous could not arrange, in a row
+    punch_retry: Any = None  # IDelayedCall of the next request
 
     @property
     def name(self) -> str:
@@ -245,6 +260,11 @@ class JoinedNode:
         self.rendezvous_up = True
         self.log.info("registered with the rendezvous as node {node}", node=node_id)
         self._start_discovery()
+        # Back after an outage: pairs that fell back to the relay meanwhile
+        # (a NAT that moved) go direct again, now rather than at the next change.
+        for peer in list(self.peers.values()):
+            peer.punch_failures = 0
+            self._punch_together(peer)
 
     def disconnected(self, reason: str) -> None:
         self.rendezvous_up = False
@@ -418,16 +438,41 @@ class JoinedNode:
     def request_punch(self, peer: JoinedPeer) -> None:
         """
         Have the rendezvous tell both sides to start traversal at once;
-        without the rendezvous, start on our side.
+        without the rendezvous, start on our side.  A request the rendezvous
+        cannot arrange (the peer is not back yet, the connection dropped) is
+        made again with backoff, until the path is direct or the tries run out.
         """
+        _cancel(peer)
         client = self.client
         if client is None or not self.rendezvous_up:
             peer.manager.punch_now()
             return
         network_id = sorted(peer.members)[0]
-        client.request_punch(network_id, peer.public_key).addErrback(
-            lambda f: self.log.info("punch towards {name} not arranged: {why}",
-                                    name=peer.name, why=f.getErrorMessage()))
+
+        def arranged(_: object) -> None:
+            peer.punch_failures = 0
+
+        def failed(failure: Any) -> None:
+            peer.punch_failures += 1
+            if (self._stopped or self.peers.get(peer.public_key) is not peer
+                    or peer.manager.kind in (LAN, DIRECT)):
+                return
+            if peer.punch_failures > PUNCH_RETRIES:
+                self.log.info("punch towards {name} not arranged: {why}; giving up",
+                              name=peer.name, why=failure.getErrorMessage())
+                return
+            delay = min(PUNCH_RETRY_FIRST * 2 ** (peer.punch_failures - 1), PUNCH_RETRY_MAX)
+            self.log.info("punch towards {name} not arranged: {why}; asking again in {delay} s",
+                          name=peer.name, why=failure.getErrorMessage(), delay=delay)
+            peer.punch_retry = self.clock.callLater(delay, self._retry_punch, peer)
+
+        client.request_punch(network_id, peer.public_key).addCallbacks(arranged, failed)
+
+    def _retry_punch(self, peer: JoinedPeer) -> None:
+        peer.punch_retry = None
+        if (not self._stopped and self.peers.get(peer.public_key) is peer
+                and peer.manager.kind not in (LAN, DIRECT)):
+            self.request_punch(peer)
 
     def _update_peer(self, peer: JoinedPeer, members: dict[str, Member]) -> None:
         before = member_candidates(peer.member)
@@ -445,6 +490,7 @@ class JoinedNode:
 
     def _remove_peer(self, key: bytes) -> None:
         peer = self.peers.pop(key)
+        _cancel(peer)
         peer.manager.stop()
         self.device.remove_peer(key)
         self.log.info("peer {name} removed", name=peer.name)
