@@ -10,6 +10,28 @@ from collections.abc import Callable
 from twisted.python import usage
 
 
+class OneLineOptions(usage.Options):
+    """
+    A twistd plugin's options whose errors are one line on stderr: twistd
+    prints the whole usage (dozens of lines) to stdout with the error last,
+    which a person starting a service cannot act on.  Parsed on their own
+    (tests, tools) they raise C{UsageError} as any options do; under twistd
+    (which sets C{parent}) the error becomes C{SystemExit}, which twistd
+    lets through: Python prints the line to stderr and exits with 1.
+    Usage is still shown on C{--help}.
+    """
+
+    command = "twistvpn"  # the plugin's name, for the message
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            raise SystemExit(f"twistd {self.command}: {e}") from None
+
+
 def is_decimal(text: str) -> bool:
     """
     Whether C{text} is ASCII digits only.  C{str.isdigit} also takes other

@@ -30,13 +30,15 @@ from twistvpn.node.joined_service import (
 )
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
-from twistvpn.options import integer
+from twistvpn.options import OneLineOptions, integer
 
 NAME_LENGTH = 64
 MAX_ANSWER_WAIT_US = 10_000
 
 
-class Options(usage.Options):
+class Options(OneLineOptions):
+    command = "twistvpn-node"
+
     synopsis = (
         "--config wg0.conf [--interface NAME]  |  --data-dir DIR --rendezvous "
         "twistvpn://HOST:PORT#sha256=... --join NETWORK_ID [--join ...] [--name NAME] "

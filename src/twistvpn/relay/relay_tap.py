@@ -17,7 +17,7 @@ from twisted.python import usage
 from twistvpn.common import tls
 from twistvpn.common.datadir import DataDirError, open_data_dir
 from twistvpn.common.services import StartStopService, StreamListener
-from twistvpn.options import port
+from twistvpn.options import OneLineOptions, port
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import RelayLink
 from twistvpn.relay.policy import MembershipPolicy
@@ -42,7 +42,9 @@ def _positive(value: str) -> float:
     return number
 
 
-class Options(usage.Options):
+class Options(OneLineOptions):
+    command = "twistvpn-relay"
+
     synopsis = "--rendezvous twistvpn://HOST:PORT#sha256=FINGERPRINT [options]"
     longdesc = (
         "Run a standalone twistvpn relay. It carries nodes' encrypted WireGuard datagrams "

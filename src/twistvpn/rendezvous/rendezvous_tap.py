@@ -21,7 +21,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from twistvpn.options import port
+from twistvpn.options import OneLineOptions, port
 from twistvpn.relay.service import attach_relays
 from twistvpn.rendezvous.files import DEFAULT_DATA_DIR
 from twistvpn.rendezvous.service import (
@@ -66,7 +66,9 @@ def check_endpoint(option: str, description: str) -> str:
     return description
 
 
-class Options(usage.Options):
+class Options(OneLineOptions):
+    command = "twistvpn-rendezvous"
+
     synopsis = "[options]"
     optFlags = [
         ["no-relay", None, "Do not run the embedded relay (standalone relays may still link)."],
