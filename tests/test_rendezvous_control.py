@@ -604,10 +604,16 @@ class BadInput(SynchronousTestCase):
         self.world.flush()
         self.assertFalse(pump.serverIO.disconnected)
         self.assertEqual(self.world.server_factory.counters["bad_request"], 2)
+        # Found by the fuzz suite: an unknown command asking no answer logged
+        # a traceback per box.
+        pump.client.transport.write(amp.AmpBox(_command=b"").serialize() * 3)
+        self.world.flush()
+        self.assertEqual(self.world.server_factory.counters["bad_request"], 5)
+        self.assertEqual(self.flushLoggedErrors(), [])
         pump.client.transport.write(amp.AmpBox(foo=b"bar").serialize())
         self.world.flush()
         self.assertTrue(pump.serverIO.disconnected)
-        self.assertEqual(self.world.server_factory.counters["bad_request"], 3)
+        self.assertEqual(self.world.server_factory.counters["bad_request"], 6)
         self.assertEqual(self.flushLoggedErrors(), [])
         self._still_served()
 

@@ -127,6 +127,17 @@ class BoundedAMP(amp.AMP):
 
         return checked
 
+    def unhandledError(self, failure: Any) -> None:  # noqa: N802 (Twisted's name)
+        """
+        A command that asked for no answer failed: AMP logs the failure
+        with its traceback, once per box.  A peer's unknown or malformed
+        command is the peer's mistake: one line and a count.
+        """
+        if failure.check(amp.RemoteAmpError):
+            self.malformed(f"a command without an answer failed: {failure.getErrorMessage()}"[:200])
+            return
+        super().unhandledError(failure)
+
     def ampBoxReceived(self, box: amp.AmpBox) -> None:  # noqa: N802 (Twisted's name)
         try:
             super().ampBoxReceived(box)
