@@ -53,6 +53,11 @@ MAX_HANDSHAKE = 64 * 1024
 # What a server takes from a client before it is keyed: a ClientHello and a
 # Finished are a few hundred bytes; an unauthenticated peer gets no more.
 MAX_CLIENT_HANDSHAKE = 8 * 1024
+# A server's bounds on unauthenticated peers: connections open at once from
+# one address (an office behind one NAT is well within it), and seconds to
+# finish the handshake.
+MAX_PER_SOURCE = 64
+HANDSHAKE_TIMEOUT = 10.0
 # TLS 1.3 session tickets a server sends after its handshake (a client
 # ignores them); a few hundred bytes each, two of them.
 MAX_LATE_HANDSHAKE = 4 * 1024
@@ -296,13 +301,37 @@ class ChannelProtocol(ProtocolWrapper):
         self.state: ChannelState | None = None
         self._pending: list[bytes] = []
         self._reason: Failure | None = None
+        self.source: str | None = None  # counted against the factory's per-source bound
+        self._handshake_timer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        if not self.factory.admit(self):
+            # Refused before any TLS state exists: it costs nothing to hold.
+            self._reason = Failure(ChannelError("too many connections from this address"))
+            transport.loseConnection()
+            return
         self.state = self.factory.new_state(self)
         super().makeConnection(transport)
+        clock = self.factory.clock
+        if clock is not None and not self.factory.is_client:
+            self._handshake_timer = clock.callLater(self.factory.handshake_timeout,
+                                                    self._handshake_timed_out)
         first = self.state.start()
         if first:
             self.transport.write(first)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.state is not None and not self.state.keyed:
+            self.factory.counters["handshake_timeout"] += 1
+            self._reason = Failure(ChannelError("no TLS handshake in time"))
+            self.transport.abortConnection()
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -321,6 +350,7 @@ class ChannelProtocol(ProtocolWrapper):
             self.transport.write(out)
         if state.keyed and not was_keyed:
             self.factory.counters["keyed"] += 1
+            self._cancel_handshake_timer()
             pending, self._pending = self._pending, []
             for chunk in pending:
                 self.transport.write(state.seal(chunk))
@@ -354,9 +384,13 @@ class ChannelProtocol(ProtocolWrapper):
             self.state.failVerification(reason)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.state = None
+        self._cancel_handshake_timer()
+        self.factory.release(self)
+        admitted = self.state is not None
+        self.state = None  # the OpenSSL object of an unkeyed channel goes now
         self._pending = []
-        super().connectionLost(self._reason or reason)
+        if admitted:
+            super().connectionLost(self._reason or reason)
 
 
 class ChannelFactory(WrappingFactory[ChannelProtocol]):
@@ -369,11 +403,46 @@ class ChannelFactory(WrappingFactory[ChannelProtocol]):
 
     protocol = ChannelProtocol
 
-    def __init__(self, tls: Any, is_client: bool, wrapped: IProtocolFactory) -> None:
+    def __init__(self, tls: Any, is_client: bool, wrapped: IProtocolFactory, *,
+                 clock: interfaces.IReactorTime | None = None,
+                 max_per_source: int = MAX_PER_SOURCE,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         super().__init__(wrapped)
         self._tls = tls
         self.is_client = is_client
-        self.counters: dict[str, int] = {"keyed": 0, "failed": 0}
+        # A server's bounds on what unauthenticated peers cost it: open
+        # connections per source address, and the time to key the channel
+        # (with a clock; without one, the wrapped protocol's timeouts only).
+        self.clock = clock
+        self.max_per_source = max_per_source
+        self.handshake_timeout = handshake_timeout
+        self.per_source: dict[str, int] = {}
+        self.counters: dict[str, int] = {"keyed": 0, "failed": 0, "refused_per_source": 0,
+                                         "handshake_timeout": 0}
+
+    def admit(self, protocol: ChannelProtocol) -> bool:
+        """Whether a server takes one more connection from its source."""
+        if self.is_client:
+            return True
+        host = getattr(protocol.transport.getPeer(), "host", None)
+        if host is None:
+            return True
+        if self.per_source.get(host, 0) >= self.max_per_source:
+            self.counters["refused_per_source"] += 1
+            return False
+        self.per_source[host] = self.per_source.get(host, 0) + 1
+        protocol.source = host
+        return True
+
+    def release(self, protocol: ChannelProtocol) -> None:
+        host = protocol.source
+        if host is not None:
+            left = self.per_source.get(host, 1) - 1
+            if left > 0:
+                self.per_source[host] = left
+            else:
+                self.per_source.pop(host, None)
+            protocol.source = None
 
     def new_state(self, protocol: ChannelProtocol) -> ChannelState:
         if self.is_client:

@@ -181,7 +181,8 @@ class RendezvousService(MultiService):
             udp = DatagramListenService(reactor, port, protocol, udp_interface, buffer_size=None)
             self._udp.append(self._add(f"udp{which}", udp))
         control_tls = tls.server_options(data.cert_pem, data.key_pem, ssl.TLSVersion.TLSv1_3)
-        self.channel_factory = ChannelFactory(control_tls, False, self.control_factory)
+        self.channel_factory = ChannelFactory(control_tls, False, self.control_factory,
+                                              clock=reactor)
         self.control = self._add(
             "control", StreamListener(serverFromString(reactor, control), self.channel_factory)
         )
