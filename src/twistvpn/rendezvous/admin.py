@@ -25,6 +25,7 @@ import hmac
 import json
 import os
 import secrets
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from twisted.web.server import Request
 from twistvpn.common import jsonin
 from twistvpn.common.tls import write_private
 from twistvpn.interfaces import INetworkController
+from twistvpn.rendezvous.audit import AuditLog
 from twistvpn.rendezvous.errors import (
     ConflictError,
     ControllerError,
@@ -78,11 +80,15 @@ class AdminAPI(resource.Resource):
         controller: INetworkController,
         token: str | None,
         info: Callable[[], dict[str, Any]] = dict,
+        audit: AuditLog | None = None,
     ) -> None:
         super().__init__()
         self._controller = controller
         self._token = token
         self._info = info
+        # Who acts through this API: the admin socket's owner, or the token's holder.
+        self._actor = "admin-socket" if token is None else "http-token"
+        self._audit = audit
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -94,8 +100,13 @@ class AdminAPI(resource.Resource):
             if path[-1:] == [""]:
                 path = path[:-1]
             body = self._body(request) if method in ("POST", "PUT") else {}
-            result = self._route(method, path, body)
-            code = 201 if method == "POST" and path == ["api", "v1", "networks"] else 200
+            try:
+                result = self._route(method, path, body, _since(request))
+                code = 201 if method == "POST" and path == ["api", "v1", "networks"] else 200
+            finally:
+                if method in ("POST", "PUT", "DELETE"):
+                    changed = sys.exc_info()[1]
+                    self._record(method, path, body, changed)
         except HTTPError as e:
             code, result = e.code, {"error": str(e)}
         except ControllerError as e:
@@ -103,6 +114,15 @@ class AdminAPI(resource.Resource):
             result = {"error": str(e)}
         request.setResponseCode(code)
         return json.dumps(result, indent=1).encode("utf-8") + b"\n"
+
+    def _record(self, method: str, path: list[str], body: dict[str, Any],
+                error: BaseException | None) -> None:
+        """An admin action, done or refused, into the audit log (before the answer)."""
+        if self._audit is None:
+            return
+        target = "/" + "/".join(path[2:] if path[:2] == ["api", "v1"] else path)
+        result = "ok" if error is None else f"refused: {error}"[:300]
+        self._audit.record(self._actor, method, target, result, body or None)
 
     def _authenticate(self, request: Request) -> None:
         if self._token is None:
@@ -132,7 +152,8 @@ class AdminAPI(resource.Resource):
             raise HTTPError(400, "the body must be a JSON object")
         return body
 
-    def _route(self, method: str, path: list[str], body: dict[str, Any]) -> Any:
+    def _route(self, method: str, path: list[str], body: dict[str, Any],
+               since: float | None = None) -> Any:
         c = self._controller
         if path[:2] != ["api", "v1"]:
             raise HTTPError(404, "no such resource (the API lives under /api/v1/)")
@@ -140,6 +161,8 @@ class AdminAPI(resource.Resource):
         routes: dict[tuple[str, int], Callable[[], Any]] = {}
         if rest == ["status"]:
             routes[("GET", 1)] = lambda: {**self._info(), **c.status()}
+        elif rest == ["audit"]:
+            routes[("GET", 1)] = lambda: self._read_audit(since)
         elif rest[:1] == ["networks"] and len(rest) == 1:
             routes[("GET", 1)] = c.list_networks
             routes[("POST", 1)] = lambda: c.create_network(
@@ -165,6 +188,11 @@ class AdminAPI(resource.Resource):
             raise HTTPError(405, f"{method} is not allowed here")
         return handler()
 
+    def _read_audit(self, since: float | None) -> Any:
+        if self._audit is None:
+            raise HTTPError(404, "this rendezvous keeps no audit log")
+        return self._audit.read(since)
+
     def _update_member(self, network_id: str, node: str, body: dict[str, Any]) -> Any:
         """Like ZeroTier's member POST: change what the body names."""
         unknown = set(body) - {"authorized", "ip"}
@@ -179,6 +207,17 @@ class AdminAPI(resource.Resource):
 
 
 _MISSING = object()
+
+
+def _since(request: Request) -> float | None:
+    """The C{since} query argument (seconds since the epoch), or None."""
+    values = (getattr(request, "args", None) or {}).get(b"since")
+    if not values:
+        return None
+    try:
+        return float(values[0])
+    except ValueError:
+        raise HTTPError(400, "since must be a number of seconds since the epoch") from None
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:

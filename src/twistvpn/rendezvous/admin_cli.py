@@ -27,6 +27,7 @@ import time
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
+from twistvpn.options import is_decimal
 from twistvpn.rendezvous.files import ADMIN_SOCKET, DEFAULT_DATA_DIR, TOKEN_FILE
 from twistvpn.table import columns
 
@@ -170,6 +171,26 @@ def _print_member(m: dict[str, Any], out: TextIO) -> None:
     out.write(f"{m['node_id']} {m['name'] or '-'}: {state}, IP {m['ip'] or '-'}\n")
 
 
+def _print_audit(entries: list[dict[str, Any]], out: TextIO) -> None:
+    rows = [
+        [
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])),
+            e["actor"], e["action"], e["object"], e["result"],
+        ]
+        for e in entries
+    ]
+    out.write(columns(["TIME", "ACTOR", "ACTION", "OBJECT", "RESULT"], rows))
+
+
+def duration(text: str) -> float:
+    """Seconds from "90", "90s", "15m", "2h" or "7d" (argparse type)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not is_decimal(number) or not number:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (90s, 15m, 2h, 7d)")
+    return int(number) * units[unit]
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
@@ -208,6 +229,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             _print_member(client.member(args.network, args.node, "POST", {"ip": args.ip}), out)
         elif what == ("status", None):
             out.write(json.dumps(client.request("GET", "status"), indent=1) + "\n")
+        elif what == ("audit", None):
+            query = "" if args.since is None else f"?since={time.time() - args.since:.3f}"
+            _print_audit(client.request("GET", "audit" + query), out)
         else:  # pragma: no cover - argparse allows nothing else
             raise AdminError(f"unknown command {what}")
     except AdminError as e:
@@ -285,4 +309,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     status = objects.add_parser("status", help="the rendezvous's address, key and counters")
     status.set_defaults(admin_action=None)
+    audit = objects.add_parser(
+        "audit", help="who changed what, and when: the rendezvous's audit log")
+    audit.add_argument("--since", type=duration, default=None, metavar="DURATION",
+                       help="only the last DURATION (90s, 15m, 2h, 7d)")
+    audit.set_defaults(admin_action=None)
     admin.set_defaults(func=run)

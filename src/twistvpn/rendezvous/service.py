@@ -29,11 +29,12 @@ from twistvpn.common.datadir import DataDirError, open_data_dir
 from twistvpn.common.services import DatagramListenService, StreamListener
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
+from twistvpn.rendezvous.audit import AuditLog
 from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import DBError, get_db
 from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
-from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
+from twistvpn.rendezvous.files import ADMIN_SOCKET, AUDIT_FILE, STATE_FILE
 from twistvpn.rendezvous.server import ControlServerFactory
 from twistvpn.rendezvous.store import SQLiteStore
 from twistvpn.wireguard.keys import (
@@ -189,15 +190,16 @@ class RendezvousService(MultiService):
         self.relay_settings = relays
         # The relays, when the tap attaches them (twistvpn.rendezvous.rendezvous_tap).
         self.relays: IRendezvousRelays | None = None
+        self.audit = AuditLog(data.file(AUDIT_FILE), reactor.seconds)
         socket = data.file(ADMIN_SOCKET)
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
             "admin-unix",
-            StreamListener(unix, Site(AdminAPI(self.controller, None, self.info))),
+            StreamListener(unix, Site(AdminAPI(self.controller, None, self.info, self.audit))),
         )
         self.admin_http: StreamListener | None = None
         if admin_http is not None:
-            site = Site(AdminAPI(self.controller, data.token, self.info))
+            site = Site(AdminAPI(self.controller, data.token, self.info, self.audit))
             self.admin_http = self._add(
                 "admin-http", StreamListener(serverFromString(reactor, admin_http), site)
             )
@@ -308,6 +310,7 @@ class RendezvousService(MultiService):
 
         def close(_: object) -> None:
             self.data.db.close()
+            self.audit.close()
             for name in (STATE_FILE,):
                 try:
                     os.unlink(self.data.file(name))
