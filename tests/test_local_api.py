@@ -193,6 +193,14 @@ class CLITests(SynchronousTestCase):
         for command in ("status", "ping", "netcheck"):
             self.assertIn(command, parser.format_help())
 
+    def test_metrics(self) -> None:
+        """twistvpn metrics: the node's Prometheus text, through its local API."""
+        code, out, _ = self.run_cli("metrics", "--data-dir", "/srv/tv")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.requests[0], ("/srv/tv/node.sock", {"command": "metrics"}))
+        self.assertIn("# TYPE twistvpn_node_peer_path gauge", out)
+        self.assertIn("twistvpn_node_datapath_total{", out)
+
     def test_status_table(self) -> None:
         code, out, _ = self.run_cli("status", "--data-dir", "/srv/tv")
         self.assertEqual(code, 0)

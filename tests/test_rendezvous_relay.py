@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,53 +21,13 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tests.support.reactor import FakeReactor as _FakeReactor
 from tests.support.rendezvous import FakeSession, RecordingObserver, new_key
+from tests.support.services import parse_rendezvous as parse
+from tests.support.services import start_rendezvous as start
 from twistvpn.rendezvous.admin import AdminAPI
 from twistvpn.rendezvous.controller import node_id_of
-from twistvpn.rendezvous.rendezvous_tap import Options, makeService
-from twistvpn.rendezvous.service import RendezvousService
 from twistvpn.testing.localrun import LocalRendezvous
 from twistvpn.wireguard.keys import encode_key
-
-
-class FakeReactor(_FakeReactor):
-    """Its UDP ports have a socket (unbound) whose buffers the relay sizes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sockets: list[socket.socket] = []
-
-    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 0):
-        listening = super().listenUDP(port, protocol, interface, maxPacketSize)
-        listening.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sockets.append(listening.socket)
-        return listening
-
-
-def parse(test: SynchronousTestCase, *args: str, hostname: str = "203.0.113.5") -> Options:
-    tmp = tempfile.mkdtemp(prefix="tvrr")
-    test.addCleanup(shutil.rmtree, tmp, True)
-    options = Options()
-    options.parseOptions(
-        ["--data-dir", os.path.join(tmp, "d"), "--hostname", hostname, "--admin-http", "none",
-         *args]
-    )
-    return options
-
-
-def start(test: SynchronousTestCase, options: Options) -> tuple[RendezvousService, FakeReactor]:
-    reactor = FakeReactor()
-    def close_sockets() -> None:
-        for s in reactor.sockets:
-            s.close()
-
-    test.addCleanup(close_sockets)
-    service = makeService(options, reactor)
-    assert isinstance(service, RendezvousService)
-    service.startService()
-    test.addCleanup(service.stopService)
-    return service, reactor
 
 
 class RelayOptions(SynchronousTestCase):

@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "status": "twistvpn.node.local_cli",
     "ping": "twistvpn.node.local_cli",
     "netcheck": "twistvpn.node.local_cli",
+    "metrics": "twistvpn.node.local_cli",
 }
 COMMAND_MODULES: list[str] = list(dict.fromkeys(COMMANDS.values()))
 

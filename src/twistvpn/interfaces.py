@@ -747,3 +747,9 @@ class IRendezvousRelays(Interface):
         counters (None when there is none), and C{standalone}, a list of
         the linked relays.
         """
+
+    def metrics():
+        """
+        Return the embedded relay's Prometheus families
+        (L{twistvpn.common.metrics.Family}); none without one.
+        """

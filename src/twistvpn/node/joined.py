@@ -30,6 +30,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistvpn.common.metrics import Family
 from twistvpn.interfaces import IRendezvousListener
 from twistvpn.relay.client import RelayInfo
 from twistvpn.rendezvous.discovery import NetcheckResult
@@ -625,6 +626,43 @@ class JoinedNode:
             "tx_bytes": wg.tx_bytes,
             "traversal": manager.status(),
         }
+
+    def metrics(self) -> list[Family]:
+        """
+        Prometheus families: each peer's path, RTT, handshake age and bytes;
+        the rendezvous connection; and every counter the data path keeps
+        (forged and replayed packets among them).
+        """
+        now = self.clock.seconds()
+        path = Family("twistvpn_node_peer_path", "gauge", "1 for the path each peer is on.",
+                      ("peer", "path"))
+        rtt = Family("twistvpn_node_peer_rtt_seconds", "gauge", "Smoothed RTT of the path.",
+                     ("peer",))
+        age = Family("twistvpn_node_peer_handshake_age_seconds", "gauge",
+                     "Seconds since the last WireGuard handshake.", ("peer",))
+        transferred = Family("twistvpn_node_peer_bytes", "counter", "Bytes, by direction.",
+                             ("peer", "direction"))
+        for peer in self.peers.values():
+            status = self._peer_status(peer, now)
+            path.add(1, peer.name, status["path"])
+            if status["rtt"] is not None:
+                rtt.add(status["rtt"], peer.name)
+            if status["last_handshake_ago"] is not None:
+                age.add(status["last_handshake_ago"], peer.name)
+            transferred.add(status["rx_bytes"], peer.name, "rx")
+            transferred.add(status["tx_bytes"], peer.name, "tx")
+        datapath = Family("twistvpn_node_datapath", "counter",
+                          "Packets and drops counted by each part of the data path.",
+                          ("part", "event"))
+        for part, kept in (("forwarder", self.forwarder.counters),
+                           ("wireguard", self.device.counters), ("tun", self.tun.counters),
+                           ("probes", getattr(self.probes, "counters", {})),
+                           ("relay", self.relay.counters if self.relay is not None else {})):
+            for event, value in sorted(kept.items()):
+                datapath.add(value, part, event)
+        connected = Family("twistvpn_node_rendezvous_connected", "gauge",
+                           "1 while the control connection is up.").add(int(self.rendezvous_up))
+        return [connected, path, rtt, age, transferred, datapath]
 
     def ping_once(self, query: str, timeout: float = 2.0) -> defer.Deferred[dict[str, Any]]:
         """

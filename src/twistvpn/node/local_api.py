@@ -29,6 +29,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from twistvpn.common import jsonin
+from twistvpn.common.metrics import render
 from twistvpn.node.files import MAX_PINGS
 from twistvpn.node.joined import JoinedNode, PeerNotFoundError
 from twistvpn.traversal.manager import DIRECT, LAN
@@ -61,6 +62,8 @@ class LocalAPI:
             return defer.succeed(self.node.status())
         if command == "netcheck":
             return self.node.netcheck()
+        if command == "metrics":
+            return defer.succeed(render(self.node.metrics).decode("utf-8"))
         if command == "ping":
             peer = request.get("peer")
             count = request.get("count", 4)

@@ -219,6 +219,15 @@ def netcheck(args: argparse.Namespace, out: TextIO = sys.stdout,
     return _run(run, err)
 
 
+def metrics(args: argparse.Namespace, out: TextIO = sys.stdout,
+            err: TextIO = sys.stderr) -> int:
+    def run() -> int:
+        out.write(call(socket_path(args), {"command": "metrics"}))
+        return 0
+
+    return _run(run, err)
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -253,4 +262,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "netcheck", help="public endpoint, NAT mapping, RTT to the rendezvous and relays")
     common(p)
     p.set_defaults(func=netcheck)
+    p = subparsers.add_parser(
+        "metrics", help="the node's Prometheus metrics (paths, RTTs, handshakes, drops)")
+    common(p)
+    p.set_defaults(func=metrics)
 

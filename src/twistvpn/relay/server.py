@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from twistvpn.common.auth import SharedKeyCache
+from twistvpn.common.metrics import Family
 from twistvpn.common.ratelimit import TokenBucket, TokenBuckets
 from twistvpn.interfaces import IRelayPolicy
 from twistvpn.relay import protocol as p
@@ -282,6 +283,28 @@ class RelayServer:
             "tcp_connections": len(self._streams),
             "counters": dict(sorted({**self.counters, **self.traffic.as_dict()}.items())),
         }
+
+    def metrics(self) -> list[Family]:
+        """Prometheus families: sessions by path, traffic, and every drop by reason."""
+        stats = self.stats()
+        relay = (self.relay_id,)
+        sessions = Family("twistvpn_relay_sessions", "gauge", "Registered nodes, by path.",
+                          ("relay", "path"))
+        sessions.add(stats["sessions_udp"], *relay, "udp")
+        sessions.add(stats["sessions_tcp"], *relay, "tcp")
+        drops = Family("twistvpn_relay_drops", "counter", "Frames dropped, by reason.",
+                       ("relay", "reason"))
+        events = Family("twistvpn_relay_events", "counter",
+                        "Registrations, rebinds, traffic and other events.", ("relay", "event"))
+        for name, value in stats["counters"].items():
+            if name.startswith("drop_"):
+                drops.add(value, *relay, name[len("drop_"):])
+            else:
+                events.add(value, *relay, name)
+        connections = Family("twistvpn_relay_tcp_connections", "gauge",
+                             "Open TLS connections.", ("relay",)).add(stats["tcp_connections"],
+                                                                     *relay)
+        return [sessions, connections, drops, events]
 
     def session(self, key: bytes) -> Session | None:
         return self._by_key.get(key)

@@ -21,6 +21,7 @@ from twisted.web import server as web_server
 from zope.interface import implementer
 
 from twistvpn.common import tls
+from twistvpn.common.metrics import Family, MetricsResource
 from twistvpn.common.services import DatagramListenService, StartStopService, StreamListener
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.relay.client import RelayInfo
@@ -87,6 +88,7 @@ def admin_site(server: RelayServer,
     """The standalone relay's admin page; C{extra} adds facts (the link's state)."""
     root = resource.Resource()
     root.putChild(b"stats", StatsResource(server, extra))
+    root.putChild(b"metrics", MetricsResource(server.metrics))
     return web_server.Site(root)
 
 
@@ -191,6 +193,9 @@ class RendezvousRelays:
             "embedded": self.embedded.server.stats() if self.embedded is not None else None,
             "standalone": list(self.link.relays()) if self.link is not None else [],
         }
+
+    def metrics(self) -> list[Family]:
+        return self.embedded.server.metrics() if self.embedded is not None else []
 
 
 def attach_relays(parent: service.MultiService, reactor: Any, controller: Any,

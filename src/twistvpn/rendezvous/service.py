@@ -26,6 +26,13 @@ from twisted.web.server import Site
 from twistvpn import __version__
 from twistvpn.common import tls
 from twistvpn.common.datadir import DataDirError, open_data_dir
+from twistvpn.common.metrics import (
+    Family,
+    MetricsResource,
+    WithMetrics,
+    counters,
+    is_loopback_endpoint,
+)
 from twistvpn.common.services import DatagramListenService, StreamListener
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
@@ -199,7 +206,11 @@ class RendezvousService(MultiService):
         )
         self.admin_http: StreamListener | None = None
         if admin_http is not None:
-            site = Site(AdminAPI(self.controller, data.token, self.info, self.audit))
+            # /metrics beside the API: without a token on loopback (Prometheus
+            # on the same machine), with the admin token anywhere else.
+            token = None if is_loopback_endpoint(admin_http) else data.token
+            site = Site(WithMetrics(MetricsResource(self.metrics, token),
+                                    AdminAPI(self.controller, data.token, self.info, self.audit)))
             self.admin_http = self._add(
                 "admin-http", StreamListener(serverFromString(reactor, admin_http), site)
             )
@@ -215,6 +226,33 @@ class RendezvousService(MultiService):
         """Whether the settings ask for an embedded relay or a link for standalone ones."""
         settings = self.relay_settings
         return (settings.embedded and settings.public_ip is not None) or settings.link is not None
+
+    def metrics(self) -> list[Family]:
+        """Prometheus families: nodes, networks, members, and every counter kept."""
+        status = self.controller.status()
+        nodes = Family("twistvpn_rendezvous_nodes", "gauge", "Nodes ever registered, and online.",
+                       ("state",))
+        nodes.add(status["nodes"], "registered").add(status["online"], "online")
+        networks = self.controller.list_networks()
+        members = Family("twistvpn_rendezvous_members", "gauge", "Members, by state.",
+                         ("state",))
+        authorized = sum(n["authorized"] for n in networks)
+        members.add(authorized, "authorized").add(
+            sum(n["members"] for n in networks) - authorized, "pending")
+        families = [
+            nodes, members,
+            Family("twistvpn_rendezvous_networks", "gauge", "Networks.").add(len(networks)),
+            counters("twistvpn_rendezvous_events", "Registrations, joins, map pushes, punches.",
+                     "event", status["counters"]),
+            counters("twistvpn_rendezvous_control", "Control connections and their failures.",
+                     "event", dict(self.control_factory.counters)
+                     | {f"channel_{k}": v for k, v in self.channel_factory.counters.items()}),
+            counters("twistvpn_rendezvous_discovery", "Discovery requests answered and dropped.",
+                     "event", dict(self.discovery.counters)),
+        ]
+        if self.relays is not None:
+            families += self.relays.metrics()
+        return families
 
     def relay_status(self) -> dict[str, Any]:
         """The relays' part of the status: where they are and their counters."""
