@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -171,3 +172,30 @@ class RealProcess(TestCase):
         # once it has shut down, so the status is "killed by SIGTERM")
         self.assertEqual(self.rendezvous.kill(signal.SIGTERM), -signal.SIGTERM)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, STATE_FILE)))
+
+
+class PortInUse(TestCase):
+    """A port another program holds: one line naming the option, exit 1, no traceback."""
+
+    timeout = 60
+
+    def test_control_port_in_use(self) -> None:
+        tmp = tempfile.mkdtemp(prefix="tvr")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        self.addCleanup(holder.close)
+        port = holder.getsockname()[1]
+        script = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+        done = subprocess.run(
+            [sys.executable, "-c", script, "-n", "--pidfile=", "twistvpn-rendezvous",
+             "--data-dir", os.path.join(tmp, "d"), "--hostname", "127.0.0.1",
+             "--control", f"tcp:{port}:interface=127.0.0.1", "--udp-port", "0",
+             "--udp-port2", "0", "--no-relay", "--admin-http", "none"],
+            capture_output=True, text=True, timeout=50, cwd=tmp)
+        self.assertEqual(done.returncode, 1)
+        output = done.stdout + done.stderr
+        self.assertNotIn("Traceback", output)
+        [line] = [line for line in output.splitlines() if "cannot listen" in line]
+        self.assertIn(f"cannot listen for --control: Couldn't listen on 127.0.0.1:{port}", line)

@@ -77,11 +77,12 @@ class _ObservedEndpoint:
             self.listening.callback(port)
             return port
 
-        def failed(reason: Failure) -> Failure:
+        def failed(reason: Failure) -> None:
+            # The owner reports it (one line, with the option); the
+            # service's own handler would log a traceback besides.
             self.listening.errback(reason)
-            return reason
 
-        return self.endpoint.listen(factory).addCallbacks(listened, failed)
+        return self.endpoint.listen(factory).addCallbacks(listened, failed)  # type: ignore[arg-type]
 
 
 class StreamListener(StreamServerEndpointService):

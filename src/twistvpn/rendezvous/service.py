@@ -55,6 +55,9 @@ KEY_FILE = "tls-key.pem"
 DB_FILE = "rendezvous.sqlite"
 # sockaddr_un holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
+# Which option each listener comes from, for a start-up error a person can act on.
+_LISTENER_OPTIONS = {"control": "--control", "udp0": "--udp-port", "udp1": "--udp-port2",
+                     "admin-unix": "the admin socket", "admin-http": "--admin-http"}
 _Listener = TypeVar("_Listener", StreamListener, DatagramListenService)
 
 
@@ -330,10 +333,15 @@ class RendezvousService(MultiService):
             )
 
     def _failed(self, failure: Any) -> None:
-        reason = failure.value.subFailure if failure.check(defer.FirstError) else failure
+        option = "a port"
+        reason = failure
+        if failure.check(defer.FirstError):
+            reason = failure.value.subFailure
+            name = self._listeners[failure.value.index].name
+            option = _LISTENER_OPTIONS.get(name, name)
         self.log.critical(
-            "twistvpn-rendezvous: cannot listen: {reason}; stopping",
-            reason=reason.getErrorMessage(),
+            "twistvpn-rendezvous: cannot listen for {option}: {reason}; stopping",
+            option=option, reason=reason.getErrorMessage(),
         )
         # twistd has no exit status of its own: leave with 1 once it has
         # shut down (services stopped, database closed).
