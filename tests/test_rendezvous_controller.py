@@ -34,7 +34,14 @@ class SubnetTests(SynchronousTestCase):
                                   subnet)
             self.assertIn("private or shared space", str(e))
         for subnet in ("10.1.0.0/16", "172.16.5.0/24", "192.168.77.0/24", "100.127.0.0/24"):
-            self.assertEqual(self.controller.create_network("ok", subnet)["subnet"], subnet)
+            self.assertEqual(self.controller.create_network(subnet, subnet)["subnet"], subnet)
+
+    def test_duplicate_names_need_force(self) -> None:
+        first = self.controller.create_network("home")
+        e = self.assertRaises(ConflictError, self.controller.create_network, "home")
+        self.assertIn(first["id"], str(e))
+        self.assertEqual(self.controller.create_network("home", force=True)["name"], "home")
+        self.assertEqual(len(self.controller.list_networks()), 2)
 
     def test_overlapping_networks_refused(self) -> None:
         first = self.controller.create_network("home")  # the first free /24: 100.64.0.0/24

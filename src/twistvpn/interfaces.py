@@ -477,10 +477,11 @@ class INetworkController(Interface):
         authorized members of C{network_id} and online.
         """
 
-    def create_network(name, subnet=None, private=True):
+    def create_network(name, subnet=None, private=True, force=False):
         """
         Create a network and return its description (a dict with "id").
-        Without C{subnet}, a free /24 of 100.64.0.0/10 is used.
+        Without C{subnet}, a free /24 of 100.64.0.0/10 is used.  A name
+        another network has is refused unless C{force}.
         """
 
     def list_networks():

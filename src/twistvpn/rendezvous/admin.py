@@ -169,6 +169,7 @@ class AdminAPI(resource.Resource):
                 _field(body, "name", str),
                 _field(body, "subnet", str, None),
                 _field(body, "private", bool, True),
+                _field(body, "force", bool, False),
             )
         elif rest[:1] == ["networks"] and len(rest) == 2:
             routes[("GET", 2)] = lambda: c.get_network(rest[1])

@@ -123,8 +123,11 @@ class AdminClient:
 
     # -- the API ------------------------------------------------------------
 
-    def create_network(self, name: str, subnet: str | None, private: bool) -> Any:
+    def create_network(self, name: str, subnet: str | None, private: bool,
+                       force: bool = False) -> Any:
         body: dict[str, Any] = {"name": name, "private": private}
+        if force:
+            body["force"] = True
         if subnet is not None:
             body["subnet"] = subnet
         return self.request("POST", "networks", body)
@@ -197,7 +200,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         client = _client(args)
         what = (args.admin_object, args.admin_action)
         if what == ("network", "create"):
-            network = client.create_network(args.name, args.subnet, not args.public)
+            network = client.create_network(args.name, args.subnet, not args.public,
+                                            args.force)
             out.write(network["id"] + "\n")
         elif what == ("network", "list"):
             networks = client.request("GET", "networks")
@@ -282,6 +286,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     actions = network.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
     p = actions.add_parser("create", help="create a network and print its ID")
     p.add_argument("name")
+    p.add_argument("--force", action="store_true",
+                   help="create it even if another network has the name")
     p.add_argument("--subnet", help="IPv4 CIDR (default: a free /24 of 100.64.0.0/10)")
     p.add_argument(
         "--public", action="store_true", help="members need no authorization (default: private)"

@@ -145,9 +145,9 @@ class Controller:
     # -- networks and members (the admin API) -----------------------------------
 
     def create_network(
-        self, name: str, subnet: str | None = None, private: bool = True
+        self, name: str, subnet: str | None = None, private: bool = True, force: bool = False
     ) -> dict[str, Any]:
-        return self.membership.create_network(name, subnet, private)
+        return self.membership.create_network(name, subnet, private, force)
 
     def get_network(self, network_id: str) -> dict[str, Any]:
         return self.membership.describe_network(self.membership.network(network_id))

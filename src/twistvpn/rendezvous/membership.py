@@ -151,8 +151,13 @@ class Membership:
         raise ConflictError("no free /24 left in 100.64.0.0/10; give --subnet")
 
     def create_network(self, name: str, subnet: str | None = None,
-                       private: bool = True) -> dict[str, Any]:
+                       private: bool = True, force: bool = False) -> dict[str, Any]:
         name = check_name(name, "a network name")
+        if not force:
+            for taken in self._store.list_networks():
+                if taken.name == name:
+                    raise ConflictError(f"a network named {name!r} exists already ({taken.id}); "
+                                        "give another name, or force a second one")
         net = self._free_subnet() if subnet is None else parse_subnet(subnet)
         for taken in self._store.list_networks():
             if net.overlaps(ipaddress.IPv4Network(taken.subnet)):
