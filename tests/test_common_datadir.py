@@ -66,6 +66,7 @@ class DataDirTests(SynchronousTestCase):
             pass  # a file where the directory should be
         e = self.assertRaises(DataDirError, open_data_dir, self.path, "node.key")
         self.assertIn(self.path, str(e))
+        self.assertIn("is a file, not a directory", str(e))
 
     def test_custom_reader(self) -> None:
         """The node refuses a key others may read: its reader is used for an existing key."""

@@ -146,6 +146,25 @@ class StaticNodeServiceTests(unittest.TestCase):
         )
 
 
+class UnresolvableEndpointTests(unittest.TestCase):
+    def test_names_file_line_and_host(self) -> None:
+        """An Endpoint whose name does not resolve: file, line and host, in one line."""
+        text = CONFIG.replace("Endpoint = 203.0.113.2:51820",
+                              "Endpoint = vpn.example.invalid:51820")
+
+        def resolve(host: str, port: int) -> tuple[str, int]:
+            raise socket.gaierror(-2, "Name or service not known")
+
+        node = StaticNodeService(
+            MemoryReactor(), parse_config(text, "wg0.conf"), interface_name="tvtest0",
+            open_tun=lambda name, mtu: FakeTunDevice(name, mtu), make_device=FakeWireGuardDevice,
+            resolve=resolve)
+        e = self.assertRaises(NodeStartError, node.startService)
+        line = text.splitlines().index("Endpoint = vpn.example.invalid:51820") + 1
+        self.assertEqual(str(e), f"twistvpn node cannot start: wg0.conf:{line}: Endpoint: "
+                                 "cannot resolve 'vpn.example.invalid': Name or service not known")
+
+
 class FirstHandshakeTests(unittest.TestCase):
     def test_keepalive_peer_handshakes_at_once(self) -> None:
         """

@@ -38,6 +38,8 @@ def check_private_file(path: str | os.PathLike[str]) -> None:
 
 def make_data_dir(path: str) -> str:
     """Create C{path} (0700) on first start; tighten it if others may read it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataDirError(f"{path} is a file, not a directory: give a directory for the data")
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         if os.stat(path).st_mode & 0o077:

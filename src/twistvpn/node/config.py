@@ -47,6 +47,8 @@ class PeerConfig:
     endpoint: tuple[str, int] | None = None
     allowed_ips: tuple[str, ...] = ()
     persistent_keepalive: int = 0
+    # Where the Endpoint was written ("wg0.conf:12"), for an error at start-up.
+    endpoint_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,8 @@ def _assemble(sections: list[tuple[str, int, dict[str, Any]]], path: str) -> Int
                 endpoint=peer.get("Endpoint"),
                 allowed_ips=tuple(peer.get("AllowedIPs", ())),
                 persistent_keepalive=peer.get("PersistentKeepalive", 0),
+                endpoint_source=(f"{path}:{peer['_lines']['Endpoint']}"
+                                 if "Endpoint" in peer else None),
             )
         )
     return InterfaceConfig(

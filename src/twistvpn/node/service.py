@@ -136,7 +136,7 @@ class StaticNodeService(DataPathOwner, service.Service):
         config = self._config
         # Resolve first: a bad name should fail before anything is created.
         endpoints = [
-            None if p.endpoint is None else self._resolve(*p.endpoint) for p in config.peers
+            None if p.endpoint is None else self._resolve_peer(p) for p in config.peers
         ]
         datapath = self.datapath
         datapath.open(config.listen_port or 0)
@@ -185,6 +185,16 @@ class StaticNodeService(DataPathOwner, service.Service):
                     else ""
                 ),
             )
+
+    def _resolve_peer(self, peer: PeerConfig) -> tuple[str, int]:
+        assert peer.endpoint is not None
+        host, port = peer.endpoint
+        try:
+            return self._resolve(host, port)
+        except OSError as e:  # socket.gaierror: an unknown name, no DNS
+            where = f"{peer.endpoint_source}: Endpoint: " if peer.endpoint_source else ""
+            raise NodeStartError(
+                f"{where}cannot resolve {host!r}: {e.strerror or e}") from None
 
     def describe(self) -> str:
         """The node's state in the control socket's C{get=1} form (for C{wg show})."""
