@@ -251,6 +251,20 @@ class CommandLine(SynchronousTestCase):
             ("member", "set-ip", "0123456789abcdef", "n", "1.2.3.4"),
         )
 
+    def test_connection_options_before_or_after(self) -> None:
+        """--data-dir (and --url, --token...) before the object or after the action."""
+        parser = build_parser()
+        for argv in (["admin", "--data-dir", "/d", "network", "list"],
+                     ["admin", "network", "list", "--data-dir", "/d"],
+                     ["admin", "member", "auth", "0123456789abcdef", "n", "--data-dir", "/d"],
+                     ["admin", "audit", "--since", "1h", "--data-dir", "/d"],
+                     ["admin", "status", "--data-dir", "/d"]):
+            self.assertEqual(parser.parse_args(argv).data_dir, "/d", argv)
+        args = parser.parse_args(["admin", "network", "list", "--url", "http://h:1",
+                                  "--token", "t"])
+        self.assertEqual((args.data_dir, args.url, args.token), (None, "http://h:1", "t"))
+        self.assertIsNone(parser.parse_args(["admin", "network", "list"]).data_dir)
+
     def test_no_server(self) -> None:
         code, out = self.run_cli("--data-dir", self.mktemp(), "network", "list")
         self.assertEqual((code, out), (1, ""))

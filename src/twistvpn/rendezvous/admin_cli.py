@@ -273,18 +273,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="administer a rendezvous: networks and members",
         description="Administer a twistvpn rendezvous through its admin API.",
     )
-    admin.add_argument(
-        "--data-dir",
-        help=f"the rendezvous's data directory, for its admin socket (default {DEFAULT_DATA_DIR})",
-    )
-    admin.add_argument("--url", help="the HTTP admin API, e.g. http://127.0.0.1:8444")
-    admin.add_argument("--token", help="bearer token for --url")
-    admin.add_argument("--token-file", help="file holding the bearer token for --url")
+    # Where the rendezvous is: before the object or after the action alike
+    # ("admin --data-dir D network list" and "admin network list --data-dir D").
+    connection = argparse.ArgumentParser(add_help=False)
+    for parser, default in ((admin, None), (connection, argparse.SUPPRESS)):
+        parser.add_argument(
+            "--data-dir", default=default,
+            help=f"the rendezvous's data directory, for its admin socket "
+                 f"(default {DEFAULT_DATA_DIR})",
+        )
+        parser.add_argument("--url", default=default,
+                            help="the HTTP admin API, e.g. http://127.0.0.1:8444")
+        parser.add_argument("--token", default=default, help="bearer token for --url")
+        parser.add_argument("--token-file", default=default,
+                            help="file holding the bearer token for --url")
     objects = admin.add_subparsers(dest="admin_object", metavar="OBJECT", required=True)
 
     network = objects.add_parser("network", help="create, list and delete networks")
     actions = network.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
-    p = actions.add_parser("create", help="create a network and print its ID")
+    p = actions.add_parser("create", help="create a network and print its ID", parents=[connection])
     p.add_argument("name")
     p.add_argument("--force", action="store_true",
                    help="create it even if another network has the name")
@@ -292,31 +299,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--public", action="store_true", help="members need no authorization (default: private)"
     )
-    actions.add_parser("list", help="list networks")
-    p = actions.add_parser("delete", help="delete a network")
+    actions.add_parser("list", help="list networks", parents=[connection])
+    p = actions.add_parser("delete", help="delete a network", parents=[connection])
     p.add_argument("network", metavar="ID")
 
     member = objects.add_parser("member", help="list and manage a network's members")
     actions = member.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
-    p = actions.add_parser("list", help="list a network's members")
+    p = actions.add_parser("list", help="list a network's members", parents=[connection])
     p.add_argument("network", metavar="ID")
     for action, text in (
         ("auth", "authorize a member (assigns the next free IP unless it has one)"),
         ("deauth", "revoke a member's authorization at once"),
         ("delete", "remove a member and release its IP"),
     ):
-        p = actions.add_parser(action, help=text)
+        p = actions.add_parser(action, help=text, parents=[connection])
         p.add_argument("network", metavar="ID")
         p.add_argument("node", metavar="NODE", help="node ID (10 hex digits) or public key")
-    p = actions.add_parser("set-ip", help="give a member a managed IP")
+    p = actions.add_parser("set-ip", help="give a member a managed IP", parents=[connection])
     p.add_argument("network", metavar="ID")
     p.add_argument("node", metavar="NODE")
     p.add_argument("ip", metavar="IP")
 
-    status = objects.add_parser("status", help="the rendezvous's address, key and counters")
+    status = objects.add_parser("status", help="the rendezvous's address, key and counters",
+                                parents=[connection])
     status.set_defaults(admin_action=None)
     audit = objects.add_parser(
-        "audit", help="who changed what, and when: the rendezvous's audit log")
+        "audit", help="who changed what, and when: the rendezvous's audit log",
+        parents=[connection])
     audit.add_argument("--since", type=duration, default=None, metavar="DURATION",
                        help="only the last DURATION (90s, 15m, 2h, 7d)")
     audit.set_defaults(admin_action=None)
