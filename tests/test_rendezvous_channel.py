@@ -141,6 +141,18 @@ class Handshake(SynchronousTestCase):
         self.assertEqual(caught.exception.final[0], HANDSHAKE)
         self.assertRaises(ChannelError, server.received, caught.exception.final)
 
+    def test_pin_mismatch_says_what_was_seen(self) -> None:
+        """Not just "certificate verify failed": the fingerprint seen and the one pinned."""
+        wrong_pin = tls.fingerprint(tls.make_self_signed("127.0.0.1")[0])
+        client = client_state(pin=wrong_pin)
+        client._tls.set_app_data(client)  # as the channel's protocol does: it is told
+        to_client, _ = server_state().received(client.start())
+        with self.assertRaises(ChannelError) as caught:
+            client.received(to_client)
+        message = str(caught.exception)
+        self.assertIn(f"fingerprint sha256={PIN.hex()}", message)
+        self.assertIn(f"not the pinned sha256={wrong_pin.hex()}", message)
+
     def test_needs_tls_13(self) -> None:
         client, server = client_state(), server_state(maximum=SSL.TLS1_2_VERSION)
         with self.assertRaises(ChannelError) as caught:

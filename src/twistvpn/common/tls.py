@@ -23,10 +23,15 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 SCHEME = "twistvpn"
 DEFAULT_PORT = 8443
+
+
+class PinMismatchError(Exception):
+    """The server's certificate is not the pinned one."""
 
 
 class TLSConfigError(ValueError):
@@ -185,7 +190,19 @@ class PinnedCertificateCreator:
             # The chain is irrelevant: the leaf itself is pinned.
             return True
         der = cert.to_cryptography().public_bytes(serialization.Encoding.DER)
-        return hmac.compare_digest(hashlib.sha256(der).digest(), self._pin)
+        seen = hashlib.sha256(der).digest()
+        if hmac.compare_digest(seen, self._pin):
+            return True
+        # Say what did not match (OpenSSL says only "certificate verify
+        # failed"): the protocol that owns the connection reports it.
+        owner = conn.get_app_data()
+        fail = getattr(owner, "failVerification", None)
+        if fail is not None:
+            fail(Failure(PinMismatchError(
+                f"the server's certificate has fingerprint sha256={seen.hex()}, "
+                f"not the pinned sha256={self._pin.hex()} (a different server, or its "
+                "certificate changed)")))
+        return False
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
