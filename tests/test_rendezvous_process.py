@@ -199,3 +199,35 @@ class PortInUse(TestCase):
         self.assertNotIn("Traceback", output)
         [line] = [line for line in output.splitlines() if "cannot listen" in line]
         self.assertIn(f"cannot listen for --control: Couldn't listen on 127.0.0.1:{port}", line)
+
+
+class Logs(TestCase):
+    """What the rendezvous writes to its log: the ready line without the noise, or JSON."""
+
+    timeout = 60
+
+    def run_rendezvous(self, *extra: str) -> str:
+        tmp = tempfile.mkdtemp(prefix="tvr")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "twistd.log")
+        with open(path, "ab") as log:
+            rendezvous = LocalRendezvous(os.path.join(tmp, "data"), free_tcp_port(), log,
+                                         extra_args=extra)
+            self.addCleanup(rendezvous.kill)
+            rendezvous.start()
+            rendezvous.kill(signal.SIGTERM)
+        with open(path) as f:
+            return f.read()
+
+    def test_no_factory_noise(self) -> None:
+        text = self.run_rendezvous()
+        self.assertIn("twistvpn rendezvous ready", text)
+        self.assertNotIn("Starting factory", text)
+        self.assertNotIn("Starting protocol", text)
+
+    def test_json(self) -> None:
+        lines = self.run_rendezvous("--log-format", "json").splitlines()
+        events = [json.loads(line) for line in lines]  # every line is one JSON object
+        ready = [e for e in events if "rendezvous ready" in e.get("log_format", "")]
+        self.assertEqual(len(ready), 1)
+        self.assertTrue(ready[0]["url"].startswith("twistvpn://127.0.0.1:"))

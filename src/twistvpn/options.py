@@ -6,8 +6,24 @@ line that names the option, as C{twistd} prints it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.python import usage
+
+
+def log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"--log-format: {text!r} is not text or json")
+    return text
+
+
+def json_observer() -> Any:
+    """A log observer writing each event as a JSON object on a line of its own to stdout."""
+    import sys
+
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
 
 
 class OneLineOptions(usage.Options):
@@ -22,6 +38,11 @@ class OneLineOptions(usage.Options):
     """
 
     command = "twistvpn"  # the plugin's name, for the message
+    optParameters: list[Any] = [
+        ["log-format", None, "text",
+         "text (twistd's lines) or json (one JSON object a line, for log shippers).",
+         log_format],
+    ]
 
     def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
         try:
@@ -30,6 +51,10 @@ class OneLineOptions(usage.Options):
             if getattr(self, "parent", None) is None:
                 raise
             raise SystemExit(f"twistd {self.command}: {e}") from None
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None:
+            # twistd's own hook: its logger option names the observer factory.
+            parent["logger"] = f"{__name__}.json_observer"
 
 
 def is_decimal(text: str) -> bool:

@@ -47,6 +47,12 @@ def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> No
                 continue
 
 
+def quiet(factory: Any) -> Any:
+    """C{factory} without Twisted's "Starting factory <... at 0x...>" log lines."""
+    factory.noisy = False
+    return factory
+
+
 class StartStopService(service.Service):
     """Runs a plain object's C{start()} and C{stop()} with the service's life."""
 

@@ -71,6 +71,8 @@ class Forwarder(DatagramProtocol):
     through a route registered with L{register_route} for their type.
     """
 
+    noisy = False  # no "Starting protocol/factory" line per connection or port
+
     log = Logger()
 
     def __init__(self) -> None:

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from twistvpn.common import jsonin
 from twistvpn.common.metrics import render
+from twistvpn.common.services import quiet
 from twistvpn.node.files import MAX_PINGS
 from twistvpn.node.joined import JoinedNode, PeerNotFoundError
 from twistvpn.traversal.manager import DIRECT, LAN
@@ -160,4 +161,4 @@ class LocalAPIProtocol(LineOnlyReceiver):
 
 def local_api_factory(api: LocalAPI) -> Factory:
     """The local API's listening factory: one L{LocalAPIProtocol} per client."""
-    return Factory.forProtocol(functools.partial(LocalAPIProtocol, api))
+    return quiet(Factory.forProtocol(functools.partial(LocalAPIProtocol, api)))

@@ -96,6 +96,7 @@ class UAPIProtocol(Protocol):
 
 
 class UAPIFactory(Factory):
+    noisy = False  # no "Starting protocol/factory" line per connection or port
     protocol = UAPIProtocol  # type: ignore[assignment]
 
     def __init__(self, describe: Callable[[], str]) -> None:

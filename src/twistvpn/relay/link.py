@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from twistvpn.common import auth
 from twistvpn.common.amp import BigBytes, BoundedAMP, Ping
+from twistvpn.common.services import quiet
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.policy import MembershipPolicy
 
@@ -232,7 +233,7 @@ class RelayLinkServerProtocol(RelayLinkResponders, BoundedAMP):
 
 def relay_link_server_factory(service: RelayLinkService, clock: IReactorTime) -> Factory:
     """The rendezvous's listening factory for standalone relays' links."""
-    return Factory.forProtocol(functools.partial(RelayLinkServerProtocol, service, clock))
+    return quiet(Factory.forProtocol(functools.partial(RelayLinkServerProtocol, service, clock)))
 
 
 # -- the relay's side ----------------------------------------------------------------
@@ -337,7 +338,7 @@ class RelayLink:
         self.synced = False
         self.counters_login_failed = 0
         self._stale_call: IDelayedCall | None = None
-        factory = Factory.forProtocol(lambda: RelayLinkProtocol(self))
+        factory = quiet(Factory.forProtocol(lambda: RelayLinkProtocol(self)))
         self.service = ClientService(endpoint, factory, retryPolicy=backoffPolicy(
             initialDelay=1.0, maxDelay=30.0), clock=clock)
 

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from twistvpn.common import tls
 from twistvpn.common.metrics import Family, MetricsResource
-from twistvpn.common.services import DatagramListenService, StartStopService, StreamListener
+from twistvpn.common.services import DatagramListenService, StartStopService, StreamListener, quiet
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.relay.client import RelayInfo
 from twistvpn.relay.link import RelayLinkService, relay_link_server_factory
@@ -89,7 +89,7 @@ def admin_site(server: RelayServer,
     root = resource.Resource()
     root.putChild(b"stats", StatsResource(server, extra))
     root.putChild(b"metrics", MetricsResource(server.metrics))
-    return web_server.Site(root)
+    return quiet(web_server.Site(root))
 
 
 # -- embedding in the rendezvous -------------------------------------------------

@@ -24,12 +24,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistvpn.common import tls
+from twistvpn.common.services import quiet
 from twistvpn.relay import protocol as p
 from twistvpn.relay.server import RelayServer, StreamConnection
 
 
 class RelayDatagramProtocol(DatagramProtocol):
     """The relay's UDP socket."""
+
+    noisy = False  # no "Starting protocol/factory" line per connection or port
 
     def __init__(self, server: RelayServer) -> None:
         self.server = server
@@ -123,7 +126,7 @@ class RelayStreamProtocol(FramedProtocol):
 
 def relay_stream_factory(server: RelayServer) -> Factory:
     """The relay's TCP (inside TLS) listening factory: one stream per node."""
-    return Factory.forProtocol(functools.partial(RelayStreamProtocol, server))
+    return quiet(Factory.forProtocol(functools.partial(RelayStreamProtocol, server)))
 
 
 @implementer(IHandshakeListener)

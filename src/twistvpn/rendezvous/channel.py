@@ -401,6 +401,8 @@ class ChannelFactory(WrappingFactory[ChannelProtocol]):
     server's C{CertificateOptions}.
     """
 
+    noisy = False  # no "Starting protocol/factory" line per connection or port
+
     protocol = ChannelProtocol
 
     def __init__(self, tls: Any, is_client: bool, wrapped: IProtocolFactory, *,

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from twistvpn.common import auth
 from twistvpn.common.amp import Ping
+from twistvpn.common.services import quiet
 from twistvpn.common.tls import RendezvousAddress, client_creator, parse_address
 from twistvpn.interfaces import IChannelBinding, IRendezvousListener
 from twistvpn.rendezvous.channel import ChannelClientEndpoint
@@ -156,7 +157,7 @@ class RendezvousClient(Service):
         self._protocol: ControlClientProtocol | None = None
         self._clock = clock
         self._endpoint = endpoint
-        self._factory = Factory.forProtocol(functools.partial(ControlClientProtocol, self))
+        self._factory = quiet(Factory.forProtocol(functools.partial(ControlClientProtocol, self)))
         self._retry_policy = retry_policy or reconnect_policy()
         self.where = "the rendezvous"  # host:port, for the log
         self._failures = 0

@@ -185,6 +185,8 @@ class DiscoveryServer:
 class DiscoveryProtocol(DatagramProtocol):
     """The UDP adapter of a L{DiscoveryServer}."""
 
+    noisy = False  # no "Starting protocol/factory" line per connection or port
+
     def __init__(self, state: DiscoveryState, which: int) -> None:
         self.server = DiscoveryServer(state, which, self._write)
 

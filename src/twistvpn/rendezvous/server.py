@@ -248,6 +248,8 @@ class ControlServerProtocol(BoundedAMP):
 class ControlServerFactory(Factory):
     """Builds a L{ControlServerProtocol} per connection; holds what they share."""
 
+    noisy = False  # no "Starting protocol/factory" line per connection or port
+
     def __init__(
         self,
         controller: INetworkController,

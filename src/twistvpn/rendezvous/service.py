@@ -33,7 +33,7 @@ from twistvpn.common.metrics import (
     counters,
     is_loopback_endpoint,
 )
-from twistvpn.common.services import DatagramListenService, StreamListener
+from twistvpn.common.services import DatagramListenService, StreamListener, quiet
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
 from twistvpn.rendezvous.audit import AuditLog
@@ -205,15 +205,16 @@ class RendezvousService(MultiService):
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
             "admin-unix",
-            StreamListener(unix, Site(AdminAPI(self.controller, None, self.info, self.audit))),
+            StreamListener(unix, quiet(Site(AdminAPI(self.controller, None, self.info,
+                                                    self.audit)))),
         )
         self.admin_http: StreamListener | None = None
         if admin_http is not None:
             # /metrics beside the API: without a token on loopback (Prometheus
             # on the same machine), with the admin token anywhere else.
             token = None if is_loopback_endpoint(admin_http) else data.token
-            site = Site(WithMetrics(MetricsResource(self.metrics, token),
-                                    AdminAPI(self.controller, data.token, self.info, self.audit)))
+            api = AdminAPI(self.controller, data.token, self.info, self.audit)
+            site = quiet(Site(WithMetrics(MetricsResource(self.metrics, token), api)))
             self.admin_http = self._add(
                 "admin-http", StreamListener(serverFromString(reactor, admin_http), site)
             )

@@ -160,6 +160,8 @@ def address_of(endpoint: Any) -> Any:
 class _ExtraSocket(DatagramProtocol):
     """Feeds an extra socket's datagrams to the forwarder, named by socket."""
 
+    noisy = False  # no "Starting protocol/factory" line per connection or port
+
     def __init__(self, pool: SocketPool) -> None:
         self.pool = pool
         self.local_port = 0
