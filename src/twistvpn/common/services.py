@@ -47,6 +47,27 @@ def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> No
                 continue
 
 
+def release_free_memory() -> bool:
+    """
+    Hand the C heap's free pages back to the system (glibc's malloc_trim):
+    after a flood of connections closes, CPython frees their memory but the
+    allocator keeps it, so the process stays at its peak.  False where there
+    is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 def quiet(factory: Any) -> Any:
     """C{factory} without Twisted's "Starting factory <... at 0x...>" log lines."""
     factory.noisy = False

@@ -20,6 +20,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -33,7 +34,12 @@ from twistvpn.common.metrics import (
     counters,
     is_loopback_endpoint,
 )
-from twistvpn.common.services import DatagramListenService, StreamListener, quiet
+from twistvpn.common.services import (
+    DatagramListenService,
+    StreamListener,
+    quiet,
+    release_free_memory,
+)
 from twistvpn.interfaces import IRendezvousRelays
 from twistvpn.rendezvous.admin import AdminAPI, load_or_create_token
 from twistvpn.rendezvous.audit import AuditLog
@@ -58,6 +64,9 @@ MAX_SOCKET_PATH = 107
 # Which option each listener comes from, for a start-up error a person can act on.
 _LISTENER_OPTIONS = {"control": "--control", "udp0": "--udp-port", "udp1": "--udp-port2",
                      "admin-unix": "the admin socket", "admin-http": "--admin-http"}
+# How often the rendezvous hands freed memory back to the system (after a
+# flood of connections, say): a few milliseconds each time.
+TRIM_INTERVAL = 30.0
 _Listener = TypeVar("_Listener", StreamListener, DatagramListenService)
 
 
@@ -198,6 +207,7 @@ class RendezvousService(MultiService):
             "control", StreamListener(serverFromString(reactor, control), self.channel_factory)
         )
         self.relay_settings = relays
+        self._trimmer: LoopingCall | None = None
         # The relays, when the tap attaches them (twistvpn.rendezvous.rendezvous_tap).
         self.relays: IRendezvousRelays | None = None
         self.audit = AuditLog(data.file(AUDIT_FILE), reactor.seconds)
@@ -304,6 +314,9 @@ class RendezvousService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        self._trimmer = LoopingCall(release_free_memory)
+        self._trimmer.clock = self.reactor
+        self._trimmer.start(TRIM_INTERVAL, now=False)
         ready = [s.listening for s in self._listeners]
         d = defer.gatherResults(ready, consumeErrors=True)
         d.addCallbacks(self._listening, self._failed)
@@ -350,6 +363,8 @@ class RendezvousService(MultiService):
         self.reactor.callLater(0, self.reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
+        if self._trimmer is not None and self._trimmer.running:
+            self._trimmer.stop()
         self.controller.close()
         closed = self.control_factory.close_all()
         d = defer.maybeDeferred(super().stopService)
