@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from tests.support.fakes import FakeWireGuardDevice
 from tests.support.rendezvous import MemoryEndpoint, World
+from twistvpn.common.services import StreamListener
 from twistvpn.common.tls import parse_address
 from twistvpn.node import node_tap
 from twistvpn.node.joined_service import JoinedNodeService, load_or_create_key
@@ -325,3 +326,15 @@ class OptionsTests(unittest.TestCase):
         self.assertIsInstance(node, JoinedNodeService)
         self.assertEqual(node.networks, [NETWORK])
         self.assertEqual(node.data_dir, self.data_dir)
+        self.assertEqual([s for s in top if isinstance(s, StreamListener)], [],
+                         "no metrics listener unless asked")
+
+    def test_metrics_endpoint(self) -> None:
+        """--metrics: Prometheus's /metrics, on loopback only (it has no token)."""
+        self.assertUsageError(self.joined("--metrics", "tcp:9586"), "only on loopback")
+        self.assertUsageError(self.joined("--metrics", "tcp:9586:interface=203.0.113.9"),
+                              "only on loopback")
+        options = self.parse(*self.joined("--metrics", "tcp:9586:interface=127.0.0.1"))
+        top = node_tap.makeService(options, reactor=UNIXMemoryReactor())
+        listeners = [s for s in top if isinstance(s, StreamListener)]
+        self.assertEqual(len(listeners), 1)

@@ -81,6 +81,23 @@ class RendezvousMetricsTests(SynchronousTestCase):
         self.assertIn(("twistvpn_relay_sessions", (("path", "udp"), ("relay", "embedded"))),
                       found)
 
+    def test_map_push_latency(self) -> None:
+        """Seconds from a change members see to their maps' push: the coalescing delay."""
+        service, reactor = start(self, parse(self))
+        controller = service.controller
+        network = controller.create_network("lab")["id"]
+        key = new_key()[1]
+        controller.register_node(key, "n", FakeSession(key))
+        controller.join(key, network)
+        controller.authorize(network, node_id_of(key))
+        for _ in range(10):
+            reactor.advance(0.01)
+        found = samples(render(service.metrics))
+        name = "twistvpn_rendezvous_map_push_latency_seconds"
+        self.assertEqual(found[(f"{name}_count", ())], 1)
+        self.assertEqual(found[(f"{name}_bucket", (("le", "0.025"),))], 0)
+        self.assertEqual(found[(f"{name}_bucket", (("le", "0.05"),))], 1)
+
     def test_beside_the_admin_api(self) -> None:
         """/metrics next to /api/v1/..., which still routes on its full path."""
         from twistvpn.rendezvous.admin import AdminAPI

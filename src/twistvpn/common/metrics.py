@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource
 
@@ -27,10 +32,12 @@ class Family:
     """One metric: its name (without _total), kind, help, and samples by labels."""
 
     name: str
-    kind: str  # "counter" or "gauge"
+    kind: str  # "counter", "gauge" or "histogram"
     help: str
     labels: tuple[str, ...] = ()
     samples: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+    # A histogram's: (cumulative buckets [(bound, count)], sum of observations)
+    histogram: tuple[list[tuple[str, float]], float] | None = None
 
     def add(self, value: float, *labels: str) -> Family:
         self.samples.append((tuple(labels), float(value)))
@@ -55,6 +62,11 @@ class _Collector:
 
     def collect(self) -> Iterator[Any]:
         for family in self.snapshot():
+            if family.histogram is not None:
+                buckets, total = family.histogram
+                yield HistogramMetricFamily(family.name, family.help, buckets=buckets,
+                                            sum_value=total)
+                continue
             kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
             metric = kind(family.name, family.help, labels=list(family.labels))
             for labels, value in family.samples:
@@ -103,6 +115,15 @@ class MetricsResource(resource.Resource):
                 return b"a valid bearer token is required\n"
         request.setHeader(b"content-type", CONTENT_TYPE)
         return render(self.snapshot)
+
+
+def metrics_site(snapshot: Snapshot, token: str | None = None) -> Any:
+    """A twisted.web Site serving C{/metrics} alone."""
+    from twisted.web import server
+
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(snapshot, token))
+    return server.Site(root)
 
 
 class WithMetrics(resource.Resource):

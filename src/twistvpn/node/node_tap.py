@@ -12,10 +12,13 @@ import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
 from twistvpn.common.datadir import DataDirError, InsecurePermissionsError
+from twistvpn.common.metrics import is_loopback_endpoint, metrics_site
+from twistvpn.common.services import StreamListener, quiet
 from twistvpn.common.tls import TLSConfigError, parse_address
 from twistvpn.interfaces import IDataPlaneReactor
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE
@@ -57,6 +60,9 @@ class Options(OneLineOptions):
         ["port", None, None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
         ["interface", "i", DEFAULT_NAME, "Name of the TUN device to create."],
+        ["metrics", None, None,
+         "Joined mode: serve Prometheus metrics on this endpoint, at /metrics (loopback "
+         "only: it has no token), e.g. tcp:9586:interface=127.0.0.1."],
         [
             "control-dir",
             None,
@@ -109,6 +115,10 @@ class Options(OneLineOptions):
             "answer-wait-us", self["answer-wait-us"], 0, MAX_ANSWER_WAIT_US
         )
         self["stay-awake-ms"] = integer("stay-awake-ms", self["stay-awake-ms"], 0, 1000)
+        if self["metrics"] is not None and not is_loopback_endpoint(self["metrics"]):
+            raise usage.UsageError(
+                f"--metrics {self['metrics']}: only on loopback "
+                "(tcp:PORT:interface=127.0.0.1); use twistvpn metrics, or a local scraper")
         joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
         if self["join"]:
             joined.append("join")
@@ -261,4 +271,12 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         )
     node.setName("node")
     node.setServiceParent(top)
+    if config["metrics"] is not None and isinstance(node, JoinedNodeService):
+        joined = node
+
+        def families() -> Any:
+            return joined.node.metrics() if joined.node is not None else []
+
+        StreamListener(serverFromString(reactor, config["metrics"]),
+                       quiet(metrics_site(families))).setServiceParent(top)
     return top

@@ -25,6 +25,29 @@ from twistvpn.rendezvous.registry import SessionRegistry
 from twistvpn.rendezvous.store import NetworkRecord
 
 
+class LatencyHistogram:
+    """Counts of observations at or below each bound, their sum and count."""
+
+    BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(self.BOUNDS)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus's buckets: (upper bound, observations at or below it), +Inf last."""
+        return [(str(b), float(n)) for b, n in zip(self.BOUNDS, self.buckets, strict=True)] + [
+            ("+Inf", float(self.count))]
+
+
 @implementer(IMembershipObserver)
 class MapPublisher:
     """Builds each network's map and pushes it (or its delta) to subscribed members."""
@@ -49,6 +72,10 @@ class MapPublisher:
         self._pushed: dict[str, NetworkMap] = {}
         self._dirty: set[str] = set()
         self._flush_call: IDelayedCall | None = None
+        # network ID -> when the oldest change not yet pushed was made
+        self._changed_at: dict[str, float] = {}
+        # Seconds from a change to its push, in buckets (a Prometheus histogram).
+        self.push_latency = LatencyHistogram()
 
     @property
     def relays(self) -> tuple[dict[str, Any], ...]:
@@ -75,6 +102,7 @@ class MapPublisher:
         if not self._registry.has_subscribers(network_id):
             return
         self._dirty.add(network_id)
+        self._changed_at.setdefault(network_id, self._clock.seconds())
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(self._push_delay, self.flush)
 
@@ -115,6 +143,9 @@ class MapPublisher:
             network = self._store.get_network(network_id)
             if network is not None:
                 self._push(network)
+            since = self._changed_at.pop(network_id, None)
+            if since is not None:
+                self.push_latency.observe(self._clock.seconds() - since)
 
     def _push(self, network: NetworkRecord) -> None:
         """

@@ -264,6 +264,11 @@ class RendezvousService(MultiService):
             counters("twistvpn_rendezvous_discovery", "Discovery requests answered and dropped.",
                      "event", dict(self.discovery.counters)),
         ]
+        latency = self.controller.publisher.push_latency
+        families.append(Family(
+            "twistvpn_rendezvous_map_push_latency_seconds", "histogram",
+            "Seconds from a change members see to the push of their maps.",
+            histogram=(latency.cumulative(), latency.sum)))
         if self.relays is not None:
             families += self.relays.metrics()
         return families
