@@ -10,6 +10,7 @@ per-packet path pays for metrics.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,22 @@ def render(snapshot: Snapshot) -> bytes:
     return generate_latest(registry)
 
 
+def bearer_ok(request: Any, token: str | None) -> bool:
+    """
+    Whether C{request} carries C{token} as its bearer token (always, with no
+    token to check); if not, the request is told how to authenticate.
+    """
+    if token is None:
+        return True
+    header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode("utf-8"), token.encode("utf-8")):
+        return True
+    request.setHeader(b"www-authenticate", b'Bearer realm="twistvpn"')
+    return False
+
+
 def is_loopback_endpoint(description: str) -> bool:
     """Whether a server endpoint string listens on loopback only (its interface=)."""
     for part in description.split(":"):
@@ -103,16 +120,9 @@ class MetricsResource(resource.Resource):
         self.token = token
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 (twisted.web's name)
-        import hmac
-
-        if self.token is not None:
-            header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    value.strip().encode(), self.token.encode()):
-                request.setResponseCode(401)
-                request.setHeader(b"www-authenticate", b'Bearer realm="twistvpn"')
-                return b"a valid bearer token is required\n"
+        if not bearer_ok(request, self.token):
+            request.setResponseCode(401)
+            return b"a valid bearer token is required\n"
         request.setHeader(b"content-type", CONTENT_TYPE)
         return render(self.snapshot)
 

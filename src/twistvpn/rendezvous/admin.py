@@ -21,7 +21,6 @@ Errors are {"error": "one line"} with 400, 401, 404, 405, 409 or 413.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import secrets
@@ -33,6 +32,7 @@ from twisted.web import resource
 from twisted.web.server import Request
 
 from twistvpn.common import jsonin
+from twistvpn.common.metrics import bearer_ok
 from twistvpn.common.tls import write_private
 from twistvpn.interfaces import INetworkController
 from twistvpn.rendezvous.audit import AuditLog
@@ -125,14 +125,7 @@ class AdminAPI(resource.Resource):
         self._audit.record(self._actor, method, target, result, body or None)
 
     def _authenticate(self, request: Request) -> None:
-        if self._token is None:
-            return
-        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode("utf-8"), self._token.encode("utf-8")
-        ):
-            request.setHeader(b"www-authenticate", b'Bearer realm="twistvpn"')
+        if not bearer_ok(request, self._token):
             raise HTTPError(401, "a valid bearer token is required")
 
     def _body(self, request: Request) -> dict[str, Any]:
