@@ -62,7 +62,7 @@ class FakeClient(Service):
 
     def __init__(self, *args: Any) -> None:
         (self.reactor, self.address, self.private_key, self.node_name, self.listener,
-         self.networks, self.local_endpoints) = args
+         self.networks, self.local_endpoints, self.auth_keys) = args
         self.server_key = None
         self.udp_ports: list[int] = []
         self.maps: dict[str, NetworkMap] = {}  # the one copy, as the real client's
@@ -198,10 +198,11 @@ class ServiceTests(unittest.TestCase):
         network = world.controller.list_networks()[0]["id"]
 
         def make_client(reactor: Any, address: Any, private: bytes, name: str, listener: Any,
-                        networks: list[str], local_endpoints: list[str]) -> RendezvousClient:
+                        networks: list[str], local_endpoints: list[str],
+                        auth_keys: dict[str, str] | None) -> RendezvousClient:
             return RendezvousClient(MemoryEndpoint(world), private, name, listener,
                                     clock=reactor, networks=networks,
-                                    local_endpoints=local_endpoints)
+                                    local_endpoints=local_endpoints, auth_keys=auth_keys)
 
         node = self.service(make_client=make_client, networks=[network])
         node.startService()

@@ -436,12 +436,31 @@ class INetworkController(Interface):
         subscriptions end.  Unknown sessions are ignored.
         """
 
-    def join(public_key, network_id):
+    def join(public_key, network_id, auth_key=None):
         """
         Make the registered node a member of C{network_id} (pending unless
-        the network is public) and subscribe its session to the network's
-        map.  Returns "authorized" or "pending".
+        the network is public or C{auth_key} is a valid pre-auth key for it)
+        and subscribe its session to the network's map.  Returns
+        "authorized" or "pending".
         """
+
+    def join_with_key(public_key, network_id, auth_key):
+        """
+        As L{join}; returns (status, why the key was refused or None), the
+        reason for the node, which never sees the key again.
+        """
+
+    def create_key(network_id, reusable=False, expires_in=None, name_prefix=None):
+        """
+        Make a pre-auth key for C{network_id}; return its description with
+        C{secret}, which is shown this once and stored only as a hash.
+        """
+
+    def list_keys(network_id=None):
+        """Every pre-auth key's description (never its secret)."""
+
+    def revoke_key(key_id):
+        """Revoke a pre-auth key at once."""
 
     def leave(public_key, network_id):
         """
@@ -689,6 +708,25 @@ class IRendezvousStore(Interface):
 
     def delete_member(network_id, public_key):
         """Remove a member (its address is free again)."""
+
+    def add_key(key, secret_hash):
+        """Record a pre-auth key (a KeyRecord) by its secret's hash; never the secret."""
+
+    def key_by_hash(secret_hash):
+        """The KeyRecord whose secret hashes to C{secret_hash}, or None."""
+
+    def list_keys(network_id=None):
+        """Every KeyRecord, or a network's, oldest first."""
+
+    def revoke_key(key_id):
+        """Revoke a key; False if there is no such key."""
+
+    def join_with_key(key_id, network_id, public_key, now, ip, single_use):
+        """
+        In one transaction: spend a use of the key (a single-use key only if
+        unused) and make the node an authorized member with C{ip} (unless it
+        has one).  Returns its MemberRecord, or None if the key was spent.
+        """
 
     def close():
         """Release the database."""

@@ -72,12 +72,14 @@ ClientFactory = Callable[..., Any]
 
 
 def tls_client(reactor: Any, address: RendezvousAddress, private_key: bytes, name: str,
-               listener: Any, networks: Sequence[str], local_endpoints: Sequence[str]) -> Any:
+               listener: Any, networks: Sequence[str], local_endpoints: Sequence[str],
+               auth_keys: dict[str, str] | None = None) -> Any:
     """The real control connection: TLS pinned to the address's fingerprint."""
     from twistvpn.rendezvous.client import RendezvousClient
 
     return RendezvousClient.from_address(reactor, address, private_key, name, listener,
-                                         networks=networks, local_endpoints=local_endpoints)
+                                         networks=networks, local_endpoints=local_endpoints,
+                                         auth_keys=auth_keys)
 
 
 class JoinedNodeService(DataPathOwner, MultiService):
@@ -99,7 +101,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
                  local_addresses: Callable[[], list[str]] | None = None,
                  resolve: Resolver = resolve_endpoint, listen_interface: str = "::",
                  control_socket: str | None = None, mtu: int = DEFAULT_MTU,
-                 **node_options: Any) -> None:
+                 auth_key: str | None = None, **node_options: Any) -> None:
         super().__init__()
         self._reactor = reactor
         self.datapath = DataPath(reactor, private_key, interface_name=interface_name, mtu=mtu,
@@ -111,6 +113,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
         self.public_key = public_key(private_key)
         self.rendezvous = rendezvous
         self.networks = list(networks)
+        self.auth_key = auth_key  # a pre-auth key, presented with each join
         self.node_name = name
         self._make_client = make_client
         self._connect_stream = connect_stream
@@ -164,9 +167,11 @@ class JoinedNodeService(DataPathOwner, MultiService):
             tun=tun, probes=probes, relay=relay, listen_port=lambda: self.listening_port,
             local_addresses=local_addresses, make_discovery=make_discovery,
             discovery_host=discovery_host, **self._node_options)
+        auth_keys = ({network_id: self.auth_key for network_id in self.networks}
+                     if self.auth_key is not None else None)
         self.client = self._make_client(reactor, self.rendezvous, self.private_key,
                                         self.node_name, node, self.networks,
-                                        node.local_endpoints())
+                                        node.local_endpoints(), auth_keys)
         node.attach(self.client)
         node.start()
         claim_socket_path(self.socket_path)

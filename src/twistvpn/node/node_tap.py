@@ -22,7 +22,7 @@ from twistvpn.common.services import StreamListener, quiet
 from twistvpn.common.tls import TLSConfigError, parse_address
 from twistvpn.interfaces import IDataPlaneReactor
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE
-from twistvpn.node.config import ConfigError, load_config
+from twistvpn.node.config import ConfigError, load_config, read_private_file
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT
 from twistvpn.node.joined_service import (
     DEFAULT_PORT,
@@ -34,6 +34,7 @@ from twistvpn.node.joined_service import (
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
 from twistvpn.options import OneLineOptions, integer
+from twistvpn.rendezvous.files import KEY_PREFIX
 
 NAME_LENGTH = 64
 MAX_ANSWER_WAIT_US = 10_000
@@ -93,6 +94,13 @@ class Options(OneLineOptions):
             None,
             "Read the interface's private key from this file instead of the config's "
             "PrivateKey (as `wg set ... private-key FILE`).",
+        ],
+        [
+            "auth-key-file",
+            None,
+            None,
+            "Joined mode: a pre-auth key (twistvpn admin key create) in a file only its "
+            "owner may read: the networks joined are authorized without an admin.",
         ],
     ]
 
@@ -183,6 +191,20 @@ class Options(OneLineOptions):
             self["private_key"] = load_or_create_key(self["data-dir"])
         except (KeyFileError, DataDirError) as e:
             raise usage.UsageError(str(e)) from None
+        self["auth_key"] = None
+        if self["auth-key-file"]:
+            try:
+                key = read_private_file(self["auth-key-file"]).strip()
+            except InsecurePermissionsError as e:
+                raise usage.UsageError(f"--auth-key-file: {e}") from None
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--auth-key-file {self['auth-key-file']}: {e.strerror}") from None
+            if not key.startswith(KEY_PREFIX) or len(key) > 200 or not key.isprintable():
+                raise usage.UsageError(
+                    f"--auth-key-file {self['auth-key-file']}: not a pre-auth key "
+                    f"(they start with {KEY_PREFIX})")
+            self["auth_key"] = key
 
 
 class _ExitOnStartError(service.MultiService):
@@ -252,6 +274,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
             private_key=config["private_key"],
             rendezvous=config["address"],
             networks=config["networks"],
+            auth_key=config["auth_key"],
             name=config["name"],
             port=config["port"],
             interface_name=config["interface"],

@@ -102,7 +102,8 @@ class AdminAPI(resource.Resource):
             body = self._body(request) if method in ("POST", "PUT") else {}
             try:
                 result = self._route(method, path, body, _since(request))
-                code = 201 if method == "POST" and path == ["api", "v1", "networks"] else 200
+                created = path == ["api", "v1", "networks"] or path[-1:] == ["keys"]
+                code = 201 if method == "POST" and created else 200
             finally:
                 if method in ("POST", "PUT", "DELETE"):
                     changed = sys.exc_info()[1]
@@ -156,6 +157,18 @@ class AdminAPI(resource.Resource):
             routes[("GET", 1)] = lambda: {**self._info(), **c.status()}
         elif rest == ["audit"]:
             routes[("GET", 1)] = lambda: self._read_audit(since)
+        elif rest == ["keys"]:
+            routes[("GET", 1)] = c.list_keys
+        elif rest[:1] == ["keys"] and len(rest) == 2:
+            routes[("DELETE", 2)] = lambda: c.revoke_key(rest[1]) or {"revoked": rest[1]}
+        elif rest[:1] == ["networks"] and rest[2:3] == ["keys"] and len(rest) == 3:
+            routes[("GET", 3)] = lambda: c.list_keys(rest[1])
+            routes[("POST", 3)] = lambda: c.create_key(
+                rest[1],
+                _field(body, "reusable", bool, False),
+                _number(body, "expires_in"),
+                _field(body, "name_prefix", str, None),
+            )
         elif rest[:1] == ["networks"] and len(rest) == 1:
             routes[("GET", 1)] = c.list_networks
             routes[("POST", 1)] = lambda: c.create_network(
@@ -201,6 +214,15 @@ class AdminAPI(resource.Resource):
 
 
 _MISSING = object()
+
+
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise HTTPError(400, f"the field {name!r} must be a number of seconds")
+    return float(value)
 
 
 def _since(request: Request) -> float | None:

@@ -174,6 +174,20 @@ def _print_member(m: dict[str, Any], out: TextIO) -> None:
     out.write(f"{m['node_id']} {m['name'] or '-'}: {state}, IP {m['ip'] or '-'}\n")
 
 
+def _print_keys(keys: list[dict[str, Any]], out: TextIO) -> None:
+    rows = [
+        [
+            k["id"], k["network_id"], "yes" if k["reusable"] else "no", str(k["uses"]),
+            "never" if k["expires"] is None
+            else time.strftime("%Y-%m-%d %H:%M", time.localtime(k["expires"])),
+            "yes" if k["revoked"] else "no", "yes" if k["valid"] else "no",
+        ]
+        for k in keys
+    ]
+    out.write(columns(["ID", "NETWORK", "REUSABLE", "USES", "EXPIRES", "REVOKED", "VALID"],
+                      rows))
+
+
 def _print_audit(entries: list[dict[str, Any]], out: TextIO) -> None:
     rows = [
         [
@@ -233,6 +247,21 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             _print_member(client.member(args.network, args.node, "POST", {"ip": args.ip}), out)
         elif what == ("status", None):
             out.write(json.dumps(client.request("GET", "status"), indent=1) + "\n")
+        elif what == ("key", "create"):
+            body: dict[str, Any] = {"reusable": args.reusable}
+            if args.expires is not None:
+                body["expires_in"] = args.expires
+            if args.name_prefix is not None:
+                body["name_prefix"] = args.name_prefix
+            key = client.request("POST", f"networks/{_seg(args.network)}/keys", body)
+            out.write(key["secret"] + "\n")
+            sys.stderr.write(f"key {key['id']} for network {key['network_id']}: "
+                             "shown this once; give it to the node (--auth-key-file)\n")
+        elif what == ("key", "list"):
+            path = "keys" if args.network is None else f"networks/{_seg(args.network)}/keys"
+            _print_keys(client.request("GET", path), out)
+        elif what == ("key", "revoke"):
+            client.request("DELETE", f"keys/{_seg(args.key)}")
         elif what == ("audit", None):
             query = "" if args.since is None else f"?since={time.time() - args.since:.3f}"
             _print_audit(client.request("GET", "audit" + query), out)
@@ -319,6 +348,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("network", metavar="ID")
     p.add_argument("node", metavar="NODE")
     p.add_argument("ip", metavar="IP")
+
+    key = objects.add_parser("key", help="pre-auth keys: nodes that join with one are authorized")
+    actions = key.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
+    p = actions.add_parser("create", help="make a key and print its secret (shown this once)",
+                           parents=[connection])
+    p.add_argument("network", metavar="ID")
+    p.add_argument("--reusable", action="store_true",
+                   help="any number of nodes may join with it (default: one)")
+    p.add_argument("--expires", type=duration, default=None, metavar="DURATION",
+                   help="it stops working after DURATION (90s, 15m, 2h, 7d; default never)")
+    p.add_argument("--name-prefix", default=None, help="recorded with the key")
+    p = actions.add_parser("list", help="list keys (never their secrets)", parents=[connection])
+    p.add_argument("network", metavar="ID", nargs="?", default=None)
+    p = actions.add_parser("revoke", help="revoke a key at once", parents=[connection])
+    p.add_argument("key", metavar="KEY_ID")
 
     status = objects.add_parser("status", help="the rendezvous's address, key and counters",
                                 parents=[connection])

@@ -139,6 +139,7 @@ class RendezvousClient(Service):
         local_endpoints: Iterable[str] = (),
         server_key: bytes | None = None,
         retry_policy: Callable[[int], float] | None = None,
+        auth_keys: dict[str, str] | None = None,
     ) -> None:
         self.private_key = private_key
         self.public_key = public_key(private_key)
@@ -151,6 +152,9 @@ class RendezvousClient(Service):
         self.node_id: str | None = None
         self.udp_ports: list[int] = []
         self.discovery_epoch = b""  # echoed in discovery requests (this rendezvous process's)
+        # network ID -> pre-auth key to present until the network authorizes us
+        # (never logged; dropped once authorized)
+        self.auth_keys: dict[str, str] = dict(auth_keys or {})
         self.maps: dict[str, NetworkMap] = {}
         self.status: dict[str, str] = {}
         self.counters: collections.Counter[str] = collections.Counter()
@@ -299,15 +303,18 @@ class RendezvousClient(Service):
 
     # -- requests -------------------------------------------------------------
 
-    def join(self, network_id: str) -> defer.Deferred[str | None]:
+    def join(self, network_id: str, auth_key: str | None = None) -> defer.Deferred[str | None]:
         """
-        Join C{network_id}, now and after every reconnection.  Fires with
+        Join C{network_id}, now and after every reconnection, presenting
+        C{auth_key} (a pre-auth key) until authorized.  Fires with
         "authorized" or "pending", or None when offline (the join is sent
         once connected).
         """
         network_id = network_id.lower()
         if network_id not in self.networks:
             self.networks.append(network_id)
+        if auth_key is not None:
+            self.auth_keys[network_id] = auth_key
         if self._protocol is None:
             return defer.succeed(None)
         return self._join(self._protocol, network_id)
@@ -387,10 +394,21 @@ class RendezvousClient(Service):
         def joined(answer: dict[str, str]) -> str:
             status = answer["status"]
             self.status[network_id] = status
+            if status == "authorized":
+                self.auth_keys.pop(network_id, None)  # spent, or not needed again
+            refused = answer.get("key_refused")
+            if refused is not None:
+                self.counters["auth_key_refused"] += 1
+                self.log.warn("network {network}: {why}; waiting for an admin to authorize",
+                              network=network_id, why=refused)
             self.listener.join_status(network_id, status)
             return status
 
-        return self._call(protocol, Join, network_id=network_id).addCallback(joined)
+        arguments: dict[str, Any] = {"network_id": network_id}
+        key = self.auth_keys.get(network_id)
+        if key is not None:
+            arguments["auth_key"] = key
+        return self._call(protocol, Join, **arguments).addCallback(joined)
 
     @staticmethod
     def _call(protocol: ControlClientProtocol, command: type, **kwargs: Any) -> defer.Deferred:

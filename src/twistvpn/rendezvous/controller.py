@@ -100,17 +100,32 @@ class Controller:
 
     # -- a node's own requests ---------------------------------------------------
 
-    def join(self, public_key: bytes, network_id: str) -> str:
+    def join(self, public_key: bytes, network_id: str, auth_key: str | None = None) -> str:
+        return self.join_with_key(public_key, network_id, auth_key)[0]
+
+    def join_with_key(self, public_key: bytes, network_id: str,
+                      auth_key: str | None) -> tuple[str, str | None]:
         node = self.registry.session_node(public_key)
         network = self.membership.network(network_id)
-        member = self.membership.join(public_key, network)
+        member, refused = self.membership.join(public_key, network, auth_key)
         self.registry.subscribe(node, network.id)
         if member.authorized:
             # The joining node needs the map now, and the others learn it
             # is online (or new).
             self.publisher.changed(network.id)
-            return "authorized"
-        return "pending"
+            return "authorized", None
+        return "pending", refused
+
+    def create_key(self, network_id: str, reusable: bool = False,
+                   expires_in: float | None = None,
+                   name_prefix: str | None = None) -> dict[str, Any]:
+        return self.membership.create_key(network_id, reusable, expires_in, name_prefix)
+
+    def list_keys(self, network_id: str | None = None) -> list[dict[str, Any]]:
+        return self.membership.list_keys(network_id)
+
+    def revoke_key(self, key_id: str) -> None:
+        self.membership.revoke_key(key_id)
 
     def leave(self, public_key: bytes, network_id: str) -> None:
         self.registry.unsubscribe(self.registry.session_node(public_key), network_id)

@@ -9,3 +9,5 @@ ADMIN_SOCKET = "admin.sock"
 STATE_FILE = "rendezvous.json"
 TOKEN_FILE = "admin-token"
 AUDIT_FILE = "audit.log"
+# What a pre-auth key's secret starts with, so a person can tell it from a node key.
+KEY_PREFIX = "tvkey-"

@@ -10,8 +10,10 @@ maps, and the relays' policy, which learns who may talk to whom.
 from __future__ import annotations
 
 import collections
+import hashlib
 import ipaddress
 import os
+import secrets
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -19,8 +21,9 @@ from twisted.logger import Logger
 
 from twistvpn.interfaces import IMembershipObserver, IRendezvousStore
 from twistvpn.rendezvous.errors import ConflictError, InvalidArgumentError, NotFoundError
+from twistvpn.rendezvous.files import KEY_PREFIX
 from twistvpn.rendezvous.registry import Node, SessionRegistry, check_name, node_id_of
-from twistvpn.rendezvous.store import MemberRecord, NetworkRecord
+from twistvpn.rendezvous.store import KeyRecord, MemberRecord, NetworkRecord
 from twistvpn.wireguard.keys import encode_key
 
 # Overlay addresses come from the shared address space (RFC 6598), as
@@ -30,6 +33,25 @@ DEFAULT_PREFIX = 24
 NETWORK_ID_LENGTH = 16
 
 _UNCHANGED: Any = object()
+
+
+class KeyRefusedError(Exception):
+    """A pre-auth key that does not authorize (wrong, revoked, expired, used)."""
+
+
+def _hash(secret: str) -> bytes:
+    """Keys are 256 random bits: a plain hash suffices to keep the secret out of the store."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).digest()
+
+
+def describe_key(key: KeyRecord, now: float) -> dict[str, Any]:
+    return {
+        "id": key.id, "network_id": key.network_id, "reusable": key.reusable,
+        "uses": key.uses, "expires": key.expires, "name_prefix": key.name_prefix,
+        "revoked": key.revoked, "created": key.created,
+        "valid": not key.revoked and (key.expires is None or now < key.expires)
+        and (key.reusable or not key.uses),
+    }
 
 
 def check_network_id(network_id: Any) -> str:
@@ -226,18 +248,83 @@ class Membership:
                 return str(host)
         raise ConflictError(f"no free address left in {network.subnet} of network {network.id}")
 
-    def join(self, public_key: bytes, network: NetworkRecord) -> MemberRecord:
-        """The node's membership, made on its first join (authorized if the network is public)."""
+    def join(self, public_key: bytes, network: NetworkRecord,
+             auth_key: str | None = None) -> tuple[MemberRecord, str | None]:
+        """
+        The node's membership, made on its first join: authorized if the
+        network is public or C{auth_key} is a valid pre-auth key for it.
+        Also returns why a key was refused (None if it was not), for the node.
+        """
         member = self._store.get_member(network.id, public_key)
+        refused = None
+        if auth_key is not None and (member is None or not member.authorized):
+            try:
+                return self._join_with_key(public_key, network, auth_key, member), None
+            except KeyRefusedError as e:
+                self.counters["keys_refused"] += 1
+                refused = str(e)
         if member is not None:
-            return member
+            return member, refused
         ip = None if network.private else self._next_free_ip(network)
         member = self._store.add_member(network.id, public_key, self._clock.seconds(),
                                         authorized=not network.private, ip=ip)
         self.counters["joins"] += 1
         if member.authorized:
             self._members_changed(network.id)
-        return member
+        return member, refused
+
+    # -- pre-auth keys ----------------------------------------------------------
+
+    def create_key(self, network_id: str, reusable: bool = False,
+                   expires_in: float | None = None,
+                   name_prefix: str | None = None) -> dict[str, Any]:
+        """A new key for a network: its description, with the secret (shown this once)."""
+        network = self.network(network_id)
+        if expires_in is not None and expires_in <= 0:
+            raise InvalidArgumentError("a key must expire in the future")
+        if name_prefix is not None:
+            check_name(name_prefix, "a name prefix")
+        now = self._clock.seconds()
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        record = KeyRecord(secrets.token_hex(6), network.id, reusable, 0,
+                           None if expires_in is None else now + expires_in, name_prefix,
+                           False, now)
+        self._store.add_key(record, _hash(secret))
+        self.counters["keys_created"] += 1
+        return {**describe_key(record, now), "secret": secret}
+
+    def list_keys(self, network_id: str | None = None) -> list[dict[str, Any]]:
+        if network_id is not None:
+            network_id = self.network(network_id).id
+        now = self._clock.seconds()
+        return [describe_key(k, now) for k in self._store.list_keys(network_id)]
+
+    def revoke_key(self, key_id: str) -> None:
+        if not isinstance(key_id, str) or not self._store.revoke_key(key_id.lower()):
+            raise NotFoundError(f"unknown key {str(key_id)[:20]!r}")
+
+    def _join_with_key(self, public_key: bytes, network: NetworkRecord, auth_key: str,
+                       member: MemberRecord | None) -> MemberRecord:
+        key = self._store.key_by_hash(_hash(auth_key)) if isinstance(auth_key, str) else None
+        now = self._clock.seconds()
+        if key is None or key.network_id != network.id:
+            raise KeyRefusedError("the pre-auth key is not one of this network's")
+        if key.revoked:
+            raise KeyRefusedError(f"the pre-auth key {key.id} was revoked")
+        if key.expires is not None and now >= key.expires:
+            raise KeyRefusedError(f"the pre-auth key {key.id} has expired")
+        if not key.reusable and key.uses:
+            raise KeyRefusedError(f"the pre-auth key {key.id} was used already (single use)")
+        ip = member.ip if member is not None and member.ip else self._next_free_ip(network)
+        joined = self._store.join_with_key(key.id, network.id, public_key, now, ip,
+                                           single_use=not key.reusable)
+        if joined is None:
+            raise KeyRefusedError(f"the pre-auth key {key.id} was used already (single use)")
+        self.counters["joins_with_key"] += 1
+        if member is None:
+            self.counters["joins"] += 1
+        self._members_changed(network.id)
+        return joined
 
     def update_member(self, network_id: str, node_name: str, authorized: bool | None = None,
                       ip: Any = _UNCHANGED) -> dict[str, Any]:

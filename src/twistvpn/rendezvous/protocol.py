@@ -64,8 +64,16 @@ class Register(amp.Command):
 class Join(amp.Command):
     """node -> rendezvous: membership of a network; "authorized" or "pending"."""
 
-    arguments = [(b"network_id", amp.Unicode())]
-    response = [(b"status", amp.Unicode())]
+    arguments = [
+        (b"network_id", amp.Unicode()),
+        # A pre-auth key: authorized at once, without an admin.
+        (b"auth_key", amp.Unicode(optional=True)),
+    ]
+    response = [
+        (b"status", amp.Unicode()),
+        # Why the key did not authorize (expired, revoked, used, wrong).
+        (b"key_refused", amp.Unicode(optional=True)),
+    ]
     errors = ERRORS
 
 

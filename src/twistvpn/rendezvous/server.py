@@ -185,8 +185,13 @@ class ControlServerProtocol(BoundedAMP):
         return self.public_key
 
     @Join.responder
-    def join(self, network_id: str) -> dict[str, Any]:
-        return {"status": self._service.controller.join(self._registered(), network_id)}
+    def join(self, network_id: str, auth_key: str | None = None) -> dict[str, Any]:
+        status, refused = self._service.controller.join_with_key(
+            self._registered(), network_id, auth_key)
+        answer: dict[str, Any] = {"status": status}
+        if refused is not None:
+            answer["key_refused"] = refused
+        return answer
 
     @Leave.responder
     def leave(self, network_id: str) -> dict[str, Any]:

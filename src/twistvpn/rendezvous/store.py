@@ -55,6 +55,25 @@ class MemberRecord:
     created: float
 
 
+@dataclass(frozen=True)
+class KeyRecord:
+    """A pre-auth key as stored: never its secret, only the secret's hash."""
+
+    id: str
+    network_id: str
+    reusable: bool
+    uses: int
+    expires: float | None
+    name_prefix: str | None
+    revoked: bool
+    created: float
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(row["id"], row["network_id"], bool(row["reusable"]), row["uses"],
+                     row["expires"], row["name_prefix"], bool(row["revoked"]), row["created"])
+
+
 def _node(row: sqlite3.Row) -> NodeRecord:
     return NodeRecord(
         public_key=bytes(row["public_key"]),
@@ -235,6 +254,58 @@ class SQLiteStore:
                 "UPDATE members SET authorized = ?, ip = ? WHERE network_id = ? AND public_key = ?",
                 (int(authorized), ip, network_id, public_key),
             )
+
+    # -- pre-auth keys -----------------------------------------------------------
+
+    def add_key(self, key: KeyRecord, secret_hash: bytes) -> None:
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT INTO auth_keys (id, network_id, secret_hash, reusable, uses, expires,"
+                " name_prefix, revoked, created) VALUES (?, ?, ?, ?, 0, ?, ?, 0, ?)",
+                (key.id, key.network_id, secret_hash, int(key.reusable), key.expires,
+                 key.name_prefix, key.created),
+            )
+
+    def key_by_hash(self, secret_hash: bytes) -> KeyRecord | None:
+        row = self.db.execute("SELECT * FROM auth_keys WHERE secret_hash = ?",
+                              (secret_hash,)).fetchone()
+        return None if row is None else _key(row)
+
+    def list_keys(self, network_id: str | None = None) -> list[KeyRecord]:
+        if network_id is None:
+            rows = self.db.execute("SELECT * FROM auth_keys ORDER BY created, id")
+        else:
+            rows = self.db.execute("SELECT * FROM auth_keys WHERE network_id = ?"
+                                   " ORDER BY created, id", (network_id,))
+        return [_key(r) for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        with transaction(self.db):
+            changed = self.db.execute("UPDATE auth_keys SET revoked = 1 WHERE id = ?",
+                                      (key_id,)).rowcount
+        return bool(changed)
+
+    def join_with_key(self, key_id: str, network_id: str, public_key: bytes, now: float,
+                      ip: str, single_use: bool) -> MemberRecord | None:
+        """
+        Spend a use of the key and make the node an authorized member, in one
+        transaction; None if a single-use key was spent meanwhile.
+        """
+        with transaction(self.db):
+            spent = self.db.execute(
+                "UPDATE auth_keys SET uses = uses + 1 WHERE id = ? AND revoked = 0"
+                + (" AND uses = 0" if single_use else ""), (key_id,)).rowcount
+            if not spent:
+                return None
+            self.db.execute(
+                "INSERT INTO members (network_id, public_key, authorized, ip, created)"
+                " VALUES (?, ?, 1, ?, ?) ON CONFLICT (network_id, public_key)"
+                " DO UPDATE SET authorized = 1, ip = COALESCE(members.ip, excluded.ip)",
+                (network_id, public_key, ip, now),
+            )
+            row = self.db.execute("SELECT * FROM members WHERE network_id = ? AND public_key = ?",
+                                  (network_id, public_key)).fetchone()
+        return _member(row)
 
     def delete_member(self, network_id: str, public_key: bytes) -> None:
         with transaction(self.db):
