@@ -183,3 +183,65 @@ class Traversal(NatTestCase):
         relay = netns.admin_json(lab.rendezvous, "status")["relays"]["embedded"]
         self.assertGreaterEqual(relay["sessions_tcp"], 1, relay)
         self.ping_ok(lab, "a1", "b1")
+
+
+
+class PreAuthKeys(NatTestCase):
+    """
+    Issue 15: headless nodes behind NATs (easy and hard) join with
+    single-use pre-auth keys and ping each other without any admin action;
+    a key used a second time, and an expired key, leave their nodes pending,
+    each saying why in one line that does not show the key.
+    """
+
+    def test_keys_behind_nats(self) -> None:
+        network = netns.Network(prefix="tvk")
+        self.addCleanup(network.close)
+        lab = self.current = JoinedLab(network, "easy", "hard", hosts_a=3)
+        self.step("building the lab", lab.build)
+        self.step("starting the rendezvous", lab.start_rendezvous)
+        self.step("creating the network", lab.create_network)
+        key_a = lab.admin("key", "create", lab.network_id).strip()
+        key_b = lab.admin("key", "create", lab.network_id).strip()
+        expired = lab.admin("key", "create", lab.network_id, "--expires", "1s").strip()
+        time.sleep(1.2)  # past its expiry before anything joins
+        hosts = {host.name: host for host in lab.hosts}
+        assert lab.rendezvous is not None
+
+        def start(name: str, key: str) -> None:
+            path = network.write_private(f"key-{name}", key + "\n")
+            lab.nodes[name] = netns.start_joined_node(
+                network, hosts[name], lab.rendezvous, lab.network_id,
+                extra_args=["--auth-key-file", str(path)])
+
+        def authorized(*names: str) -> Callable[[], bool]:
+            return lambda: all(lab.members().get(n, {}).get("authorized") for n in names)
+
+        started = time.monotonic()
+        start("a1", key_a)
+        start("b1", key_b)
+        self.step("a1 and b1 authorized by their keys", lambda: netns.wait_for(
+            authorized("a1", "b1"), 20, "a1 and b1 to be authorized by their keys"))
+        lab.ips = lab.overlay_ips()
+        lab.authorized_at = started
+        results = lab.first_pings(30, pairs=[("b1", "a1"), ("a1", "b1")])
+        silent = [r.label for r in results if r.first_ping_s is None]
+        self.assertEqual(silent, [], "pairs that never answered")
+        self.first_ping_s = max(r.first_ping_s or 0.0 for r in results)
+        print(f"pre-auth key to first ping across two NATs: {self.first_ping_s:.2f} s")
+
+        start("a2", key_a)  # the same single-use key, a second time
+        start("a3", expired)
+        self.step("a2 and a3 joined", lambda: netns.wait_for(
+            lambda: {"a2", "a3"} <= set(lab.members()), 20, "a2 and a3 to join"))
+        time.sleep(2)
+        members = lab.members()
+        keys = lab.admin("key", "list")
+        self.assertFalse(members["a2"]["authorized"], f"a2 authorized: {members}\n{keys}")
+        self.assertFalse(members["a3"]["authorized"], f"a3 authorized: {members}\n{keys}")
+        for name, why, key in (("a2", "used already", key_a), ("a3", "expired", expired)):
+            process = lab.nodes[name].process
+            assert process is not None
+            log = process.log()
+            self.assertIn(why, log)
+            self.assertNotIn(key, log)

@@ -296,11 +296,17 @@ class JoinedLab:
         self.network_id = self.admin("network", "create", "lab").strip()
         return self.network_id
 
-    def start_nodes(self) -> None:
+    def start_nodes(self, auth_keys: dict[str, str] | None = None) -> None:
+        """Start every host's node; with a pre-auth key for a host, it joins with it."""
         assert self.rendezvous is not None
         for host in self.hosts:
+            extra: list[str] = []
+            key = (auth_keys or {}).get(host.name)
+            if key is not None:
+                path = self.network.write_private(f"auth-key-{host.name}", key + "\n")
+                extra = ["--auth-key-file", str(path)]
             self.nodes[host.name] = netns.start_joined_node(
-                self.network, host, self.rendezvous, self.network_id
+                self.network, host, self.rendezvous, self.network_id, extra_args=extra
             )
 
     def members(self) -> dict[str, dict[str, Any]]:

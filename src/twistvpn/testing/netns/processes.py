@@ -144,7 +144,7 @@ def peer_paths(log: str) -> dict[str, str]:
 
 def start_joined_node(
     network: Network, host: Host, rendezvous: Rendezvous, network_id: str, *,
-    port: int = 41641,
+    port: int = 41641, extra_args: Sequence[str] = (),
 ) -> NodeProcess:
     """Run C{twistd -n twistvpn-node} joined to C{network_id} on C{host}."""
     node = NodeProcess(host.name, host, network.tmpdir / network.name(host.name),
@@ -160,6 +160,7 @@ def start_joined_node(
             "--name", node.name,
             "--port", str(port),
             "--interface", node.ifname,
+            *extra_args,
         ],
         log_name=f"node-{node.name}",
     )
