@@ -11,7 +11,9 @@ L{DatagramListenService} is one.
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -47,6 +49,21 @@ def enlarge_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> No
                 continue
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig), or None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
 def release_free_memory() -> bool:
     """
     Hand the C heap's free pages back to the system (glibc's malloc_trim):
@@ -54,15 +71,8 @@ def release_free_memory() -> bool:
     allocator keeps it, so the process stays at its peak.  False where there
     is no glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    trim = _malloc_trim()
+    if trim is None:
         return False
     trim(0)
     return True
@@ -122,8 +132,6 @@ class StreamListener(StreamServerEndpointService):
     def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self._observed = _ObservedEndpoint(endpoint)
         super().__init__(self._observed, factory)
-        # The owner watches `listening`: a failure is its to report.
-        self._raiseSynchronously = False
 
     @property
     def port(self) -> IListeningPort | None:

@@ -153,10 +153,6 @@ class Controller:
         """The map every authorized member of C{network_id} receives."""
         return self.publisher.network_map(self.membership.network(network_id))
 
-    def flush(self) -> None:
-        """Push the maps of every network that changed since the last flush."""
-        self.publisher.flush()
-
     # -- networks and members (the admin API) -----------------------------------
 
     def create_network(

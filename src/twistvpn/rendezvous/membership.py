@@ -145,9 +145,10 @@ class Membership:
     # -- networks ---------------------------------------------------------------
 
     def network(self, network_id: Any) -> NetworkRecord:
-        record = self._store.get_network(check_network_id(network_id))
+        network_id = check_network_id(network_id)
+        record = self._store.get_network(network_id)
         if record is None:
-            raise NotFoundError(f"unknown network {check_network_id(network_id)}")
+            raise NotFoundError(f"unknown network {network_id}")
         return record
 
     def exists(self, network_id: str) -> bool:
@@ -175,13 +176,11 @@ class Membership:
     def create_network(self, name: str, subnet: str | None = None,
                        private: bool = True, force: bool = False) -> dict[str, Any]:
         name = check_name(name, "a network name")
-        if not force:
-            for taken in self._store.list_networks():
-                if taken.name == name:
-                    raise ConflictError(f"a network named {name!r} exists already ({taken.id}); "
-                                        "give another name, or force a second one")
         net = self._free_subnet() if subnet is None else parse_subnet(subnet)
         for taken in self._store.list_networks():
+            if taken.name == name and not force:
+                raise ConflictError(f"a network named {name!r} exists already ({taken.id}); "
+                                    "give another name, or force a second one")
             if net.overlaps(ipaddress.IPv4Network(taken.subnet)):
                 raise ConflictError(
                     f"subnet {net} overlaps network {taken.id} ({taken.name}, {taken.subnet}): "

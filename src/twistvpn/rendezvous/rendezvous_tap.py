@@ -225,12 +225,12 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         registration_rate=config["registration-rate"],
         relays=relay_settings(config),
     )
-    if rendezvous.wants_relays:
-        settings = rendezvous.relay_settings
-        embedded = settings.embedded and settings.public_ip is not None
+    settings = rendezvous.relay_settings
+    if settings.any:
         rendezvous.relays = attach_relays(
             rendezvous, reactor, rendezvous.controller, data.server_private, data.cert_pem,
-            data.key_pem, settings.public_ip, embedded=embedded, udp_port=settings.udp_port,
+            data.key_pem, settings.public_ip, embedded=settings.runs_embedded,
+            udp_port=settings.udp_port,
             tcp_port=settings.tcp_port, interface=config["udp-interface"], link=settings.link,
             relay_keys=settings.relay_keys,
         )

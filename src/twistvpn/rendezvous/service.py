@@ -151,6 +151,16 @@ class RelaySettings:
     link: str | None = None
     relay_keys: tuple[bytes, ...] = ()
 
+    @property
+    def runs_embedded(self) -> bool:
+        """Whether the embedded relay runs: asked for, and with an address to advertise."""
+        return self.embedded and self.public_ip is not None
+
+    @property
+    def any(self) -> bool:
+        """Whether there is any relay to attach: the embedded one, or the link."""
+        return self.runs_embedded or self.link is not None
+
 
 NO_RELAYS = RelaySettings(embedded=False)
 
@@ -234,12 +244,6 @@ class RendezvousService(MultiService):
         listener.setServiceParent(self)
         self._listeners.append(listener)
         return listener
-
-    @property
-    def wants_relays(self) -> bool:
-        """Whether the settings ask for an embedded relay or a link for standalone ones."""
-        settings = self.relay_settings
-        return (settings.embedded and settings.public_ip is not None) or settings.link is not None
 
     def metrics(self) -> list[Family]:
         """Prometheus families: nodes, networks, members, and every counter kept."""
