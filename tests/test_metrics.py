@@ -51,7 +51,8 @@ class RenderTests(SynchronousTestCase):
 
     def test_loopback_endpoints(self) -> None:
         self.assertTrue(is_loopback_endpoint("tcp:8444:interface=127.0.0.1"))
-        self.assertTrue(is_loopback_endpoint("tcp:8444:interface=\\:\\:1") is False)
+        self.assertTrue(is_loopback_endpoint("tcp:8444:interface=\\:\\:1"))
+        self.assertFalse(is_loopback_endpoint("tcp:8444:interface=2001\\:db8\\:\\:1"))
         self.assertFalse(is_loopback_endpoint("tcp:8444"))
         self.assertFalse(is_loopback_endpoint("tcp:8444:interface=203.0.113.5"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
@@ -15,6 +14,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support.fakes import FakeWireGuardDevice
+from tests.support.files import write_file
 from tests.support.node import CONFIG, PEER1, PEER2, PRIVATE, PSK, FakeNode
 from twistvpn.interfaces import (
     IBatchReader,
@@ -189,11 +189,7 @@ class FirstHandshakeTests(unittest.TestCase):
 
 class OptionsTests(unittest.TestCase):
     def write(self, text: str = CONFIG, mode: int = 0o600) -> str:
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
+        return write_file(self, text, mode)
 
     def parse(self, *argv: str) -> node_tap.Options:
         options = node_tap.Options()

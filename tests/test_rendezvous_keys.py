@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -17,6 +16,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.support.files import write_file
 from tests.support.rendezvous import FakeSession, World, new_key
 from twistvpn.node import node_tap
 from twistvpn.rendezvous.admin import AdminAPI
@@ -145,11 +145,7 @@ class AdminKeyTests(SynchronousTestCase):
 
 class NodeOptionTests(SynchronousTestCase):
     def write(self, text: str, mode: int = 0o600) -> str:
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, mode)
-        return path
+        return write_file(self, text, mode)
 
     def parse(self, *extra: str) -> usage.Options:
         options = node_tap.Options()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,10 +101,12 @@ def bearer_ok(request: Any, token: str | None) -> bool:
 
 def is_loopback_endpoint(description: str) -> bool:
     """Whether a server endpoint string listens on loopback only (its interface=)."""
-    for part in description.split(":"):
+    # Fields are split on colons that are not escaped (IPv6: interface=\:\:1).
+    for part in re.split(r"(?<!\\):", description):
         if part.startswith("interface="):
             try:
-                return ipaddress.ip_address(part[len("interface="):]).is_loopback
+                address = part[len("interface="):].replace("\\:", ":")
+                return ipaddress.ip_address(address).is_loopback
             except ValueError:
                 return False
     return description.startswith("unix:")

@@ -318,15 +318,16 @@ class JoinedNode:
     def _apply(self) -> None:
         if self._stopped:
             return
-        self._apply_relays()
+        maps = self.maps  # derived from the client's copies: once per change
+        self._apply_relays(maps)
         try:
-            self._apply_interface()
+            self._apply_interface(maps)
         except Exception:
             # The kernel refused an address or route (netlink): say so, and
             # keep the peers and the rest of the node going.
             self.log.failure("configuring {name} failed", name=self.tun.name)
         wanted: dict[bytes, dict[str, Member]] = {}
-        for network_id, netmap in self.maps.items():
+        for network_id, netmap in maps.items():
             for member in netmap.peers(self.public_key):
                 wanted.setdefault(member.public_key, {})[network_id] = member
         for key in [k for k in self.peers if k not in wanted]:
@@ -338,18 +339,22 @@ class JoinedNode:
             else:
                 self._update_peer(peer, members)
 
-    def underlay_conflict(self, subnet: str) -> str | None:
+    def underlay(self) -> list[tuple[str, str]]:
+        """(address, what it is) of everything the tunnel must not take over."""
+        found = [(ip, "this host's address") for ip in self._local_addresses()]
+        if self.discovery_host is not None:
+            found.append((self.discovery_host, "the rendezvous"))
+        return found + [(info.host, f"relay {info.relay_id}") for info in self.relay_infos]
+
+    @staticmethod
+    def underlay_conflict(subnet: str, underlay: list[tuple[str, str]]) -> str | None:
         """
         Why routing C{subnet} through the tunnel would cut this node off
-        (it covers one of its own addresses, the rendezvous or a relay), or
-        None.  A network's subnet is the rendezvous's to choose; whether it
-        may take over our routing is ours.
+        (it covers one of the C{underlay} addresses), or None.  A network's
+        subnet is the rendezvous's to choose; whether it may take over our
+        routing is ours.
         """
         net = ipaddress.ip_network(subnet, strict=False)
-        underlay = [(ip, "this host's address") for ip in self._local_addresses()]
-        if self.discovery_host is not None:
-            underlay.append((self.discovery_host, "the rendezvous"))
-        underlay += [(info.host, f"relay {info.relay_id}") for info in self.relay_infos]
         for ip, what in underlay:
             try:
                 covered = ipaddress.ip_address(ip) in net
@@ -359,13 +364,14 @@ class JoinedNode:
                 return f"{subnet} covers {what} {ip}"
         return None
 
-    def _apply_interface(self) -> None:
+    def _apply_interface(self, maps: dict[str, NetworkMap]) -> None:
         addresses, routes = [], []
         refused: dict[str, str] = {}
-        for network_id, netmap in self.maps.items():
+        underlay = self.underlay()  # one look at the host's addresses (netlink)
+        for network_id, netmap in maps.items():
             me = netmap.member(self.public_key)
             assert me is not None
-            conflict = self.underlay_conflict(netmap.subnet)
+            conflict = self.underlay_conflict(netmap.subnet, underlay)
             if conflict is not None:
                 refused[network_id] = conflict
                 if self.refused_routes.get(network_id) != conflict:
@@ -390,11 +396,11 @@ class JoinedNode:
             self.log.info("route {route} via {name}", route=route, name=self.tun.name)
         self.routes = routes
 
-    def _apply_relays(self) -> None:
+    def _apply_relays(self, maps: dict[str, NetworkMap]) -> None:
         if self.relay is None:
             return
         infos: dict[str, RelayInfo] = {}
-        for netmap in self.maps.values():
+        for netmap in maps.values():
             for entry in netmap.relays:
                 try:
                     info = RelayInfo.from_map(entry)
@@ -656,7 +662,7 @@ class JoinedNode:
                           ("part", "event"))
         for part, kept in (("forwarder", self.forwarder.counters),
                            ("wireguard", self.device.counters), ("tun", self.tun.counters),
-                           ("probes", getattr(self.probes, "counters", {})),
+                           ("probes", self.probes.counters if self.probes is not None else {}),
                            ("relay", self.relay.counters if self.relay is not None else {})):
             for event, value in sorted(kept.items()):
                 datapath.add(value, part, event)
