@@ -187,6 +187,7 @@ def build_mesh(
     mtu: int = 1420,
     link_mtu: int = 1500,
     keepalive: int = 0,
+    keepalive_from: Sequence[str] | None = None,
     preshared_keys: bool = False,
     start: bool = True,
 ) -> list[VpnNode]:
@@ -195,6 +196,10 @@ def build_mesh(
     (203.0.113.0/24: a veth pair for two hosts, a bridge for more), each
     running that kind of VPN configured with every other as a peer (with a
     preshared key per pair if asked), the overlay in 100.64.0.0/24.
+    C{keepalive} is every node's PersistentKeepalive, or only that of the
+    nodes whose labels are in C{keepalive_from}: with it on both ends of a
+    pair, WireGuard lets whichever timer fires first keep the path alive
+    (any packet restarts the other's), so which end sends is down to timing.
     """
     labels = [chr(ord("a") + i) for i in range(len(kinds))]
     namespaces = [network.add_namespace(label) for label in labels]
@@ -235,7 +240,8 @@ def build_mesh(
                 [f"{other.overlay_ip}/32"],
                 f"{other.underlay_ip}:{WG_PORT}",
                 preshared_key=psks[frozenset((node.label, other.label))],
-                persistent_keepalive=keepalive,
+                persistent_keepalive=(
+                    keepalive if keepalive_from is None or node.label in keepalive_from else 0),
             )
             for other in nodes
             if other is not node
