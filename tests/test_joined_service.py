@@ -15,13 +15,16 @@ from twisted.internet.defer import succeed
 from twisted.names.test.test_util import MemoryReactor
 from twisted.python import usage
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from tests.support.fakes import FakeWireGuardDevice
 from tests.support.rendezvous import MemoryEndpoint, World
 from twistvpn.common.services import StreamListener
 from twistvpn.common.tls import parse_address
-from twistvpn.node import node_tap
+from twistvpn.interfaces import INodeControl
+from twistvpn.node import node_tap, settings
 from twistvpn.node.joined_service import JoinedNodeService, load_or_create_key
+from twistvpn.node.local_api import LocalAPI
 from twistvpn.node.service import NodeStartError
 from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.netmap import Member, NetworkMap
@@ -72,7 +75,9 @@ class FakeClient(Service):
         return succeed(None)
 
 
-class ServiceTests(unittest.TestCase):
+class Harness(unittest.TestCase):
+    """A joined node service on a memory reactor, a fake TUN device and device."""
+
     def setUp(self) -> None:
         self.reactor = UNIXMemoryReactor()
         self.data_dir = self.mktemp()
@@ -100,6 +105,9 @@ class ServiceTests(unittest.TestCase):
             resolve=lambda host, port: ("203.0.113.1", port))
         options.update(kwargs)
         return JoinedNodeService(self.reactor, **options)
+
+
+class ServiceTests(Harness):
 
     def test_start_opens_everything(self) -> None:
         node = self.service()
@@ -218,6 +226,155 @@ class ServiceTests(unittest.TestCase):
         self.assertFalse(world.controller.get_member(network, member["node_id"])["online"])
 
 
+class RunTimeChanges(Harness):
+    """
+    `twistvpn join`, `leave`, `networks` and `set` through the local API:
+    applied to the running node at once, and saved for its next start.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.world = World(clock=self.reactor)
+
+    def start(self, networks: list[str]) -> tuple[JoinedNodeService, World, LocalAPI]:
+        world = self.world
+
+        def make_client(reactor: Any, address: Any, private: bytes, name: str, listener: Any,
+                        networks: list[str], local_endpoints: list[str],
+                        auth_keys: dict[str, str] | None) -> RendezvousClient:
+            return RendezvousClient(MemoryEndpoint(world), private, name, listener,
+                                    clock=reactor, networks=networks,
+                                    local_endpoints=local_endpoints, auth_keys=auth_keys)
+
+        node = self.service(make_client=make_client, networks=networks)
+        node.startService()
+
+        def stop() -> None:
+            stopped = node.stopService()
+            world.settle()
+            self.successResultOf(stopped)
+
+        self.addCleanup(stop)
+        world.settle()
+        return node, world, LocalAPI(node.node, control=node)
+
+    def ask(self, api: LocalAPI, **request: Any) -> Any:
+        d = api.handle(request, lambda event: True)
+        self.world.settle()
+        return self.successResultOf(d)
+
+    def refused(self, api: LocalAPI, **request: Any) -> str:
+        d = api.handle(request, lambda event: True)
+        self.world.settle()
+        return str(self.failureResultOf(d, ValueError).value)
+
+    def network(self, name: str, subnet: str) -> str:
+        return self.world.controller.create_network(name, subnet)["id"]
+
+    def test_interface(self) -> None:
+        verifyObject(INodeControl, self.service())
+
+    def test_join_a_third_network_then_leave_the_first(self) -> None:
+        node, world, api = self.start([])
+        first, second, third = (self.network("one", "100.64.1.0/24"),
+                                self.network("two", "100.64.2.0/24"),
+                                self.network("three", "100.64.3.0/24"))
+        for network_id in (first, second):
+            self.assertEqual(self.ask(api, command="join", network=network_id),
+                             {"network": network_id, "status": "pending"})
+        node_id = node.node.node_id
+        for network_id in (first, second):
+            world.controller.authorize(network_id, node_id)
+        world.settle()
+        tun = self.tuns[0]
+        self.assertEqual(sorted(tun.routes), ["100.64.1.0/24", "100.64.2.0/24"])
+        # A third at run time: the other two keep their addresses and routes.
+        self.ask(api, command="join", network=third)
+        world.controller.authorize(third, node_id)
+        world.settle()
+        self.assertEqual(sorted(tun.routes), ["100.64.1.0/24", "100.64.2.0/24",
+                                              "100.64.3.0/24"])
+        self.assertEqual(len(tun.addresses), 3)
+        # Leaving the first: its route and address go at once; the rendezvous is told.
+        self.assertEqual(self.ask(api, command="leave", network=first), {"network": first})
+        self.assertEqual(sorted(tun.routes), ["100.64.2.0/24", "100.64.3.0/24"])
+        self.assertFalse(any(a.startswith("100.64.1.") for a in tun.addresses))
+        rows = {row["id"]: row for row in self.ask(api, command="networks")}
+        self.assertEqual(sorted(rows), sorted([second, third]))
+        self.assertEqual(rows[second]["status"], "authorized")
+        self.assertEqual(rows[second]["name"], "two")
+        self.assertTrue(rows[second]["ip"].startswith("100.64.2."))
+        # Saved for the next start.
+        self.assertEqual(settings.load(self.data_dir)["networks"], [second, third])
+
+    def test_unknown_network_alone_fails(self) -> None:
+        known = self.network("one", "100.64.1.0/24")
+        node, world, api = self.start([known, "ffffffffffffffff"])
+        world.controller.authorize(known, node.node.node_id)
+        world.settle()
+        rows = {row["id"]: row["status"] for row in self.ask(api, command="networks")}
+        self.assertEqual(rows, {known: "authorized", "ffffffffffffffff": "not found"})
+        self.assertEqual(self.tuns[0].routes, ["100.64.1.0/24"])
+        self.assertTrue(node.client.connected)
+
+    def test_join_with_a_key_keeps_it_until_authorized(self) -> None:
+        node, world, api = self.start([])
+        network_id = self.network("lab", "100.64.9.0/24")
+        secret = world.controller.create_key(network_id)["secret"]
+        key_path = settings.pending_key_path(self.data_dir, network_id)
+        self.assertEqual(self.ask(api, command="join", network=network_id, auth_key=secret),
+                         {"network": network_id, "status": "authorized"})
+        world.settle()
+        self.assertFalse(os.path.exists(key_path))  # spent: not kept
+        self.assertEqual(self.tuns[0].routes, ["100.64.9.0/24"])
+
+    def test_set_name_at_once(self) -> None:
+        network_id = self.network("one", "100.64.1.0/24")
+        node, world, api = self.start([network_id])
+        self.assertEqual(self.ask(api, command="set", key="name", value="gpu-server"),
+                         {"key": "name", "applied": True})
+        [member] = world.controller.list_members(network_id)
+        self.assertEqual(member["name"], "gpu-server")
+        self.assertEqual(settings.load(self.data_dir)["name"], "gpu-server")
+        # The others wait for the next start, and say so.
+        self.assertEqual(self.ask(api, command="set", key="port", value=51000),
+                         {"key": "port", "applied": False})
+        self.assertEqual(settings.load(self.data_dir)["port"], 51000)
+
+    def test_bad_requests(self) -> None:
+        node, world, api = self.start([])
+        self.assertIn("is not a network ID", self.refused(api, command="join", network="xyz"))
+        self.assertIn("port: 70000 is out of range",
+                      self.refused(api, command="set", key="port", value=70000))
+        self.assertIn("colour: not a setting",
+                      self.refused(api, command="set", key="colour", value="blue"))
+        self.assertEqual(settings.load(self.data_dir), {})  # nothing half-written
+
+
+class SettingsFileTests(unittest.TestCase):
+    def test_round_trip_root_only(self) -> None:
+        data_dir = self.mktemp()
+        saved = {"rendezvous": URL, "networks": [NETWORK], "name": 'quote " and ü',
+                 "port": 41641}
+        settings.save(data_dir, saved)
+        path = settings.settings_path(data_dir)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(settings.load(data_dir), saved)
+        self.assertEqual(os.listdir(data_dir), ["node.toml"])
+
+    def test_failed_write_keeps_the_old_file(self) -> None:
+        data_dir = self.mktemp()
+        settings.save(data_dir, {"name": "before"})
+        with self.assertRaises(settings.SettingsError):
+            settings.save(data_dir, {"name": "after", "port": 70000})
+        self.patch(settings.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+        with self.assertRaises(settings.SettingsError) as caught:
+            settings.save(data_dir, {"name": "after"})
+        self.assertIn("cannot write", str(caught.exception))
+        self.assertEqual(settings.load(data_dir), {"name": "before"})
+        self.assertEqual(os.listdir(data_dir), ["node.toml"])  # no temporary left
+
+
 class DataDirTests(unittest.TestCase):
     def test_first_start_creates_dir_and_key(self) -> None:
         data_dir = os.path.join(self.mktemp(), "state")
@@ -298,12 +455,58 @@ class OptionsTests(unittest.TestCase):
         self.assertUsageError(argv, "--rendezvous: bad rendezvous address")
 
     def test_missing(self) -> None:
-        self.assertUsageError(["--data-dir", self.mktemp(), "--join", NETWORK],
-                              "joined mode needs --rendezvous")
-        self.assertUsageError(["--rendezvous", URL, "--join", NETWORK],
-                              "joined mode needs --data-dir")
-        self.assertUsageError(["--data-dir", self.mktemp(), "--rendezvous", URL],
-                              "joined mode needs at least one --join NETWORK_ID")
+        data_dir = self.mktemp()
+        self.assertUsageError(["--data-dir", data_dir, "--join", NETWORK],
+                              "no rendezvous: give --rendezvous, or run `twistvpn join "
+                              f"NETWORK_ID --rendezvous URL --data-dir {data_dir}` once")
+        # No network is a node waiting for `twistvpn join`, not an error.
+        options = self.parse("--data-dir", self.mktemp(), "--rendezvous", URL)
+        self.assertEqual(options["networks"], [])
+
+    def write_settings(self, text: str) -> str:
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir, mode=0o700)
+        path = os.path.join(self.data_dir, "node.toml")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(text)
+        return path
+
+    def test_settings_file_is_the_command_line(self) -> None:
+        """`twistd twistvpn-node --data-dir DIR` is the whole command line."""
+        self.write_settings(f'rendezvous = "{URL}"\nnetworks = ["{NETWORK.upper()}"]\n'
+                            'name = "gpu-server"\nport = 51999\ninterface = "tv1"\n'
+                            'stay-awake-ms = 0\n')
+        options = self.parse("--data-dir", self.data_dir)
+        self.assertEqual((options["mode"], options["networks"], options["name"],
+                          options["port"], options["interface"], options["stay-awake-ms"]),
+                         ("joined", [NETWORK], "gpu-server", 51999, "tv1", 0))
+        self.assertEqual(options["address"].port, 8443)
+
+    def test_command_line_overrides_the_file(self) -> None:
+        other = "0123456789abcdef"
+        self.write_settings(f'rendezvous = "{URL}"\nnetworks = ["{NETWORK}"]\n'
+                            'name = "gpu-server"\nport = 51999\n')
+        options = self.parse("--data-dir", self.data_dir, "--name", "laptop", "--join", other)
+        self.assertEqual((options["networks"], options["name"], options["port"]),
+                         ([other], "laptop", 51999))
+
+    def test_malformed_settings(self) -> None:
+        """One line naming the file, the line and the key."""
+        for text, line, fragment in [
+            ('name = "a"\nport = 70000\n', 2, "port: 70000 is out of range (0 to 65535)"),
+            ('name = "a"\n\nnetworks = ["xyz"]\n', 3, "networks: 'xyz' is not a network ID"),
+            ('colour = "blue"\n', 1, "colour: unknown setting (known: rendezvous, networks"),
+            ('name = "a"\nport = \n', 2, "invalid value"),
+            ('rendezvous = "https://x"\n', 1, "rendezvous: bad rendezvous address"),
+            ('name = 5\n', 1, "name: '5' must be 1 to 64 printable"),
+        ]:
+            path = self.write_settings(text)
+            self.assertUsageError(["--data-dir", self.data_dir], f"{path}:{line}: {fragment}")
+
+    def test_settings_readable_by_root_only(self) -> None:
+        path = self.write_settings(f'rendezvous = "{URL}"\n')
+        os.chmod(path, 0o644)
+        self.assertUsageError(["--data-dir", self.data_dir], "permissions 0644 are too open")
 
     def test_modes_exclusive(self) -> None:
         self.assertUsageError(["--config", "wg0.conf", "--join", NETWORK],

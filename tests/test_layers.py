@@ -25,7 +25,7 @@ RANKS = {
     "traversal": 3, "plugins": 3, "rendezvous": 3,
     "relay": 4,
     "node": 5,
-    "testing": 6, "cli": 6, "__main__": 6,
+    "testing": 6, "cli": 6, "__main__": 6, "units": 6,
 }
 COMPOSITION = 5  # what a *_tap module may import up to
 

@@ -213,7 +213,8 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(self.parse("-c", self.write())["interface"], "twvpn0")
 
     def test_config_required(self) -> None:
-        self.assertUsageError([], "--config is required")
+        # Without --config, a node is a joined node: it needs a rendezvous.
+        self.assertUsageError(["--data-dir", self.mktemp()], "no rendezvous: give --rendezvous")
 
     def test_missing_file(self) -> None:
         self.assertUsageError(

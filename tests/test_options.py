@@ -60,7 +60,7 @@ class OneLineErrorTests(unittest.TestCase):
     def test_each_plugin(self) -> None:
         for argv, message in [
             (("twistvpn-node", "--join", "x"),
-             "twistd twistvpn-node: joined mode needs --data-dir"),
+             "twistd twistvpn-node: --join: 'x' is not a network ID (16 hex digits)"),
             (("twistvpn-rendezvous", "--udp-port", "x"),
              "twistd twistvpn-rendezvous: --udp-port: 'x' is not a number"),
             (("twistvpn-relay", "--no-such-option"),

@@ -14,12 +14,14 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.support.logs import LogCatcher
 from tests.support.rendezvous import FakeSession, MemoryEndpoint, World, bind_channel, new_key
 from twistvpn.common import auth
 from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, IRendezvousListener
 from twistvpn.rendezvous.client import (
+    NOT_FOUND,
     RECONNECT_JITTER,
     RECONNECT_MAX,
     NotConnectedError,
@@ -277,14 +279,39 @@ class Membership(SynchronousTestCase):
         self.assertTrue(member["online"])
 
     def test_join_unknown_network(self) -> None:
-        client, listener, _ = self.world.node("a")
+        """
+        A network the rendezvous does not know is "not found" for that
+        network alone: said once in the log, and the other networks (and the
+        connection) carry on, across reconnections too.
+        """
+        log = LogCatcher(self)
+        client, listener, endpoint = self.world.node("a")
         self.world.settle()
         d = client.join("ffffffffffffffff")
         self.world.flush()
-        self.failureResultOf(d, NotFoundError)
+        self.assertEqual(self.successResultOf(d), NOT_FOUND)
+        self.assertEqual(client.status["ffffffffffffffff"], NOT_FOUND)
+        self.assertEqual(listener.of("join_status")[-1],
+                         ("join_status", "ffffffffffffffff", NOT_FOUND))
         d = client.join("not-an-id")
         self.world.flush()
-        self.failureResultOf(d, NotFoundError)
+        self.assertEqual(self.successResultOf(d), NOT_FOUND)
+        # The known network works on the same connection, and after a reconnection.
+        d = client.join(self.net)
+        self.world.flush()
+        self.assertEqual(self.successResultOf(d), "pending")
+        self.assertTrue(client.connected)
+        self.assertEqual(client.counters["join_not_found"], 2)
+        self.world.authorize(self.net, client)
+        endpoint.drop()
+        for _ in range(3):
+            self.world.settle(2)  # backoff, reconnect, rejoin, push
+        self.assertEqual(len(listener.of("connected")), 2)
+        self.assertTrue(client.connected)
+        self.assertEqual(client.status, {"ffffffffffffffff": NOT_FOUND,
+                                         "not-an-id": NOT_FOUND, self.net: "authorized"})
+        self.assertEqual(len(listener.maps()), 2)
+        self.assertEqual(len(log.grep("the rendezvous does not know it")), 2)
 
     def test_authorize_pushes_map(self) -> None:
         """Authorizing sends the node its map (with its IP); peers learn of it."""
@@ -342,6 +369,23 @@ class Membership(SynchronousTestCase):
             self.world.settle(5)
         self.assertTrue(a.connected)
         self.assertEqual(len(la.of("connected")), 2)
+
+    def test_outage_logged_once(self) -> None:
+        """A rendezvous down for a minute is one line, not one per attempt."""
+        log = LogCatcher(self)
+        a, la, endpoint = self._member("a")
+        endpoint.refuse = True
+        endpoint.drop()
+        for _ in range(12):
+            self.world.settle(5)
+        self.assertGreater(a.counters["failed_attempts"], 5)
+        self.assertEqual(len(log.grep("cannot reach the rendezvous")), 1)
+        endpoint.refuse = False
+        for _ in range(4):
+            self.world.settle(5)
+        self.assertTrue(a.connected)
+        [back] = log.grep("reached again")
+        self.assertIn(f"after {a.counters['failed_attempts']} failed attempt(s)", back)
 
     def test_back_within_ten_seconds(self) -> None:
         """

@@ -38,6 +38,11 @@ COMMANDS: dict[str, str] = {
     "ping": "twistvpn.node.local_cli",
     "netcheck": "twistvpn.node.local_cli",
     "metrics": "twistvpn.node.local_cli",
+    "join": "twistvpn.node.local_cli",
+    "leave": "twistvpn.node.local_cli",
+    "networks": "twistvpn.node.local_cli",
+    "set": "twistvpn.node.local_cli",
+    "service": "twistvpn.units.install",
 }
 COMMAND_MODULES: list[str] = list(dict.fromkeys(COMMANDS.values()))
 

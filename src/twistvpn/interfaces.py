@@ -430,6 +430,12 @@ class INetworkController(Interface):
         Returns the node ID (str) admins see.
         """
 
+    def rename_node(public_key, name):
+        """
+        A registered node's new name (C{twistvpn set name}); its networks'
+        maps carry it to the peers.
+        """
+
     def detach(session):
         """
         The connection of C{session} is gone: the node is offline and its
@@ -586,7 +592,10 @@ class IRendezvousListener(Interface):
         """
 
     def join_status(network_id, status):
-        """The rendezvous answered a join: "authorized" or "pending"."""
+        """
+        The rendezvous answered a join: "authorized", "pending", or "not
+        found" (it does not know the network: that network alone fails).
+        """
 
     def map_received(network_id, netmap):
         """
@@ -791,4 +800,35 @@ class IRendezvousRelays(Interface):
         """
         Return the embedded relay's Prometheus families
         (L{twistvpn.common.metrics.Family}); none without one.
+        """
+
+
+class INodeControl(Interface):
+    """
+    What the local API changes on a running joined node: applied at once
+    and persisted in the node's settings for the next start.
+    """
+
+    def join(network_id, auth_key=None):
+        """
+        Join C{network_id} now and at every start; C{auth_key}, a pre-auth
+        key, is kept until the network authorizes the node.  Fires with
+        the rendezvous's answer ("authorized", "pending", "not found"), or
+        None while it is unreachable (the join is sent once it answers).
+        """
+
+    def leave(network_id):
+        """
+        Leave C{network_id}: its address, routes and peers go at once, the
+        rendezvous is told, and the next start does not join it.
+        """
+
+    def networks_status():
+        """Each joined network: C{id}, C{name}, C{status}, C{ip}, C{subnet}, C{domain}."""
+
+    def set_setting(key, value):
+        """
+        Change setting C{key} (one of L{twistvpn.node.settings.SETTABLE}).
+        Returns True when the running node applied it, False when it
+        applies at the next start.
         """

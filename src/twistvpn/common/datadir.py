@@ -84,3 +84,31 @@ def load_or_create_key(path: str, read: Callable[[str], bytes] = read_key) -> by
     with os.fdopen(fd, "w") as f:
         f.write(encode_key(key) + "\n")
     return key
+
+
+def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+    """
+    Replace C{path} with C{text}: a temporary file in the same directory,
+    flushed to disk, renamed over it, and the directory flushed too.
+    """
+    directory = os.path.dirname(path) or "."
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

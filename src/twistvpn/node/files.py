@@ -6,4 +6,5 @@ C{twistvpn status} needs none of the node's code.
 
 DEFAULT_DATA_DIR = "/var/lib/twistvpn"
 SOCKET_NAME = "node.sock"
+SETTINGS_NAME = "node.toml"
 MAX_PINGS = 1000

@@ -189,8 +189,10 @@ class JoinedNode:
                  discovery_interval: float = DISCOVERY_INTERVAL,
                  strategies: Sequence[Any] | None = None,
                  path_config: PathConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_join_status: Callable[[str, str], object] | None = None) -> None:
         self.clock = clock
+        self.on_join_status = on_join_status
         self.public_key = public_key
         self.forwarder = forwarder
         self.device = device
@@ -276,14 +278,25 @@ class JoinedNode:
             reason=reason, n=len(self.peers))
 
     def join_status(self, network_id: str, status: str) -> None:
+        before = self.join_answers.get(network_id)
         self.join_answers[network_id] = status
+        if self.on_join_status is not None:
+            self.on_join_status(network_id, status)
+        if status == before:
+            return  # said once: a reconnection repeats every join
         if status == "pending":
             self.log.info(
                 "node {node} is waiting for authorization in network {network}",
                 node=self.node_id, network=network_id)
-        else:
+        elif status == "authorized":
             self.log.info("node {node} is authorized in network {network}",
                           node=self.node_id, network=network_id)
+
+    def forget(self, network_id: str) -> None:
+        """A network left: its peers, routes and address go now."""
+        self.join_answers.pop(network_id, None)
+        self.refused_routes.pop(network_id, None)
+        self._apply()
 
     def map_received(self, network_id: str, netmap: NetworkMap) -> None:
         # A map without us in it (no longer a member) is left out of maps.
@@ -303,15 +316,13 @@ class JoinedNode:
             peer.manager.punch_now()
 
     def revoked(self, network_id: str, reason: str) -> None:
-        self.join_answers[network_id] = "pending" if reason == "deauthorized" else reason
+        # Deauthorized: still joined, an admin may authorize it again.
+        self.join_answers[network_id] = reason
         self.log.warn(
             "node {node} is no longer a member of network {network} ({reason}); "
             "its peers and routes are removed", node=self.node_id, network=network_id,
             reason=reason)
         self._apply()  # the client dropped the network's map: its peers and routes go
-        if reason == "deauthorized":
-            # Still joined: an admin may authorize it again.
-            self.join_status(network_id, "pending")
 
     # -- applying the maps -----------------------------------------------------
 

@@ -15,11 +15,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twistvpn.common.datadir import InsecurePermissionsError, open_data_dir
 from twistvpn.common.tls import RendezvousAddress
+from twistvpn.interfaces import INodeControl
+from twistvpn.node import settings
 from twistvpn.node.config import read_private_file
 from twistvpn.node.datapath import DataPath, DataPathOwner, DeviceFactory, TunFactory
 from twistvpn.node.files import SOCKET_NAME
@@ -82,6 +85,7 @@ def tls_client(reactor: Any, address: RendezvousAddress, private_key: bytes, nam
                                          auth_keys=auth_keys)
 
 
+@implementer(INodeControl)
 class JoinedNodeService(DataPathOwner, MultiService):
     """
     A node whose networks come from a rendezvous: a L{DataPath} like the
@@ -166,17 +170,22 @@ class JoinedNodeService(DataPathOwner, MultiService):
             reactor, self.public_key, forwarder=forwarder, device=datapath.device,
             tun=tun, probes=probes, relay=relay, listen_port=lambda: self.listening_port,
             local_addresses=local_addresses, make_discovery=make_discovery,
-            discovery_host=discovery_host, **self._node_options)
-        auth_keys = ({network_id: self.auth_key for network_id in self.networks}
-                     if self.auth_key is not None else None)
+            discovery_host=discovery_host, on_join_status=self._join_status,
+            **self._node_options)
+        # Keys given by `twistvpn join --auth-key-file` wait in the data
+        # directory until their network authorizes us; --auth-key-file on
+        # the command line applies to every network of this run.
+        auth_keys = settings.pending_keys(self.data_dir, self.networks)
+        if self.auth_key is not None:
+            auth_keys.update({network_id: self.auth_key for network_id in self.networks})
         self.client = self._make_client(reactor, self.rendezvous, self.private_key,
                                         self.node_name, node, self.networks,
                                         node.local_endpoints(), auth_keys)
         node.attach(self.client)
         node.start()
         claim_socket_path(self.socket_path)
-        self.api_port = reactor.listenUNIX(self.socket_path, local_api_factory(LocalAPI(node)),
-                                           mode=0o600)
+        self.api_port = reactor.listenUNIX(
+            self.socket_path, local_api_factory(LocalAPI(node, control=self)), mode=0o600)
         self.control_port = listen_control_socket(reactor, self._control_socket, self.describe)
         self.client.setServiceParent(self)  # started now: this service is running
         self.log.info(
@@ -185,6 +194,66 @@ class JoinedNodeService(DataPathOwner, MultiService):
             "local API {socket}", name=tun.name, port=self.listening_port,
             key=encode_key(self.public_key), rendezvous=str(self.rendezvous),
             networks=", ".join(self.networks), socket=self.socket_path)
+
+    # -- INodeControl: what `twistvpn join`, `leave` and `set` change ---------
+
+    def _join_status(self, network_id: str, status: str) -> None:
+        if status == "authorized":
+            settings.drop_pending_key(self.data_dir, network_id)  # spent, or not needed
+
+    def join(self, network_id: str, auth_key: str | None = None) -> Deferred[str | None]:
+        network_id = settings.check_network_id(network_id)
+        if auth_key is not None:
+            settings.store_pending_key(self.data_dir, network_id, auth_key)
+        settings.update(self.data_dir, lambda s: settings.add_network(s, network_id))
+        if network_id not in self.networks:
+            self.networks.append(network_id)
+        self.log.info("joining network {network}", network=network_id)
+        if self.client is None:
+            return succeed(None)
+        return self.client.join(network_id, auth_key)
+
+    def leave(self, network_id: str) -> Deferred[None]:
+        network_id = settings.check_network_id(network_id)
+        settings.update(self.data_dir, lambda s: settings.remove_network(s, network_id))
+        settings.drop_pending_key(self.data_dir, network_id)
+        if network_id in self.networks:
+            self.networks.remove(network_id)
+        self.log.info("leaving network {network}", network=network_id)
+        if self.client is None:
+            return succeed(None)
+        left = self.client.leave(network_id)  # drops the map first
+        if self.node is not None:
+            self.node.forget(network_id)
+        return left
+
+    def networks_status(self) -> list[dict[str, Any]]:
+        known = self.node.status()["networks"] if self.node is not None else {}
+        rows = []
+        for network_id in dict.fromkeys([*self.networks, *known]):
+            entry = known.get(network_id, {})
+            rows.append({"id": network_id, "name": entry.get("name"),
+                         "status": entry.get("status", "joining"), "ip": entry.get("ip"),
+                         "subnet": entry.get("subnet"), "domain": entry.get("domain")})
+        return rows
+
+    def set_setting(self, key: str, value: Any) -> bool:
+        if key not in settings.SETTABLE:
+            raise settings.SettingsError(
+                f"{key}: not a setting (settable: {', '.join(settings.SETTABLE)})")
+        try:
+            value = settings.CHECKS[key](value)
+        except ValueError as e:
+            raise settings.SettingsError(f"{key}: {e}") from None
+        settings.update(self.data_dir, lambda s: s.__setitem__(key, value))
+        if key == "name":
+            self.node_name = value
+            if self.client is not None:
+                self.client.set_name(value).addErrback(
+                    lambda f: self.log.warn("the rendezvous refused the name: {why}",
+                                            why=f.getErrorMessage()))
+            return True
+        return False
 
     def stopService(self) -> Deferred[Any]:
         children = maybeDeferred(super().stopService)  # the rendezvous client

@@ -7,6 +7,10 @@ One request per connection, one JSON object on one line::
     {"command": "status"}
     {"command": "ping", "peer": "laptop", "count": 5, "until_direct": false}
     {"command": "netcheck"}
+    {"command": "join", "network": "8f3a5c0d9e1b2a47", "auth_key": "tvkey-..."}
+    {"command": "leave", "network": "8f3a5c0d9e1b2a47"}
+    {"command": "networks"}
+    {"command": "set", "key": "name", "value": "gpu-server"}
 
 The answer is one line per event and a last line that ends it:
 C{{"ping": {...}}} per ping, then C{{"ok": true, "result": {...}}} or
@@ -31,11 +35,14 @@ from twisted.python.failure import Failure
 from twistvpn.common import jsonin
 from twistvpn.common.metrics import render
 from twistvpn.common.services import quiet
+from twistvpn.interfaces import INodeControl
 from twistvpn.node.files import MAX_PINGS
 from twistvpn.node.joined import JoinedNode, PeerNotFoundError
+from twistvpn.node.settings import SettingsError, check_network_id
 from twistvpn.traversal.manager import DIRECT, LAN
 
 MAX_REQUEST = 4096
+CONTROL_COMMANDS = ("join", "leave", "networks", "set")
 
 
 class RequestError(ValueError):
@@ -45,9 +52,10 @@ class RequestError(ValueError):
 class LocalAPI:
     """What C{twistvpn status}, C{ping} and C{netcheck} ask the node."""
 
-    def __init__(self, node: JoinedNode, *, ping_interval: float = 1.0,
-                 ping_timeout: float = 2.0) -> None:
+    def __init__(self, node: JoinedNode, *, control: INodeControl | None = None,
+                 ping_interval: float = 1.0, ping_timeout: float = 2.0) -> None:
         self.node = node
+        self.control = control
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
 
@@ -65,6 +73,10 @@ class LocalAPI:
             return self.node.netcheck()
         if command == "metrics":
             return defer.succeed(render(self.node.metrics).decode("utf-8"))
+        if command in CONTROL_COMMANDS:
+            if self.control is None:
+                return defer.fail(RequestError(f"{command}: this node takes no changes"))
+            return defer.maybeDeferred(self._control, command, request)
         if command == "ping":
             peer = request.get("peer")
             count = request.get("count", 4)
@@ -74,6 +86,33 @@ class LocalAPI:
                 return defer.fail(RequestError(f"count must be 1 to {MAX_PINGS}"))
             return self.ping(peer, count, bool(request.get("until_direct")), report)
         return defer.fail(RequestError(f"unknown command {str(command)[:40]!r}"))
+
+    def _control(self, command: str, request: dict[str, Any]) -> Any:
+        control = self.control
+        assert control is not None
+        if command == "networks":
+            return control.networks_status()
+        if command == "set":
+            key, value = request.get("key"), request.get("value")
+            if not isinstance(key, str):
+                raise RequestError("set needs a key")
+            try:
+                applied = control.set_setting(key, value)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            return {"key": key, "applied": applied}
+        network_id = request.get("network")
+        try:
+            network_id = check_network_id(network_id)
+        except ValueError as e:
+            raise RequestError(f"{command}: {e}") from None
+        if command == "leave":
+            return control.leave(network_id).addCallback(lambda _: {"network": network_id})
+        auth_key = request.get("auth_key")
+        if auth_key is not None and not isinstance(auth_key, str):
+            raise RequestError("auth_key must be a string")
+        return control.join(network_id, auth_key).addCallback(
+            lambda status: {"network": network_id, "status": status or "joining"})
 
     @defer.inlineCallbacks
     def ping(self, query: str, count: int, until_direct: bool,
@@ -136,7 +175,7 @@ class LocalAPIProtocol(LineOnlyReceiver):
                        self._failed)
 
     def _failed(self, failure: Failure) -> None:
-        if failure.check(RequestError, PeerNotFoundError):
+        if failure.check(RequestError, PeerNotFoundError, SettingsError):
             message = str(failure.value)
         else:
             self.log.failure("local API request failed", failure)

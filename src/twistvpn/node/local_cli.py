@@ -5,6 +5,13 @@ joined node through its local API (L{twistvpn.node.local_api}).
     twistvpn status [--json] [--data-dir DIR | --socket PATH]
     twistvpn ping PEER [-c N] [--until-direct] [--json] [...]
     twistvpn netcheck [--json] [...]
+    twistvpn join NETWORK_ID [--rendezvous URL] [--auth-key-file F] [...]
+    twistvpn leave NETWORK_ID [...]
+    twistvpn networks [--json] [...]
+    twistvpn set KEY VALUE [...]
+
+On a stopped node, join, leave, networks and set read and edit the
+settings file in its data directory (L{twistvpn.node.settings}) instead.
 
 A plain blocking client: one request, JSON lines back until the last.
 """
@@ -228,6 +235,157 @@ def metrics(args: argparse.Namespace, out: TextIO = sys.stdout,
     return _run(run, err)
 
 
+# -- join, leave, networks, set: the running node at once, or its settings file ----------
+
+
+class NodeNotRunningError(LocalAPIError):
+    """Nothing listens on the node's socket: the node is stopped."""
+
+
+def call_if_running(path: str, message: dict[str, Any]) -> Any:
+    """L{call}, or L{NodeNotRunningError} when no node listens at C{path}."""
+    if not os.path.exists(path):
+        raise NodeNotRunningError(path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        raise NodeNotRunningError(path) from None
+    except OSError:
+        pass  # permissions and the like: call() says so
+    finally:
+        probe.close()
+    return call(path, message)
+
+
+def _settings_error(action: Callable[[], int], err: TextIO) -> int:
+    """L{_run}, with a bad value or settings file (ValueError) as one line too."""
+    try:
+        return _run(action, err)
+    except ValueError as e:
+        err.write(f"twistvpn: {e}\n")
+        return 1
+
+
+STOPPED_HINT = ("the node is not running: saved for its next start "
+                "(systemctl start twistvpn-node, or twistd -n twistvpn-node --data-dir {dir})\n")
+
+
+def join(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    from twistvpn.node import settings
+
+    def run() -> int:
+        network_id = settings.check_network_id(args.network)
+        key = settings.read_auth_key_file(args.auth_key_file) if args.auth_key_file else None
+        if args.rendezvous is not None:
+            rendezvous = settings.check_rendezvous(args.rendezvous)
+            saved = settings.update(args.data_dir, lambda s: s.update(rendezvous=rendezvous))
+        else:
+            saved = settings.load(args.data_dir)
+        message: dict[str, Any] = {"command": "join", "network": network_id}
+        if key is not None:
+            message["auth_key"] = key
+        try:
+            result = call_if_running(socket_path(args), message)
+        except NodeNotRunningError:
+            if not saved.get("rendezvous"):
+                raise LocalAPIError(
+                    "the first join needs --rendezvous twistvpn://HOST:PORT#sha256=... "
+                    "(the rendezvous's start-up line prints it)") from None
+            if key is not None:
+                settings.store_pending_key(args.data_dir, network_id, key)
+            settings.update(args.data_dir, lambda s: settings.add_network(s, network_id))
+            out.write(f"{network_id}: joined\n" + STOPPED_HINT.format(dir=args.data_dir))
+            return 0
+        if args.rendezvous is not None:
+            out.write("the rendezvous is saved; the running node uses it from its next start\n")
+        out.write(f"{network_id}: {result['status']}\n")
+        if result["status"] == "pending":
+            out.write("waiting for an admin to authorize this node "
+                      "(twistvpn admin member auth on the rendezvous)\n")
+        return 0
+
+    return _settings_error(run, err)
+
+
+def leave(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    from twistvpn.node import settings
+
+    def run() -> int:
+        network_id = settings.check_network_id(args.network)
+        try:
+            call_if_running(socket_path(args), {"command": "leave", "network": network_id})
+        except NodeNotRunningError:
+            if network_id not in settings.load(args.data_dir).get("networks", []):
+                raise LocalAPIError(f"{network_id}: not a network of this node") from None
+            settings.update(args.data_dir, lambda s: settings.remove_network(s, network_id))
+            settings.drop_pending_key(args.data_dir, network_id)
+            out.write(f"{network_id}: left\n" + STOPPED_HINT.format(dir=args.data_dir))
+            return 0
+        out.write(f"{network_id}: left\n")
+        return 0
+
+    return _settings_error(run, err)
+
+
+def render_networks(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no networks (twistvpn join NETWORK_ID)\n"
+    header = ["NETWORK", "NAME", "STATUS", "IP", "DOMAIN"]
+    return columns(header, [[r["id"], r["name"] or "-", r["status"], r["ip"] or "-",
+                             r.get("domain") or "-"] for r in rows])
+
+
+def networks(args: argparse.Namespace, out: TextIO = sys.stdout,
+             err: TextIO = sys.stderr) -> int:
+    from twistvpn.node import settings
+
+    def run() -> int:
+        try:
+            rows = call_if_running(socket_path(args), {"command": "networks"})
+        except NodeNotRunningError:
+            rows = [{"id": n, "name": None, "status": "stopped", "ip": None}
+                    for n in settings.load(args.data_dir).get("networks", [])]
+        out.write(json.dumps(rows, indent=2) + "\n" if args.json else render_networks(rows))
+        return 0
+
+    return _settings_error(run, err)
+
+
+def set_setting(args: argparse.Namespace, out: TextIO = sys.stdout,
+                err: TextIO = sys.stderr) -> int:
+    from twistvpn.node import settings
+
+    def run() -> int:
+        key = args.key
+        if key not in settings.SETTABLE:
+            raise LocalAPIError(f"{key}: not a setting (settable: {', '.join(settings.SETTABLE)})")
+        value: Any = args.value
+        if key in ("port", "answer-wait-us", "stay-awake-ms"):
+            value = settings.CHECKS[key](value)
+        try:
+            result = call_if_running(socket_path(args),
+                                     {"command": "set", "key": key, "value": value})
+        except NodeNotRunningError:
+            value = settings.CHECKS[key](value)
+            settings.update(args.data_dir, lambda s: s.__setitem__(key, value))
+            out.write(f"{key} = {value}\n" + STOPPED_HINT.format(dir=args.data_dir))
+            return 0
+        out.write(f"{key} = {value}" + ("\n" if result["applied"] else
+                                         " (saved; applies at the node's next start)\n"))
+        return 0
+
+    def checked() -> int:
+        try:
+            return run()
+        except settings.SettingsError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{args.key}: {e}") from None
+
+    return _settings_error(checked, err)
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -247,6 +405,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help=f"the node's data directory (default {DEFAULT_DATA_DIR})")
         p.add_argument("--socket", help="the node's local API socket (default DIR/node.sock)")
 
+    p = subparsers.add_parser(
+        "join", help="join a network now and at every start (the first join: --rendezvous)")
+    p.add_argument("network", help="the network's ID (16 hex digits)")
+    p.add_argument("--rendezvous", help="twistvpn://HOST:PORT#sha256=... (saved)")
+    p.add_argument("--auth-key-file",
+                   help="a pre-auth key in a file only its owner may read: no admin needed")
+    common(p)
+    p.set_defaults(func=join)
+    p = subparsers.add_parser("leave", help="leave a network: its routes and peers go now")
+    p.add_argument("network", help="the network's ID")
+    common(p)
+    p.set_defaults(func=leave)
+    p = subparsers.add_parser("networks", help="each network's ID, name, status and IP")
+    common(p)
+    p.set_defaults(func=networks)
+    p = subparsers.add_parser(
+        "set", help="change a setting (name: at once; the others at the next start)")
+    p.add_argument("key", help="name, rendezvous, port, interface, metrics, answer-wait-us, "
+                               "stay-awake-ms")
+    p.add_argument("value")
+    common(p)
+    p.set_defaults(func=set_setting)
     p = subparsers.add_parser("status", help="the joined node's peers and paths")
     common(p)
     p.set_defaults(func=status)

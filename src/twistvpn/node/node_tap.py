@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import string
 import sys
 from typing import Any
 
@@ -19,11 +17,13 @@ from twisted.python import usage
 from twistvpn.common.datadir import DataDirError, InsecurePermissionsError
 from twistvpn.common.metrics import is_loopback_endpoint, metrics_site
 from twistvpn.common.services import StreamListener, quiet
-from twistvpn.common.tls import TLSConfigError, parse_address
+from twistvpn.common.tls import parse_address
 from twistvpn.interfaces import IDataPlaneReactor
+from twistvpn.node import settings
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE
-from twistvpn.node.config import ConfigError, load_config, read_private_file
+from twistvpn.node.config import ConfigError, load_config
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT
+from twistvpn.node.files import DEFAULT_DATA_DIR, SETTINGS_NAME
 from twistvpn.node.joined_service import (
     DEFAULT_PORT,
     JoinedNodeService,
@@ -32,35 +32,34 @@ from twistvpn.node.joined_service import (
     read_key_file,
 )
 from twistvpn.node.service import NodeStartError, StaticNodeService
-from twistvpn.node.tun import DEFAULT_NAME, validate_interface_name
-from twistvpn.options import OneLineOptions, integer
-from twistvpn.rendezvous.files import KEY_PREFIX
-
-NAME_LENGTH = 64
-MAX_ANSWER_WAIT_US = 10_000
+from twistvpn.node.tun import DEFAULT_NAME
+from twistvpn.options import OneLineOptions
 
 
 class Options(OneLineOptions):
     command = "twistvpn-node"
 
     synopsis = (
-        "--config wg0.conf [--interface NAME]  |  --data-dir DIR --rendezvous "
-        "twistvpn://HOST:PORT#sha256=... --join NETWORK_ID [--join ...] [--name NAME] "
-        "[--port 41641]"
+        "[--data-dir DIR] [--rendezvous twistvpn://HOST:PORT#sha256=...] [--join NETWORK_ID] "
+        "[--name NAME] [--port 41641]  |  --config wg0.conf [--interface NAME]"
     )
     longdesc = (
-        "Run a twistvpn node.  Static mode (--config): the interface and its peers come "
-        "from a wg-quick configuration file, so the node interoperates with stock "
-        "WireGuard.  Joined mode (--data-dir, --rendezvous, --join): the node registers "
-        "with a rendezvous and its networks' authorized members become its peers."
+        "Run a twistvpn node.  Joined mode (the default): the node registers with a "
+        "rendezvous and its networks' authorized members become its peers; its settings "
+        f"come from DIR/{SETTINGS_NAME} (written by `twistvpn join`), and options given "
+        "here override them for this run.  Static mode (--config): the interface and its "
+        "peers come from a wg-quick configuration file, so the node interoperates with "
+        "stock WireGuard."
     )
     optParameters = [
-        ["data-dir", "d", None, "Joined mode: the node's directory (key, local API socket)."],
+        ["data-dir", "d", None,
+         f"Joined mode: the node's directory (key, settings, local API socket; default "
+         f"{DEFAULT_DATA_DIR})."],
         ["rendezvous", "r", None, "Joined mode: twistvpn://HOST:PORT#sha256=FINGERPRINT."],
         ["name", None, None, "Joined mode: the name peers and admins see (default: host name)."],
         ["port", None, None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
-        ["interface", "i", DEFAULT_NAME, "Name of the TUN device to create."],
+        ["interface", "i", None, f"Name of the TUN device to create (default {DEFAULT_NAME})."],
         ["metrics", None, None,
          "Joined mode: serve Prometheus metrics on this endpoint, at /metrics (loopback "
          "only: it has no token), e.g. tcp:9586:interface=127.0.0.1."],
@@ -74,19 +73,20 @@ class Options(OneLineOptions):
         [
             "answer-wait-us",
             None,
-            str(round(DEFAULT_ANSWER_WAIT * 1e6)),
+            None,
             "After sending a lone packet, look for its answer this many microseconds "
             "(yielding the CPU between looks) before sleeping in the reactor: lower "
-            "latency for request/response traffic; 0: never wait (0 to 10000).",
+            "latency for request/response traffic; 0: never wait (0 to 10000; default "
+            f"{round(DEFAULT_ANSWER_WAIT * 1e6)}).",
         ],
         [
             "stay-awake-ms",
             None,
-            str(round(DEFAULT_STAY_AWAKE * 1e3)),
+            None,
             "While packets flow through the tunnel (and for 10 s after), wake at "
             "least this often (milliseconds), so that a packet after a pause finds the "
             "CPU awake: lower latency on virtual machines, for about 100 short "
-            "wake-ups a second; 0: never (0 to 1000).",
+            f"wake-ups a second; 0: never (0 to 1000; default {round(DEFAULT_STAY_AWAKE * 1e3)}).",
         ],
         [
             "private-key-file",
@@ -115,37 +115,23 @@ class Options(OneLineOptions):
     opt_j = opt_join
 
     def postOptions(self) -> None:
-        try:
-            self["interface"] = validate_interface_name(self["interface"])
-        except ValueError as e:
-            raise usage.UsageError(f"--interface: {e}") from None
-        self["answer-wait-us"] = integer(
-            "answer-wait-us", self["answer-wait-us"], 0, MAX_ANSWER_WAIT_US
-        )
-        self["stay-awake-ms"] = integer("stay-awake-ms", self["stay-awake-ms"], 0, 1000)
         if self["metrics"] is not None and not is_loopback_endpoint(self["metrics"]):
             raise usage.UsageError(
                 f"--metrics {self['metrics']}: only on loopback "
                 "(tcp:PORT:interface=127.0.0.1); use twistvpn metrics, or a local scraper")
-        joined = [o for o in ("data-dir", "rendezvous", "name", "port") if self[o] is not None]
-        if self["join"]:
-            joined.append("join")
-        if self["config"] and joined:
-            raise usage.UsageError(
-                f"--config (static mode) and --{joined[0]} (joined mode) cannot be combined")
-        if joined:
-            if self["private-key-file"]:
-                raise usage.UsageError(
-                    "--private-key-file is for static mode; a joined node keeps its key "
-                    "in --data-dir")
+        if not self["config"]:
             self._joined_options()
             return
-        self["mode"] = "static"
-        path = self["config"]
-        if not path:
+        joined = [o for o in ("data-dir", "rendezvous", "name", "port", "metrics",
+                              "auth-key-file") if self[o] is not None]
+        if self["join"]:
+            joined.append("join")
+        if joined:
             raise usage.UsageError(
-                "--config is required (a wg-quick file) in static mode; joined mode "
-                "takes --data-dir, --rendezvous and --join instead")
+                f"--config (static mode) and --{joined[0]} (joined mode) cannot be combined")
+        self["mode"] = "static"
+        self._apply_defaults()
+        path = self["config"]
         try:
             self["parsed"] = load_config(path)
         except (ConfigError, InsecurePermissionsError) as e:
@@ -160,51 +146,67 @@ class Options(OneLineOptions):
                 raise usage.UsageError(str(e)) from None
             self["parsed"] = dataclasses.replace(self["parsed"], private_key=key)
 
+    def _apply_defaults(self) -> None:
+        defaults = {"interface": DEFAULT_NAME,
+                    "answer-wait-us": round(DEFAULT_ANSWER_WAIT * 1e6),
+                    "stay-awake-ms": round(DEFAULT_STAY_AWAKE * 1e3)}
+        for key, value in defaults.items():
+            if self[key] is None:
+                self[key] = value
+        for key in ("interface", "answer-wait-us", "stay-awake-ms"):
+            self._check(key)
+
+    def _check(self, key: str) -> None:
+        try:
+            self[key] = settings.CHECKS[key](self[key])
+        except ValueError as e:
+            raise usage.UsageError(f"--{key}: {e}") from None
 
     def _joined_options(self) -> None:
         self["mode"] = "joined"
-        for option in ("data-dir", "rendezvous"):
-            if not self[option]:
-                raise usage.UsageError(f"joined mode needs --{option}")
-        if not self["join"]:
-            raise usage.UsageError("joined mode needs at least one --join NETWORK_ID")
-        try:
-            self["address"] = parse_address(self["rendezvous"])
-        except TLSConfigError as e:
-            raise usage.UsageError(f"--rendezvous: {e}") from None
-        networks = []
-        for network_id in self["join"]:
-            if len(network_id) != 16 or any(c not in string.hexdigits for c in network_id):
-                raise usage.UsageError(
-                    f"--join: {network_id[:40]!r} is not a network ID (16 hex digits)")
-            networks.append(network_id.lower())
-        self["networks"] = list(dict.fromkeys(networks))
-        name = self["name"] if self["name"] is not None else socket.gethostname()[:NAME_LENGTH]
-        if not name or len(name) > NAME_LENGTH or not name.isprintable() or name != name.strip():
+        if self["private-key-file"]:
             raise usage.UsageError(
-                f"--name: {name[:80]!r} must be 1 to {NAME_LENGTH} printable characters, "
-                "without leading or trailing spaces")
-        self["name"] = name
-        port = DEFAULT_PORT if self["port"] is None else self["port"]
-        self["port"] = integer("port", port, 0, 65535)
+                "--private-key-file is for static mode; a joined node keeps its key "
+                "in --data-dir")
+        if self["data-dir"] is None:
+            self["data-dir"] = DEFAULT_DATA_DIR
+        data_dir = self["data-dir"]
         try:
-            self["private_key"] = load_or_create_key(self["data-dir"])
+            saved = settings.load(data_dir)
+        except settings.SettingsError as e:
+            raise usage.UsageError(str(e)) from None
+        given = {key for key in settings.CHECKS if key in self and self[key] is not None}
+        for key in given:
+            self._check(key)
+        if self["join"]:
+            try:
+                self["networks"] = settings.check_networks(self["join"])
+            except ValueError as e:
+                raise usage.UsageError(f"--join: {e}") from None
+        else:
+            self["networks"] = saved.get("networks", [])
+        for key, value in saved.items():
+            if key != "networks" and key not in given:
+                self[key] = value
+        self._apply_defaults()
+        if not self["rendezvous"]:
+            raise usage.UsageError(
+                f"no rendezvous: give --rendezvous, or run `twistvpn join NETWORK_ID "
+                f"--rendezvous URL --data-dir {data_dir}` once")
+        self["address"] = parse_address(self["rendezvous"])
+        if self["name"] is None:
+            self["name"] = settings.check_name(settings.default_name())
+        self["port"] = DEFAULT_PORT if self["port"] is None else self["port"]
+        try:
+            self["private_key"] = load_or_create_key(data_dir)
         except (KeyFileError, DataDirError) as e:
             raise usage.UsageError(str(e)) from None
         self["auth_key"] = None
         if self["auth-key-file"]:
             try:
-                key = read_private_file(self["auth-key-file"]).strip()
-            except InsecurePermissionsError as e:
+                self["auth_key"] = settings.read_auth_key_file(self["auth-key-file"])
+            except settings.SettingsError as e:
                 raise usage.UsageError(f"--auth-key-file: {e}") from None
-            except OSError as e:
-                raise usage.UsageError(
-                    f"--auth-key-file {self['auth-key-file']}: {e.strerror}") from None
-            if not key.startswith(KEY_PREFIX) or len(key) > 200 or not key.isprintable():
-                raise usage.UsageError(
-                    f"--auth-key-file {self['auth-key-file']}: not a pre-auth key "
-                    f"(they start with {KEY_PREFIX})")
-            self["auth_key"] = key
 
 
 class _ExitOnStartError(service.MultiService):

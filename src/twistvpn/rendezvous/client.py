@@ -38,6 +38,7 @@ from twistvpn.common.services import quiet
 from twistvpn.common.tls import RendezvousAddress, client_creator, parse_address
 from twistvpn.interfaces import IChannelBinding, IRendezvousListener
 from twistvpn.rendezvous.channel import ChannelClientEndpoint
+from twistvpn.rendezvous.errors import NotFoundError
 from twistvpn.rendezvous.netmap import MapDelta, MapError, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
@@ -52,10 +53,15 @@ from twistvpn.rendezvous.protocol import (
     RequestPunch,
     RevokedPush,
     SetLocalEndpoints,
+    SetName,
 )
 from twistvpn.wireguard.keys import public_key
 
 CONNECT_TIMEOUT = 15
+
+
+# A join's status when the rendezvous does not know the network.
+NOT_FOUND = "not found"
 
 
 class NotConnectedError(Exception):
@@ -143,7 +149,7 @@ class RendezvousClient(Service):
     ) -> None:
         self.private_key = private_key
         self.public_key = public_key(private_key)
-        self.name = name
+        self.node_name = name  # not Service.name: a parent files its services by that
         self.listener = listener
         self.networks: list[str] = list(dict.fromkeys(networks))
         self.local_endpoints: list[str] = list(local_endpoints)
@@ -165,6 +171,7 @@ class RendezvousClient(Service):
         self._retry_policy = retry_policy or reconnect_policy()
         self.where = "the rendezvous"  # host:port, for the log
         self._failures = 0
+        self._last_failure: str | None = None
         self._attempt: defer.Deferred[Any] | None = None
         self._attempt_protocol: ControlClientProtocol | None = None
         self._retry: IDelayedCall | None = None
@@ -265,8 +272,10 @@ class RendezvousClient(Service):
     def _registered(self, protocol: ControlClientProtocol) -> None:
         self._attempt = self._attempt_protocol = None
         if self._failures:
-            self.log.info("rendezvous {where} reached again", where=self.where)
+            self.log.info("rendezvous {where} reached again after {n} failed attempt(s)",
+                          where=self.where, n=self._failures)
         self._failures = 0
+        self._last_failure = None
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
             d.callback(protocol)
@@ -281,11 +290,15 @@ class RendezvousClient(Service):
         self._failures += 1
         self.counters["failed_attempts"] += 1
         delay = self._retry_policy(self._failures)
-        self.log.info(
-            "cannot reach the rendezvous {where} (attempt {n}): {why}; next attempt in {delay} s",
-            where=self.where, n=self._failures, why=failure.getErrorMessage(),
-            delay=f"{delay:.1f}",
-        )
+        why = failure.getErrorMessage()
+        if self._failures == 1 or why != self._last_failure:
+            # Once per outage (and when the reason changes), not every attempt.
+            self.log.info(
+                "cannot reach the rendezvous {where}: {why}; retrying with backoff "
+                "(next attempt in {delay} s), quietly until it answers or the reason changes",
+                where=self.where, why=why, delay=f"{delay:.1f}",
+            )
+        self._last_failure = why
         self._fail_waiters(failure)
         self._schedule(delay)
 
@@ -373,7 +386,7 @@ class RendezvousClient(Service):
             Register,
             public_key=self.public_key,
             proof=proof,
-            name=self.name,
+            name=self.node_name,
             local_endpoints=self.local_endpoints,
         )
         self.server_key = server_key
@@ -404,11 +417,30 @@ class RendezvousClient(Service):
             self.listener.join_status(network_id, status)
             return status
 
+        def unknown(failure: Failure) -> str:
+            # That network alone: the others (and the connection) carry on.
+            failure.trap(NotFoundError)
+            self.counters["join_not_found"] += 1
+            if self.status.get(network_id) != NOT_FOUND:
+                self.log.warn("network {network}: the rendezvous does not know it (deleted, "
+                              "or a mistyped ID); the other networks carry on",
+                              network=network_id)
+            self.status[network_id] = NOT_FOUND
+            self.listener.join_status(network_id, NOT_FOUND)
+            return NOT_FOUND
+
         arguments: dict[str, Any] = {"network_id": network_id}
         key = self.auth_keys.get(network_id)
         if key is not None:
             arguments["auth_key"] = key
-        return self._call(protocol, Join, **arguments).addCallback(joined)
+        return self._call(protocol, Join, **arguments).addCallbacks(joined, unknown)
+
+    def set_name(self, name: str) -> defer.Deferred[None]:
+        """Be called C{name} from now on (and in every later registration)."""
+        self.node_name = name
+        if self._protocol is None:
+            return defer.succeed(None)
+        return self._call(self._protocol, SetName, name=name).addCallback(lambda _: None)
 
     @staticmethod
     def _call(protocol: ControlClientProtocol, command: type, **kwargs: Any) -> defer.Deferred:
@@ -498,7 +530,7 @@ class RendezvousClient(Service):
         if not self._current(protocol, network_id):
             return
         self.maps.pop(network_id, None)
-        self.status[network_id] = "pending" if reason == "deauthorized" else reason
+        self.status[network_id] = reason
         if reason != "deauthorized":
             # Deleted: a join would make it a new pending member; the
             # admin decides that, not a reconnecting node.

@@ -89,6 +89,9 @@ class Controller:
     def register_node(self, public_key: bytes, name: str, session: IControlSession) -> str:
         return self.registry.register(public_key, name, session)
 
+    def rename_node(self, public_key: bytes, name: str) -> None:
+        self.registry.rename(public_key, name)
+
     def detach(self, session: IControlSession) -> None:
         self.registry.detach(session)
 

@@ -85,6 +85,14 @@ class Leave(amp.Command):
     errors = ERRORS
 
 
+class SetName(amp.Command):
+    """node -> rendezvous: call me this from now on."""
+
+    arguments = [(b"name", amp.Unicode())]
+    response = []
+    errors = ERRORS
+
+
 class SetLocalEndpoints(amp.Command):
     """node -> rendezvous: my LAN addresses changed."""
 

@@ -181,6 +181,19 @@ class SessionRegistry:
         self.node_changed(public_key)
         return node.node_id
 
+    def rename(self, public_key: bytes, name: str) -> None:
+        """A registered node's new name; its networks' maps say so."""
+        node = self._nodes.get(public_key)
+        if node is None:
+            raise NotFoundError("register first")
+        name = check_name(name)
+        if name == node.name:
+            return
+        now = self._clock.seconds()
+        self._store.update_node(public_key, now, name)
+        node.name, node.last_seen, node.last_seen_written = name, now, now
+        self.node_changed(public_key)
+
     def detach(self, session: IControlSession) -> None:
         node = self._nodes.get(session.public_key)
         if node is None or node.session is not session:

@@ -34,6 +34,7 @@ from twistvpn.rendezvous.protocol import (
     RequestPunch,
     RevokedPush,
     SetLocalEndpoints,
+    SetName,
 )
 from twistvpn.wireguard.keys import public_key
 
@@ -196,6 +197,11 @@ class ControlServerProtocol(BoundedAMP):
     @Leave.responder
     def leave(self, network_id: str) -> dict[str, Any]:
         self._service.controller.leave(self._registered(), network_id)
+        return {}
+
+    @SetName.responder
+    def set_name(self, name: str) -> dict[str, Any]:
+        self._service.controller.rename_node(self._registered(), name)
         return {}
 
     @SetLocalEndpoints.responder
