@@ -177,13 +177,23 @@ class TunDeviceTests(unittest.TestCase):
             [
                 ("addr", "add", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
                 ("link", "set", {"index": 7, "state": "up"}),
-                ("addr", "del", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
+                # The new addresses first: the device never has none (the
+                # kernel drops every route through a device that loses its
+                # last IPv4 address).
                 ("addr", "add", {"index": 7, "address": "100.64.0.2", "prefixlen": 24}),
                 ("addr", "add", {"index": 7, "address": "fd00::2", "prefixlen": 64}),
+                ("addr", "del", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
                 ("link", "set", {"index": 7, "state": "up"}),
                 ("route", "replace", {"dst": "100.64.1.0/24", "oif": 7}),
             ],
         )
+        # A source address replaces the route; the same one again is no call.
+        self.ipr.calls.clear()
+        self.device.add_route("100.64.1.0/24", "100.64.0.2")
+        self.device.add_route("100.64.1.0/24", "100.64.0.2")
+        self.assertEqual(self.ipr.calls, [("route", "replace", {
+            "dst": "100.64.1.0/24", "oif": 7, "prefsrc": "100.64.0.2"})])
+        self.assertEqual(self.device.routes, ["100.64.1.0/24"])
         self.ipr.calls.clear()
         self.device.start_reading(lambda p: None)
         self.device.close()

@@ -90,6 +90,7 @@ class TunBase:
         self.mtu = mtu
         self.addresses: tuple[str, ...] = ()
         self.routes: list[str] = []
+        self.sources: dict[str, str | None] = {}  # route -> its source address
         self.counters: Counter[str] = Counter()
         self._receiver: Receiver | None = None
 
@@ -358,37 +359,47 @@ class TunDevice(TunBase):
                 self.counters["tx_packets"] += 1
 
     def set_addresses(self, addresses: Iterable[str]) -> None:
+        # New ones first, then the old ones go: removing a device's last
+        # IPv4 address makes the kernel drop every route through it.
         wanted = [parse_interface_address(a) for a in addresses]
-        for old in self.addresses:
-            iface = parse_interface_address(old)
-            self._ignore_missing(
-                self._ipr.addr,
-                "del",
-                index=self._index,
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-            )
+        have = [parse_interface_address(a) for a in self.addresses]
         for iface in wanted:
-            self._ipr.addr(
-                "add",
-                index=self._index,
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-            )
+            if iface not in have:
+                self._ipr.addr(
+                    "add",
+                    index=self._index,
+                    address=str(iface.ip),
+                    prefixlen=iface.network.prefixlen,
+                )
+        for iface in have:
+            if iface not in wanted:
+                self._ignore_missing(
+                    self._ipr.addr,
+                    "del",
+                    index=self._index,
+                    address=str(iface.ip),
+                    prefixlen=iface.network.prefixlen,
+                )
         self.addresses = tuple(str(i) for i in wanted)
         self._ipr.link("set", index=self._index, state="up")
 
-    def add_route(self, cidr: str) -> None:
+    def add_route(self, cidr: str, source: str | None = None) -> None:
         route = self._normalise_route(cidr)
-        if route in self.routes:
+        if self.sources.get(route, "") == source:
             return
-        self._ipr.route("replace", dst=route, oif=self._index)
-        self.routes.append(route)
+        if source is None:
+            self._ipr.route("replace", dst=route, oif=self._index)
+        else:
+            self._ipr.route("replace", dst=route, oif=self._index, prefsrc=source)
+        self.sources[route] = source
+        if route not in self.routes:
+            self.routes.append(route)
 
     def remove_route(self, cidr: str) -> None:
         route = self._normalise_route(cidr)
         if route in self.routes:
             self.routes.remove(route)
+        self.sources.pop(route, None)
         if not self._closed:
             self._ignore_missing(self._ipr.route, "del", dst=route, oif=self._index)
 

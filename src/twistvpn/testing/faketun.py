@@ -56,19 +56,22 @@ class FakeTunDevice(TunBase):
         self.addresses = tuple(str(parse_interface_address(a)) for a in addresses)
         self.up = True
 
-    def add_route(self, cidr: str) -> None:
+    def add_route(self, cidr: str, source: str | None = None) -> None:
         route = self._normalise_route(cidr)
+        self.sources[route] = source
         if route not in self.routes:
             self.routes.append(route)
 
     def remove_route(self, cidr: str) -> None:
         route = self._normalise_route(cidr)
+        self.sources.pop(route, None)
         if route in self.routes:
             self.routes.remove(route)
 
     def close(self) -> None:
         self._receiver = None
         self.routes = []
+        self.sources = {}
         self.addresses = ()
         self.up = False
         self.closed = True
