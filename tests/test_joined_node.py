@@ -316,7 +316,7 @@ class KernelRefuses(SynchronousTestCase):
         mesh = Mesh(seed=7)
         a, b = mesh.members("easy", "easy", authorize=False)
 
-        def refuse(cidr: str) -> None:
+        def refuse(cidr: str, source: str | None = None) -> None:
             raise OSError(17, "File exists")
 
         a.tun.add_route = refuse

@@ -304,6 +304,9 @@ class RunTimeChanges(Harness):
         self.assertEqual(rows[second]["status"], "authorized")
         self.assertEqual(rows[second]["name"], "two")
         self.assertTrue(rows[second]["ip"].startswith("100.64.2."))
+        # Each network's route leaves from our address in that network.
+        self.assertEqual(tun.sources, {"100.64.2.0/24": rows[second]["ip"],
+                                       "100.64.3.0/24": rows[third]["ip"]})
         # Saved for the next start.
         self.assertEqual(settings.load(self.data_dir)["networks"], [second, third])
 

@@ -209,13 +209,15 @@ class CLITests(SynchronousTestCase):
         self.assertIn(f"node {self.a.client.node_id}", lines[0])
         self.assertEqual(lines[2], "rendezvous connected")
         self.assertIn(f"ip {self.a.ip}", lines[3])
+        domain = lines[3].rpartition("names *.")[2]
+        self.assertTrue(domain.endswith(".twistvpn.internal"), lines[3])
         header = lines[5].split()
-        self.assertEqual(header, ["NAME", "IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE",
+        self.assertEqual(header, ["NAME", "DNS", "IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE",
                                   "IN", "OUT"])
         row = lines[7].split()
-        self.assertEqual(row[:4], ["beta", self.b.ip, "direct",
+        self.assertEqual(row[:5], ["beta", f"beta.{domain}", self.b.ip, "direct",
                                    f"{self.b.host.nat.public_ip}:41641"])
-        self.assertTrue(row[4].endswith("ms"))
+        self.assertTrue(row[5].endswith("ms"))
 
     def test_status_json(self) -> None:
         code, out, _ = self.run_cli("status", "--json", "--socket", "/run/x.sock")

@@ -84,6 +84,17 @@ class API(SynchronousTestCase):
         self.assertEqual(self.call("GET", f"/api/v1/networks/{network['id']}")[0], 404)
         self.assertEqual(self.call("GET", "/api/v1/status")[1]["networks"], 1)
 
+    def test_network_settings(self) -> None:
+        """POST on a network renames it or sets its DNS domain, as `admin network set`."""
+        network = self.call("POST", "/api/v1/networks", {"name": "home"})[1]
+        path = f"/api/v1/networks/{network['id']}"
+        code, changed = self.call("POST", path, {"domain": "home.example"})
+        self.assertEqual((code, changed["domain"], changed["name"]), (200, "home.example", "home"))
+        code, body = self.call("POST", path, {"domain": "no spaces.example"})
+        self.assertEqual(code, 400)
+        self.assertIn("is not a DNS label", body["error"])
+        self.assertEqual(self.call("GET", path)[1], changed)
+
     def test_members(self) -> None:
         net = self.call("POST", "/api/v1/networks", {"name": "n", "subnet": "10.2.0.0/30"})[1]
         path = f"/api/v1/networks/{net['id']}/members"

@@ -103,6 +103,43 @@ class Networks(ControllerTestCase):
             self.assertRaises(NotFoundError, self.controller.list_members, bad)
             self.assertRaises(NotFoundError, self.controller.delete_network, bad)
 
+    def test_domain_and_rename(self) -> None:
+        """
+        A network's DNS domain is NAME.twistvpn.internal until an admin sets
+        one; members get it in their map at once (a delta), and a renamed
+        node's new name too.
+        """
+        network = self.controller.create_network("Home Lab")
+        self.assertEqual((network["domain"], network["domain_set"]),
+                         ("home-lab.twistvpn.internal", False))
+        public, session = self.node("laptop", network["id"])
+        self.controller.authorize(network["id"], encode_key(public))
+        self.clock.advance(1)
+        self.assertEqual(session.maps[-1][1].domain, "home-lab.twistvpn.internal")
+        changed = self.controller.update_network(network["id"], domain="Lab.Example.")
+        self.assertEqual((changed["domain"], changed["domain_set"]), ("lab.example", True))
+        self.controller.rename_node(public, "gpu-server")
+        self.clock.advance(1)
+        netmap = session.maps[-1][1]
+        self.assertEqual((netmap.domain, netmap.members[0].name), ("lab.example", "gpu-server"))
+        self.assertTrue(session.deltas)
+        # Back to the default; a rename follows the name.
+        changed = self.controller.update_network(network["id"], name="Lab", domain="")
+        self.assertEqual((changed["name"], changed["domain"]), ("Lab", "lab.twistvpn.internal"))
+
+    def test_bad_domain_changes_nothing(self) -> None:
+        first = self.controller.create_network("one")
+        second = self.controller.create_network("two")
+        self.controller.update_network(first["id"], domain="lab.example")
+        for bad in ("a..b", "x_y.example", "1.64.100.in-addr.arpa"):
+            self.assertRaises(InvalidArgumentError, self.controller.update_network,
+                              second["id"], "renamed", bad)
+        self.assertRaises(ConflictError, self.controller.update_network, second["id"],
+                          "renamed", "lab.example")
+        self.assertRaises(InvalidArgumentError, self.controller.update_network, second["id"],
+                          "x" * 65)
+        self.assertEqual(self.controller.get_network(second["id"]), second)
+
     def test_ids_are_case_insensitive(self) -> None:
         network = self.controller.create_network("home")
         self.assertEqual(self.controller.get_network(network["id"].upper()), network)

@@ -152,6 +152,11 @@ class RealProcess(TestCase):
             "--url", url, "--token", "not-the-token", "network", "list", expect=1
         )
         self.assertIn("bearer token", err)
+        changed = yield self.admin(*d, "network", "set", net, "--domain", "Office.Example")
+        self.assertEqual(changed, f"{net} office: domain office.example\n")
+        err = yield self.admin(*d, "network", "set", net, "--domain", "a..b", expect=1)
+        self.assertIn("is not a DNS label", err)
+        self.assertIn("office.example", (yield self.admin(*d, "network", "list")))
 
         # kill -9 and restart: nothing lost, and the node comes back by itself
         self.rendezvous.kill(signal.SIGKILL)

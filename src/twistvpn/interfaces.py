@@ -48,9 +48,12 @@ class ITunDevice(Interface):
         the device's addresses, replacing any set before, and bring it up.
         """
 
-    def add_route(cidr):
+    def add_route(cidr, source=None):
         """
-        Route the prefix C{cidr} through the device.
+        Route the prefix C{cidr} through the device; with C{source} (one
+        of its addresses), packets to it leave from that address (a node in
+        several networks speaks to each from its address there).  Adding it
+        again with another source replaces it.
         """
 
     def remove_route(cidr):
@@ -515,6 +518,13 @@ class INetworkController(Interface):
     def get_network(network_id):
         """One network's description; unknown IDs raise NotFoundError."""
 
+    def update_network(network_id, name=None, domain=None):
+        """
+        Rename a network and/or set its members' DNS domain ("": back to
+        NAME.twistvpn.internal); its members get the new map.  Returns the
+        network's description.
+        """
+
     def delete_network(network_id):
         """Delete a network, telling its connected members."""
 
@@ -685,6 +695,12 @@ class IRendezvousStore(Interface):
     def delete_network(network_id):
         """Delete a network and its members; returns the members' keys."""
 
+    def update_network(network_id, name, domain):
+        """
+        Rename a network and set its DNS domain (None: the default), in one
+        transaction; returns the new NetworkRecord, or None if it is gone.
+        """
+
     def revisions():
         """Every network's last published map revision, {network_id: int}."""
 
@@ -832,3 +848,17 @@ class INodeControl(Interface):
         Returns True when the running node applied it, False when it
         applies at the next start.
         """
+
+
+class INameService(Interface):
+    """The node's name server: answers its networks' names from the maps."""
+
+    def update(table, addresses):
+        """
+        Answer from C{table} (a L{twistvpn.node.names.NameTable}) from now
+        on, listening on exactly C{addresses} (the node's overlay
+        addresses, CIDR or bare).
+        """
+
+    def stop():
+        """Stop listening and undo what the system was told; a Deferred."""

@@ -31,7 +31,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistvpn.common.metrics import Family
-from twistvpn.interfaces import IRendezvousListener
+from twistvpn.interfaces import INameService, IRendezvousListener
+from twistvpn.node.names import NameTable, name_table, network_domain
 from twistvpn.relay.client import RelayInfo
 from twistvpn.rendezvous.discovery import NetcheckResult
 from twistvpn.rendezvous.netmap import (
@@ -190,9 +191,12 @@ class JoinedNode:
                  strategies: Sequence[Any] | None = None,
                  path_config: PathConfig | None = None,
                  rng: random.Random | None = None,
-                 on_join_status: Callable[[str, str], object] | None = None) -> None:
+                 on_join_status: Callable[[str, str], object] | None = None,
+                 names: INameService | None = None) -> None:
         self.clock = clock
         self.on_join_status = on_join_status
+        self.names = names  # the name server, told of every change
+        self.name_table = NameTable()
         self.public_key = public_key
         self.forwarder = forwarder
         self.device = device
@@ -216,6 +220,7 @@ class JoinedNode:
         self.peers: dict[bytes, JoinedPeer] = {}
         self.addresses: tuple[str, ...] = ()
         self.routes: list[str] = []
+        self.route_sources: dict[str, str] = {}
         self.relay_infos: tuple[RelayInfo, ...] = ()
         self.discovery: Any = None
         self._discovery_for: tuple[list[Address], bytes, bytes] | None = None
@@ -349,6 +354,12 @@ class JoinedNode:
                 self._add_peer(key, members)
             else:
                 self._update_peer(peer, members)
+        self.name_table = name_table(maps)
+        if self.names is not None:
+            try:
+                self.names.update(self.name_table, self.addresses)
+            except Exception:
+                self.log.failure("updating the name server failed")
 
     def underlay(self) -> list[tuple[str, str]]:
         """(address, what it is) of everything the tunnel must not take over."""
@@ -390,22 +401,27 @@ class JoinedNode:
                                   "unreachable", network=network_id, conflict=conflict)
                 continue
             addresses.append(f"{me.ip}/32")
-            routes.append(netmap.subnet)
+            routes.append((netmap.subnet, me.ip))
         self.refused_routes = refused
         addresses = list(dict.fromkeys(addresses))
-        routes = list(dict.fromkeys(routes))
+        # Each network's route leaves from our address there: a peer in
+        # one network alone accepts no packet from our address in another.
+        sources = dict(routes)
         if tuple(addresses) != self.addresses:
             self.tun.set_addresses(addresses)
             self.addresses = tuple(addresses)
             self.log.info("interface {name} addresses: {addresses}", name=self.tun.name,
                           addresses=", ".join(addresses) or "none")
-        for route in [r for r in self.routes if r not in routes]:
+        for route in [r for r in self.routes if r not in sources]:
             self.tun.remove_route(route)
             self.log.info("route {route} removed", route=route)
-        for route in [r for r in routes if r not in self.routes]:
-            self.tun.add_route(route)
-            self.log.info("route {route} via {name}", route=route, name=self.tun.name)
-        self.routes = routes
+        for route, source in sources.items():
+            if self.route_sources.get(route) != source:
+                self.tun.add_route(route, source)
+                self.log.info("route {route} via {name} from {source}", route=route,
+                              name=self.tun.name, source=source)
+        self.routes = list(sources)
+        self.route_sources = sources
 
     def _apply_relays(self, maps: dict[str, NetworkMap]) -> None:
         if self.relay is None:
@@ -586,6 +602,7 @@ class JoinedNode:
         for route in self.routes:
             self.tun.remove_route(route)
         self.routes = []
+        self.route_sources = {}
 
     # -- for the local API -----------------------------------------------------
 
@@ -609,6 +626,7 @@ class JoinedNode:
                 else self.join_answers.get(network_id, "joining"),
                 "name": netmap.name if netmap else None,
                 "subnet": netmap.subnet if netmap else None,
+                "domain": network_domain(netmap) if netmap else None,
                 "ip": me.ip if me else None,
                 "route_refused": self.refused_routes.get(network_id),
             }
@@ -630,6 +648,7 @@ class JoinedNode:
         handshake = wg.last_handshake
         return {
             "name": peer.name,
+            "dns_name": self.name_table.by_key.get(peer.public_key),
             "node_id": member.node_id,
             "public_key": encode_key(peer.public_key),
             "ips": peer.ips,

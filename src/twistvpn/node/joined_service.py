@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from twistvpn.common.datadir import InsecurePermissionsError, open_data_dir
 from twistvpn.common.tls import RendezvousAddress
-from twistvpn.interfaces import INodeControl
+from twistvpn.interfaces import INameService, INodeControl
 from twistvpn.node import settings
 from twistvpn.node.config import read_private_file
 from twistvpn.node.datapath import DataPath, DataPathOwner, DeviceFactory, TunFactory
@@ -105,7 +105,8 @@ class JoinedNodeService(DataPathOwner, MultiService):
                  local_addresses: Callable[[], list[str]] | None = None,
                  resolve: Resolver = resolve_endpoint, listen_interface: str = "::",
                  control_socket: str | None = None, mtu: int = DEFAULT_MTU,
-                 auth_key: str | None = None, **node_options: Any) -> None:
+                 auth_key: str | None = None, names: INameService | None = None,
+                 **node_options: Any) -> None:
         super().__init__()
         self._reactor = reactor
         self.datapath = DataPath(reactor, private_key, interface_name=interface_name, mtu=mtu,
@@ -125,6 +126,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
         self._resolve = resolve
         self._control_socket = control_socket
         self._node_options = node_options
+        self.names = names
         self.node: JoinedNode | None = None
         self.client: Any = None
         self.api_port: Any = None
@@ -170,7 +172,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
             reactor, self.public_key, forwarder=forwarder, device=datapath.device,
             tun=tun, probes=probes, relay=relay, listen_port=lambda: self.listening_port,
             local_addresses=local_addresses, make_discovery=make_discovery,
-            discovery_host=discovery_host, on_join_status=self._join_status,
+            discovery_host=discovery_host, on_join_status=self._join_status, names=self.names,
             **self._node_options)
         # Keys given by `twistvpn join --auth-key-file` wait in the data
         # directory until their network authorizes us; --auth-key-file on
@@ -276,6 +278,8 @@ class JoinedNodeService(DataPathOwner, MultiService):
         if self.node is not None:
             self.node.stop()
             self.node = None
+        if self.names is not None:
+            stopped.append(self.names.stop())
         if self.control_port is not None:
             stopped.append(maybeDeferred(self.control_port.stopListening))
             self.control_port = None

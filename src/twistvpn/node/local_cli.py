@@ -117,6 +117,8 @@ def render_status(status: dict[str, Any]) -> str:
         detail = net["status"]
         if net["ip"]:
             detail += f", ip {net['ip']} in {net['subnet']} ({net['name']})"
+        if net.get("domain"):
+            detail += f", names *.{net['domain']}"
         if net.get("route_refused"):
             detail += f"; not routed: {net['route_refused']}"
         lines.append(f"network {network_id}: {detail}")
@@ -124,6 +126,7 @@ def render_status(status: dict[str, Any]) -> str:
     rows = [
         [
             peer["name"],
+            peer.get("dns_name") or "-",
             ",".join(peer["ips"]),
             peer["path"] if peer["online"] or peer["path"] != "none" else "offline",
             peer["endpoint"] or "-",
@@ -136,7 +139,7 @@ def render_status(status: dict[str, Any]) -> str:
     ]
     if not rows:
         return text + "no peers\n"
-    header = ["NAME", "IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "IN", "OUT"]
+    header = ["NAME", "DNS", "IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "IN", "OUT"]
     return text + columns(header, rows)
 
 

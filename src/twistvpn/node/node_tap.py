@@ -31,6 +31,7 @@ from twistvpn.node.joined_service import (
     load_or_create_key,
     read_key_file,
 )
+from twistvpn.node.names import DEFAULT_DNS_PORT
 from twistvpn.node.service import NodeStartError, StaticNodeService
 from twistvpn.node.tun import DEFAULT_NAME
 from twistvpn.options import OneLineOptions
@@ -60,6 +61,12 @@ class Options(OneLineOptions):
         ["port", None, None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
         ["interface", "i", None, f"Name of the TUN device to create (default {DEFAULT_NAME})."],
+        ["dns-port", None, None,
+         "Joined mode: answer the networks' names (NAME.DOMAIN) on this port of the "
+         "node's overlay addresses, and tell systemd-resolved (default 53; 0: no names)."],
+        ["system-dns", None, None,
+         "Joined mode: auto (default): send the networks' domains to the node's name "
+         "server through systemd-resolved where it runs; off: leave the system's DNS alone."],
         ["metrics", None, None,
          "Joined mode: serve Prometheus metrics on this endpoint, at /metrics (loopback "
          "only: it has no token), e.g. tcp:9586:interface=127.0.0.1."],
@@ -122,7 +129,8 @@ class Options(OneLineOptions):
         if not self["config"]:
             self._joined_options()
             return
-        joined = [o for o in ("data-dir", "rendezvous", "name", "port", "metrics",
+        joined = [o for o in ("data-dir", "rendezvous", "name", "port", "metrics", "dns-port",
+                              "system-dns",
                               "auth-key-file") if self[o] is not None]
         if self["join"]:
             joined.append("join")
@@ -147,13 +155,14 @@ class Options(OneLineOptions):
             self["parsed"] = dataclasses.replace(self["parsed"], private_key=key)
 
     def _apply_defaults(self) -> None:
-        defaults = {"interface": DEFAULT_NAME,
+        defaults = {"interface": DEFAULT_NAME, "dns-port": DEFAULT_DNS_PORT,
+                    "system-dns": "auto",
                     "answer-wait-us": round(DEFAULT_ANSWER_WAIT * 1e6),
                     "stay-awake-ms": round(DEFAULT_STAY_AWAKE * 1e3)}
         for key, value in defaults.items():
             if self[key] is None:
                 self[key] = value
-        for key in ("interface", "answer-wait-us", "stay-awake-ms"):
+        for key in ("interface", "answer-wait-us", "stay-awake-ms", "dns-port", "system-dns"):
             self._check(key)
 
     def _check(self, key: str) -> None:
@@ -268,8 +277,20 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
 
     node: service.Service
     if config["mode"] == "joined":
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from twistvpn.node.names import NameService, ResolvedLink
         from twistvpn.relay.transport import tls_stream_connector
 
+        names = None
+        if config["dns-port"]:
+            def run(argv: list[str]) -> Any:
+                return getProcessOutputAndValue(argv[0], argv[1:], env=os.environ,
+                                                reactor=reactor)
+
+            resolved = ResolvedLink(run) if config["system-dns"] == "auto" else None
+            names = NameService(reactor, config["interface"], port=config["dns-port"],
+                                resolved=resolved)
         node = JoinedNodeService(
             reactor,
             data_dir=config["data-dir"],
@@ -277,6 +298,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
             rendezvous=config["address"],
             networks=config["networks"],
             auth_key=config["auth_key"],
+            names=names,
             name=config["name"],
             port=config["port"],
             interface_name=config["interface"],

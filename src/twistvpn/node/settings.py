@@ -119,6 +119,13 @@ def check_metrics(value: Any) -> str:
     return value
 
 
+def check_system_dns(value: Any) -> str:
+    if value not in ("auto", "off"):
+        raise ValueError(f"{str(value)[:40]!r} is not auto (tell systemd-resolved where "
+                         "it runs) or off")
+    return str(value)
+
+
 # Every key the file may hold, with its check; the node's option of the same name.
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "rendezvous": check_rendezvous,
@@ -127,6 +134,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "port": _integer(0, 65535),
     "interface": check_interface,
     "metrics": check_metrics,
+    "dns-port": _integer(0, 65535),
+    "system-dns": check_system_dns,
     "answer-wait-us": _integer(0, MAX_ANSWER_WAIT_US),
     "stay-awake-ms": _integer(0, 1000),
 }
@@ -137,6 +146,8 @@ SETTABLE: dict[str, bool] = {
     "port": False,
     "interface": False,
     "metrics": False,
+    "dns-port": False,
+    "system-dns": False,
     "answer-wait-us": False,
     "stay-awake-ms": False,
 }

@@ -179,6 +179,8 @@ class AdminAPI(resource.Resource):
             )
         elif rest[:1] == ["networks"] and len(rest) == 2:
             routes[("GET", 2)] = lambda: c.get_network(rest[1])
+            routes[("POST", 2)] = lambda: c.update_network(
+                rest[1], _field(body, "name", str, None), _field(body, "domain", str, None))
             routes[("DELETE", 2)] = lambda: c.delete_network(rest[1]) or {"deleted": rest[1]}
         elif rest[:1] == ["networks"] and rest[2:3] == ["members"] and len(rest) == 3:
             routes[("GET", 3)] = lambda: c.list_members(rest[1])

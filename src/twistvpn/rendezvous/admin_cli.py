@@ -3,6 +3,7 @@ C{twistvpn admin}: administer a rendezvous through its admin API.
 
     twistvpn admin [--data-dir DIR | --url URL --token T] network create NAME [--subnet CIDR]
     twistvpn admin ... network list | network delete ID
+    twistvpn admin ... network set ID [--name NAME] [--domain DOMAIN]
     twistvpn admin ... member list ID
     twistvpn admin ... member auth|deauth|delete ID NODE
     twistvpn admin ... member set-ip ID NODE IP
@@ -227,10 +228,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                     "private" if n["private"] else "public",
                     str(n["members"]),
                     str(n["authorized"]),
+                    n["domain"],
                 ]
                 for n in networks
             ]
-            out.write(columns(["ID", "NAME", "SUBNET", "ACCESS", "MEMBERS", "AUTHORIZED"], rows))
+            out.write(columns(["ID", "NAME", "SUBNET", "ACCESS", "MEMBERS", "AUTHORIZED",
+                               "DOMAIN"], rows))
+        elif what == ("network", "set"):
+            change = {k: v for k, v in (("name", args.name), ("domain", args.domain))
+                      if v is not None}
+            if not change:
+                raise AdminError("network set: give --name and/or --domain")
+            network = client.request("POST", f"networks/{_seg(args.network)}", change)
+            out.write(f"{network['id']} {network['name']}: domain {network['domain']}\n")
         elif what == ("network", "delete"):
             client.request("DELETE", f"networks/{_seg(args.network)}")
         elif what == ("member", "list"):
@@ -331,6 +341,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     actions.add_parser("list", help="list networks", parents=[connection])
     p = actions.add_parser("delete", help="delete a network", parents=[connection])
     p.add_argument("network", metavar="ID")
+    p = actions.add_parser("set", help="rename a network or set its DNS domain",
+                           parents=[connection])
+    p.add_argument("network", metavar="ID")
+    p.add_argument("--name", help="the network's new name")
+    p.add_argument("--domain", help="its members' DNS domain ('': NAME.twistvpn.internal)")
 
     member = objects.add_parser("member", help="list and manage a network's members")
     actions = member.add_subparsers(dest="admin_action", metavar="ACTION", required=True)

@@ -163,6 +163,10 @@ class Controller:
     ) -> dict[str, Any]:
         return self.membership.create_network(name, subnet, private, force)
 
+    def update_network(self, network_id: str, name: str | None = None,
+                       domain: str | None = None) -> dict[str, Any]:
+        return self.membership.update_network(network_id, name, domain)
+
     def get_network(self, network_id: str) -> dict[str, Any]:
         return self.membership.describe_network(self.membership.network(network_id))
 

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from twistvpn.common.dnsname import check_domain
 from twistvpn.interfaces import IMembershipObserver, IRendezvousStore
 from twistvpn.rendezvous.errors import ConflictError, InvalidArgumentError, NotFoundError
 from twistvpn.rendezvous.files import KEY_PREFIX
@@ -160,6 +161,8 @@ class Membership:
             "id": network.id,
             "name": network.name,
             "subnet": network.subnet,
+            "domain": network.dns_domain,
+            "domain_set": network.domain is not None,
             "private": network.private,
             "created": network.created,
             "members": members,
@@ -190,6 +193,32 @@ class Membership:
             record = self._store.add_network(os.urandom(NETWORK_ID_LENGTH // 2).hex(), name,
                                              str(net), bool(private), self._clock.seconds())
         self.counters["networks_created"] += 1
+        return self.describe_network(record)
+
+    def update_network(self, network_id: str, name: str | None = None,
+                       domain: str | None = None) -> dict[str, Any]:
+        """
+        Rename a network and/or set its DNS domain ("" puts the default
+        back); members get the new map.  Everything is checked before
+        anything is written.
+        """
+        network = self.network(network_id)
+        new_name = network.name if name is None else check_name(name, "a network name")
+        new_domain = network.domain
+        if domain is not None:
+            try:
+                new_domain = check_domain(domain) if domain else None
+            except ValueError as e:
+                raise InvalidArgumentError(str(e)) from None
+        if new_domain is not None:
+            for other in self._store.list_networks():
+                if other.id != network.id and other.dns_domain == new_domain:
+                    raise ConflictError(f"network {other.id} ({other.name}) has the domain "
+                                        f"{new_domain} already")
+        record = self._store.update_network(network.id, new_name, new_domain)
+        if record is None:
+            raise NotFoundError(f"unknown network {network.id}")
+        self._members_changed(network.id)  # the same members, a new map
         return self.describe_network(record)
 
     def list_networks(self) -> list[dict[str, Any]]:

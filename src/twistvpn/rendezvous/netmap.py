@@ -5,7 +5,8 @@ use.
 
 A network map is JSON::
 
-    {"network": {"id": "8f3a...", "name": "home", "subnet": "100.64.0.0/24"},
+    {"network": {"id": "8f3a...", "name": "home", "subnet": "100.64.0.0/24",
+                 "domain": "home.twistvpn.internal"},
      "revision": 12,
      "members": [{"node_id": "a1b2c3d4e5", "public_key": "<base64>",
                   "name": "laptop", "ip": "100.64.0.1",
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from twistvpn.common.dnsname import check_domain
 from twistvpn.options import is_decimal
 from twistvpn.wireguard.keys import decode_key, encode_key
 
@@ -134,6 +136,7 @@ class NetworkMap:
     revision: int
     members: tuple[Member, ...] = ()
     relays: tuple[dict[str, Any], ...] = field(default=())
+    domain: str = ""  # its members' DNS domain ("": NAME.twistvpn.internal)
 
     @property
     def prefix_length(self) -> int:
@@ -158,6 +161,7 @@ class NetworkMap:
             network_id=self.network_id,
             name=self.name,
             subnet=self.subnet,
+            domain=self.domain,
             base=old.revision,
             revision=self.revision,
             upsert=tuple(m for m in self.members if before.get(m.public_key) != m),
@@ -182,6 +186,7 @@ class NetworkMap:
             network_id=self.network_id,
             name=delta.name,
             subnet=delta.subnet,
+            domain=delta.domain,
             revision=delta.revision,
             members=tuple(members.values()),
             relays=delta.relays,
@@ -240,6 +245,7 @@ class MapDelta:
     upsert: tuple[Member, ...] = ()
     remove: tuple[bytes, ...] = ()
     relays: tuple[dict[str, Any], ...] = ()
+    domain: str = ""
 
     def to_json(self) -> bytes:
         return _dump_once(
@@ -285,7 +291,8 @@ def _dump(obj: NetworkMap | MapDelta, fields: dict[str, Any]) -> bytes:
     """A map or delta as JSON: the network header, C{fields}, the relays."""
     return json.dumps(
         {
-            "network": {"id": obj.network_id, "name": obj.name, "subnet": obj.subnet},
+            "network": {"id": obj.network_id, "name": obj.name, "subnet": obj.subnet,
+                        **({"domain": obj.domain} if obj.domain else {})},
             **fields,
             "relays": list(obj.relays),
         },
@@ -302,6 +309,7 @@ def _load(data: bytes, what: str, build: Any) -> Any:
             "network_id": str(net["id"]),
             "name": str(net["name"]),
             "subnet": str(ipaddress.IPv4Network(net["subnet"])),
+            "domain": check_domain(net["domain"]) if net.get("domain") else "",
             "relays": tuple(dict(r) for r in d.get("relays", [])),
         }
         return build(d, common)

@@ -222,6 +222,7 @@ class MapPublisher:
             network_id=network.id,
             name=network.name,
             subnet=network.subnet,
+            domain=network.dns_domain,
             revision=self.revision(network.id),
             members=tuple(members),
             relays=self.relays,

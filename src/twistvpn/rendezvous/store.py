@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from zope.interface import implementer
 
+from twistvpn.common.dnsname import default_domain
 from twistvpn.interfaces import IRendezvousStore
 from twistvpn.rendezvous.database import get_db, transaction
 
@@ -42,6 +43,12 @@ class NetworkRecord:
     private: bool
     created: float
     revision: int
+    domain: str | None = None  # None: NAME.twistvpn.internal
+
+    @property
+    def dns_domain(self) -> str:
+        """The DNS domain of its members: the admin's, or NAME.twistvpn.internal."""
+        return self.domain or default_domain(self.name, self.id)
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def _node(row: sqlite3.Row) -> NodeRecord:
 
 def _network(row: sqlite3.Row) -> NetworkRecord:
     return NetworkRecord(row["id"], row["name"], row["subnet"], bool(row["private"]),
-                         row["created"], row["revision"])
+                         row["created"], row["revision"], row["domain"])
 
 
 def _member(row: sqlite3.Row) -> MemberRecord:
@@ -187,6 +194,13 @@ class SQLiteStore:
             self.db.execute("DELETE FROM members WHERE network_id = ?", (network_id,))
             self.db.execute("DELETE FROM networks WHERE id = ?", (network_id,))
         return keys
+
+    def update_network(self, network_id: str, name: str,
+                       domain: str | None) -> NetworkRecord | None:
+        with transaction(self.db):
+            self.db.execute("UPDATE networks SET name = ?, domain = ? WHERE id = ?",
+                            (name, domain, network_id))
+        return self.get_network(network_id)
 
     def revisions(self) -> dict[str, int]:
         rows = self.db.execute("SELECT id, revision FROM networks")

@@ -7,6 +7,7 @@ iptables packet counters and a byte-exact transfer tool
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -306,3 +307,23 @@ def start_transfer(
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def dig(network: Network, namespace: str, server: str, name: str,
+        rtype: str = "A") -> tuple[str, list[str]]:
+    """
+    C{dig @SERVER NAME RTYPE} from C{namespace} (one try, 2 s): the answer's
+    status (NOERROR, NXDOMAIN, REFUSED...) and its records' data.
+    """
+    check_address(server)
+    result = network.command(
+        ["ip", "netns", "exec", namespace, "dig", "+tries=1", "+time=2", "+norecurse",
+         "+nocmd", "+noquestion", "+nostats", "+noauthority", "+noadditional",
+         f"@{server}", name, rtype], check=False, timeout=10)
+    text = result.stdout.decode("utf-8", "replace")
+    status = re.search(r"status: (\w+)", text)
+    if status is None:
+        raise HarnessError(f"dig @{server} {name}: no answer\n{text[-500:]}")
+    answers = [line.split()[-1] for line in text.splitlines()
+               if line.strip() and not line.startswith(";")]
+    return status.group(1), answers

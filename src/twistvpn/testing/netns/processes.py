@@ -142,29 +142,66 @@ def peer_paths(log: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in PEER_PATH.finditer(log)}
 
 
+def new_node(network: Network, host: Host) -> NodeProcess:
+    """A node's place on C{host}: its data directory and interface name (no process yet)."""
+    node = NodeProcess(host.name, host, network.tmpdir / network.name(host.name),
+                       network.interface_name(f"t{host.name}"))
+    network.track_socket(WIREGUARD_SOCKET_DIR / f"{node.ifname}.sock")
+    return node
+
+
+def _spawn_node(network: Network, node: NodeProcess, args: Sequence[str]) -> None:
+    node.process = network.spawn(
+        node.host.namespace,
+        [*TWISTD, *NODE_REACTOR, "-n", "--pidfile=", "twistvpn-node",
+         "--data-dir", str(node.data_dir), *args],
+        log_name=f"node-{node.name}",
+    )
+
+
 def start_joined_node(
     network: Network, host: Host, rendezvous: Rendezvous, network_id: str, *,
     port: int = 41641, extra_args: Sequence[str] = (),
 ) -> NodeProcess:
     """Run C{twistd -n twistvpn-node} joined to C{network_id} on C{host}."""
-    node = NodeProcess(host.name, host, network.tmpdir / network.name(host.name),
-                      network.interface_name(f"t{host.name}"))
-    network.track_socket(WIREGUARD_SOCKET_DIR / f"{node.ifname}.sock")
-    node.process = network.spawn(
-        host.namespace,
-        [
-            *TWISTD, *NODE_REACTOR, "-n", "--pidfile=", "twistvpn-node",
-            "--data-dir", str(node.data_dir),
-            "--rendezvous", rendezvous.url,
-            "--join", network_id,
-            "--name", node.name,
-            "--port", str(port),
-            "--interface", node.ifname,
-            *extra_args,
-        ],
-        log_name=f"node-{node.name}",
-    )
+    node = new_node(network, host)
+    _spawn_node(network, node, [
+        "--rendezvous", rendezvous.url,
+        "--join", network_id,
+        "--name", node.name,
+        "--port", str(port),
+        "--interface", node.ifname,
+        # resolved serves the host's namespace, not the test's
+        "--system-dns", "off",
+        *extra_args,
+    ])
     return node
+
+
+def node_command(network: Network, node: NodeProcess, *args: str,
+                 check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """C{twistvpn ARGS --data-dir DIR}: a user's command for the node (its socket or file)."""
+    return network.command([sys.executable, "-m", "twistvpn", *args,
+                            "--data-dir", str(node.data_dir)], check=check, timeout=30)
+
+
+def configure_node(network: Network, host: Host, rendezvous: Rendezvous, network_id: str,
+                   *, port: int = 41641) -> NodeProcess:
+    """
+    A node set up as a user sets one up, before it runs: C{twistvpn join
+    NETWORK --rendezvous URL} and C{twistvpn set} for what the test needs.
+    """
+    node = new_node(network, host)
+    node_command(network, node, "join", network_id, "--rendezvous", rendezvous.url)
+    for key, value in (("name", node.name), ("port", str(port)), ("interface", node.ifname),
+                       ("system-dns", "off")):
+        node_command(network, node, "set", key, value)
+    return node
+
+
+def start_node(network: Network, node: NodeProcess) -> None:
+    """C{twistd -n twistvpn-node --data-dir DIR}: the settings file is the rest."""
+    _spawn_node(network, node, [])
 
 
 def node_status(network: Network, node: NodeProcess) -> Any:
