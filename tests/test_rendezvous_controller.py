@@ -193,6 +193,31 @@ class Members(ControllerTestCase):
             self.assertRaises(InvalidArgumentError, self.controller.set_ip, self.net, idb, bad)
         self.assertEqual(self.controller.set_ip(self.net, idb, "10.1.0.1")["ip"], "10.1.0.1")
 
+    def test_member_names(self) -> None:
+        """
+        An admin names a member in its network: peers' maps (and so their
+        DNS names) use it, the node's own name stays what it calls itself,
+        and "" gives the node's name back.  A bad name changes nothing.
+        """
+        a, session = self.node("laptop", self.net)
+        b, session_b = self.node("server", self.net)
+        for key in (a, b):
+            self.controller.authorize(self.net, encode_key(key))
+        member = self.controller.update_member(self.net, encode_key(a), name="Alice's laptop")
+        self.assertEqual((member["name"], member["node_name"]), ("Alice's laptop", "laptop"))
+        self.clock.advance(1)
+        self.assertEqual(session_b.maps[-1][1].member(a).name, "Alice's laptop")
+        self.controller.rename_node(a, "laptop2")  # the node renames itself: the admin's wins
+        self.clock.advance(1)
+        self.assertEqual(session_b.maps[-1][1].member(a).name, "Alice's laptop")
+        self.assertRaises(InvalidArgumentError, self.controller.update_member, self.net,
+                          encode_key(a), authorized=False, name="x" * 65)
+        self.assertTrue(self.controller.get_member(self.net, encode_key(a))["authorized"])
+        member = self.controller.update_member(self.net, encode_key(a), name="")
+        self.assertEqual(member["name"], "laptop2")
+        self.clock.advance(1)
+        self.assertEqual(session_b.maps[-1][1].member(a).name, "laptop2")
+
     def test_member_fields(self) -> None:
         self.clock.advance(100)
         a, session = self.node("laptop", self.net)
@@ -206,6 +231,7 @@ class Members(ControllerTestCase):
                 "node_id": node_id_of(a),
                 "public_key": encode_key(a),
                 "name": "laptop",
+                "node_name": "laptop",
                 "authorized": False,
                 "ip": None,
                 "created": 100.0,

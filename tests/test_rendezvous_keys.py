@@ -59,6 +59,17 @@ class ControllerKeyTests(SynchronousTestCase):
         key = self.controller.create_key(self.net, reusable=True)
         self.assertEqual([self.join(key["secret"])[0] for _ in range(3)], ["authorized"] * 3)
 
+    def test_name_prefix(self) -> None:
+        """Members a key authorizes are named PREFIX + the node's name in the network."""
+        key = self.controller.create_key(self.net, reusable=True, name_prefix="lab-")
+        self.join(key["secret"])
+        _, public = new_key()
+        self.controller.register_node(public, "lab-gpu", FakeSession(public))
+        self.controller.join_with_key(public, self.net, key["secret"])
+        names = sorted((m["name"], m["node_name"]) for m in self.controller.list_members(self.net))
+        self.assertEqual(names, [("lab-gpu", "gpu"), ("lab-gpu", "lab-gpu")])
+        self.assertEqual(self.controller.network_map(self.net).members[0].name, "lab-gpu")
+
     def test_expired_revoked_wrong_other_network(self) -> None:
         expiring = self.controller.create_key(self.net, expires_in=60)
         self.clock.advance(61)

@@ -546,11 +546,12 @@ class INetworkController(Interface):
     def delete_member(network_id, node):
         """Remove a member and release its IP."""
 
-    def update_member(network_id, node, authorized=None, ip=None):
+    def update_member(network_id, node, authorized=None, ip=None, name=None):
         """
-        Change what is given of a member (its authorization, its address)
-        in one step: looked up once, written in one transaction, so a
-        refused change leaves the other unmade.  Returns the member.
+        Change what is given of a member (its authorization, its address,
+        its name in the network: "" gives it back the node's own) in one
+        step: looked up once, written in one transaction, so a refused
+        change leaves the others unmade.  Returns the member.
         """
 
     def add_membership_observer(observer):
@@ -728,8 +729,8 @@ class IRendezvousStore(Interface):
     def add_member(network_id, public_key, now, authorized, ip):
         """Make a node a member (authorized or pending, with C{ip} or None)."""
 
-    def update_member(network_id, public_key, authorized, ip):
-        """Set a member's authorization and address together."""
+    def update_member(network_id, public_key, authorized, ip, name=None):
+        """Set a member's authorization, address and name (None: the node's) together."""
 
     def delete_member(network_id, public_key):
         """Remove a member (its address is free again)."""
@@ -746,11 +747,12 @@ class IRendezvousStore(Interface):
     def revoke_key(key_id):
         """Revoke a key; False if there is no such key."""
 
-    def join_with_key(key_id, network_id, public_key, now, ip, single_use):
+    def join_with_key(key_id, network_id, public_key, now, ip, single_use, name=None):
         """
         In one transaction: spend a use of the key (a single-use key only if
-        unused) and make the node an authorized member with C{ip} (unless it
-        has one).  Returns its MemberRecord, or None if the key was spent.
+        unused) and make the node an authorized member with C{ip} and
+        C{name} (unless it has them).  Returns its MemberRecord, or None if
+        the key was spent.
         """
 
     def close():

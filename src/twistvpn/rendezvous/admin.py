@@ -204,7 +204,7 @@ class AdminAPI(resource.Resource):
 
     def _update_member(self, network_id: str, node: str, body: dict[str, Any]) -> Any:
         """Like ZeroTier's member POST: change what the body names."""
-        unknown = set(body) - {"authorized", "ip"}
+        unknown = set(body) - {"authorized", "ip", "name"}
         if unknown:
             raise HTTPError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
         changes: dict[str, Any] = {}
@@ -212,6 +212,8 @@ class AdminAPI(resource.Resource):
             changes["ip"] = _field(body, "ip", str)
         if "authorized" in body:
             changes["authorized"] = _field(body, "authorized", bool)
+        if "name" in body:
+            changes["name"] = _field(body, "name", str)
         return self._controller.update_member(network_id, node, **changes)
 
 

@@ -7,6 +7,7 @@ C{twistvpn admin}: administer a rendezvous through its admin API.
     twistvpn admin ... member list ID
     twistvpn admin ... member auth|deauth|delete ID NODE
     twistvpn admin ... member set-ip ID NODE IP
+    twistvpn admin ... member rename ID NODE NAME
     twistvpn admin ... status
 
 With C{--data-dir} (the default) it talks to the UNIX socket in the
@@ -253,6 +254,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             )
         elif what == ("member", "delete"):
             client.member(args.network, args.node, "DELETE")
+        elif what == ("member", "rename"):
+            _print_member(client.member(args.network, args.node, "POST", {"name": args.name}),
+                          out)
         elif what == ("member", "set-ip"):
             _print_member(client.member(args.network, args.node, "POST", {"ip": args.ip}), out)
         elif what == ("status", None):
@@ -363,6 +367,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("network", metavar="ID")
     p.add_argument("node", metavar="NODE")
     p.add_argument("ip", metavar="IP")
+    p = actions.add_parser("rename", help="name a member in this network ('': the node's own)",
+                           parents=[connection])
+    p.add_argument("network", metavar="ID")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("name", metavar="NAME")
 
     key = objects.add_parser("key", help="pre-auth keys: nodes that join with one are authorized")
     actions = key.add_subparsers(dest="admin_action", metavar="ACTION", required=True)

@@ -184,8 +184,8 @@ class Controller:
         return self.membership.describe_member(member, found)
 
     def update_member(self, network_id: str, node: str, authorized: bool | None = None,
-                      ip: Any = _UNCHANGED) -> dict[str, Any]:
-        return self.membership.update_member(network_id, node, authorized, ip)
+                      ip: Any = _UNCHANGED, name: str | None = None) -> dict[str, Any]:
+        return self.membership.update_member(network_id, node, authorized, ip, name)
 
     def authorize(self, network_id: str, node: str) -> dict[str, Any]:
         return self.membership.update_member(network_id, node, authorized=True)

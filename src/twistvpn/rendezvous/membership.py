@@ -23,7 +23,13 @@ from twistvpn.common.dnsname import check_domain
 from twistvpn.interfaces import IMembershipObserver, IRendezvousStore
 from twistvpn.rendezvous.errors import ConflictError, InvalidArgumentError, NotFoundError
 from twistvpn.rendezvous.files import KEY_PREFIX
-from twistvpn.rendezvous.registry import Node, SessionRegistry, check_name, node_id_of
+from twistvpn.rendezvous.registry import (
+    MAX_NAME_LENGTH,
+    Node,
+    SessionRegistry,
+    check_name,
+    node_id_of,
+)
 from twistvpn.rendezvous.store import KeyRecord, MemberRecord, NetworkRecord
 from twistvpn.wireguard.keys import encode_key
 
@@ -250,7 +256,8 @@ class Membership:
         return {
             "node_id": node.node_id,
             "public_key": encode_key(node.public_key),
-            "name": node.name,
+            "name": member.name or node.name,
+            "node_name": node.name,  # what the node calls itself
             "authorized": member.authorized,
             "ip": member.ip,
             "created": member.created,
@@ -344,8 +351,13 @@ class Membership:
         if not key.reusable and key.uses:
             raise KeyRefusedError(f"the pre-auth key {key.id} was used already (single use)")
         ip = member.ip if member is not None and member.ip else self._next_free_ip(network)
+        name = None
+        if key.name_prefix:
+            own = self._registry.node(public_key).name
+            name = own if own.startswith(key.name_prefix) else key.name_prefix + own
+            name = name[:MAX_NAME_LENGTH]
         joined = self._store.join_with_key(key.id, network.id, public_key, now, ip,
-                                           single_use=not key.reusable)
+                                           single_use=not key.reusable, name=name)
         if joined is None:
             raise KeyRefusedError(f"the pre-auth key {key.id} was used already (single use)")
         self.counters["joins_with_key"] += 1
@@ -355,7 +367,7 @@ class Membership:
         return joined
 
     def update_member(self, network_id: str, node_name: str, authorized: bool | None = None,
-                      ip: Any = _UNCHANGED) -> dict[str, Any]:
+                      ip: Any = _UNCHANGED, name: str | None = None) -> dict[str, Any]:
         """
         Change a member's authorization and address together: one look-up,
         one write, then the observers (a revocation first, so the node drops
@@ -368,17 +380,21 @@ class Membership:
             holder = self._store.ip_holder(network.id, new_ip)
             if holder is not None and holder != node.public_key:
                 raise ConflictError(f"{new_ip} is already used by node {node_id_of(holder)}")
+        new_name = member.name
+        if name is not None:
+            new_name = check_name(name, "a member name") if name else None
         new_authorized = member.authorized if authorized is None else authorized
         if new_authorized and new_ip is None:
             new_ip = self._next_free_ip(network)
-        if (new_authorized, new_ip) != (member.authorized, member.ip):
-            self._store.update_member(network.id, node.public_key, new_authorized, new_ip)
+        if (new_authorized, new_ip, new_name) != (member.authorized, member.ip, member.name):
+            self._store.update_member(network.id, node.public_key, new_authorized, new_ip,
+                                      new_name)
             if member.authorized and not new_authorized:
                 self._revoked(network.id, node.public_key, "deauthorized")
             if member.authorized or new_authorized:
                 self._members_changed(network.id)
         updated = MemberRecord(network.id, node.public_key, new_authorized, new_ip,
-                               member.created)
+                               member.created, new_name)
         return self.describe_member(updated, node)
 
     def delete_member(self, network_id: str, node_name: str) -> None:

@@ -209,7 +209,7 @@ class MapPublisher:
                 Member(
                     node_id=node.node_id,
                     public_key=node.public_key,
-                    name=node.name,
+                    name=member.name or node.name,
                     ip=member.ip,
                     endpoints=node.seen_endpoints(),
                     local_endpoints=node.local_endpoints,

@@ -32,6 +32,7 @@ CREATE TABLE `members` (
   `authorized` INTEGER NOT NULL,
   `ip` VARCHAR,
   `created` REAL NOT NULL,
+  `name` VARCHAR,                 -- the admin's (or a pre-auth key's prefix) name; NULL: the node's
   PRIMARY KEY (`network_id`, `public_key`),
   UNIQUE (`network_id`, `ip`)
 );

@@ -60,6 +60,7 @@ class MemberRecord:
     authorized: bool
     ip: str | None
     created: float
+    name: str | None = None  # the admin's name for it in this network; None: the node's
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _network(row: sqlite3.Row) -> NetworkRecord:
 
 def _member(row: sqlite3.Row) -> MemberRecord:
     return MemberRecord(row["network_id"], bytes(row["public_key"]), bool(row["authorized"]),
-                        row["ip"], row["created"])
+                        row["ip"], row["created"], row["name"])
 
 
 @implementer(IRendezvousStore)
@@ -262,11 +263,12 @@ class SQLiteStore:
         return MemberRecord(network_id, public_key, authorized, ip, now)
 
     def update_member(self, network_id: str, public_key: bytes, authorized: bool,
-                      ip: str | None) -> None:
+                      ip: str | None, name: str | None = None) -> None:
         with transaction(self.db):
             self.db.execute(
-                "UPDATE members SET authorized = ?, ip = ? WHERE network_id = ? AND public_key = ?",
-                (int(authorized), ip, network_id, public_key),
+                "UPDATE members SET authorized = ?, ip = ?, name = ?"
+                " WHERE network_id = ? AND public_key = ?",
+                (int(authorized), ip, name, network_id, public_key),
             )
 
     # -- pre-auth keys -----------------------------------------------------------
@@ -300,7 +302,7 @@ class SQLiteStore:
         return bool(changed)
 
     def join_with_key(self, key_id: str, network_id: str, public_key: bytes, now: float,
-                      ip: str, single_use: bool) -> MemberRecord | None:
+                      ip: str, single_use: bool, name: str | None = None) -> MemberRecord | None:
         """
         Spend a use of the key and make the node an authorized member, in one
         transaction; None if a single-use key was spent meanwhile.
@@ -312,10 +314,11 @@ class SQLiteStore:
             if not spent:
                 return None
             self.db.execute(
-                "INSERT INTO members (network_id, public_key, authorized, ip, created)"
-                " VALUES (?, ?, 1, ?, ?) ON CONFLICT (network_id, public_key)"
-                " DO UPDATE SET authorized = 1, ip = COALESCE(members.ip, excluded.ip)",
-                (network_id, public_key, ip, now),
+                "INSERT INTO members (network_id, public_key, authorized, ip, created, name)"
+                " VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (network_id, public_key)"
+                " DO UPDATE SET authorized = 1, ip = COALESCE(members.ip, excluded.ip),"
+                " name = COALESCE(members.name, excluded.name)",
+                (network_id, public_key, ip, now, name),
             )
             row = self.db.execute("SELECT * FROM members WHERE network_id = ? AND public_key = ?",
                                   (network_id, public_key)).fetchone()
