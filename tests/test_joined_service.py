@@ -307,8 +307,10 @@ class RunTimeChanges(Harness):
         # Each network's route leaves from our address in that network.
         self.assertEqual(tun.sources, {"100.64.2.0/24": rows[second]["ip"],
                                        "100.64.3.0/24": rows[third]["ip"]})
-        # Saved for the next start.
-        self.assertEqual(settings.load(self.data_dir)["networks"], [second, third])
+        # Saved for the next start, with the rendezvous this node was started with.
+        saved = settings.load(self.data_dir)
+        self.assertEqual(saved["networks"], [second, third])
+        self.assertEqual(saved["rendezvous"], URL)
 
     def test_unknown_network_alone_fails(self) -> None:
         known = self.network("one", "100.64.1.0/24")

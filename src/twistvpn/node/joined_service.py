@@ -207,7 +207,12 @@ class JoinedNodeService(DataPathOwner, MultiService):
         network_id = settings.check_network_id(network_id)
         if auth_key is not None:
             settings.store_pending_key(self.data_dir, network_id, auth_key)
-        settings.update(self.data_dir, lambda s: settings.add_network(s, network_id))
+        def change(saved: dict[str, Any]) -> None:
+            settings.add_network(saved, network_id)
+            # A node started with --rendezvous: the next start needs it too.
+            saved.setdefault("rendezvous", str(self.rendezvous))
+
+        settings.update(self.data_dir, change)
         if network_id not in self.networks:
             self.networks.append(network_id)
         self.log.info("joining network {network}", network=network_id)
