@@ -21,11 +21,14 @@ from tests.support.reactor import FakeReactor
 from tests.support.rendezvous import FakeSession, new_key
 from twistvpn.cli import build_parser
 from twistvpn.common import tls
+from twistvpn.rendezvous import admin_cli
 from twistvpn.rendezvous.admin import MAX_BODY, AdminAPI
+from twistvpn.rendezvous.audit import AuditLog
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.files import ADMIN_SOCKET, STATE_FILE
 from twistvpn.rendezvous.rendezvous_tap import Options, makeService
 from twistvpn.rendezvous.store import open_store
+from twistvpn.rendezvous.webpassword import WebPassword
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -94,6 +97,30 @@ class API(SynchronousTestCase):
         self.assertEqual(code, 400)
         self.assertIn("is not a DNS label", body["error"])
         self.assertEqual(self.call("GET", path)[1], changed)
+
+    def test_web_password(self) -> None:
+        """Set through the API: hashed (scrypt) on disk, never in the audit log."""
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        audit = AuditLog(os.path.join(data_dir, "audit.log"), lambda: 1.0)
+        password = WebPassword(os.path.join(data_dir, "web-password"))
+        self.api = AdminAPI(self.controller, TOKEN, audit=audit, web_password=password)
+        self.assertFalse(password.is_set)
+        code, body = self.call("POST", "/api/v1/web-password", {"password": "short"})
+        self.assertEqual((code, password.is_set), (400, False))
+        self.assertIn("10 to 1024 characters", body["error"])
+        code, _ = self.call("POST", "/api/v1/web-password", {"password": "a long passphrase"})
+        self.assertEqual((code, password.generation), (200, 1))
+        self.assertTrue(password.verify("a long passphrase"))
+        self.assertFalse(password.verify("a long passphrasE"))
+        with open(os.path.join(data_dir, "web-password")) as f:
+            stored = f.read()
+        self.assertTrue(stored.startswith("scrypt$32768$8$1$"))
+        self.assertNotIn("passphrase", stored)
+        records = audit.read()
+        self.assertEqual([r["detail"] for r in records],
+                         [{"password": "(not logged)"}, {"password": "(not logged)"}])
+        self.assertEqual(WebPassword(os.path.join(data_dir, "web-password")).is_set, True)
 
     def test_members(self) -> None:
         net = self.call("POST", "/api/v1/networks", {"name": "n", "subnet": "10.2.0.0/30"})[1]
@@ -275,6 +302,12 @@ class CommandLine(SynchronousTestCase):
                                   "--token", "t"])
         self.assertEqual((args.data_dir, args.url, args.token), (None, "http://h:1", "t"))
         self.assertIsNone(parser.parse_args(["admin", "network", "list"]).data_dir)
+
+    def test_web_password_from_stdin(self) -> None:
+        self.assertEqual(admin_cli._read_password(io.StringIO("a long passphrase\n")),
+                         "a long passphrase")
+        with self.assertRaises(admin_cli.AdminError):
+            admin_cli._read_password(io.StringIO(""))
 
     def test_no_server(self) -> None:
         code, out = self.run_cli("--data-dir", self.mktemp(), "network", "list")

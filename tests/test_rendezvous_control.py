@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 
 from tests.support.logs import LogCatcher
 from tests.support.rendezvous import FakeSession, MemoryEndpoint, World, bind_channel, new_key
+from twistvpn import __version__
 from twistvpn.common import auth
 from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
@@ -277,6 +278,7 @@ class Membership(SynchronousTestCase):
         self.assertFalse(member["authorized"])
         self.assertIsNone(member["ip"])
         self.assertTrue(member["online"])
+        self.assertEqual(member["version"], __version__)  # what the node registered with
 
     def test_join_unknown_network(self) -> None:
         """

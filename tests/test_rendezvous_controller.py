@@ -240,6 +240,7 @@ class Members(ControllerTestCase):
                 "local_endpoints": ["192.168.1.2:51820"],
                 "nat_varies": True,
                 "online": True,
+                "version": None,  # the in-memory session registered without one
             },
         )
         self.clock.advance(5)

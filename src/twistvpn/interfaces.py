@@ -433,6 +433,9 @@ class INetworkController(Interface):
         Returns the node ID (str) admins see.
         """
 
+    def set_version(public_key, version):
+        """The twistvpn version a registered node runs (for admins)."""
+
     def rename_node(public_key, name):
         """
         A registered node's new name (C{twistvpn set name}); its networks'
@@ -518,11 +521,12 @@ class INetworkController(Interface):
     def get_network(network_id):
         """One network's description; unknown IDs raise NotFoundError."""
 
-    def update_network(network_id, name=None, domain=None):
+    def update_network(network_id, name=None, domain=None, private=None):
         """
-        Rename a network and/or set its members' DNS domain ("": back to
-        NAME.twistvpn.internal); its members get the new map.  Returns the
-        network's description.
+        Rename a network, set its members' DNS domain ("": back to
+        NAME.twistvpn.internal) and/or its access (private: members need
+        authorization); its members get the new map.  Returns the network's
+        description.
         """
 
     def delete_network(network_id):
@@ -696,10 +700,11 @@ class IRendezvousStore(Interface):
     def delete_network(network_id):
         """Delete a network and its members; returns the members' keys."""
 
-    def update_network(network_id, name, domain):
+    def update_network(network_id, name, domain, private):
         """
-        Rename a network and set its DNS domain (None: the default), in one
-        transaction; returns the new NetworkRecord, or None if it is gone.
+        Rename a network, set its DNS domain (None: the default) and its
+        access, in one transaction; returns the new NetworkRecord, or None
+        if it is gone.
         """
 
     def revisions():

@@ -13,8 +13,10 @@ the data directory (for remote administration and the web console).
     DELETE /api/v1/networks/ID
     GET    /api/v1/networks/ID/members
     GET    /api/v1/networks/ID/members/NODE
-    POST   /api/v1/networks/ID/members/NODE      {"authorized"?, "ip"?}
+    POST   /api/v1/networks/ID/members/NODE      {"authorized"?, "ip"?, "name"?}
     DELETE /api/v1/networks/ID/members/NODE
+    POST   /api/v1/networks/ID                   {"name"?, "domain"?, "private"?}
+    POST   /api/v1/web-password                  {"password"}
 
 Errors are {"error": "one line"} with 400, 401, 404, 405, 409 or 413.
 """
@@ -43,6 +45,7 @@ from twistvpn.rendezvous.errors import (
     NotFoundError,
 )
 from twistvpn.rendezvous.files import TOKEN_FILE
+from twistvpn.rendezvous.webpassword import PasswordError, WebPassword
 
 MAX_BODY = 64 * 1024
 
@@ -81,6 +84,7 @@ class AdminAPI(resource.Resource):
         token: str | None,
         info: Callable[[], dict[str, Any]] = dict,
         audit: AuditLog | None = None,
+        web_password: WebPassword | None = None,
     ) -> None:
         super().__init__()
         self._controller = controller
@@ -89,6 +93,7 @@ class AdminAPI(resource.Resource):
         # Who acts through this API: the admin socket's owner, or the token's holder.
         self._actor = "admin-socket" if token is None else "http-token"
         self._audit = audit
+        self._web_password = web_password
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -100,30 +105,44 @@ class AdminAPI(resource.Resource):
             if path[-1:] == [""]:
                 path = path[:-1]
             body = self._body(request) if method in ("POST", "PUT") else {}
+            code, result = self.call(method, path, body, _since(request))
+        except HTTPError as e:
+            code, result = e.code, {"error": str(e)}
+        request.setResponseCode(code)
+        return json.dumps(result, indent=1).encode("utf-8") + b"\n"
+
+    def call(self, method: str, path: list[str], body: dict[str, Any],
+             since: float | None = None, actor: str | None = None) -> tuple[int, Any]:
+        """
+        One request, already authenticated: (status, result or {"error"}).
+        The web console acts through this too (as C{actor} "console"), so
+        each action has one implementation and one audit record.
+        """
+        try:
             try:
-                result = self._route(method, path, body, _since(request))
+                result = self._route(method, path, body, since)
                 created = path == ["api", "v1", "networks"] or path[-1:] == ["keys"]
                 code = 201 if method == "POST" and created else 200
             finally:
                 if method in ("POST", "PUT", "DELETE"):
-                    changed = sys.exc_info()[1]
-                    self._record(method, path, body, changed)
+                    self._record(method, path, body, sys.exc_info()[1], actor)
         except HTTPError as e:
-            code, result = e.code, {"error": str(e)}
+            return e.code, {"error": str(e)}
         except ControllerError as e:
-            code = next(c for cls, c in _STATUS.items() if isinstance(e, cls))
-            result = {"error": str(e)}
-        request.setResponseCode(code)
-        return json.dumps(result, indent=1).encode("utf-8") + b"\n"
+            return next(c for cls, c in _STATUS.items() if isinstance(e, cls)), {"error": str(e)}
+        except PasswordError as e:
+            return 400, {"error": str(e)}
+        return code, result
 
     def _record(self, method: str, path: list[str], body: dict[str, Any],
-                error: BaseException | None) -> None:
+                error: BaseException | None, actor: str | None = None) -> None:
         """An admin action, done or refused, into the audit log (before the answer)."""
         if self._audit is None:
             return
         target = "/" + "/".join(path[2:] if path[:2] == ["api", "v1"] else path)
         result = "ok" if error is None else f"refused: {error}"[:300]
-        self._audit.record(self._actor, method, target, result, body or None)
+        detail = {k: "(not logged)" if k == "password" else v for k, v in body.items()}
+        self._audit.record(actor or self._actor, method, target, result, detail or None)
 
     def _authenticate(self, request: Request) -> None:
         if not bearer_ok(request, self._token):
@@ -157,6 +176,8 @@ class AdminAPI(resource.Resource):
             routes[("GET", 1)] = lambda: {**self._info(), **c.status()}
         elif rest == ["audit"]:
             routes[("GET", 1)] = lambda: self._read_audit(since)
+        elif rest == ["web-password"]:
+            routes[("POST", 1)] = lambda: self._set_web_password(body)
         elif rest == ["keys"]:
             routes[("GET", 1)] = c.list_keys
         elif rest[:1] == ["keys"] and len(rest) == 2:
@@ -180,7 +201,8 @@ class AdminAPI(resource.Resource):
         elif rest[:1] == ["networks"] and len(rest) == 2:
             routes[("GET", 2)] = lambda: c.get_network(rest[1])
             routes[("POST", 2)] = lambda: c.update_network(
-                rest[1], _field(body, "name", str, None), _field(body, "domain", str, None))
+                rest[1], _field(body, "name", str, None), _field(body, "domain", str, None),
+                _field(body, "private", bool, None))
             routes[("DELETE", 2)] = lambda: c.delete_network(rest[1]) or {"deleted": rest[1]}
         elif rest[:1] == ["networks"] and rest[2:3] == ["members"] and len(rest) == 3:
             routes[("GET", 3)] = lambda: c.list_members(rest[1])
@@ -201,6 +223,12 @@ class AdminAPI(resource.Resource):
         if self._audit is None:
             raise HTTPError(404, "this rendezvous keeps no audit log")
         return self._audit.read(since)
+
+    def _set_web_password(self, body: dict[str, Any]) -> Any:
+        if self._web_password is None:
+            raise HTTPError(404, "this rendezvous has no web console")
+        self._web_password.set(_field(body, "password", str))
+        return {"web_password": "set; every console session has ended"}
 
     def _update_member(self, network_id: str, node: str, body: dict[str, Any]) -> Any:
         """Like ZeroTier's member POST: change what the body names."""

@@ -8,6 +8,7 @@ C{twistvpn admin}: administer a rendezvous through its admin API.
     twistvpn admin ... member auth|deauth|delete ID NODE
     twistvpn admin ... member set-ip ID NODE IP
     twistvpn admin ... member rename ID NODE NAME
+    twistvpn admin ... web-password
     twistvpn admin ... status
 
 With C{--data-dir} (the default) it talks to the UNIX socket in the
@@ -210,6 +211,21 @@ def duration(text: str) -> float:
     return int(number) * units[unit]
 
 
+def _read_password(stdin: TextIO) -> str:
+    """Twice, hidden, on a terminal; one line otherwise (scripts, `echo ... |`)."""
+    if stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("New web console password: ")
+        if getpass.getpass("Again: ") != first:
+            raise AdminError("the two passwords differ; nothing changed")
+        return first
+    line = stdin.readline()
+    if not line.strip():
+        raise AdminError("no password on stdin; nothing changed")
+    return line.rstrip("\r\n")
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
@@ -259,6 +275,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                           out)
         elif what == ("member", "set-ip"):
             _print_member(client.member(args.network, args.node, "POST", {"ip": args.ip}), out)
+        elif what == ("web-password", None):
+            password = _read_password(args.stdin or sys.stdin)
+            result = client.request("POST", "web-password", {"password": password})
+            out.write(f"web password {result['web_password']}\n")
         elif what == ("status", None):
             out.write(json.dumps(client.request("GET", "status"), indent=1) + "\n")
         elif what == ("key", "create"):
@@ -388,6 +408,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = actions.add_parser("revoke", help="revoke a key at once", parents=[connection])
     p.add_argument("key", metavar="KEY_ID")
 
+    password = objects.add_parser(
+        "web-password", help="set the web console's admin password (prompts twice on a TTY, "
+        "else reads one line from stdin)", parents=[connection])
+    password.set_defaults(admin_action=None, stdin=None)
     status = objects.add_parser("status", help="the rendezvous's address, key and counters",
                                 parents=[connection])
     status.set_defaults(admin_action=None)

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from twistvpn import __version__
 from twistvpn.common import auth
 from twistvpn.common.amp import Ping
 from twistvpn.common.services import quiet
@@ -388,6 +389,7 @@ class RendezvousClient(Service):
             proof=proof,
             name=self.node_name,
             local_endpoints=self.local_endpoints,
+            version=__version__,
         )
         self.server_key = server_key
         self.node_id = registered["node_id"]

@@ -89,6 +89,9 @@ class Controller:
     def register_node(self, public_key: bytes, name: str, session: IControlSession) -> str:
         return self.registry.register(public_key, name, session)
 
+    def set_version(self, public_key: bytes, version: str) -> None:
+        self.registry.set_version(public_key, version)
+
     def rename_node(self, public_key: bytes, name: str) -> None:
         self.registry.rename(public_key, name)
 
@@ -164,8 +167,9 @@ class Controller:
         return self.membership.create_network(name, subnet, private, force)
 
     def update_network(self, network_id: str, name: str | None = None,
-                       domain: str | None = None) -> dict[str, Any]:
-        return self.membership.update_network(network_id, name, domain)
+                       domain: str | None = None,
+                       private: bool | None = None) -> dict[str, Any]:
+        return self.membership.update_network(network_id, name, domain, private)
 
     def get_network(self, network_id: str) -> dict[str, Any]:
         return self.membership.describe_network(self.membership.network(network_id))

@@ -11,3 +11,4 @@ TOKEN_FILE = "admin-token"
 AUDIT_FILE = "audit.log"
 # What a pre-auth key's secret starts with, so a person can tell it from a node key.
 KEY_PREFIX = "tvkey-"
+WEB_PASSWORD_FILE = "web-password"

@@ -202,7 +202,8 @@ class Membership:
         return self.describe_network(record)
 
     def update_network(self, network_id: str, name: str | None = None,
-                       domain: str | None = None) -> dict[str, Any]:
+                       domain: str | None = None,
+                       private: bool | None = None) -> dict[str, Any]:
         """
         Rename a network and/or set its DNS domain ("" puts the default
         back); members get the new map.  Everything is checked before
@@ -221,7 +222,8 @@ class Membership:
                 if other.id != network.id and other.dns_domain == new_domain:
                     raise ConflictError(f"network {other.id} ({other.name}) has the domain "
                                         f"{new_domain} already")
-        record = self._store.update_network(network.id, new_name, new_domain)
+        new_private = network.private if private is None else bool(private)
+        record = self._store.update_network(network.id, new_name, new_domain, new_private)
         if record is None:
             raise NotFoundError(f"unknown network {network.id}")
         self._members_changed(network.id)  # the same members, a new map
@@ -266,6 +268,7 @@ class Membership:
             "local_endpoints": list(node.local_endpoints),
             "nat_varies": node.nat_varies,
             "online": node.online,
+            "version": node.version or None,
         }
 
     def list_members(self, network_id: str) -> list[dict[str, Any]]:

@@ -51,6 +51,8 @@ class Register(amp.Command):
         (b"proof", amp.String()),
         (b"name", amp.Unicode()),
         (b"local_endpoints", amp.ListOf(amp.Unicode())),
+        # The node's twistvpn version, for admins (the console's member table).
+        (b"version", amp.Unicode(optional=True)),
     ]
     response = [
         (b"node_id", amp.Unicode()),

@@ -66,6 +66,7 @@ class Node:
     subscriptions: set[str] = field(default_factory=set)
     # network ID -> revision of the last map this session was sent
     sent: dict[str, int] = field(default_factory=dict)
+    version: str = ""  # the twistvpn version it registered with last ("" until it does)
 
     @classmethod
     def from_record(cls, record: NodeRecord) -> Node:
@@ -180,6 +181,11 @@ class SessionRegistry:
         self.counters["registrations"] += 1
         self.node_changed(public_key)
         return node.node_id
+
+    def set_version(self, public_key: bytes, version: str) -> None:
+        node = self._nodes.get(public_key)
+        if node is not None:
+            node.version = version if version.isprintable() else ""
 
     def rename(self, public_key: bytes, name: str) -> None:
         """A registered node's new name; its networks' maps say so."""

@@ -145,7 +145,8 @@ class ControlServerProtocol(BoundedAMP):
 
     @Register.responder
     def register(
-        self, public_key: bytes, proof: bytes, name: str, local_endpoints: list[str]
+        self, public_key: bytes, proof: bytes, name: str, local_endpoints: list[str],
+        version: str | None = None,
     ) -> dict[str, Any]:
         # The challenge is used up by any attempt, right or wrong, so a
         # proof can never be replayed, not even on this connection.
@@ -169,6 +170,7 @@ class ControlServerProtocol(BoundedAMP):
             raise auth.AuthError("the proof of possession does not verify")
         controller = self._service.controller
         node_id = controller.register_node(public_key, name, self)
+        controller.set_version(public_key, (version or "")[:32])
         self.public_key, self.node_id = public_key, node_id
         try:
             controller.set_local_endpoints(public_key, local_endpoints)

@@ -47,9 +47,10 @@ from twistvpn.rendezvous.channel import ChannelFactory
 from twistvpn.rendezvous.controller import Controller
 from twistvpn.rendezvous.database import DBError, get_db
 from twistvpn.rendezvous.discovery import DiscoveryProtocol, DiscoveryState
-from twistvpn.rendezvous.files import ADMIN_SOCKET, AUDIT_FILE, STATE_FILE
+from twistvpn.rendezvous.files import ADMIN_SOCKET, AUDIT_FILE, STATE_FILE, WEB_PASSWORD_FILE
 from twistvpn.rendezvous.server import ControlServerFactory
 from twistvpn.rendezvous.store import SQLiteStore
+from twistvpn.rendezvous.webpassword import WebPassword
 from twistvpn.wireguard.keys import (
     encode_key,
     public_key,
@@ -221,19 +222,21 @@ class RendezvousService(MultiService):
         # The relays, when the tap attaches them (twistvpn.rendezvous.rendezvous_tap).
         self.relays: IRendezvousRelays | None = None
         self.audit = AuditLog(data.file(AUDIT_FILE), reactor.seconds)
+        self.web_password = WebPassword(data.file(WEB_PASSWORD_FILE))
+        # The admin API as the socket's owner uses it (and the web console, in process).
+        self.admin_api = AdminAPI(self.controller, None, self.info, self.audit,
+                                  self.web_password)
         socket = data.file(ADMIN_SOCKET)
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
-            "admin-unix",
-            StreamListener(unix, quiet(Site(AdminAPI(self.controller, None, self.info,
-                                                    self.audit)))),
-        )
+            "admin-unix", StreamListener(unix, quiet(Site(self.admin_api))))
         self.admin_http: StreamListener | None = None
         if admin_http is not None:
             # /metrics beside the API: without a token on loopback (Prometheus
             # on the same machine), with the admin token anywhere else.
             token = None if is_loopback_endpoint(admin_http) else data.token
-            api = AdminAPI(self.controller, data.token, self.info, self.audit)
+            api = AdminAPI(self.controller, data.token, self.info, self.audit,
+                           self.web_password)
             site = quiet(Site(WithMetrics(MetricsResource(self.metrics, token), api)))
             self.admin_http = self._add(
                 "admin-http", StreamListener(serverFromString(reactor, admin_http), site)

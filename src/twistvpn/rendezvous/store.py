@@ -196,11 +196,11 @@ class SQLiteStore:
             self.db.execute("DELETE FROM networks WHERE id = ?", (network_id,))
         return keys
 
-    def update_network(self, network_id: str, name: str,
-                       domain: str | None) -> NetworkRecord | None:
+    def update_network(self, network_id: str, name: str, domain: str | None,
+                       private: bool) -> NetworkRecord | None:
         with transaction(self.db):
-            self.db.execute("UPDATE networks SET name = ?, domain = ? WHERE id = ?",
-                            (name, domain, network_id))
+            self.db.execute("UPDATE networks SET name = ?, domain = ?, private = ? WHERE id = ?",
+                            (name, domain, int(private), network_id))
         return self.get_network(network_id)
 
     def revisions(self) -> dict[str, int]:
