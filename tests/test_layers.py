@@ -23,7 +23,7 @@ RANKS = {
     "wireguard": 1,
     "common": 2,
     "traversal": 3, "plugins": 3, "rendezvous": 3,
-    "relay": 4,
+    "relay": 4, "console": 4,
     "node": 5,
     "testing": 6, "cli": 6, "__main__": 6, "units": 6,
 }

@@ -197,7 +197,7 @@ class PortInUse(TestCase):
             [sys.executable, "-c", script, "-n", "--pidfile=", "twistvpn-rendezvous",
              "--data-dir", os.path.join(tmp, "d"), "--hostname", "127.0.0.1",
              "--control", f"tcp:{port}:interface=127.0.0.1", "--udp-port", "0",
-             "--udp-port2", "0", "--no-relay", "--admin-http", "none"],
+             "--udp-port2", "0", "--no-relay", "--admin-http", "none", "--web", ""],
             capture_output=True, text=True, timeout=50, cwd=tmp)
         self.assertEqual(done.returncode, 1)
         output = done.stdout + done.stderr

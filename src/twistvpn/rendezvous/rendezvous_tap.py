@@ -95,6 +95,14 @@ class Options(OneLineOptions):
             _rate,
         ],
         [
+            "web",
+            None,
+            "tcp:8445:interface=127.0.0.1",
+            "Endpoint of the web console (HTTPS with the rendezvous's certificate; loopback "
+            "by default: reach it with an SSH tunnel), e.g. tcp:8445 for every interface; "
+            "'' for none.",
+        ],
+        [
             "admin-http",
             None,
             "tcp:8444:interface=127.0.0.1",
@@ -117,7 +125,7 @@ class Options(OneLineOptions):
         [
             "relay-link",
             None,
-            "tcp:8445",
+            "tcp:8446",
             "Endpoint standalone relays log in to (TLS added); listens only with --relay-key.",
         ],
     ]
@@ -161,6 +169,10 @@ class Options(OneLineOptions):
                 raise usage.UsageError(f"--{option} {self[option]}: cannot read it")
         check_endpoint("control", self["control"])
         self._check_relay_options()
+        if self["web"].strip().lower() in ("", "none"):
+            self["web"] = None
+        else:
+            check_endpoint("web", self["web"])
         if self["admin-http"].lower() == "none":
             self["admin-http"] = None
         else:
@@ -234,4 +246,9 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             tcp_port=settings.tcp_port, interface=config["udp-interface"], link=settings.link,
             relay_keys=settings.relay_keys,
         )
+    if config["web"] is not None:
+        from twistvpn.console.service import console_listener
+
+        rendezvous.attach_console(console_listener(reactor, rendezvous, config["web"]),
+                                  config["web"])
     return rendezvous

@@ -230,6 +230,8 @@ class RendezvousService(MultiService):
         unix = UNIXServerEndpoint(reactor, socket, mode=0o600, wantPID=True)
         self.admin_unix = self._add(
             "admin-unix", StreamListener(unix, quiet(Site(self.admin_api))))
+        self.console: StreamListener | None = None
+        self._console_endpoint = ""
         self.admin_http: StreamListener | None = None
         if admin_http is not None:
             # /metrics beside the API: without a token on loopback (Prometheus
@@ -241,6 +243,21 @@ class RendezvousService(MultiService):
             self.admin_http = self._add(
                 "admin-http", StreamListener(serverFromString(reactor, admin_http), site)
             )
+
+    def attach_console(self, listener: StreamListener, endpoint: str) -> None:
+        """The web console's listener (built by the tap: the console sits above us)."""
+        self.console = self._add("console", listener)
+        self._console_endpoint = endpoint
+
+    def console_url(self) -> str | None:
+        if self.console is None or self.console.port is None:
+            return None
+        interface = dict(p.split("=", 1) for p in self._console_endpoint.split(":")[2:]
+                         if "=" in p).get("interface")
+        host = interface if interface and interface not in ("0.0.0.0", "::") else self.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        return f"https://{host}:{_port_number(self.console.port)}/"
 
     def _add(self, name: str, listener: _Listener) -> _Listener:
         listener.setName(name)
@@ -318,6 +335,7 @@ class RendezvousService(MultiService):
             "server_key": encode_key(public_key(self.data.server_private)),
             "udp_ports": list(self.udp_ports),
             "admin_http_port": admin_port,
+            "console": self.console_url(),
             "discovery": dict(self.discovery.counters),
             "control": dict(self.control_factory.counters)
             | {f"channel_{k}": v for k, v in self.channel_factory.counters.items()},
@@ -337,13 +355,18 @@ class RendezvousService(MultiService):
         self.control_factory.udp_ports = self.udp_ports
         info = self.info()
         tls.write_private(self.data.file(STATE_FILE), (json.dumps(info, indent=1) + "\n").encode())
+        console = "off (--web '')"
+        if info["console"]:
+            console = info["console"] + ("" if self.web_password.is_set else
+                                         " (set its password: twistvpn admin web-password)")
         self.log.info(
             "twistvpn rendezvous ready. Nodes use: {url} (server key {key}; "
-            "discovery on UDP {udp}; admin socket {socket})",
+            "discovery on UDP {udp}; admin socket {socket}; web console {console})",
             url=info["url"],
             key=info["server_key"],
             udp=info["udp_ports"],
             socket=self.data.file(ADMIN_SOCKET),
+            console=console,
         )
         relays = info["relays"]
         if relays["embedded"] is not None:

@@ -68,6 +68,8 @@ class LocalRendezvous:
                 "127.0.0.1",
                 "--admin-http",
                 "tcp:0:interface=127.0.0.1",
+                "--web",
+                "tcp:0:interface=127.0.0.1",
                 "--relay-udp-port",
                 "0",
                 "--relay-tcp-port",
