@@ -14,7 +14,6 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support.rendezvous import FakeSession, new_key
-from tests.support.web import Response, WebClient
 from twistvpn.console import pages
 from twistvpn.console.sessions import ABSOLUTE, IDLE, SIGNIN_BURST, Sessions
 from twistvpn.console.web import COOKIE, Console
@@ -23,6 +22,7 @@ from twistvpn.rendezvous.audit import AuditLog
 from twistvpn.rendezvous.controller import Controller, node_id_of
 from twistvpn.rendezvous.store import open_store
 from twistvpn.rendezvous.webpassword import WebPassword
+from twistvpn.testing.webclient import Response, WebClient
 
 PASSWORD = "correct horse battery"
 
@@ -283,6 +283,14 @@ class PageTests(ConsoleTestCase):
         rows = self.browser.get(f"/networks/{network_id}/members?sort=ip")
         self.assertIn(f'<tr data-node-id="{node}" class="pending">', rows.body)
         self.assertEqual(rows.header("cache-control"), "no-store")
+        # Nothing changed since: no rows, only "the same".
+        version = rows.header("x-rows-version")
+        same = self.browser.get(f"/networks/{network_id}/members?sort=ip&v={version}")
+        self.assertEqual((same.code, same.body), (204, ""))
+        self.controller.authorize(network_id, node)
+        changed = self.browser.get(f"/networks/{network_id}/members?sort=ip&v={version}")
+        self.assertEqual(changed.code, 200)
+        self.assertNotEqual(changed.header("x-rows-version"), version)
 
     def test_keys(self) -> None:
         network_id = self.controller.create_network("lab")["id"]

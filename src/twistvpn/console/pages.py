@@ -12,6 +12,8 @@ C{name="ip"}; the sign-in form has C{<input type="password" name="password">}.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -128,8 +130,7 @@ def networks(session: Session, found: list[dict[str, Any]], message: str | None)
         post_form(
             "/networks", session,
             tags.label("Name ", tags.input(name="name", required="required", maxlength="64")),
-            tags.label("Subnet ", tags.input(name="subnet", placeholder="a free /24 of "
-                                             "100.64.0.0/10")),
+            tags.label("Subnet ", tags.input(name="subnet", placeholder="optional")),
             tags.label("Access ", tags.select(
                 tags.option("private (members need authorization)", value="private"),
                 tags.option("public", value="public"), name="access")),
@@ -195,6 +196,14 @@ def sort_members(members: list[dict[str, Any]], sort: str,
     return [m for m in ordered if not m["authorized"]] + [m for m in ordered if m["authorized"]]
 
 
+def rows_version(session: Session, net: dict[str, Any], members: list[dict[str, Any]],
+                 sort: str, descending: bool, now: float) -> str:
+    """What the rows show, hashed: equal versions render the same rows."""
+    shown = [net["id"], sort, descending, sorted(session.flash.items()), members,
+             [ago(m["last_seen"], now) for m in members if not m["online"]]]
+    return hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def member_rows(session: Session, net: dict[str, Any], members: list[dict[str, Any]],
                 sort: str, descending: bool, now: float) -> Iterable[Tag]:
     if not members:
@@ -222,7 +231,7 @@ def member_rows(session: Session, net: dict[str, Any], members: list[dict[str, A
                                maxlength="64", size="14"),
                     error(session.flash.get(f"name:{node}"))),
             tags.td(tags.input(name="ip", value=m["ip"] or "", form=form_id, size="13",
-                               placeholder="assigned on Auth", **{"class": "mono"}),
+                               placeholder="set on Auth?", **{"class": "mono"}),
                     error(session.flash.get(f"ip:{node}"))),
             tags.td(seen, **{"class": "online" if m["online"] else ""}),
             tags.td(*_endpoints(m["endpoints"]), **{"class": "mono"}),
@@ -235,7 +244,8 @@ def member_rows(session: Session, net: dict[str, Any], members: list[dict[str, A
 
 
 def _endpoints(endpoints: list[str]) -> list[Any]:
-    return [tags.div(e) for e in endpoints] or ["-"]
+    # Both discovery ports see the same mapping behind an easy NAT: once is enough.
+    return [tags.div(e) for e in dict.fromkeys(endpoints)] or ["-"]
 
 
 def confirm(session: Session, title: str, question: str, action: str, back: str,

@@ -12,13 +12,16 @@ function autoSubmit(root) {
 function liveTable(tbody) {
   const source = tbody.dataset.src;
   let busy = false;
+  let version = "";
   setInterval(async () => {
     // Never under the admin's fingers: skip while a field of the table has focus.
     if (busy || tbody.contains(document.activeElement)) return;
     busy = true;
     try {
-      const answer = await fetch(source, {credentials: "same-origin", cache: "no-store"});
-      if (answer.redirected || !answer.ok) return;
+      const url = source + "&v=" + encodeURIComponent(version);
+      const answer = await fetch(url, {credentials: "same-origin", cache: "no-store"});
+      if (answer.redirected || !answer.ok || answer.status === 204) return;
+      version = answer.headers.get("x-rows-version") || "";
       const rows = await answer.text();
       if (rows !== tbody.dataset.rows) {
         tbody.dataset.rows = rows;

@@ -416,12 +416,14 @@ class Network:
         """
         Start C{argv} inside C{namespace} (ip netns exec replaces itself with
         the command, so the pid is the command's own), output to a log file.
+        An empty C{namespace} is the root one (a bridge's loopback end).
         """
         self._check_open()
         log_path = self.tmpdir / f"{log_name or Path(argv[0]).name}-{len(self.processes)}.log"
+        command = ["ip", "netns", "exec", namespace, *argv] if namespace else list(argv)
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", namespace, *argv],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

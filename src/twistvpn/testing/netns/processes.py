@@ -233,3 +233,21 @@ def ping_until_answered(
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def start_bridge(network: Network, namespace: str, listen: str, connect: str,
+                 timeout: float = 10.0) -> Process:
+    """
+    A L{twistvpn.testing.bridge} in C{namespace} ("" for the root one):
+    C{listen} spliced to C{connect}; returns once it listens.
+    """
+    process = network.spawn(namespace, [sys.executable, "-m", "twistvpn.testing.bridge",
+                                        listen, connect], log_name="bridge")
+
+    def ready() -> bool:
+        if not process.running():
+            raise HarnessError(f"the bridge exited:\n{process.log()}")
+        return "listening" in process.log()
+
+    wait_for(ready, timeout, f"a bridge listening on {listen}", interval=0.05)
+    return process
