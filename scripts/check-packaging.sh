@@ -12,4 +12,13 @@ cd "$tmp"
 "$tmp/venv/bin/twistvpn" --help >/dev/null
 "$tmp/venv/bin/twistd" --help | grep twistvpn-node >/dev/null
 "$tmp/venv/bin/twistd" --help-reactors | grep -P "^\s*twistvpn\t" >/dev/null
+# The data files the package reads at run time: schemas, units, the console's CSS and JS.
+"$tmp/venv/bin/python" - <<'PY'
+from importlib import resources
+for package, name in (("twistvpn.rendezvous", "schema-v4.sql"),
+                      ("twistvpn.units", "twistvpn-node.service"),
+                      ("twistvpn.console", "static/console.css"),
+                      ("twistvpn.console", "static/console.js")):
+    assert resources.files(package).joinpath(name).is_file(), (package, name)
+PY
 echo "packaging: ok"
