@@ -484,6 +484,12 @@ class INetworkController(Interface):
         Record the node's own (LAN) addresses, a sequence of "host:port".
         """
 
+    def set_mapped_endpoints(public_key, endpoints):
+        """
+        Record the public addresses the node's gateway forwards to it (PCP,
+        NAT-PMP), a sequence of "host:port"; peers' maps carry them.
+        """
+
     def resend_map(public_key, network_id):
         """
         Send the node the full current map of C{network_id}: its copy could

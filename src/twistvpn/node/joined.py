@@ -90,6 +90,12 @@ def member_candidates(member: Member) -> Candidates:
     observed = [_parse(e) for e in member.endpoints]
     local = tuple(a for a in (_parse(e) for e in member.local_endpoints) if a is not None)
     seen = [a for a in observed if a is not None]
+    mapped = tuple(a for a in (_parse(e) for e in member.mapped) if a is not None)
+    if mapped:
+        # Its gateway forwards these to it: one address for every peer, as
+        # behind an endpoint-independent NAT, whatever its NAT does otherwise.
+        return Candidates(public=tuple(dict.fromkeys(mapped + tuple(seen))), local=local,
+                          hints=NatHints(mapping_varies=False))
     if not seen:
         return Candidates(local=local, hints=NatHints(mapping_varies=None))
     observations = seen if member.nat_varies else [seen[0], seen[0]]
@@ -97,8 +103,13 @@ def member_candidates(member: Member) -> Candidates:
                       hints=hints_from_observations(_reference(seen[0], local), observations))
 
 
-def own_candidates(result: NetcheckResult | None, local: Sequence[Address]) -> Candidates:
-    """This node's candidates from its own discovery result and interfaces."""
+def own_candidates(result: NetcheckResult | None, local: Sequence[Address],
+                   mapped: Address | None = None) -> Candidates:
+    """This node's candidates from its own discovery result, interfaces and port mapping."""
+    if mapped is not None:
+        observed = (result.endpoint,) if result is not None and result.endpoint else ()
+        return Candidates(public=tuple(dict.fromkeys((mapped, *observed))), local=tuple(local),
+                          hints=NatHints(mapping_varies=False))
     if result is None:
         return Candidates(local=tuple(local), hints=NatHints(mapping_varies=None))
     hints = hints_from_observations(
@@ -195,6 +206,8 @@ class JoinedNode:
                  names: INameService | None = None) -> None:
         self.clock = clock
         self.on_join_status = on_join_status
+        self.mapped: Address | None = None  # what our gateway forwards to us
+        self.port_mapper: Any = None  # its PortMapper, for netcheck
         self.names = names  # the name server, told of every change
         self.name_table = NameTable()
         self.public_key = public_key
@@ -560,10 +573,25 @@ class JoinedNode:
         self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)
         self.discovery.start(self.discovery_interval, self._discovered)
 
+    def set_mapped(self, address: Address | None) -> None:
+        """
+        Our gateway forwards C{address} to our port now (PCP, NAT-PMP), or no
+        longer: peers learn it through the rendezvous, strategies use it.
+        """
+        self.mapped = address
+        client = self.client
+        if client is not None:
+            endpoints = [format_endpoint(address)] if address is not None else []
+            if endpoints != client.mapped_endpoints:
+                client.set_mapped_endpoints(endpoints).addErrback(
+                    lambda f: self.log.failure("telling the rendezvous our mapped address", f))
+        if self.netcheck_result is not None:
+            self._discovered(self.netcheck_result)
+
     def _discovered(self, result: NetcheckResult) -> None:
         self.netcheck_result = result
         local = self.local_candidates()
-        candidates = own_candidates(result, local)
+        candidates = own_candidates(result, local, self.mapped)
         if candidates != self.local:
             moved = candidates.public != self.local.public
             self.local = candidates
@@ -765,6 +793,8 @@ class JoinedNode:
                 "udp": result.endpoint is not None,
                 "rendezvous": rendezvous,
                 "relays": relays,
+                "port_mapping": (self.port_mapper.status() if self.port_mapper is not None
+                                 else None),
             }
 
         return defer.gatherResults(queries).addCallback(done)

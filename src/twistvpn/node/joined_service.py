@@ -33,6 +33,13 @@ from twistvpn.node.tun import DEFAULT_MTU
 from twistvpn.node.uapi import claim_socket_path
 from twistvpn.relay.client import RelayClient
 from twistvpn.rendezvous.discovery import DiscoveryClient
+from twistvpn.traversal.portmap import (
+    PROTOCOLS,
+    PortMapper,
+    PortMapProtocol,
+    default_gateway,
+    source_address_for,
+)
 from twistvpn.traversal.probe import ProbeService
 from twistvpn.wireguard.keys import (
     InvalidKey,
@@ -106,7 +113,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
                  resolve: Resolver = resolve_endpoint, listen_interface: str = "::",
                  control_socket: str | None = None, mtu: int = DEFAULT_MTU,
                  auth_key: str | None = None, names: INameService | None = None,
-                 **node_options: Any) -> None:
+                 port_mapping: str = "off", **node_options: Any) -> None:
         super().__init__()
         self._reactor = reactor
         self.datapath = DataPath(reactor, private_key, interface_name=interface_name, mtu=mtu,
@@ -127,6 +134,8 @@ class JoinedNodeService(DataPathOwner, MultiService):
         self._control_socket = control_socket
         self._node_options = node_options
         self.names = names
+        self.port_mapping = port_mapping  # "auto", "pcp", "natpmp" or "off"
+        self.portmap_port: Any = None
         self.node: JoinedNode | None = None
         self.client: Any = None
         self.api_port: Any = None
@@ -185,6 +194,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
                                         node.local_endpoints(), auth_keys)
         node.attach(self.client)
         node.start()
+        self._start_port_mapping(node)
         claim_socket_path(self.socket_path)
         self.api_port = reactor.listenUNIX(
             self.socket_path, local_api_factory(LocalAPI(node, control=self)), mode=0o600)
@@ -196,6 +206,31 @@ class JoinedNodeService(DataPathOwner, MultiService):
             "local API {socket}", name=tun.name, port=self.listening_port,
             key=encode_key(self.public_key), rendezvous=str(self.rendezvous),
             networks=", ".join(self.networks), socket=self.socket_path)
+
+    def _start_port_mapping(self, node: JoinedNode) -> None:
+        """Ask the gateway for a mapping of our port (PCP, then NAT-PMP), unless off."""
+        if self.port_mapping == "off":
+            return
+        gateway = default_gateway()
+        if gateway is None:
+            self.log.info("port mapping: no IPv4 default gateway")
+            return
+        client_ip = source_address_for(gateway)
+        if client_ip is None:
+            return
+        protocols = PROTOCOLS if self.port_mapping == "auto" else (self.port_mapping,)
+        port = self.listening_port
+        assert port is not None
+
+        def make(send: Callable[[bytes, tuple[str, int]], Any]) -> PortMapper:
+            mapper = PortMapper(self._reactor, send, gateway=gateway, client_ip=client_ip,
+                                internal_port=port, on_change=node.set_mapped,
+                                protocols=protocols)
+            node.port_mapper = mapper
+            mapper.start()
+            return mapper
+
+        self.portmap_port = self._reactor.listenUDP(0, PortMapProtocol(make))
 
     # -- INodeControl: what `twistvpn join`, `leave` and `set` change ---------
 
@@ -280,6 +315,12 @@ class JoinedNodeService(DataPathOwner, MultiService):
         if self.api_port is not None:
             stopped.append(maybeDeferred(self.api_port.stopListening))
             self.api_port = None
+        if self.portmap_port is not None:
+            mapper = self.portmap_port.protocol.mapper
+            if mapper is not None:
+                mapper.stop()  # asks the gateway to delete the mapping
+            stopped.append(maybeDeferred(self.portmap_port.stopListening))
+            self.portmap_port = None
         if self.node is not None:
             self.node.stop()
             self.node = None

@@ -172,6 +172,15 @@ def render_netcheck(report: dict[str, Any]) -> str:
     for entry in report["rendezvous"]:
         lines.append(f"    {entry['server']}: {ms(entry['rtt'])}"
                      + (f" (sees {entry['mapped']})" if entry["mapped"] else " (no answer)"))
+    mapping = report.get("port_mapping")
+    if mapping is None:
+        lines.append("  port mapping: off")
+    else:
+        offered = ", ".join(f"{name} {'yes' if said else 'no' if said is False else '?'}"
+                            for name, said in mapping["offered"].items())
+        lines.append(f"  port mapping: gateway {mapping['gateway']} ({offered}); "
+                     f"mapped {mapping['mapped'] or '-'}"
+                     + (f" by {mapping['protocol']}" if mapping["mapped"] else ""))
     lines.append("  relays:" if report["relays"] else "  relays: none advertised")
     for relay in report["relays"]:
         lines.append(f"    {relay['id']} {relay['address']}: {ms(relay['rtt'])}"

@@ -67,6 +67,10 @@ class Options(OneLineOptions):
         ["system-dns", None, None,
          "Joined mode: auto (default): send the networks' domains to the node's name "
          "server through systemd-resolved where it runs; off: leave the system's DNS alone."],
+        ["port-mapping", None, None,
+         "Joined mode: ask the LAN's gateway to forward a public port to ours, so that "
+         "peers reach us even behind a hard NAT: auto (PCP, then NAT-PMP; the default), "
+         "pcp, natpmp or off."],
         ["metrics", None, None,
          "Joined mode: serve Prometheus metrics on this endpoint, at /metrics (loopback "
          "only: it has no token), e.g. tcp:9586:interface=127.0.0.1."],
@@ -130,7 +134,7 @@ class Options(OneLineOptions):
             self._joined_options()
             return
         joined = [o for o in ("data-dir", "rendezvous", "name", "port", "metrics", "dns-port",
-                              "system-dns",
+                              "system-dns", "port-mapping",
                               "auth-key-file") if self[o] is not None]
         if self["join"]:
             joined.append("join")
@@ -156,13 +160,14 @@ class Options(OneLineOptions):
 
     def _apply_defaults(self) -> None:
         defaults = {"interface": DEFAULT_NAME, "dns-port": DEFAULT_DNS_PORT,
-                    "system-dns": "auto",
+                    "system-dns": "auto", "port-mapping": "auto",
                     "answer-wait-us": round(DEFAULT_ANSWER_WAIT * 1e6),
                     "stay-awake-ms": round(DEFAULT_STAY_AWAKE * 1e3)}
         for key, value in defaults.items():
             if self[key] is None:
                 self[key] = value
-        for key in ("interface", "answer-wait-us", "stay-awake-ms", "dns-port", "system-dns"):
+        for key in ("interface", "answer-wait-us", "stay-awake-ms", "dns-port", "system-dns",
+                    "port-mapping"):
             self._check(key)
 
     def _check(self, key: str) -> None:
@@ -299,6 +304,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
             networks=config["networks"],
             auth_key=config["auth_key"],
             names=names,
+            port_mapping=config["port-mapping"],
             name=config["name"],
             port=config["port"],
             interface_name=config["interface"],

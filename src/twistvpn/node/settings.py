@@ -126,6 +126,12 @@ def check_system_dns(value: Any) -> str:
     return str(value)
 
 
+def check_port_mapping(value: Any) -> str:
+    if value not in ("auto", "pcp", "natpmp", "off"):
+        raise ValueError(f"{str(value)[:40]!r} is not auto, pcp, natpmp or off")
+    return str(value)
+
+
 # Every key the file may hold, with its check; the node's option of the same name.
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "rendezvous": check_rendezvous,
@@ -136,6 +142,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "metrics": check_metrics,
     "dns-port": _integer(0, 65535),
     "system-dns": check_system_dns,
+    "port-mapping": check_port_mapping,
     "answer-wait-us": _integer(0, MAX_ANSWER_WAIT_US),
     "stay-awake-ms": _integer(0, 1000),
 }
@@ -148,6 +155,7 @@ SETTABLE: dict[str, bool] = {
     "metrics": False,
     "dns-port": False,
     "system-dns": False,
+    "port-mapping": False,
     "answer-wait-us": False,
     "stay-awake-ms": False,
 }

@@ -54,6 +54,7 @@ from twistvpn.rendezvous.protocol import (
     RequestPunch,
     RevokedPush,
     SetLocalEndpoints,
+    SetMappedEndpoints,
     SetName,
 )
 from twistvpn.wireguard.keys import public_key
@@ -154,6 +155,7 @@ class RendezvousClient(Service):
         self.listener = listener
         self.networks: list[str] = list(dict.fromkeys(networks))
         self.local_endpoints: list[str] = list(local_endpoints)
+        self.mapped_endpoints: list[str] = []
         self.expected_server_key = server_key
         self.server_key: bytes | None = None
         self.node_id: str | None = None
@@ -353,6 +355,15 @@ class RendezvousClient(Service):
             self._protocol, SetLocalEndpoints, endpoints=self.local_endpoints
         ).addCallback(lambda _: None)
 
+    def set_mapped_endpoints(self, endpoints: Iterable[str]) -> defer.Deferred[None]:
+        """Tell the rendezvous the public addresses our gateway forwards to us."""
+        self.mapped_endpoints = list(endpoints)
+        if self._protocol is None:
+            return defer.succeed(None)
+        return self._call(
+            self._protocol, SetMappedEndpoints, endpoints=self.mapped_endpoints
+        ).addCallback(lambda _: None)
+
     def request_punch(self, network_id: str, peer_key: bytes) -> defer.Deferred[None]:
         """
         Ask the rendezvous to make both this node and C{peer_key} start
@@ -390,6 +401,7 @@ class RendezvousClient(Service):
             name=self.node_name,
             local_endpoints=self.local_endpoints,
             version=__version__,
+            mapped_endpoints=self.mapped_endpoints,
         )
         self.server_key = server_key
         self.node_id = registered["node_id"]

@@ -101,6 +101,9 @@ class Controller:
     def set_local_endpoints(self, public_key: bytes, endpoints: Any) -> None:
         self.registry.set_local_endpoints(public_key, endpoints)
 
+    def set_mapped_endpoints(self, public_key: bytes, endpoints: Any) -> None:
+        self.registry.set_mapped_endpoints(public_key, endpoints)
+
     def record_endpoint(self, public_key: bytes, endpoint: tuple[str, int], which: int) -> bool:
         return self.registry.record_endpoint(public_key, endpoint, which)
 

@@ -91,9 +91,12 @@ class Member:
     nat_varies: bool = False
     online: bool = False
     last_seen: float | None = None
+    # Public addresses the member's gateway forwards to it (PCP, NAT-PMP).
+    mapped: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"mapped": list(self.mapped)} if self.mapped else {}
+        return {**extra,
             "node_id": self.node_id,
             "public_key": encode_key(self.public_key),
             "name": self.name,
@@ -118,6 +121,7 @@ class Member:
             nat_varies=bool(d.get("nat_varies", False)),
             online=bool(d.get("online", False)),
             last_seen=None if last_seen is None else float(last_seen),
+            mapped=check_endpoints(d.get("mapped", [])),
         )
 
     @property

@@ -53,6 +53,8 @@ class Register(amp.Command):
         (b"local_endpoints", amp.ListOf(amp.Unicode())),
         # The node's twistvpn version, for admins (the console's member table).
         (b"version", amp.Unicode(optional=True)),
+        # Addresses its gateway forwards to it (PCP, NAT-PMP): reachable by any peer.
+        (b"mapped_endpoints", amp.ListOf(amp.Unicode(), optional=True)),
     ]
     response = [
         (b"node_id", amp.Unicode()),
@@ -91,6 +93,14 @@ class SetName(amp.Command):
     """node -> rendezvous: call me this from now on."""
 
     arguments = [(b"name", amp.Unicode())]
+    response = []
+    errors = ERRORS
+
+
+class SetMappedEndpoints(amp.Command):
+    """node -> rendezvous: my gateway now forwards these public addresses to me."""
+
+    arguments = [(b"endpoints", amp.ListOf(amp.Unicode()))]
     response = []
     errors = ERRORS
 

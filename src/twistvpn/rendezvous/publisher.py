@@ -213,6 +213,7 @@ class MapPublisher:
                     ip=member.ip,
                     endpoints=node.seen_endpoints(),
                     local_endpoints=node.local_endpoints,
+                    mapped=node.mapped_endpoints,
                     nat_varies=node.nat_varies,
                     online=node.online,
                     last_seen=node.last_seen,

@@ -61,6 +61,8 @@ class Node:
     last_seen: float | None
     endpoints: list[str | None] = field(default_factory=lambda: [None, None])
     local_endpoints: tuple[str, ...] = ()
+    # Public addresses its gateway forwards to it (in memory: re-sent on registering).
+    mapped_endpoints: tuple[str, ...] = ()
     last_seen_written: float = 0.0
     session: IControlSession | None = None
     subscriptions: set[str] = field(default_factory=set)
@@ -259,6 +261,16 @@ class SessionRegistry:
         self._store.set_local_endpoints(public_key, local)
         node.local_endpoints = local
         self.node_changed(public_key)
+
+    def set_mapped_endpoints(self, public_key: bytes, endpoints: Any) -> None:
+        node = self.session_node(public_key)
+        try:
+            mapped = check_endpoints(endpoints)
+        except MapError as e:
+            raise InvalidArgumentError(str(e)) from None
+        if mapped != node.mapped_endpoints:
+            node.mapped_endpoints = mapped
+            self.node_changed(public_key)
 
     def record_endpoint(self, public_key: bytes, endpoint: tuple[str, int], which: int) -> bool:
         node = self._nodes.get(public_key)

@@ -34,6 +34,7 @@ from twistvpn.rendezvous.protocol import (
     RequestPunch,
     RevokedPush,
     SetLocalEndpoints,
+    SetMappedEndpoints,
     SetName,
 )
 from twistvpn.wireguard.keys import public_key
@@ -146,7 +147,7 @@ class ControlServerProtocol(BoundedAMP):
     @Register.responder
     def register(
         self, public_key: bytes, proof: bytes, name: str, local_endpoints: list[str],
-        version: str | None = None,
+        version: str | None = None, mapped_endpoints: list[str] | None = None,
     ) -> dict[str, Any]:
         # The challenge is used up by any attempt, right or wrong, so a
         # proof can never be replayed, not even on this connection.
@@ -174,6 +175,7 @@ class ControlServerProtocol(BoundedAMP):
         self.public_key, self.node_id = public_key, node_id
         try:
             controller.set_local_endpoints(public_key, local_endpoints)
+            controller.set_mapped_endpoints(public_key, mapped_endpoints or [])
         except InvalidArgumentError:
             self._service.counters["bad_local_endpoints"] += 1
         # The first ping measures the round trip punches are timed with.
@@ -204,6 +206,11 @@ class ControlServerProtocol(BoundedAMP):
     @SetName.responder
     def set_name(self, name: str) -> dict[str, Any]:
         self._service.controller.rename_node(self._registered(), name)
+        return {}
+
+    @SetMappedEndpoints.responder
+    def set_mapped_endpoints(self, endpoints: list[str]) -> dict[str, Any]:
+        self._service.controller.set_mapped_endpoints(self._registered(), endpoints)
         return {}
 
     @SetLocalEndpoints.responder
