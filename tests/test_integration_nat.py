@@ -245,3 +245,39 @@ class PreAuthKeys(NatTestCase):
             log = process.log()
             self.assertIn(why, log)
             self.assertNotIn(key, log)
+
+
+class PortMapping(NatTestCase):
+    """
+    Issue 17: hard x hard goes direct when one side's gateway maps a port
+    (PCP, NAT-PMP), in both orders; the mapping is deleted when the node
+    stops.  The gateway is twistvpn.testing.pmpgateway with iptables DNAT:
+    Debian's miniupnpd refuses the lab's documentation-range WAN addresses.
+    """
+
+    def check(self, nat_a: str, nat_b: str) -> None:
+        lab = self.lab(nat_a, nat_b)
+        pairs = self.first_pings(lab, settle=10)
+
+        def direct() -> None:
+            for pair in (("a1", "b1"), ("b1", "a1")):
+                self.assertEqual(pairs[pair].path, "direct", pairs[pair])
+
+        self.step(f"{nat_a} x {nat_b} goes direct", direct)
+        mapped = "a1" if nat_a.endswith("+pmp") else "b1"
+        gateway = next(p for p in lab.network.processes if "pmpgateway" in " ".join(p.argv))
+        self.assertIn(f"-> {lab.nodes[mapped].host.address}:41641", gateway.log())
+
+        def deleted() -> None:
+            process = lab.nodes[mapped].process
+            assert process is not None
+            lab.network.stop(process)
+            netns.wait_for(lambda: "removed" in gateway.log(), 5, "the mapping's deletion")
+
+        self.step("the mapping is deleted when the node stops", deleted)
+
+    def test_mapped_side_a(self) -> None:
+        self.check("hard+pmp", "hard")
+
+    def test_mapped_side_b(self) -> None:
+        self.check("hard", "hard+pmp")

@@ -54,7 +54,6 @@ from __future__ import annotations
 import collections
 import ipaddress
 import random
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -69,6 +68,8 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
+
+from twistvpn.testing import pmpgateway
 
 # RFC 4787 mapping and filtering behaviours.
 EIM, ADM, APDM = "endpoint-independent", "address-dependent", "address-and-port-dependent"
@@ -183,6 +184,7 @@ class NAT:
         self.gateway_ip = str(self.subnet.network_address + 1)
         self._booted = internet.clock.seconds()
         self.portmap_requests: collections.Counter[str] = collections.Counter()
+        self._gateway: pmpgateway.Gateway | None = None
 
     @property
     def hairpin(self) -> bool:
@@ -220,50 +222,19 @@ class NAT:
 
     def portmap_answer(self, data: bytes, src: Addr, now: float) -> bytes | None:
         """
-        The gateway's answer to a PCP or NAT-PMP request from C{src} (RFC 6887,
-        RFC 6886; UDP MAP only), or None (silence, as a gateway without it).
+        The gateway's answer to a PCP or NAT-PMP request from C{src}, or None
+        (silence, as a gateway without them): L{pmpgateway.Gateway} keeping
+        its forwards in this NAT's table.
         """
-        epoch = int(now - self._booted)
-        if len(data) >= 2 and data[0] == 0 and "natpmp" in self.portmap:
-            self.portmap_requests["natpmp"] += 1
-            if data[1] == 0:
-                return struct.pack(">BBHI4s", 0, 128, 0, epoch,
-                                   ipaddress.IPv4Address(self.public_ip).packed)
-            if data[1] == 1 and len(data) >= 12:
-                internal, suggested, lifetime = struct.unpack(">HHI", data[4:12])
-                port = self._map(src[0], internal, suggested, lifetime, now)
-                return struct.pack(">BBHIHHI", 0, 129, 0, epoch, internal, port, lifetime)
-            return struct.pack(">BBHI", 0, 128 + data[1], 5, epoch)  # unsupported opcode
-        if len(data) >= 60 and data[0] == 2 and data[1] == 1:
-            if "pcp" not in self.portmap:
-                if "natpmp" in self.portmap:  # RFC 6887 section 9: a NAT-PMP-only gateway
-                    return struct.pack(">BBHI", 0, 129, 1, epoch)
-                return None
-            self.portmap_requests["pcp"] += 1
-            lifetime = struct.unpack(">I", data[4:8])[0]
-            nonce, protocol = data[24:36], data[36]
-            internal, suggested = struct.unpack(">HH", data[40:44])
-            port = self._map(src[0], internal, suggested, lifetime, now)
-            external = ipaddress.IPv6Address(f"::ffff:{self.public_ip}").packed
-            return (struct.pack(">BBBBII12x", 2, 0x81, 0, 0, lifetime, epoch) + nonce
-                    + struct.pack(">B3xHH", protocol, internal, port) + external)
-        return None
-
-    def _map(self, host_ip: str, internal: int, suggested: int, lifetime: int,
-             now: float) -> int:
-        """Forward a port to C{host_ip}:C{internal}: the suggested one if free; 0 deletes."""
-        for port, target in list(self._forwards.items()):
-            if target == (host_ip, internal):
-                if lifetime == 0:
-                    self.remove_forward(port)
-                    return 0
-                return port
-        if lifetime == 0:
-            return 0
-        port = suggested if suggested >= LOW_PORT and self._port_free(suggested, now) else \
-            self._allocate(0, now)
-        self.forward_port(port, (host_ip, internal))
-        return port
+        if self._gateway is None or self._gateway.protocols != self.portmap:
+            self._gateway = pmpgateway.Gateway(
+                self.public_ip, self.portmap, add=self.forward_port,
+                remove=self.remove_forward, port_free=lambda port: self._port_free(port, now),
+                booted=self._booted)
+        answer = self._gateway.answer(data, src, now)
+        self.portmap_requests = collections.Counter(
+            {k: v for k, v in self._gateway.requests.items() if v})
+        return answer
 
     def mappings(self, now: float) -> dict[int, Addr]:
         """The live mappings, external port to internal address (for tests)."""

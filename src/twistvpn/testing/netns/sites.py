@@ -6,21 +6,27 @@ with its hosts in namespaces of a L{Network}.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from dataclasses import dataclass
 
 from pyroute2 import NetNS
 
 from twistvpn.testing.netns.namespaces import (
     NAT_MODES,
+    HarnessError,
     Network,
+    Process,
     Switch,
     check_address,
     signals_safe_for_children,
+    wait_for,
 )
 
 # How a site reaches the simulated internet: "open" is no NAT at all (its
 # hosts have public addresses), the others are L{Network.masquerade}'s.
-SITE_MODES = ("open", *NAT_MODES)
+# "hard+pmp": a hard NAT whose gateway answers PCP and NAT-PMP (twistvpn.testing.pmpgateway).
+PORT_MAPPING_MODES = ("hard+pmp",)
+SITE_MODES = ("open", *NAT_MODES, *PORT_MAPPING_MODES)
 
 
 @dataclass
@@ -87,8 +93,27 @@ def add_site(
         ifname = switch.attach(namespace, f"{address}/24", mtu=mtu)
         network.add_route(namespace, "default", f"{lan}.1")
         members.append(Host(f"{name}{i + 1}", namespace, ifname, address, 24, f"{lan}.1"))
-    network.masquerade(router, wan, mode=mode)
+    base, _, extra = mode.partition("+")
+    network.masquerade(router, wan, mode=base)
+    if extra == "pmp":
+        start_port_mapping_gateway(network, router, f"{lan}.1", wan, public_ip)
     return Site(name, mode, public_ip, members, router, lan)
+
+
+def start_port_mapping_gateway(network: Network, router: str, lan_ip: str, wan: str,
+                               public_ip: str, protocols: str = "pcp,natpmp") -> Process:
+    """The router answers PCP and NAT-PMP on its LAN address, forwarding with iptables DNAT."""
+    process = network.spawn(router, [sys.executable, "-m", "twistvpn.testing.pmpgateway",
+                                     lan_ip, wan, public_ip, protocols],
+                            log_name="pmpgateway")
+
+    def ready() -> bool:
+        if not process.running():
+            raise HarnessError(f"the port mapping gateway exited:\n{process.log()}")
+        return "listening" in process.log()
+
+    wait_for(ready, 10, "the port mapping gateway", interval=0.05)
+    return process
 
 
 def change_address(network: Network, host: Host, address: str) -> None:
