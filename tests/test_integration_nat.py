@@ -281,3 +281,4 @@ class PortMapping(NatTestCase):
 
     def test_mapped_side_b(self) -> None:
         self.check("hard", "hard+pmp")
+

@@ -155,6 +155,41 @@ class FilteringTests(SynchronousTestCase):
         self.assertTrue(w.back((w.s2.ip, 2000), (w.nat.public_ip, 51820)))
 
 
+class ConntrackClashTests(SynchronousTestCase):
+    """
+    A router without a firewall on itself keeps an unsolicited packet's
+    connection-tracking entry; its host's packets to that sender then leave
+    from another port (Linux's NAT avoids the clash), as docs/lab.md shows.
+    """
+
+    def test_clash_without_the_firewall(self) -> None:
+        w = World("easynf")
+        mapped = w.out((w.s1.ip, 1000))
+        self.assertEqual(mapped[1], 5000)  # port preserved
+        # s2 knocks first on the port our host will use towards it...
+        self.assertFalse(w.back((w.s2.ip, 2000), mapped))
+        # ...so our host's flow to s2 gets another port (and its answers come back there).
+        other = w.out((w.s2.ip, 2000))
+        self.assertNotEqual(other[1], 5000)
+        self.assertTrue(w.back((w.s2.ip, 2000), other))
+        # Other destinations keep the preserved port.
+        self.assertEqual(w.out((w.s1.ip, 2000)), mapped)
+
+    def test_no_clash_with_the_firewall(self) -> None:
+        w = World("easy")
+        mapped = w.out((w.s1.ip, 1000))
+        self.assertFalse(w.back((w.s2.ip, 2000), mapped))
+        self.assertEqual(w.out((w.s2.ip, 2000)), mapped)
+
+    def test_entry_expires(self) -> None:
+        w = World("easynf")
+        mapped = w.out((w.s1.ip, 1000))
+        w.back((w.s2.ip, 2000), mapped)
+        w.net.run(31)
+        self.assertEqual(w.out((w.s1.ip, 1000)), mapped)  # the mapping lives on
+        self.assertEqual(w.out((w.s2.ip, 2000)), mapped)
+
+
 class TimeoutTests(SynchronousTestCase):
     def test_mapping_expires_without_outbound_traffic(self) -> None:
         w = World("easy", timeout=30.0)

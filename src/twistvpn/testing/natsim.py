@@ -92,6 +92,10 @@ class NATBehavior:
     hairpin: bool = False
     timeout: float = 30.0
     udp_blocked: bool = False
+    # False: unsolicited UDP to the router itself is not dropped (a bare Linux
+    # router): it leaves a connection-tracking entry, and the router's own
+    # host can then no longer use that port towards that sender (the clash).
+    firewall: bool = True
 
     def __post_init__(self) -> None:
         for field, value in (("mapping", self.mapping), ("filtering", self.filtering)):
@@ -110,6 +114,9 @@ PRESETS: dict[str, NATBehavior | None] = {
     "hard": NATBehavior(APDM, APDF, RANDOM),
     "hard-sequential": NATBehavior(APDM, APDF, SEQUENTIAL),
     "udpblock": NATBehavior(udp_blocked=True),
+    # Without the firewall on the router itself (docs/lab.md: the conntrack clash).
+    "easynf": NATBehavior(EIM, APDF, PRESERVE, firewall=False),
+    "hardnf": NATBehavior(APDM, APDF, RANDOM, firewall=False),
 }
 
 
@@ -177,6 +184,8 @@ class NAT:
         self._by_port: dict[int, _Mapping] = {}
         self._forwards: dict[int, Addr] = {}
         self._flows: dict[tuple[Addr, Addr], _Mapping] = {}  # through a forward
+        # (sender, our port) -> expiry: unsolicited packets the router kept (no firewall)
+        self._local: dict[tuple[Addr, int], float] = {}
         self._next_port = self._rng.randrange(LOW_PORT, HIGH_PORT)
         self._next_ip = 2
         # Port mapping the gateway answers at .1:5351: "pcp", "natpmp", both, or none.
@@ -284,6 +293,20 @@ class NAT:
                 return port
         raise RuntimeError("NAT port space exhausted")
 
+    def note_unsolicited(self, src: Addr, port: int, now: float) -> None:
+        """A packet nothing let in reached the router itself; without a firewall it stays."""
+        if not self.behavior.firewall:
+            self._local[(src, port)] = now + self.behavior.timeout
+
+    def _clashes(self, dst: Addr, port: int, now: float) -> bool:
+        expires = self._local.get((dst, port))
+        if expires is None:
+            return False
+        if expires <= now:
+            del self._local[(dst, port)]
+            return False
+        return True
+
     def outbound(self, internal: Addr, dst: Addr, now: float) -> int:
         """The external port for a packet from C{internal} to C{dst}."""
         if self._flows:
@@ -300,6 +323,15 @@ class NAT:
             m = _Mapping(key, internal, self._allocate(internal[1], now), 0.0)
             self._mappings[key] = m
             self._by_port[m.port] = m
+        if self._local and self._clashes(dst, m.port, now):
+            # conntrack already has dst -> our port (a packet the router kept):
+            # this flow gets a port of its own, as Linux's NAT does.
+            clash = _Mapping(("clash", internal, dst), internal, self._allocate(0, now),
+                             now + self.behavior.timeout)
+            clash.allowed.add(dst)
+            self._by_port[clash.port] = clash
+            self._flows[(internal, dst)] = clash
+            return clash.port
         m.expires = now + self.behavior.timeout
         filtering = self.behavior.filtering
         if filtering == APDF:
@@ -595,6 +627,7 @@ class Internet:
         internal = target.inbound(port, src, self.clock.seconds())
         if internal is None:
             self.counters["drop_filtered"] += 1
+            target.note_unsolicited(src, port, self.clock.seconds())
             return
         host = target.hosts.get(internal[0])
         if host is None:

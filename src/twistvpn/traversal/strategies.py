@@ -189,7 +189,8 @@ class BirthdayStrategy:
 
     def __init__(self, name: str = "birthday", ports: int = 256, probes: int = 1024,
                  rate: float = 100.0, refresh: float = 20.0, start_delay: float = 0.5,
-                 linger: float = 2.0) -> None:
+                 linger: float = 2.0, late_after: float = 0.1,
+                 late_again: float = 3.0) -> None:
         if not 1 <= ports <= 4096:
             raise ValueError("birthday: ports must be between 1 and 4096")
         if not 1 <= probes <= HIGH_PORT - LOW_PORT + 1:
@@ -203,6 +204,8 @@ class BirthdayStrategy:
         self.refresh = refresh
         self.start_delay = start_delay
         self.linger = linger
+        self.late_after = late_after  # the fresh round, this long after the easy side's last
+        self.late_again = late_again  # and another, this much later
 
     def applicable(self, context: Context) -> bool:
         if not _reachable(context):
@@ -235,12 +238,26 @@ class BirthdayStrategy:
                 for target in targets:
                     context.send_probe(sock.endpoint(address_of(target)))
 
+        def late() -> None:
+            # Fresh mappings, after the easy side's probes: a router without
+            # a firewall on itself kept our first round's probes (conntrack),
+            # and then mapped its host's probes to those ports elsewhere.  Its
+            # host's probes have opened their own entries by now, so a fresh
+            # mapping that meets one of them gets in (peer-reflexive, as ICE
+            # calls it: the easy side answers where our probe came from).
+            sockets.clear()
+            spray()
+
         # Keep the mappings open for as long as the easy side probes.
         times = [self.start_delay]
         while times[-1] + self.refresh < self.start_delay + self.duration:
             times.append(times[-1] + self.refresh)
-        return paced(context, rounds(times, spray),
-                     self.start_delay + self.duration + self.linger - times[-1])
+        steps = list(rounds(times, spray))
+        # Twice: the two sides' attempts start a little apart, and the second
+        # round still meets the easy side's entries if the first came too early.
+        end = self.start_delay + self.duration + self.late_after
+        steps += [(end - times[-1], late), (self.late_again, late)]
+        return paced(context, steps, self.linger)
 
     def _easy(self, context: Context) -> Deferred[None]:
         host = context.peer.public[0][0]

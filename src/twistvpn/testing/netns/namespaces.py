@@ -43,7 +43,7 @@ WIREGUARD_SOCKET_DIR = Path("/var/run/wireguard")
 
 
 # The NAT routers L{Network.masquerade} builds (twistvpn.testing.netns.sites).
-NAT_MODES = ("easy", "easyaf", "hard", "udpblock")
+NAT_MODES = ("easy", "easyaf", "hard", "udpblock", "easynf", "hardnf")
 NETNS_DIR = "/run/netns"  # where `ip netns add` puts its names
 
 
@@ -369,7 +369,9 @@ class Network:
         opened to), "easyaf" (the same plus an explicit stateful filter on
         the WAN side: see docs/lab.md for what it really is), "hard"
         (C{--random-fully}: a new random port for every destination),
-        "udpblock" (MASQUERADE, UDP not forwarded at all).
+        "udpblock" (MASQUERADE, UDP not forwarded at all); "easynf" and
+        "hardnf" are "easy" and "hard" without the firewall on the router
+        itself, as a bare Linux router is (docs/lab.md: the conntrack clash).
         """
         if mode not in NAT_MODES:
             raise ValueError(f"unknown NAT mode {mode!r} (one of {', '.join(NAT_MODES)})")
@@ -385,6 +387,8 @@ class Network:
             "-j",
             "MASQUERADE",
         ]
+        firewalled = not mode.endswith("nf")
+        mode = mode.removesuffix("nf")
         if mode == "hard":
             rule.append("--random-fully")
         self.run(namespace, rule)
@@ -392,8 +396,9 @@ class Network:
         # dropped.  Without it a peer's early probe is delivered to the
         # router, its conntrack entry confirmed, and the router then maps
         # its own host's packets to that peer to another port.
-        self.run(namespace, ["iptables", "-A", "INPUT", "-i", out_interface, "-p", "udp",
-                             "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
+        if firewalled:
+            self.run(namespace, ["iptables", "-A", "INPUT", "-i", out_interface, "-p", "udp",
+                                 "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"])
         if mode == "udpblock":
             self.run(namespace, ["iptables", "-A", "FORWARD", "-p", "udp", "-j", "DROP"])
         if mode == "easyaf":
