@@ -102,6 +102,16 @@ class DailyUse(unittest.SynchronousTestCase):
 
         self.step("dig answers the members' names", names)
 
+        def ipv6() -> None:
+            # Every member also has an address in the network's ULA prefix.
+            b6 = self.networks("b1")[first]["ip6"]
+            self.assertTrue(b6.startswith("fd"), b6)
+            netns.wait_for_ping(network, ns_a, b6, 10)
+            self.assertEqual(netns.dig(network, ns_a, ips["b1"], f"b1.{domain}", "AAAA"),
+                             ("NOERROR", [b6]))
+
+        self.step("IPv6 across the overlay, and AAAA", ipv6)
+
         def renamed() -> None:
             netns.node_command(network, b1, "set", "name", "gpu-server")
             renamed_at = time.monotonic()

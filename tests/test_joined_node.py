@@ -14,7 +14,7 @@ from tests.support.logs import LogCatcher
 from twistvpn.interfaces import IPathManager, IRendezvousListener
 from twistvpn.node.joined import member_candidates, own_candidates
 from twistvpn.rendezvous.discovery import NetcheckResult
-from twistvpn.rendezvous.netmap import Member
+from twistvpn.rendezvous.netmap import Member, overlay6, overlay6_prefix
 from twistvpn.testing.pathsim import ipv4_packet
 from twistvpn.traversal.candidates import NatHints
 
@@ -32,22 +32,27 @@ class JoinAndAuthorize(SynchronousTestCase):
         a, b = self.a, self.b
         self.assertEqual(a.node.join_answers, {self.mesh.network: "pending"})
         self.assertEqual(a.node.peers, {})
-        self.assertEqual(a.tun.addresses, ())
+        self.assertEqual(a.tun.addresses4, ())
         waiting = self.log.grep(
             f"node {a.client.node_id} is waiting for authorization in network "
             f"{self.mesh.network}")
         self.assertEqual(len(waiting), 1)
         self.mesh.authorize(a)
         # Alone in the network: an address and a route, no peers.
-        self.assertEqual(len(a.tun.addresses), 1)
-        self.assertTrue(a.tun.addresses[0].startswith("100.64."))
-        self.assertEqual(a.tun.routes, [self.mesh.controller.get_network(self.mesh.network)
+        self.assertEqual(len(a.tun.addresses4), 1)
+        self.assertTrue(a.tun.addresses4[0].startswith("100.64."))
+        self.assertEqual(a.tun.routes4, [self.mesh.controller.get_network(self.mesh.network)
                                         ["subnet"]])
         self.assertEqual(a.node.peers, {})
         self.mesh.authorize(b)
         self.assertEqual(set(a.node.peers), {b.public_key})
         self.assertEqual(set(b.node.peers), {a.public_key})
-        self.assertEqual(a.peer(b).wg.allowed_ips, (f"{b.ip}/32",))
+        # Its IPv4 address, and its IPv6 one in the network's ULA prefix.
+        b6 = overlay6(self.mesh.network, b.client.node_id)
+        self.assertEqual(a.peer(b).wg.allowed_ips, (f"{b.ip}/32", f"{b6}/128"))
+        self.assertEqual(a.tun.routes6, [overlay6_prefix(self.mesh.network)])
+        self.assertEqual(a.tun.addresses6,
+                         (f"{overlay6(self.mesh.network, a.client.node_id)}/128",))
         self.assertTrue(verifyObject(IPathManager, a.peer(b).manager))
 
     def test_packet_crosses(self) -> None:
@@ -174,8 +179,8 @@ class LiveChanges(SynchronousTestCase):
         a, b = self.a, self.b
         self.mesh.controller.deauthorize(self.mesh.network, a.client.node_id)
         self.mesh.run(0.2)
-        self.assertEqual(a.tun.routes, [])
-        self.assertEqual(a.tun.addresses, ())
+        self.assertEqual(a.tun.routes4, [])
+        self.assertEqual(a.tun.addresses4, ())
         self.assertEqual(a.node.peers, {})
         # Still joined, as `twistvpn networks` says: an admin may authorize it again.
         self.assertEqual(a.node.join_answers[self.mesh.network], "deauthorized")
@@ -183,7 +188,7 @@ class LiveChanges(SynchronousTestCase):
         self.assertNotIn(a.public_key, b.node.peers)
         # Authorized again: back with the same address.
         self.mesh.authorize(a)
-        self.assertEqual(len(a.tun.addresses), 1)
+        self.assertEqual(len(a.tun.addresses4), 1)
         self.assertTrue(self.mesh.delivered(a, b, b"welcome back"))
 
     def test_deleted_member_removed(self) -> None:
@@ -236,7 +241,7 @@ class LiveChanges(SynchronousTestCase):
     def test_stop_removes_everything(self) -> None:
         self.a.stop()
         self.assertEqual(self.a.node.peers, {})
-        self.assertEqual(self.a.tun.routes, [])
+        self.assertEqual(self.a.tun.routes4, [])
         self.mesh.run(5)
         self.assertEqual([c for c in self.mesh.clock.getDelayedCalls()
                           if getattr(c.func, "__self__", None) is self.a.node], [])
@@ -252,20 +257,20 @@ class SeveralNetworks(SynchronousTestCase):
         c = mesh.add("gamma", net.add("easy"), [second])
         mesh.authorize(a, b)
         mesh.authorize(a, b, c, network=second)
-        self.assertEqual(len(a.tun.addresses), 2)
-        self.assertEqual(sorted(a.tun.routes), sorted(
+        self.assertEqual(len(a.tun.addresses4), 2)
+        self.assertEqual(sorted(a.tun.routes4), sorted(
             [mesh.controller.get_network(mesh.network)["subnet"], "100.70.0.0/24"]))
         self.assertEqual(set(a.node.peers), {b.public_key, c.public_key})
         # b is in both networks: one peer, both addresses.
-        self.assertEqual(len(a.peer(b).wg.allowed_ips), 2)
+        self.assertEqual(len(a.peer(b).wg.allowed_ips), 4)  # IPv4 and IPv6 in each
         self.assertEqual(len(c.node.peers), 2)
         # b leaves "work": one address left, the peer stays.
         mesh.controller.deauthorize(second, b.client.node_id)
         mesh.run(0.2)
-        self.assertEqual(len(a.peer(b).wg.allowed_ips), 1)
+        self.assertEqual(len(a.peer(b).wg.allowed_ips), 2)
         self.assertNotIn(b.public_key, c.node.peers)
-        self.assertEqual(len(b.tun.addresses), 1)
-        self.assertEqual(b.tun.routes, [mesh.controller.get_network(mesh.network)["subnet"]])
+        self.assertEqual(len(b.tun.addresses4), 1)
+        self.assertEqual(b.tun.routes4, [mesh.controller.get_network(mesh.network)["subnet"]])
 
 
 class Candidates(SynchronousTestCase):
@@ -336,8 +341,8 @@ class AdminChanges(SynchronousTestCase):
         new_ip = subnet.replace("0/24", "77")
         self.mesh.controller.set_ip(self.mesh.network, self.b.client.node_id, new_ip)
         self.mesh.run(0.5)
-        self.assertEqual(self.b.tun.addresses, (f"{new_ip}/32",))
-        self.assertEqual(self.a.peer(self.b).wg.allowed_ips, (f"{new_ip}/32",))
+        self.assertEqual(self.b.tun.addresses4, (f"{new_ip}/32",))
+        self.assertEqual(self.a.peer(self.b).wg.allowed_ips[:1], (f"{new_ip}/32",))
         self.assertTrue(self.mesh.delivered(self.a, self.b, b"to the new address"))
 
     def test_network_deleted(self) -> None:
@@ -345,7 +350,7 @@ class AdminChanges(SynchronousTestCase):
         self.mesh.run(0.5)
         for node in (self.a, self.b):
             self.assertEqual(node.node.peers, {})
-            self.assertEqual(node.tun.routes, [])
+            self.assertEqual(node.tun.routes4, [])
             self.assertEqual(node.node.join_answers[self.mesh.network], "network deleted")
 
     def new_mapping(self, node) -> None:

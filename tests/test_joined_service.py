@@ -27,7 +27,7 @@ from twistvpn.node.joined_service import JoinedNodeService, load_or_create_key
 from twistvpn.node.local_api import LocalAPI
 from twistvpn.node.service import NodeStartError
 from twistvpn.rendezvous.client import RendezvousClient
-from twistvpn.rendezvous.netmap import Member, NetworkMap
+from twistvpn.rendezvous.netmap import Member, NetworkMap, overlay6_prefix
 from twistvpn.testing.faketun import FakeTunDevice
 from twistvpn.wireguard.keys import generate_private_key, public_key
 
@@ -147,8 +147,8 @@ class ServiceTests(Harness):
             netmap = NetworkMap(network_id, "n", subnet, 1, members)
             self.clients[0].maps[network_id] = netmap
             node.node.map_received(network_id, netmap)
-        self.assertEqual(tun.routes, ["100.64.0.0/24"])
-        self.assertEqual(tun.addresses, ("100.64.0.1/32",))
+        self.assertEqual(tun.routes4, ["100.64.0.0/24"])
+        self.assertEqual(tun.addresses4, ("100.64.0.1/32",))
         networks = node.node.status()["networks"]
         for network_id, (subnet, _, what) in maps.items():
             refused = networks[network_id]["route_refused"]
@@ -171,13 +171,13 @@ class ServiceTests(Harness):
         self.clients[0].maps[NETWORK] = netmap
         node.node.map_received(NETWORK, netmap)
         (tun,) = self.tuns
-        self.assertEqual(tun.addresses, ("100.64.0.1/32",))
-        self.assertEqual(tun.routes, ["100.64.0.0/24"])
+        self.assertEqual(tun.addresses4, ("100.64.0.1/32",))
+        self.assertEqual(tun.routes4, ["100.64.0.0/24"])
         self.assertIn(f"public_key={peer.hex()}\nprotocol_version=1", node.describe())
         d = node.stopService()
         self.successResultOf(d)
         self.assertTrue(tun.closed)
-        self.assertEqual(tun.routes, [])
+        self.assertEqual(tun.routes4, [])
         self.assertFalse(self.clients[0].running)
         self.assertFalse(self.reactor.unix[0][3].listening)
         self.assertIsNone(node.node)
@@ -219,7 +219,7 @@ class ServiceTests(Harness):
         (member,) = world.controller.list_members(network)
         world.controller.authorize(network, member["node_id"])
         world.settle()
-        self.assertEqual(self.tuns[0].routes, [world.controller.get_network(network)["subnet"]])
+        self.assertEqual(self.tuns[0].routes4, [world.controller.get_network(network)["subnet"]])
         stopped = node.stopService()
         world.settle()
         self.successResultOf(stopped)
@@ -287,26 +287,32 @@ class RunTimeChanges(Harness):
             world.controller.authorize(network_id, node_id)
         world.settle()
         tun = self.tuns[0]
-        self.assertEqual(sorted(tun.routes), ["100.64.1.0/24", "100.64.2.0/24"])
+        self.assertEqual(sorted(tun.routes4), ["100.64.1.0/24", "100.64.2.0/24"])
         # A third at run time: the other two keep their addresses and routes.
         self.ask(api, command="join", network=third)
         world.controller.authorize(third, node_id)
         world.settle()
-        self.assertEqual(sorted(tun.routes), ["100.64.1.0/24", "100.64.2.0/24",
+        self.assertEqual(sorted(tun.routes4), ["100.64.1.0/24", "100.64.2.0/24",
                                               "100.64.3.0/24"])
-        self.assertEqual(len(tun.addresses), 3)
+        self.assertEqual(len(tun.addresses4), 3)
         # Leaving the first: its route and address go at once; the rendezvous is told.
         self.assertEqual(self.ask(api, command="leave", network=first), {"network": first})
-        self.assertEqual(sorted(tun.routes), ["100.64.2.0/24", "100.64.3.0/24"])
-        self.assertFalse(any(a.startswith("100.64.1.") for a in tun.addresses))
+        self.assertEqual(sorted(tun.routes4), ["100.64.2.0/24", "100.64.3.0/24"])
+        self.assertFalse(any(a.startswith("100.64.1.") for a in tun.addresses4))
         rows = {row["id"]: row for row in self.ask(api, command="networks")}
         self.assertEqual(sorted(rows), sorted([second, third]))
         self.assertEqual(rows[second]["status"], "authorized")
         self.assertEqual(rows[second]["name"], "two")
         self.assertTrue(rows[second]["ip"].startswith("100.64.2."))
         # Each network's route leaves from our address in that network.
-        self.assertEqual(tun.sources, {"100.64.2.0/24": rows[second]["ip"],
-                                       "100.64.3.0/24": rows[third]["ip"]})
+        self.assertEqual({r: s for r, s in tun.sources.items() if ":" not in r},
+                         {"100.64.2.0/24": rows[second]["ip"],
+                          "100.64.3.0/24": rows[third]["ip"]})
+        # And IPv6: each network's ULA prefix, from our address in it.
+        self.assertEqual({r: tun.sources[r] for r in tun.routes6},
+                         {overlay6_prefix(n): rows[n]["ip6"] for n in (second, third)})
+        self.assertEqual(sorted(tun.addresses6),
+                         sorted(f"{rows[n]['ip6']}/128" for n in (second, third)))
         # Saved for the next start, with the rendezvous this node was started with.
         saved = settings.load(self.data_dir)
         self.assertEqual(saved["networks"], [second, third])
@@ -319,7 +325,7 @@ class RunTimeChanges(Harness):
         world.settle()
         rows = {row["id"]: row["status"] for row in self.ask(api, command="networks")}
         self.assertEqual(rows, {known: "authorized", "ffffffffffffffff": "not found"})
-        self.assertEqual(self.tuns[0].routes, ["100.64.1.0/24"])
+        self.assertEqual(self.tuns[0].routes4, ["100.64.1.0/24"])
         self.assertTrue(node.client.connected)
 
     def test_join_with_a_key_keeps_it_until_authorized(self) -> None:
@@ -331,7 +337,7 @@ class RunTimeChanges(Harness):
                          {"network": network_id, "status": "authorized"})
         world.settle()
         self.assertFalse(os.path.exists(key_path))  # spent: not kept
-        self.assertEqual(self.tuns[0].routes, ["100.64.9.0/24"])
+        self.assertEqual(self.tuns[0].routes4, ["100.64.9.0/24"])
 
     def test_set_name_at_once(self) -> None:
         network_id = self.network("one", "100.64.1.0/24")

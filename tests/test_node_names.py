@@ -6,6 +6,7 @@ listening on the overlay addresses, and systemd-resolved told and untold.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from twisted.internet import defer
@@ -106,10 +107,23 @@ class ResolverTests(SynchronousTestCase):
         self.failureResultOf(
             self.resolver.lookupAddress("nobody.home-lab.twistvpn.internal"),
             error.AuthoritativeDomainError)
-        # The name exists, without an IPv6 address: an empty answer, not NXDOMAIN.
-        self.assertEqual(self.answers(
-            self.resolver.lookupIPV6Address("laptop.corp.example")), [])
+        # The domain exists, without an address: an empty answer, not NXDOMAIN.
         self.assertEqual(self.answers(self.resolver.lookupAddress("corp.example")), [])
+        self.assertEqual(self.answers(self.resolver.lookupMailExchange("laptop.corp.example")),
+                         [])
+
+    def test_aaaa_and_ip6_ptr(self) -> None:
+        """Every member also answers in its network's IPv6 (ULA) prefix."""
+        answers, _, _ = self.successResultOf(
+            self.resolver.lookupIPV6Address("laptop.corp.example"))
+        expected = WORK.ip6(WORK.members[0])
+        self.assertEqual([a.payload._address for a in answers],
+                         [expected])
+        reverse = ipaddress.ip_address(expected).reverse_pointer
+        self.assertEqual(self.answers(self.resolver.lookupPointer(reverse)),
+                         ["laptop.corp.example"])
+        self.failureResultOf(self.resolver.lookupPointer(
+            ipaddress.ip_address("fd00::1").reverse_pointer), error.DNSQueryRefusedError)
 
     def test_other_names_refused(self) -> None:
         for name in ["example.org", "twistvpn.internal", "other.twistvpn.internal",
@@ -193,7 +207,8 @@ class ServiceTests(SynchronousTestCase):
             # In network ID order, as every node derives them.
             ["/usr/bin/resolvectl", "domain", "twvpn0", "~corp.example",
              "~home-lab.twistvpn.internal", "~1.64.100.in-addr.arpa",
-             "~0.64.100.in-addr.arpa"]])
+             f"~{reverse_zone(WORK.subnet6)}", "~0.64.100.in-addr.arpa",
+             f"~{reverse_zone(HOME.subnet6)}"]])
         # The same again: nothing to tell.
         self.names.update(table, ["100.64.0.1/32", "100.64.1.7/32"])
         self.assertEqual(len(self.commands), 2)

@@ -41,6 +41,7 @@ from twistvpn.rendezvous.netmap import (
     NetworkMap,
     Punch,
     format_endpoint,
+    overlay6,
     parse_endpoint,
 )
 from twistvpn.traversal.candidates import Candidates, NatHints, describe, hints_from_observations
@@ -170,8 +171,13 @@ class JoinedPeer:
         return sorted({m.ip for m in self.members.values()}, key=ipaddress.IPv4Address)
 
     @property
+    def ips6(self) -> list[str]:
+        return sorted({overlay6(network_id, m.node_id) for network_id, m in self.members.items()},
+                      key=ipaddress.IPv6Address)
+
+    @property
     def allowed_ips(self) -> list[str]:
-        return [f"{ip}/32" for ip in self.ips]
+        return [f"{ip}/32" for ip in self.ips] + [f"{ip}/128" for ip in self.ips6]
 
     @property
     def member(self) -> Member:
@@ -415,6 +421,9 @@ class JoinedNode:
                 continue
             addresses.append(f"{me.ip}/32")
             routes.append((netmap.subnet, me.ip))
+            # And IPv6, in the network's ULA prefix, beside it.
+            addresses.append(f"{netmap.ip6(me)}/128")
+            routes.append((netmap.subnet6, netmap.ip6(me)))
         self.refused_routes = refused
         addresses = list(dict.fromkeys(addresses))
         # Each network's route leaves from our address there: a peer in
@@ -455,7 +464,7 @@ class JoinedNode:
 
     def _add_peer(self, key: bytes, members: dict[str, Member]) -> None:
         peer_members = dict(members)
-        allowed = sorted({f"{m.ip}/32" for m in peer_members.values()})
+        allowed = JoinedPeer(key, None, None, peer_members).allowed_ips  # type: ignore[arg-type]
         wg = self.device.add_peer(key, allowed_ips=allowed)
         manager = PathManager(
             wg, self.probes, self.clock, local=self.local,
@@ -656,6 +665,7 @@ class JoinedNode:
                 "subnet": netmap.subnet if netmap else None,
                 "domain": network_domain(netmap) if netmap else None,
                 "ip": me.ip if me else None,
+                "ip6": netmap.ip6(me) if netmap is not None and me is not None else None,
                 "route_refused": self.refused_routes.get(network_id),
             }
         result = self.netcheck_result
@@ -680,6 +690,7 @@ class JoinedNode:
             "node_id": member.node_id,
             "public_key": encode_key(peer.public_key),
             "ips": peer.ips,
+            "ips6": peer.ips6,
             "networks": sorted(peer.members),
             "online": any(m.online for m in peer.members.values()),
             "path": manager.kind,

@@ -276,6 +276,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
             entry = known.get(network_id, {})
             rows.append({"id": network_id, "name": entry.get("name"),
                          "status": entry.get("status", "joining"), "ip": entry.get("ip"),
+                         "ip6": entry.get("ip6"),
                          "subnet": entry.get("subnet"), "domain": entry.get("domain")})
         return rows
 

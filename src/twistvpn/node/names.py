@@ -65,8 +65,11 @@ def reverse_name(ip: str) -> str:
 
 
 def reverse_zone(subnet: str) -> str:
-    """The in-addr.arpa zone covering C{subnet}, on an octet boundary."""
-    net = ipaddress.IPv4Network(subnet)
+    """The in-addr.arpa (or ip6.arpa) zone covering C{subnet}, on an octet (nibble) boundary."""
+    net = ipaddress.ip_network(subnet)
+    if net.version == 6:
+        nibbles = net.network_address.exploded.replace(":", "")[: net.prefixlen // 4]
+        return ".".join([*reversed(nibbles), "ip6.arpa"])
     octets = str(net.network_address).split(".")[: net.prefixlen // 8]
     return ".".join([*reversed(octets), "in-addr.arpa"])
 
@@ -78,7 +81,7 @@ class NameTable:
     forward: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     reverse: Mapping[str, str] = field(default_factory=dict)
     domains: tuple[str, ...] = ()  # one per network, forward
-    subnets: tuple[ipaddress.IPv4Network, ...] = ()
+    subnets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     by_key: Mapping[bytes, str] = field(default_factory=dict)  # a member's first name
 
     def zone_of(self, name: str) -> str | None:
@@ -86,15 +89,20 @@ class NameTable:
         for domain in self.domains:
             if name == domain or name.endswith("." + domain):
                 return domain
-        if name.endswith(".in-addr.arpa"):
-            parts = name[: -len(".in-addr.arpa")].split(".")
-            if len(parts) == 4:
-                try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        try:
+            if name.endswith(".in-addr.arpa"):
+                parts = name[: -len(".in-addr.arpa")].split(".")
+                if len(parts) == 4:
                     ip = ipaddress.IPv4Address(".".join(reversed(parts)))
-                except ValueError:
-                    return None
-                if any(ip in subnet for subnet in self.subnets):
-                    return "in-addr.arpa"
+            elif name.endswith(".ip6.arpa"):
+                nibbles = name[: -len(".ip6.arpa")].split(".")
+                if len(nibbles) == 32 and all(len(n) == 1 for n in nibbles):
+                    ip = ipaddress.IPv6Address(int("".join(reversed(nibbles)), 16))
+        except ValueError:
+            return None
+        if ip is not None and any(ip.version == s.version and ip in s for s in self.subnets):
+            return "reverse"
         return None
 
 
@@ -104,17 +112,18 @@ def name_table(maps: Mapping[str, NetworkMap]) -> NameTable:
     reverse: dict[str, str] = {}
     by_key: dict[bytes, str] = {}
     domains = []
-    subnets = []
+    subnets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for network_id in sorted(maps):
         netmap = maps[network_id]
         domain = network_domain(netmap)
         domains.append(domain)
-        subnets.append(ipaddress.IPv4Network(netmap.subnet))
+        subnets += [ipaddress.IPv4Network(netmap.subnet), ipaddress.IPv6Network(netmap.subnet6)]
         labels = member_labels(netmap.members)
         for member in netmap.members:
             name = f"{labels[member.public_key]}.{domain}"
-            forward.setdefault(name, []).append(member.ip)
-            reverse.setdefault(reverse_name(member.ip), name)
+            for ip in (member.ip, netmap.ip6(member)):
+                forward.setdefault(name, []).append(ip)
+                reverse.setdefault(reverse_name(ip), name)
             by_key.setdefault(member.public_key, name)
     return NameTable({k: tuple(v) for k, v in forward.items()}, reverse,
                      tuple(dict.fromkeys(domains)), tuple(subnets), by_key)

@@ -38,6 +38,22 @@ MAX_ENDPOINTS = 8
 MAX_NAME_LENGTH = 64
 
 
+def overlay6_prefix(network_id: str) -> str:
+    """
+    A network's IPv6 overlay prefix: the ULA /64 fd + the first 56 bits of its
+    ID (RFC 4193's form; ZeroTier derives its "RFC 4193 mode" addresses alike).
+    Derived, not stored: every node and the rendezvous compute the same.
+    """
+    n = network_id.lower()
+    return str(ipaddress.IPv6Network(f"fd{n[0:2]}:{n[2:6]}:{n[6:10]}:{n[10:14]}::/64"))
+
+
+def overlay6(network_id: str, node_id: str) -> str:
+    """A member's IPv6 overlay address: the network's prefix and its 40-bit node ID."""
+    prefix = ipaddress.IPv6Network(overlay6_prefix(network_id))
+    return str(prefix.network_address + int(node_id, 16))
+
+
 class MapError(ValueError):
     """A map or endpoint is malformed."""
 
@@ -141,6 +157,15 @@ class NetworkMap:
     members: tuple[Member, ...] = ()
     relays: tuple[dict[str, Any], ...] = field(default=())
     domain: str = ""  # its members' DNS domain ("": NAME.twistvpn.internal)
+
+    @property
+    def subnet6(self) -> str:
+        """The network's IPv6 overlay prefix (L{overlay6_prefix})."""
+        return overlay6_prefix(self.network_id)
+
+    def ip6(self, member: Member) -> str:
+        """C{member}'s IPv6 overlay address in this network."""
+        return overlay6(self.network_id, member.node_id)
 
     @property
     def prefix_length(self) -> int:

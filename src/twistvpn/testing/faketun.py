@@ -56,6 +56,23 @@ class FakeTunDevice(TunBase):
         self.addresses = tuple(str(parse_interface_address(a)) for a in addresses)
         self.up = True
 
+    # The IPv4 or IPv6 part alone (a joined node has both), for tests.
+    @property
+    def routes4(self) -> list[str]:
+        return [r for r in self.routes if ":" not in r]
+
+    @property
+    def routes6(self) -> list[str]:
+        return [r for r in self.routes if ":" in r]
+
+    @property
+    def addresses4(self) -> tuple[str, ...]:
+        return tuple(a for a in self.addresses if ":" not in a)
+
+    @property
+    def addresses6(self) -> tuple[str, ...]:
+        return tuple(a for a in self.addresses if ":" in a)
+
     def add_route(self, cidr: str, source: str | None = None) -> None:
         route = self._normalise_route(cidr)
         self.sources[route] = source

@@ -35,7 +35,8 @@ from pyroute2 import NetNS
 # internet, LANs behind NATs, the overlay, loopback.
 ALLOWED_RANGES = tuple(
     ipaddress.ip_network(n)
-    for n in ("203.0.113.0/24", "198.51.100.0/24", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8")
+    for n in ("203.0.113.0/24", "198.51.100.0/24", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+              "fd00::/8", "2001:db8::/32")
 )
 
 
