@@ -106,7 +106,15 @@ class DailyUse(unittest.SynchronousTestCase):
             # Every member also has an address in the network's ULA prefix.
             b6 = self.networks("b1")[first]["ip6"]
             self.assertTrue(b6.startswith("fd"), b6)
-            netns.wait_for_ping(network, ns_a, b6, 10)
+            try:
+                netns.wait_for_ping(network, ns_a, b6, 10)
+            except netns.HarnessError:
+                for ns in (ns_a, b1.host.namespace):
+                    for what in (["addr"], ["route"]):
+                        print(ns, network.command(["ip", "-6", "-n", ns, *what],
+                                                  check=False).stdout.decode())
+                print(json.dumps(netns.node_status(network, a1), indent=1)[:3000])
+                raise
             self.assertEqual(netns.dig(network, ns_a, ips["b1"], f"b1.{domain}", "AAAA"),
                              ("NOERROR", [b6]))
 

@@ -181,7 +181,8 @@ class TunDeviceTests(unittest.TestCase):
                 # kernel drops every route through a device that loses its
                 # last IPv4 address).
                 ("addr", "add", {"index": 7, "address": "100.64.0.2", "prefixlen": 24}),
-                ("addr", "add", {"index": 7, "address": "fd00::2", "prefixlen": 64}),
+                ("addr", "add", {"index": 7, "address": "fd00::2", "prefixlen": 64,
+                                 "flags": 2}),  # IFA_F_NODAD
                 ("addr", "del", {"index": 7, "address": "100.64.0.1", "prefixlen": 24}),
                 ("link", "set", {"index": 7, "state": "up"}),
                 ("route", "replace", {"dst": "100.64.1.0/24", "oif": 7}),

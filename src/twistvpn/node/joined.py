@@ -139,6 +139,7 @@ def _reference(observed: Address, local: Sequence[Address]) -> Address:
 
 # Punch requests the rendezvous could not arrange are made again after 1, 2,
 # 4, 8, 8... s, at most this many times in a row.
+REAPPLY_AFTER = 1.0  # seconds before the interface is configured again after a failure
 PUNCH_RETRY_FIRST = 1.0
 PUNCH_RETRY_MAX = 8.0
 PUNCH_RETRIES = 8
@@ -246,6 +247,7 @@ class JoinedNode:
         self.netcheck_result: NetcheckResult | None = None
         self.local = own_candidates(None, self.local_candidates())
         self._stopped = False
+        self._reapply: Any = None
 
     def attach(self, client: Any) -> None:
         """The L{RendezvousClient} whose news this node follows."""
@@ -358,9 +360,11 @@ class JoinedNode:
         try:
             self._apply_interface(maps)
         except Exception:
-            # The kernel refused an address or route (netlink): say so, and
-            # keep the peers and the rest of the node going.
+            # The kernel refused an address or route (netlink): say so, keep
+            # the peers and the rest of the node going, and try again soon.
             self.log.failure("configuring {name} failed", name=self.tun.name)
+            if self._reapply is None or not self._reapply.active():
+                self._reapply = self.clock.callLater(REAPPLY_AFTER, self._apply)
         wanted: dict[bytes, dict[str, Member]] = {}
         for network_id, netmap in maps.items():
             for member in netmap.peers(self.public_key):
@@ -630,6 +634,8 @@ class JoinedNode:
         if self._stopped:
             return
         self._stopped = True
+        if self._reapply is not None and self._reapply.active():
+            self._reapply.cancel()
         if self.discovery is not None:
             self.discovery.stop()
         for key in list(self.peers):

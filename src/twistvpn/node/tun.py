@@ -35,6 +35,7 @@ from twistvpn.node.offload import (
 from twistvpn.node.reactor import add_reader
 
 DEFAULT_MTU = 1420
+IFA_F_NODAD = 0x02  # linux/if_addr.h
 DEFAULT_NAME = "twvpn0"
 # How many packets one reactor wake-up may read before yielding to the
 # other descriptors (the UDP socket above all).
@@ -365,11 +366,16 @@ class TunDevice(TunBase):
         have = [parse_interface_address(a) for a in self.addresses]
         for iface in wanted:
             if iface not in have:
+                # IPv6 without duplicate address detection: a tentative
+                # address cannot be a route's source (EINVAL), and our
+                # overlay addresses are ours by construction.
+                extra = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
                 self._ipr.addr(
                     "add",
                     index=self._index,
                     address=str(iface.ip),
                     prefixlen=iface.network.prefixlen,
+                    **extra,
                 )
         for iface in have:
             if iface not in wanted:
