@@ -282,3 +282,27 @@ class PortMapping(NatTestCase):
     def test_mapped_side_b(self) -> None:
         self.check("hard", "hard+pmp")
 
+
+
+class DualStack(NatTestCase):
+    """
+    Issue 17: with global IPv6 behind each router (no NAT, a firewall that
+    lets in only answers), hard x hard goes direct over IPv6, where IPv4
+    alone leaves it on the relay.
+    """
+
+    def test_hard_hard_over_ipv6(self) -> None:
+        network = netns.Network(prefix="tv6")
+        self.addCleanup(network.close)
+        lab = self.current = JoinedLab(network, "hard", "hard", hosts_a=1, ipv6=True)
+        self.step("starting the dual-stack lab", lab.start)
+        pairs = self.first_pings(lab, settle=10)
+
+        def over_ipv6() -> None:
+            for source, destination in (("a1", "b1"), ("b1", "a1")):
+                self.assertEqual(pairs[(source, destination)].path, "direct")
+                status = netns.node_status(network, lab.nodes[source])
+                [peer] = status["peers"]
+                self.assertTrue(peer["endpoint"].startswith("[2001:db8:"), peer["endpoint"])
+
+        self.step("hard x hard goes direct over IPv6", over_ipv6)

@@ -305,6 +305,20 @@ class Candidates(SynchronousTestCase):
         self.assertEqual(c.public, ())
         self.assertEqual(c.hints, NatHints(mapping_varies=None))
 
+    def test_global_ipv6_is_public(self) -> None:
+        """No NAT in front of a global IPv6 address: a public candidate; a ULA is a LAN one."""
+        c = member_candidates(self.member(
+            endpoints=("203.0.113.7:5000", "203.0.113.7:6100"), nat_varies=True,
+            local_endpoints=("192.168.1.2:41641", "[2001:db8:b::2]:41641",
+                             "[fd12::2]:41641")))
+        self.assertEqual(c.public, (("203.0.113.7", 5000), ("2001:db8:b::2", 41641)))
+        self.assertTrue(c.hints.hard_random)  # from the IPv4 observations only
+        self.assertEqual(c.lan_only(), (("192.168.1.2", 41641), ("fd12::2", 41641)))
+        own = own_candidates(NetcheckResult((("203.0.113.9", 41641),) * 2),
+                             [("192.168.1.2", 41641), ("2001:db8:a::2", 41641)])
+        self.assertEqual(own.public, (("203.0.113.9", 41641), ("2001:db8:a::2", 41641)))
+        self.assertTrue(own.hints.easy)
+
     def test_own(self) -> None:
         local = [("192.168.1.2", 41641)]
         self.assertIsNone(own_candidates(None, local).hints.mapping_varies)
@@ -386,14 +400,16 @@ class AdminChanges(SynchronousTestCase):
 
 class HostAddresses(SynchronousTestCase):
     def test_reads_this_hosts_addresses(self) -> None:
-        """pyroute2 read of this namespace: IPv4 unicast only, loopback left out."""
+        """pyroute2 read of this namespace: unicast, IPv4 first, loopback and link-local out."""
         import ipaddress
 
         from twistvpn.node.joined import host_addresses
 
         found = host_addresses()
+        versions = [ipaddress.ip_address(ip).version for ip in found]
+        self.assertEqual(versions, sorted(versions))
         for ip in found:
-            address = ipaddress.IPv4Address(ip)
+            address = ipaddress.ip_address(ip)
             self.assertFalse(address.is_loopback or address.is_link_local, ip)
         self.assertEqual(host_addresses(exclude=["lo", *self._names()]), [])
 

@@ -59,9 +59,9 @@ PING_TAG = "ping"
 
 def host_addresses(exclude: Iterable[str] = ()) -> list[str]:
     """
-    This host's unicast IPv4 interface addresses (pyroute2), loopback and
-    link-local left out, and those on the interfaces named in C{exclude}
-    (our own TUN device) too.
+    This host's unicast interface addresses (pyroute2), IPv4 then IPv6,
+    loopback and link-local left out, and those on the interfaces named in
+    C{exclude} (our own TUN device) too.
     """
     from pyroute2 import IPRoute
 
@@ -69,38 +69,58 @@ def host_addresses(exclude: Iterable[str] = ()) -> list[str]:
     found: list[str] = []
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for addr in ipr.get_addr(family=socket.AF_INET):
-            if names.get(addr["index"]) in excluded:
-                continue
-            ip = addr.get_attr("IFA_ADDRESS")
-            if ip is None:
-                continue
-            parsed = ipaddress.IPv4Address(ip)
-            if parsed.is_loopback or parsed.is_link_local:
-                continue
-            found.append(str(parsed))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for addr in ipr.get_addr(family=family):
+                if names.get(addr["index"]) in excluded:
+                    continue
+                ip = addr.get_attr("IFA_ADDRESS")
+                if ip is None:
+                    continue
+                parsed = ipaddress.ip_address(ip)
+                if parsed.is_loopback or parsed.is_link_local or parsed.is_multicast:
+                    continue
+                found.append(str(parsed))
     return found
+
+
+def is_public_ipv6(address: Address) -> bool:
+    """
+    An IPv6 address any peer may reach: no NAT stands in front of it (a
+    firewall may, and is punched as IPv4's NATs are).  Unique local
+    (fc00::/7) and link-local ones are LAN addresses.
+    """
+    try:
+        ip = ipaddress.ip_address(address[0])
+    except ValueError:
+        return False
+    return (ip.version == 6 and not ip.is_link_local and not ip.is_loopback
+            and ip not in _ULA)
+
+
+_ULA = ipaddress.IPv6Network("fc00::/7")
 
 
 def member_candidates(member: Member) -> Candidates:
     """
     A peer's candidates from its map entry.  The map lists the distinct
     mappings the two discovery ports saw; one entry and no C{nat_varies}
-    means both saw the same (endpoint-independent mapping).
+    means both saw the same (endpoint-independent mapping).  Its global IPv6
+    addresses are public candidates too, after the observed IPv4 one.
     """
     observed = [_parse(e) for e in member.endpoints]
     local = tuple(a for a in (_parse(e) for e in member.local_endpoints) if a is not None)
     seen = [a for a in observed if a is not None]
+    public6 = tuple(a for a in local if is_public_ipv6(a))
     mapped = tuple(a for a in (_parse(e) for e in member.mapped) if a is not None)
     if mapped:
         # Its gateway forwards these to it: one address for every peer, as
         # behind an endpoint-independent NAT, whatever its NAT does otherwise.
-        return Candidates(public=tuple(dict.fromkeys(mapped + tuple(seen))), local=local,
-                          hints=NatHints(mapping_varies=False))
+        return Candidates(public=tuple(dict.fromkeys(mapped + tuple(seen) + public6)),
+                          local=local, hints=NatHints(mapping_varies=False))
     if not seen:
-        return Candidates(local=local, hints=NatHints(mapping_varies=None))
+        return Candidates(public=public6, local=local, hints=NatHints(mapping_varies=None))
     observations = seen if member.nat_varies else [seen[0], seen[0]]
-    return Candidates(public=(seen[0],), local=local,
+    return Candidates(public=(seen[0], *public6), local=local,
                       hints=hints_from_observations(_reference(seen[0], local), observations))
 
 
@@ -111,14 +131,17 @@ def own_candidates(result: NetcheckResult | None, local: Sequence[Address],
         observed = (result.endpoint,) if result is not None and result.endpoint else ()
         return Candidates(public=tuple(dict.fromkeys((mapped, *observed))), local=tuple(local),
                           hints=NatHints(mapping_varies=False))
+    public6 = tuple(a for a in local if is_public_ipv6(a))
     if result is None:
-        return Candidates(local=tuple(local), hints=NatHints(mapping_varies=None))
+        return Candidates(public=public6, local=tuple(local),
+                          hints=NatHints(mapping_varies=None))
+    local4 = [a for a in local if ":" not in a[0]]
     hints = hints_from_observations(
-        _reference(result.endpoint, local) if result.endpoint else _first(local),
+        _reference(result.endpoint, local4) if result.endpoint else _first(local4),
         list(result.mapped),
     )
     public = (result.endpoint,) if result.endpoint is not None else ()
-    return Candidates(public=public, local=tuple(local), hints=hints)
+    return Candidates(public=public + public6, local=tuple(local), hints=hints)
 
 
 def _parse(text: str) -> Address | None:
@@ -139,6 +162,7 @@ def _reference(observed: Address, local: Sequence[Address]) -> Address:
 
 # Punch requests the rendezvous could not arrange are made again after 1, 2,
 # 4, 8, 8... s, at most this many times in a row.
+MAX_LOCAL_ENDPOINTS = 8  # what a map entry carries (netmap.MAX_ENDPOINTS)
 REAPPLY_AFTER = 1.0  # seconds before the interface is configured again after a failure
 PUNCH_RETRY_FIRST = 1.0
 PUNCH_RETRY_MAX = 8.0
@@ -271,12 +295,14 @@ class JoinedNode:
         port = self._listen_port()
         if not port:
             return []
-        overlay = [ipaddress.IPv4Network(m.subnet) for m in self.maps.values()]
+        overlay = [net for m in self.maps.values()
+                   for net in (ipaddress.IPv4Network(m.subnet), ipaddress.IPv6Network(m.subnet6))]
         found = []
         for ip in self._local_addresses():
-            if not any(ipaddress.IPv4Address(ip) in net for net in overlay):
+            address = ipaddress.ip_address(ip)
+            if not any(address.version == net.version and address in net for net in overlay):
                 found.append((ip, port))
-        return found
+        return found[:MAX_LOCAL_ENDPOINTS]
 
     def local_endpoints(self) -> list[str]:
         """The "host:port" LAN endpoints told to the rendezvous."""

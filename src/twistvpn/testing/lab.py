@@ -78,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="site A's NAT (default easy)")
     p.add_argument("--nat-b", choices=netns.SITE_MODES, default="easy",
                    help="site B's NAT (default easy)")
+    p.add_argument("--ipv6", action="store_true",
+                   help="dual stack: global IPv6 (2001:db8::/32) behind each NAT router, "
+                        "with a firewall that lets in only answers")
     p.add_argument("--static", action="store_true",
                    help="the static-mode demo instead (wireguard-go interop, iperf3)")
     p.add_argument(
@@ -218,6 +221,9 @@ RENDEZVOUS_IP = "203.0.113.10"
 # Each site's router WAN address, or its first host's when the site is open.
 SITE_ADDRESSES = {"a": ("203.0.113.21", "203.0.113.31", "192.168.1"),
                   "b": ("203.0.113.22", "203.0.113.41", "192.168.2")}
+# With --ipv6: each router's WAN address on the internet's /64, and its LAN's /64.
+IPV6_WAN = {"a": "2001:db8::21", "b": "2001:db8::22"}
+IPV6_LAN = {"a": "2001:db8:a", "b": "2001:db8:b"}
 PATH_KINDS = ("lan", "direct", "relay")
 
 
@@ -246,8 +252,9 @@ class JoinedLab:
     """
 
     def __init__(self, network: netns.Network, nat_a: str = "easy", nat_b: str = "easy",
-                 hosts_a: int = 2, hosts_b: int = 1) -> None:
+                 hosts_a: int = 2, hosts_b: int = 1, ipv6: bool = False) -> None:
         self.network = network
+        self.ipv6 = ipv6  # dual stack: global IPv6 behind each NAT router (2001:db8::/32)
         self.modes = {"a": nat_a, "b": nat_b}
         self.host_counts = {"a": hosts_a, "b": hosts_b}
         self.sites: dict[str, netns.Site] = {}
@@ -271,6 +278,19 @@ class JoinedLab:
                 self.network, name, internet, open_ip if mode == "open" else router_ip, lan,
                 mode=mode, hosts=self.host_counts[name],
             )
+        if self.ipv6:
+            self._add_ipv6()
+
+    def _add_ipv6(self) -> None:
+        """Each NAT site's router and hosts get global IPv6 (no NAT, a stateful firewall)."""
+        behind = {name: site for name, site in self.sites.items() if site.router is not None}
+        for name, site in behind.items():
+            netns.add_ipv6(self.network, site, f"{IPV6_WAN[name]}/64", IPV6_LAN[name])
+        for name, site in behind.items():
+            for other in behind:
+                if other != name:
+                    netns.route_ipv6(self.network, site, f"{IPV6_LAN[other]}::/64",
+                                     IPV6_WAN[other])
 
     @property
     def hosts(self) -> list[netns.Host]:
@@ -482,9 +502,10 @@ def format_matrix(results: Sequence[PathResult]) -> str:
 
 def run_joined_lab(network: netns.Network, args: argparse.Namespace, out: TextIO) -> bool:
     """Build, start, authorize, ping, print; True when every pair answered."""
-    lab = JoinedLab(network, args.nat_a, args.nat_b)
+    lab = JoinedLab(network, args.nat_a, args.nat_b, ipv6=args.ipv6)
     out.write(f"twistvpn lab {network.run_id}: site A {args.nat_a} (2 hosts), "
-              f"site B {args.nat_b} (1 host), rendezvous {RENDEZVOUS_IP}\n")
+              f"site B {args.nat_b} (1 host), rendezvous {RENDEZVOUS_IP}"
+              + (", dual stack (IPv6 2001:db8::/32)" if args.ipv6 else "") + "\n")
     lab.build()
     lab.start_rendezvous()
     out.write(f"  network {lab.create_network()}; starting {len(lab.hosts)} nodes\n")

@@ -87,8 +87,10 @@ from twistvpn.testing.netns.sites import (
     SITE_MODES,
     Host,
     Site,
+    add_ipv6,
     add_site,
     change_address,
+    route_ipv6,
 )
 
 __all__ = [
@@ -122,6 +124,7 @@ __all__ = [
     "Switch",
     "Transfer",
     "VpnNode",
+    "add_ipv6",
     "add_site",
     "admin",
     "admin_json",
@@ -140,6 +143,7 @@ __all__ = [
     "node_status",
     "peer_paths",
     "ping",
+    "route_ipv6",
     "ping_stats",
     "ping_until_answered",
     "process_prefix",

@@ -51,6 +51,8 @@ class Site:
     hosts: list[Host]
     router: str | None = None
     lan: str | None = None  # e.g. "192.168.1" (a /24)
+    wan_if: str | None = None  # the router's interfaces: on the internet,
+    lan_if: str | None = None  # and on the LAN
 
 
 def add_site(
@@ -85,7 +87,7 @@ def add_site(
     router = network.add_namespace(f"{name}r")
     wan = internet.attach(router, f"{public_ip}/24", mtu=mtu)
     switch = network.add_switch(f"{name}l")
-    switch.attach(router, f"{lan}.1/24", mtu=mtu)
+    lan_if = switch.attach(router, f"{lan}.1/24", mtu=mtu)
     members = []
     for i in range(hosts):
         namespace = network.add_namespace(f"{name}{i + 1}")
@@ -97,7 +99,43 @@ def add_site(
     network.masquerade(router, wan, mode=base)
     if extra == "pmp":
         start_port_mapping_gateway(network, router, f"{lan}.1", wan, public_ip)
-    return Site(name, mode, public_ip, members, router, lan)
+    return Site(name, mode, public_ip, members, router, lan, wan, lan_if)
+
+
+def add_ipv6(network: Network, site: Site, wan_address: str, lan_prefix: str) -> None:
+    """
+    Dual stack for a site behind a router: global IPv6 on the router's WAN
+    (C{wan_address}, a /64 of the simulated internet) and on its LAN
+    (C{lan_prefix}::/64, hosts from ::2), no NAT, and a firewall that lets in
+    only what answers traffic from inside, as home routers do for IPv6.
+    """
+    router, wan, lan_if = site.router, site.wan_if, site.lan_if
+    if router is None or wan is None or lan_if is None:
+        raise HarnessError(f"site {site.name} has no router: no IPv6 for it")
+    network.run(router, ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+    for ifname, address in ((wan, wan_address), (lan_if, f"{lan_prefix}::1/64")):
+        check_address(address)
+        network.ip("-6", "addr", "add", address, "dev", ifname, "nodad", namespace=router)
+    for i, host in enumerate(site.hosts):
+        address = f"{lan_prefix}::{i + 2}/64"
+        check_address(address)
+        network.ip("-6", "addr", "add", address, "dev", host.ifname, "nodad",
+                   namespace=host.namespace)
+        network.ip("-6", "route", "replace", "default", "via", f"{lan_prefix}::1",
+                   namespace=host.namespace)
+    rules = [["-i", wan, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+             ["-i", wan, "-j", "DROP"]]
+    if site.mode.startswith("udpblock"):
+        rules.insert(0, ["-p", "udp", "-j", "DROP"])
+    for rule in rules:
+        network.run(router, ["ip6tables", "-A", "FORWARD", *rule])
+
+
+def route_ipv6(network: Network, site: Site, prefix: str, via: str) -> None:
+    """Route another site's IPv6 LAN C{prefix} through its router's WAN address C{via}."""
+    check_address(via)
+    assert site.router is not None
+    network.ip("-6", "route", "replace", prefix, "via", via, namespace=site.router)
 
 
 def start_port_mapping_gateway(network: Network, router: str, lan_ip: str, wan: str,
