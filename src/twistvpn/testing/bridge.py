@@ -16,8 +16,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import react
 from twisted.python.failure import Failure
 
 
@@ -67,28 +69,20 @@ class _Inbound(Protocol):
             self.outbound.transport.loseConnection()
 
 
-def main(argv: list[str]) -> int:
-    from twisted.internet import reactor
-
-    if len(argv) != 3:
-        sys.stderr.write("usage: python -m twistvpn.testing.bridge LISTEN CONNECT\n")
-        return 2
-    listen, target = argv[1], argv[2]
+def main(reactor: Any, listen: str, target: str) -> Deferred[None]:
+    """Listen on C{listen}, splice each connection to C{target}; runs until stopped."""
     d = serverFromString(reactor, listen).listen(
         Factory.forProtocol(lambda: _Inbound(reactor, target)))
 
-    def ready(_: object) -> None:
+    def ready(_: object) -> Deferred[None]:
         sys.stdout.write("listening\n")
         sys.stdout.flush()
+        return Deferred()  # until the process is stopped
 
-    def failed(failure: Failure) -> None:
-        sys.stderr.write(f"bridge: cannot listen on {listen}: {failure.getErrorMessage()}\n")
-        reactor.stop()  # type: ignore[attr-defined]
-
-    d.addCallbacks(ready, failed)
-    reactor.run()  # type: ignore[attr-defined]
-    return 0
+    return d.addCallback(ready)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m twistvpn.testing.bridge LISTEN CONNECT")
+    react(main, sys.argv[1:])

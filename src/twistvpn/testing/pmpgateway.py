@@ -20,6 +20,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import react
+
+GATEWAY_PORT = 5351
 LOW_PORT = 1024
 HIGH_PORT = 65535
 Addr = tuple[str, int]
@@ -92,50 +97,55 @@ class Gateway:
         return port
 
 
-def main(argv: list[str]) -> int:
-    """
-    C{pmpgateway LAN_IP WAN_INTERFACE PUBLIC_IP pcp,natpmp}: answer at
-    LAN_IP:5351, forwarding with iptables DNAT on WAN_INTERFACE.
-    """
-    import time
+class GatewayProtocol(DatagramProtocol):
+    """Thin adapter: the gateway's UDP port 5351 on the router's LAN address."""
 
-    from twisted.internet import reactor
-    from twisted.internet.protocol import DatagramProtocol
+    def __init__(self, gateway: Gateway, clock: Any) -> None:
+        self.gateway = gateway
+        self.clock = clock
 
-    lan_ip, wan, public_ip, protocols = argv[1:5]
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        reply = self.gateway.answer(data, addr, self.clock.seconds())
+        if reply is not None and self.transport is not None:
+            self.transport.write(reply, addr)
 
-    def iptables(action: str, port: int, target: Addr) -> None:
+
+def iptables_forwards(wan: str) -> tuple[Callable[[int, Addr], None], Callable[[int], None]]:
+    """add and remove callbacks keeping forwards as iptables DNAT rules on C{wan}."""
+    rules: dict[int, Addr] = {}
+
+    def rule(action: str, port: int, target: Addr) -> None:
         subprocess.run(["iptables", "-t", "nat", action, "PREROUTING", "-i", wan, "-p", "udp",
                         "--dport", str(port), "-j", "DNAT",
                         "--to-destination", f"{target[0]}:{target[1]}"], check=True)
         print(f"{'forward' if action == '-A' else 'removed'} {port} -> "
               f"{target[0]}:{target[1]}", flush=True)
 
-    gateway: Gateway
+    def add(port: int, target: Addr) -> None:
+        rules[port] = target
+        rule("-A", port, target)
 
     def remove(port: int) -> None:
-        iptables("-D", port, removed[port])
+        rule("-D", port, rules.pop(port))
 
-    removed: dict[int, Addr] = {}
+    return add, remove
 
-    def add(port: int, target: Addr) -> None:
-        removed[port] = target
-        iptables("-A", port, target)
 
+def main(reactor: Any, lan_ip: str, wan: str, public_ip: str,
+         protocols: str) -> Deferred[None]:
+    """
+    C{pmpgateway LAN_IP WAN_INTERFACE PUBLIC_IP pcp,natpmp}: answer at
+    LAN_IP:5351, forwarding with iptables DNAT on WAN_INTERFACE; runs until stopped.
+    """
+    add, remove = iptables_forwards(wan)
     gateway = Gateway(public_ip, tuple(p for p in protocols.split(",") if p), add=add,
-                      remove=remove, port_free=lambda port: True, booted=time.time())
-
-    class Server(DatagramProtocol):
-        def datagramReceived(self, data: bytes, addr: Any) -> None:
-            reply = gateway.answer(data, addr, time.time())
-            if reply is not None and self.transport is not None:
-                self.transport.write(reply, addr)
-
-    reactor.listenUDP(5351, Server(), interface=lan_ip)  # type: ignore[attr-defined]
+                      remove=remove, port_free=lambda port: True, booted=reactor.seconds())
+    reactor.listenUDP(GATEWAY_PORT, GatewayProtocol(gateway, reactor), interface=lan_ip)
     print("listening", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
-    return 0
+    return Deferred()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    if len(sys.argv) != 5:
+        sys.exit("usage: python -m twistvpn.testing.pmpgateway LAN_IP WAN PUBLIC_IP PROTOCOLS")
+    react(main, sys.argv[1:])
