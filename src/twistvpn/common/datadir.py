@@ -86,18 +86,20 @@ def load_or_create_key(path: str, read: Callable[[str], bytes] = read_key) -> by
     return key
 
 
-def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
+def write_atomically(path: str, text: str | bytes, mode: int = 0o600) -> None:
     """
-    Replace C{path} with C{text}: a temporary file in the same directory,
-    flushed to disk, renamed over it, and the directory flushed too.
+    Replace C{path} with C{text} (UTF-8 when a str): a temporary file in the
+    same directory, flushed to disk, renamed over it, and the directory
+    flushed too.
     """
+    data = text.encode("utf-8") if isinstance(text, str) else text
     directory = os.path.dirname(path) or "."
     temporary = f"{path}.{os.getpid()}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)

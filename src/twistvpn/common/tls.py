@@ -26,6 +26,8 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistvpn.common.datadir import write_atomically
+
 SCHEME = "twistvpn"
 DEFAULT_PORT = 8443
 
@@ -116,13 +118,7 @@ def make_self_signed(hostname: str, days: int = 3650) -> tuple[bytes, bytes]:
 
 def write_private(path: str, data: bytes) -> None:
     """Write a file only its owner can read, atomically."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, data, mode=0o600)
 
 
 def load_or_create_self_signed(

@@ -175,6 +175,23 @@ def _cancel(peer: JoinedPeer) -> None:
     peer.punch_retry = None
 
 
+def member_ips(members: dict[str, Member]) -> list[str]:
+    """A peer's IPv4 overlay addresses, one per network it shares with us."""
+    return sorted({m.ip for m in members.values()}, key=ipaddress.IPv4Address)
+
+
+def member_ips6(members: dict[str, Member]) -> list[str]:
+    """Its IPv6 overlay addresses, derived from each network's ID and its node ID."""
+    return sorted({overlay6(network_id, m.node_id) for network_id, m in members.items()},
+                  key=ipaddress.IPv6Address)
+
+
+def allowed_ips(members: dict[str, Member]) -> list[str]:
+    """What the peer's WireGuard AllowedIPs hold: every overlay address, both families."""
+    return ([f"{ip}/32" for ip in member_ips(members)]
+            + [f"{ip}/128" for ip in member_ips6(members)])
+
+
 @dataclass
 class JoinedPeer:
     """One WireGuard peer and the network members it stands for."""
@@ -193,16 +210,15 @@ class JoinedPeer:
 
     @property
     def ips(self) -> list[str]:
-        return sorted({m.ip for m in self.members.values()}, key=ipaddress.IPv4Address)
+        return member_ips(self.members)
 
     @property
     def ips6(self) -> list[str]:
-        return sorted({overlay6(network_id, m.node_id) for network_id, m in self.members.items()},
-                      key=ipaddress.IPv6Address)
+        return member_ips6(self.members)
 
     @property
     def allowed_ips(self) -> list[str]:
-        return [f"{ip}/32" for ip in self.ips] + [f"{ip}/128" for ip in self.ips6]
+        return allowed_ips(self.members)
 
     @property
     def member(self) -> Member:
@@ -494,8 +510,7 @@ class JoinedNode:
 
     def _add_peer(self, key: bytes, members: dict[str, Member]) -> None:
         peer_members = dict(members)
-        allowed = JoinedPeer(key, None, None, peer_members).allowed_ips  # type: ignore[arg-type]
-        wg = self.device.add_peer(key, allowed_ips=allowed)
+        wg = self.device.add_peer(key, allowed_ips=allowed_ips(peer_members))
         manager = PathManager(
             wg, self.probes, self.clock, local=self.local,
             remote=member_candidates(_best(peer_members)), strategies=self.strategies,
