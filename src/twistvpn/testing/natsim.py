@@ -188,12 +188,22 @@ class NAT:
         self._local: dict[tuple[Addr, int], float] = {}
         self._next_port = self._rng.randrange(LOW_PORT, HIGH_PORT)
         self._next_ip = 2
-        # Port mapping the gateway answers at .1:5351: "pcp", "natpmp", both, or none.
-        self.portmap: tuple[str, ...] = ()
+        # The port-mapping gateway at .1:5351, its forwards in this table; it
+        # answers the protocols in L{portmap} (none until a test says so).
         self.gateway_ip = str(self.subnet.network_address + 1)
-        self._booted = internet.clock.seconds()
-        self.portmap_requests: collections.Counter[str] = collections.Counter()
-        self._gateway: pmpgateway.Gateway | None = None
+        self.gateway = pmpgateway.Gateway(
+            public_ip, (), add=self.forward_port, remove=self.remove_forward,
+            port_free=lambda port: self._port_free(port, internet.clock.seconds()),
+            booted=internet.clock.seconds())
+
+    @property
+    def portmap(self) -> tuple[str, ...]:
+        """What the gateway answers: "pcp", "natpmp", both, or nothing (silence)."""
+        return self.gateway.protocols
+
+    @portmap.setter
+    def portmap(self, protocols: tuple[str, ...]) -> None:
+        self.gateway.protocols = protocols
 
     @property
     def hairpin(self) -> bool:
@@ -228,22 +238,6 @@ class NAT:
     @property
     def forwards(self) -> dict[int, Addr]:
         return dict(self._forwards)
-
-    def portmap_answer(self, data: bytes, src: Addr, now: float) -> bytes | None:
-        """
-        The gateway's answer to a PCP or NAT-PMP request from C{src}, or None
-        (silence, as a gateway without them): L{pmpgateway.Gateway} keeping
-        its forwards in this NAT's table.
-        """
-        if self._gateway is None or self._gateway.protocols != self.portmap:
-            self._gateway = pmpgateway.Gateway(
-                self.public_ip, self.portmap, add=self.forward_port,
-                remove=self.remove_forward, port_free=lambda port: self._port_free(port, now),
-                booted=self._booted)
-        answer = self._gateway.answer(data, src, now)
-        self.portmap_requests = collections.Counter(
-            {k: v for k, v in self._gateway.requests.items() if v})
-        return answer
 
     def mappings(self, now: float) -> dict[int, Addr]:
         """The live mappings, external port to internal address (for tests)."""
@@ -579,7 +573,7 @@ class Internet:
                 return
         else:
             if dip == nat.gateway_ip and dst[1] == 5351:
-                answer = nat.portmap_answer(data, src, now)
+                answer = nat.gateway.answer(data, src, now)
                 if answer is not None:
                     self.clock.callLater(2 * host.link.latency, host.deliver, sport, answer,
                                          (nat.gateway_ip, 5351))
