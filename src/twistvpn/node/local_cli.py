@@ -289,27 +289,30 @@ def join(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
     def run() -> int:
         network_id = settings.check_network_id(args.network)
         key = settings.read_auth_key_file(args.auth_key_file) if args.auth_key_file else None
-        if args.rendezvous is not None:
-            rendezvous = settings.check_rendezvous(args.rendezvous)
-            saved = settings.update(args.data_dir, lambda s: s.update(rendezvous=rendezvous))
-        else:
-            saved = settings.load(args.data_dir)
+        rendezvous = (settings.check_rendezvous(args.rendezvous)
+                      if args.rendezvous is not None else None)
         message: dict[str, Any] = {"command": "join", "network": network_id}
         if key is not None:
             message["auth_key"] = key
         try:
             result = call_if_running(socket_path(args), message)
         except NodeNotRunningError:
-            if not saved.get("rendezvous"):
-                raise LocalAPIError(
-                    "the first join needs --rendezvous twistvpn://HOST:PORT#sha256=... "
-                    "(the rendezvous's start-up line prints it)") from None
+            def change(saved: dict[str, Any]) -> None:
+                if rendezvous is not None:
+                    saved["rendezvous"] = rendezvous
+                if not saved.get("rendezvous"):
+                    raise LocalAPIError(
+                        "the first join needs --rendezvous twistvpn://HOST:PORT#sha256=... "
+                        "(the rendezvous's start-up line prints it)")
+                settings.add_network(saved, network_id)
+
+            settings.update(args.data_dir, change)  # one write, or none
             if key is not None:
                 settings.store_pending_key(args.data_dir, network_id, key)
-            settings.update(args.data_dir, lambda s: settings.add_network(s, network_id))
             out.write(f"{network_id}: joined\n" + STOPPED_HINT.format(dir=args.data_dir))
             return 0
-        if args.rendezvous is not None:
+        if rendezvous is not None:
+            settings.update(args.data_dir, lambda saved: saved.update(rendezvous=rendezvous))
             out.write("the rendezvous is saved; the running node uses it from its next start\n")
         out.write(f"{network_id}: {result['status']}\n")
         if result["status"] == "pending":
@@ -372,30 +375,22 @@ def set_setting(args: argparse.Namespace, out: TextIO = sys.stdout,
         key = args.key
         if key not in settings.SETTABLE:
             raise LocalAPIError(f"{key}: not a setting (settable: {', '.join(settings.SETTABLE)})")
-        value: Any = args.value
-        if key in ("port", "answer-wait-us", "stay-awake-ms"):
-            value = settings.CHECKS[key](value)
+        try:
+            value = settings.CHECKS[key](args.value)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
         try:
             result = call_if_running(socket_path(args),
                                      {"command": "set", "key": key, "value": value})
         except NodeNotRunningError:
-            value = settings.CHECKS[key](value)
-            settings.update(args.data_dir, lambda s: s.__setitem__(key, value))
+            settings.update(args.data_dir, lambda saved: saved.__setitem__(key, value))
             out.write(f"{key} = {value}\n" + STOPPED_HINT.format(dir=args.data_dir))
             return 0
         out.write(f"{key} = {value}" + ("\n" if result["applied"] else
                                          " (saved; applies at the node's next start)\n"))
         return 0
 
-    def checked() -> int:
-        try:
-            return run()
-        except settings.SettingsError:
-            raise
-        except ValueError as e:
-            raise ValueError(f"{args.key}: {e}") from None
-
-    return _settings_error(checked, err)
+    return _settings_error(run, err)
 
 
 def _count(text: str) -> int:
