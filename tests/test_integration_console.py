@@ -23,6 +23,7 @@ from twisted.trial import unittest
 
 from tests.support.browser import Browser, browser_missing
 from tests.support.requirements import joined_mode_missing
+from tests.support.steps import run_step
 from twistvpn.testing import netns
 from twistvpn.testing.lab import JoinedLab
 
@@ -46,12 +47,8 @@ class ConsoleInABrowser(unittest.SynchronousTestCase):
         self.shots = Path(os.environ.get("TWISTVPN_SCREENSHOTS") or network.tmpdir)
 
     def step(self, name: str, check: Callable[[], object]) -> None:
-        try:
-            check()
-        except Exception as e:
-            for process in self.network.processes:
-                print(f"==== {' '.join(process.argv[-8:])}\n{process.log()[-3000:]}")
-            raise self.failureException(f"{name}: {e}") from e
+        # Selenium's errors too: the browser's failures name their step.
+        run_step(self, self.network, name, check, catch=(Exception,))
 
     # -- the browser -------------------------------------------------------------------------
 

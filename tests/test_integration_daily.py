@@ -18,6 +18,7 @@ from collections.abc import Callable
 from twisted.trial import unittest
 
 from tests.support.requirements import joined_mode_missing
+from tests.support.steps import run_step
 from twistvpn.testing import netns
 from twistvpn.testing.lab import JoinedLab
 
@@ -31,13 +32,7 @@ class DailyUse(unittest.SynchronousTestCase):
     skip = _missing()
 
     def step(self, name: str, check: Callable[[], object]) -> None:
-        """One step; its name heads any failure, with the processes' logs."""
-        try:
-            check()
-        except (AssertionError, netns.HarnessError) as e:
-            for process in self.lab.network.processes:
-                print(f"==== {' '.join(process.argv[-12:])}\n{process.log()[-4000:]}")
-            raise self.failureException(f"{name}: {e}") from e
+        run_step(self, self.lab.network, name, check)
 
     def key_file(self, network_id: str, name: str) -> str:
         key = self.lab.admin("key", "create", network_id, "--reusable").strip()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from twisted.trial import unittest
 
 from tests.support.requirements import joined_mode_missing
+from tests.support.steps import run_step
 from twistvpn.testing import netns
 from twistvpn.testing.lab import JoinedLab, PathResult
 
@@ -43,12 +44,7 @@ class NatTestCase(unittest.SynchronousTestCase):
 
     def step(self, name: str, check: Callable[[], object]) -> None:
         """One step of a scenario; its name heads any failure, with the logs."""
-        try:
-            check()
-        except (AssertionError, netns.HarnessError) as e:
-            for process in self.current.network.processes:
-                print(f"==== {' '.join(process.argv[-12:])}\n{process.log()[-4000:]}")
-            raise self.failureException(f"{name}: {e}") from e
+        run_step(self, self.current.network, name, check)
 
     def first_pings(self, lab: JoinedLab, settle: float) -> dict[tuple[str, str], PathResult]:
         """Every pair's first ping (all must answer), then their paths once settled."""

@@ -75,6 +75,19 @@ class FakeClient(Service):
         return succeed(None)
 
 
+def memory_client(world: World) -> Any:
+    """The service's client factory, with the real client talking to C{world} in memory."""
+
+    def make_client(reactor: Any, address: Any, private: bytes, name: str, listener: Any,
+                    networks: list[str], local_endpoints: list[str],
+                    auth_keys: dict[str, str] | None) -> RendezvousClient:
+        return RendezvousClient(MemoryEndpoint(world), private, name, listener,
+                                clock=reactor, networks=networks,
+                                local_endpoints=local_endpoints, auth_keys=auth_keys)
+
+    return make_client
+
+
 class Harness(unittest.TestCase):
     """A joined node service on a memory reactor, a fake TUN device and device."""
 
@@ -205,14 +218,7 @@ class ServiceTests(Harness):
         world.controller.create_network("home")
         network = world.controller.list_networks()[0]["id"]
 
-        def make_client(reactor: Any, address: Any, private: bytes, name: str, listener: Any,
-                        networks: list[str], local_endpoints: list[str],
-                        auth_keys: dict[str, str] | None) -> RendezvousClient:
-            return RendezvousClient(MemoryEndpoint(world), private, name, listener,
-                                    clock=reactor, networks=networks,
-                                    local_endpoints=local_endpoints, auth_keys=auth_keys)
-
-        node = self.service(make_client=make_client, networks=[network])
+        node = self.service(make_client=memory_client(world), networks=[network])
         node.startService()
         world.settle()
         self.assertEqual(node.node.join_answers, {network: "pending"})
@@ -239,14 +245,7 @@ class RunTimeChanges(Harness):
     def start(self, networks: list[str]) -> tuple[JoinedNodeService, World, LocalAPI]:
         world = self.world
 
-        def make_client(reactor: Any, address: Any, private: bytes, name: str, listener: Any,
-                        networks: list[str], local_endpoints: list[str],
-                        auth_keys: dict[str, str] | None) -> RendezvousClient:
-            return RendezvousClient(MemoryEndpoint(world), private, name, listener,
-                                    clock=reactor, networks=networks,
-                                    local_endpoints=local_endpoints, auth_keys=auth_keys)
-
-        node = self.service(make_client=make_client, networks=networks)
+        node = self.service(make_client=memory_client(world), networks=networks)
         node.startService()
 
         def stop() -> None:
