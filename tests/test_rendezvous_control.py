@@ -509,6 +509,26 @@ class Membership(SynchronousTestCase):
             la.maps()[-1].member(b.public_key).local_endpoints, ("10.1.1.1:1", "[fd00::1]:2")
         )
 
+    def test_endpoints_changed_while_registering(self) -> None:
+        """
+        Endpoints set after Register went out but before its answer (a port
+        mapping made as the node connects) still reach the rendezvous.
+        """
+        a, _, _ = self.world.node("a", networks=(self.net,), flush=False)
+        for _ in range(20):  # one round at a time, until Register is in and not answered
+            for pump in self.world.pumps:
+                pump.pump()
+            registry = self.controller.registry
+            if registry.is_registered(a.public_key) and registry.node(a.public_key).online:
+                break
+        self.assertIsNone(a.node_id)
+        a.set_mapped_endpoints(["203.0.113.22:41641"])
+        a.set_local_endpoints(["192.168.2.2:41641"])
+        self.world.settle()
+        node = self.controller.registry.session_node(a.public_key)
+        self.assertEqual(node.mapped_endpoints, ("203.0.113.22:41641",))
+        self.assertEqual(node.local_endpoints, ("192.168.2.2:41641",))
+
     def test_bad_local_endpoints_refused(self) -> None:
         a, _, _ = self._member("a")
         for bad in (["nonsense"], ["1.2.3.4:99999"], ["h.example:1"], ["1.1.1.1:1"] * 9):

@@ -184,9 +184,10 @@ class World:
         self.flush()
 
     def node(
-        self, name: str = "node", networks: tuple[str, ...] = (), **kwargs: Any
+        self, name: str = "node", networks: tuple[str, ...] = (), flush: bool = True,
+        **kwargs: Any
     ) -> tuple[RendezvousClient, RecordingListener, MemoryEndpoint]:
-        """A started client; call settle() to let it register."""
+        """A started client; call settle() to let it register (C{flush}: start it talking)."""
         listener = RecordingListener()
         endpoint = MemoryEndpoint(self)
         client = RendezvousClient(
@@ -199,7 +200,8 @@ class World:
             **kwargs,
         )
         client.startService()
-        self.flush()
+        if flush:
+            self.flush()
         return client, listener, endpoint
 
     def authorize(self, network_id: str, client: RendezvousClient) -> dict[str, Any]:

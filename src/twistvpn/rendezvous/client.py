@@ -394,14 +394,15 @@ class RendezvousClient(Service):
         proof = auth.registration_proof(
             self.private_key, self.public_key, server_key, hello["challenge"], binding
         )
+        sent = (list(self.local_endpoints), list(self.mapped_endpoints))
         registered = yield protocol.callRemote(
             Register,
             public_key=self.public_key,
             proof=proof,
             name=self.node_name,
-            local_endpoints=self.local_endpoints,
+            local_endpoints=sent[0],
             version=__version__,
-            mapped_endpoints=self.mapped_endpoints,
+            mapped_endpoints=sent[1],
         )
         self.server_key = server_key
         self.node_id = registered["node_id"]
@@ -411,6 +412,12 @@ class RendezvousClient(Service):
         self._revisions: dict[str, int] = {}
         self.counters["registrations"] += 1
         self.listener.connected(self.node_id)
+        # Endpoints that changed while Register was answered (a port mapping
+        # made as we connected) were kept, not sent: send them now.
+        if self.local_endpoints != sent[0]:
+            yield self._call(protocol, SetLocalEndpoints, endpoints=self.local_endpoints)
+        if self.mapped_endpoints != sent[1]:
+            yield self._call(protocol, SetMappedEndpoints, endpoints=self.mapped_endpoints)
         for network_id in list(self.networks):
             yield self._join(protocol, network_id)
         return protocol
