@@ -21,6 +21,7 @@ name and pid (L{twistvpn.testing.netns.Network.close}), also on failure.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -245,39 +246,66 @@ class PreAuthKeys(NatTestCase):
 
 class PortMapping(NatTestCase):
     """
-    Issue 17: hard x hard goes direct when one side's gateway maps a port
-    (PCP, NAT-PMP), in both orders; the mapping is deleted when the node
-    stops.  The gateway is twistvpn.testing.pmpgateway with iptables DNAT:
-    Debian's miniupnpd refuses the lab's documentation-range WAN addresses.
+    Issue 17: hard x hard goes direct when one side's router maps a port,
+    for each of UPnP IGD, PCP and NAT-PMP and in both orders; the mapping is
+    deleted from the real miniupnpd when the node stops.
     """
+
+    skip = joined_mode_missing() or netns.missing_requirements("nft", "miniupnpd")
 
     def check(self, nat_a: str, nat_b: str) -> None:
         lab = self.lab(nat_a, nat_b)
         pairs = self.first_pings(lab, settle=10)
 
         def direct() -> None:
+            if any(pairs[pair].path != "direct" for pair in (("a1", "b1"), ("b1", "a1"))):
+                for name in ("a1", "b1"):
+                    print(f"==== {name}'s status", netns.node_status(lab.network, lab.nodes[name]))
             for pair in (("a1", "b1"), ("b1", "a1")):
                 self.assertEqual(pairs[pair].path, "direct", pairs[pair])
 
         self.step(f"{nat_a} x {nat_b} goes direct", direct)
-        mapped = "a1" if nat_a.endswith("+pmp") else "b1"
-        gateway = next(p for p in lab.network.processes if "pmpgateway" in " ".join(p.argv))
-        self.assertIn(f"-> {lab.nodes[mapped].host.address}:41641", gateway.log())
+        mapped = "a1" if "+" in nat_a else "b1"
+        site = lab.sites[mapped[0]]
+        assert site.router is not None
+        protocol = (nat_a if mapped == "a1" else nat_b).partition("+")[2]
+        report = json.loads(netns.node_command(lab.network, lab.nodes[mapped],
+                                               "netcheck", "--json").stdout)
+        self.assertEqual(report["port_mapping"]["protocol"], protocol, report["port_mapping"])
+        forward = f"dnat ip to {lab.nodes[mapped].host.address}:41641"
+
+        def rules() -> str:
+            assert site.router is not None
+            return lab.network.run(site.router, ["nft", "list", "chain", "inet", "filter",
+                                                 "prerouting_miniupnpd"]).stdout.decode()
+
+        self.assertIn(forward, rules())
 
         def deleted() -> None:
             process = lab.nodes[mapped].process
             assert process is not None
             lab.network.stop(process)
-            netns.wait_for(lambda: "removed" in gateway.log(), 5, "the mapping's deletion")
+            netns.wait_for(lambda: forward not in rules(), 5, "the mapping's deletion")
 
         self.step("the mapping is deleted when the node stops", deleted)
 
-    def test_mapped_side_a(self) -> None:
-        self.check("hard+pmp", "hard")
+    def test_upnp_side_a(self) -> None:
+        self.check("hard+upnp", "hard")
 
-    def test_mapped_side_b(self) -> None:
-        self.check("hard", "hard+pmp")
+    def test_upnp_side_b(self) -> None:
+        self.check("hard", "hard+upnp")
 
+    def test_pcp_side_a(self) -> None:
+        self.check("hard+pcp", "hard")
+
+    def test_pcp_side_b(self) -> None:
+        self.check("hard", "hard+pcp")
+
+    def test_natpmp_side_a(self) -> None:
+        self.check("hard+natpmp", "hard")
+
+    def test_natpmp_side_b(self) -> None:
+        self.check("hard", "hard+natpmp")
 
 
 class DualStack(NatTestCase):

@@ -35,12 +35,14 @@ from twistvpn.relay.client import RelayClient
 from twistvpn.rendezvous.discovery import DiscoveryClient
 from twistvpn.traversal.portmap import (
     PROTOCOLS,
+    UPNP,
     PortMapper,
     PortMapProtocol,
     default_gateway,
     source_address_for,
 )
 from twistvpn.traversal.probe import ProbeService
+from twistvpn.traversal.upnp import IGD, agent_requester
 from twistvpn.wireguard.keys import (
     InvalidKey,
     decode_key,
@@ -208,7 +210,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
             networks=", ".join(self.networks), socket=self.socket_path)
 
     def _start_port_mapping(self, node: JoinedNode) -> None:
-        """Ask the gateway for a mapping of our port (PCP, then NAT-PMP), unless off."""
+        """Ask the gateway for a mapping of our port (PCP, NAT-PMP, then UPnP), unless off."""
         if self.port_mapping == "off":
             return
         gateway = default_gateway()
@@ -223,9 +225,12 @@ class JoinedNodeService(DataPathOwner, MultiService):
         assert port is not None
 
         def make(send: Callable[[bytes, tuple[str, int]], Any]) -> PortMapper:
+            igd = (IGD(agent_requester(self._reactor), gateway=gateway, client_ip=client_ip,
+                       internal_port=port, description=f"twistvpn {self.listening_port}")
+                   if UPNP in protocols else None)
             mapper = PortMapper(self._reactor, send, gateway=gateway, client_ip=client_ip,
                                 internal_port=port, on_change=node.set_mapped,
-                                protocols=protocols)
+                                protocols=protocols, igd=igd)
             node.port_mapper = mapper
             mapper.start()
             return mapper
@@ -319,7 +324,11 @@ class JoinedNodeService(DataPathOwner, MultiService):
         if self.portmap_port is not None:
             mapper = self.portmap_port.protocol.mapper
             if mapper is not None:
-                mapper.stop()  # asks the gateway to delete the mapping
+                deleted = mapper.stop()  # asks the gateway to delete the mapping
+                if deleted is not None:  # UPnP: an HTTP request, bounded by its timeout
+                    stopped.append(deleted.addErrback(
+                        lambda f: self.log.info("port mapping not deleted: {why}",
+                                                why=f.getErrorMessage())))
             stopped.append(maybeDeferred(self.portmap_port.stopListening))
             self.portmap_port = None
         if self.node is not None:

@@ -69,8 +69,8 @@ class Options(OneLineOptions):
          "server through systemd-resolved where it runs; off: leave the system's DNS alone."],
         ["port-mapping", None, None,
          "Joined mode: ask the LAN's gateway to forward a public port to ours, so that "
-         "peers reach us even behind a hard NAT: auto (PCP, then NAT-PMP; the default), "
-         "pcp, natpmp or off."],
+         "peers reach us even behind a hard NAT: auto (PCP, then NAT-PMP, then UPnP IGD; "
+         "the default), pcp, natpmp, upnp or off."],
         ["metrics", None, None,
          "Joined mode: serve Prometheus metrics on this endpoint, at /metrics (loopback "
          "only: it has no token), e.g. tcp:9586:interface=127.0.0.1."],

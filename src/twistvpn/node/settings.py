@@ -127,8 +127,8 @@ def check_system_dns(value: Any) -> str:
 
 
 def check_port_mapping(value: Any) -> str:
-    if value not in ("auto", "pcp", "natpmp", "off"):
-        raise ValueError(f"{str(value)[:40]!r} is not auto, pcp, natpmp or off")
+    if value not in ("auto", "pcp", "natpmp", "upnp", "off"):
+        raise ValueError(f"{str(value)[:40]!r} is not auto, pcp, natpmp, upnp or off")
     return str(value)
 
 

@@ -321,10 +321,13 @@ class JoinedLab:
         assert self.rendezvous is not None
         for host in self.hosts:
             extra: list[str] = []
+            if self.sites[host.name[0]].mode.endswith("+natpmp"):
+                # miniupnpd answers PCP too; this site's nodes ask NAT-PMP alone.
+                extra += ["--port-mapping", "natpmp"]
             key = (auth_keys or {}).get(host.name)
             if key is not None:
                 path = self.network.write_private(f"auth-key-{host.name}", key + "\n")
-                extra = ["--auth-key-file", str(path)]
+                extra += ["--auth-key-file", str(path)]
             self.nodes[host.name] = netns.start_joined_node(
                 self.network, host, self.rendezvous, self.network_id, extra_args=extra
             )

@@ -1,28 +1,16 @@
 """
-A port-mapping gateway for tests: answers PCP (RFC 6887, MAP for UDP) and
-NAT-PMP (RFC 6886) requests and keeps port forwards through callbacks.
-The simulated NAT (L{twistvpn.testing.natsim}) keeps them in its table; in
-the lab, a router namespace runs it as a process
-(C{python -m twistvpn.testing.pmpgateway ...}) and keeps them as iptables
-DNAT rules, so the kernel's connection tracking does the rest.
-
-(The lab would run the real miniupnpd, but Debian 12's miniupnpd 2.3.1
-refuses to forward ports on a reserved WAN address, and the lab's internet
-is the documentation ranges: see docs/traversal.md.)
+A port-mapping gateway for the simulated NAT network: answers PCP (RFC
+6887, MAP for UDP) and NAT-PMP (RFC 6886) requests and keeps port forwards
+through callbacks, which L{twistvpn.testing.natsim} keeps in its table.
+(The lab's real-kernel routers run the real miniupnpd instead:
+L{twistvpn.testing.netns.sites.start_miniupnpd}.)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
-from typing import Any
-
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import react
 
 GATEWAY_PORT = 5351
 LOW_PORT = 1024
@@ -95,57 +83,3 @@ class Gateway:
         self.forwards[port] = (host_ip, internal)
         self._add(port, (host_ip, internal))
         return port
-
-
-class GatewayProtocol(DatagramProtocol):
-    """Thin adapter: the gateway's UDP port 5351 on the router's LAN address."""
-
-    def __init__(self, gateway: Gateway, clock: Any) -> None:
-        self.gateway = gateway
-        self.clock = clock
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        reply = self.gateway.answer(data, addr, self.clock.seconds())
-        if reply is not None and self.transport is not None:
-            self.transport.write(reply, addr)
-
-
-def iptables_forwards(wan: str) -> tuple[Callable[[int, Addr], None], Callable[[int], None]]:
-    """add and remove callbacks keeping forwards as iptables DNAT rules on C{wan}."""
-    rules: dict[int, Addr] = {}
-
-    def rule(action: str, port: int, target: Addr) -> None:
-        subprocess.run(["iptables", "-t", "nat", action, "PREROUTING", "-i", wan, "-p", "udp",
-                        "--dport", str(port), "-j", "DNAT",
-                        "--to-destination", f"{target[0]}:{target[1]}"], check=True)
-        print(f"{'forward' if action == '-A' else 'removed'} {port} -> "
-              f"{target[0]}:{target[1]}", flush=True)
-
-    def add(port: int, target: Addr) -> None:
-        rules[port] = target
-        rule("-A", port, target)
-
-    def remove(port: int) -> None:
-        rule("-D", port, rules.pop(port))
-
-    return add, remove
-
-
-def main(reactor: Any, lan_ip: str, wan: str, public_ip: str,
-         protocols: str) -> Deferred[None]:
-    """
-    C{pmpgateway LAN_IP WAN_INTERFACE PUBLIC_IP pcp,natpmp}: answer at
-    LAN_IP:5351, forwarding with iptables DNAT on WAN_INTERFACE; runs until stopped.
-    """
-    add, remove = iptables_forwards(wan)
-    gateway = Gateway(public_ip, tuple(p for p in protocols.split(",") if p), add=add,
-                      remove=remove, port_free=lambda port: True, booted=reactor.seconds())
-    reactor.listenUDP(GATEWAY_PORT, GatewayProtocol(gateway, reactor), interface=lan_ip)
-    print("listening", flush=True)
-    return Deferred()
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 5:
-        sys.exit("usage: python -m twistvpn.testing.pmpgateway LAN_IP WAN PUBLIC_IP PROTOCOLS")
-    react(main, sys.argv[1:])

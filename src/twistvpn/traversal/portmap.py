@@ -1,6 +1,7 @@
 """
 Port mapping: ask the LAN's gateway to forward a UDP port to the node's
-WireGuard port, with PCP (RFC 6887) or NAT-PMP (RFC 6886), so that a node
+WireGuard port, with PCP (RFC 6887), NAT-PMP (RFC 6886) or UPnP IGD
+(L{twistvpn.traversal.upnp}), so that a node
 behind a NAT that maps every destination to a new port (a "hard" NAT)
 still has one address every peer can reach.  The mapped address is
 published to the rendezvous as a candidate; peers probe it as any other.
@@ -12,7 +13,8 @@ its thin Twisted adapter on a UDP socket of its own.
 
 PCP is asked first; a gateway that speaks only NAT-PMP answers a PCP
 request with "unsupported version" (RFC 6887 section 9), and NAT-PMP is
-asked next.  A gateway that does not answer costs about two seconds, once,
+asked next, then UPnP IGD (an SSDP search, then SOAP over HTTP).  A
+gateway that does not answer costs about two seconds a protocol, once,
 and is asked again after L{RETRY_SILENT}.  A mapping is renewed at half its
 lifetime and deleted (lifetime 0) on stop.  Malformed answers are dropped
 and counted.
@@ -28,13 +30,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistvpn.traversal.upnp import (
+    IGD,
+    SSDP_GROUP,
+    SSDP_PORT,
+    UPnPError,
+    search_answer,
+    search_request,
+)
 
 GATEWAY_PORT = 5351
-PCP, NATPMP = "pcp", "natpmp"
-PROTOCOLS = (PCP, NATPMP)
+PCP, NATPMP, UPNP = "pcp", "natpmp", "upnp"
+PROTOCOLS = (PCP, NATPMP, UPNP)
+PERMANENT_RECHECK = 1800.0  # a lease-less UPnP mapping is re-added this often
 LIFETIME = 7200  # seconds asked for; the gateway may grant less
 TRIES = (0.25, 0.5, 1.0)  # waits after each try: about 2 s for a silent gateway
 RETRY_SILENT = 300.0  # a gateway that did not answer is asked again this much later
@@ -158,18 +172,23 @@ class PortMapper:
     def __init__(self, clock: IReactorTime, send: Callable[[bytes, Address], Any], *,
                  gateway: str, client_ip: str, internal_port: int,
                  on_change: Callable[[Address | None], Any] = lambda address: None,
-                 protocols: Sequence[str] = PROTOCOLS, lifetime: int = LIFETIME) -> None:
+                 protocols: Sequence[str] = PROTOCOLS, lifetime: int = LIFETIME,
+                 igd: IGD | None = None) -> None:
         self.clock = clock
         self._send = send
         self.gateway = gateway
         self.client_ip = client_ip
         self.internal_port = internal_port
         self.on_change = on_change
-        self.protocols = [p for p in protocols if p in PROTOCOLS]
+        # UPnP needs HTTP, which comes with the IGD object; without one it is not asked.
+        self.protocols = [p for p in protocols
+                          if p in PROTOCOLS and (p != UPNP or igd is not None)]
+        self._igd = igd
+        self._upnp_busy = False  # a description or SOAP request is out
         self.lifetime = lifetime
         self.mapped: Address | None = None
         self.protocol: str | None = None  # the one that mapped
-        self.offered: dict[str, bool | None] = dict.fromkeys(PROTOCOLS)
+        self.offered: dict[str, bool | None] = dict.fromkeys(self.protocols)
         self.counters: collections.Counter[str] = collections.Counter()
         self._nonce = os.urandom(12)
         self._asking: str | None = None
@@ -185,14 +204,19 @@ class PortMapper:
         self._running = True
         self._ask(0)
 
-    def stop(self) -> None:
-        """Stop renewing, and ask the gateway to delete the mapping."""
+    def stop(self) -> Deferred[Any] | None:
+        """Stop renewing, and ask the gateway to delete the mapping (UPnP: fires when done)."""
         self._running = False
         self._cancel()
+        deleted: Deferred[Any] | None = None
         if self.mapped is not None and self.protocol is not None:
-            self._send(self._request(self.protocol, 0), (self.gateway, GATEWAY_PORT))
+            if self.protocol == UPNP and self._igd is not None:
+                deleted = self._igd.delete()
+            else:
+                self._send(self._request(self.protocol, 0), (self.gateway, GATEWAY_PORT))
             self.counters["deleted"] += 1
         self._set(None)
+        return deleted
 
     def status(self) -> dict[str, Any]:
         return {"gateway": self.gateway, "offered": dict(self.offered),
@@ -224,6 +248,13 @@ class PortMapper:
         protocol = self._asking
         assert protocol is not None
         gateway = (self.gateway, GATEWAY_PORT)
+        if protocol == UPNP:
+            # To the gateway and to the SSDP group: some IGDs answer only one of them.
+            for address in ((self.gateway, SSDP_PORT), (SSDP_GROUP, SSDP_PORT)):
+                self._send(search_request(), address)
+            self.counters["upnp_requests"] += 1
+            self._timer = self.clock.callLater(TRIES[self._try], self._timed_out)
+            return
         if protocol == NATPMP:
             self._send(natpmp_address_request(), gateway)
         self._send(self._request(protocol, self.lifetime), gateway)
@@ -264,6 +295,9 @@ class PortMapper:
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """An answer from the gateway.  Never raises."""
+        if tuple(addr[:2]) == (self.gateway, SSDP_PORT):
+            self._search_answered(data)
+            return
         if tuple(addr[:2]) != (self.gateway, GATEWAY_PORT):
             self.counters["drop_not_gateway"] += 1
             return
@@ -314,6 +348,53 @@ class PortMapper:
         self._set((external_ip, answer.external_port))
         renew = max(10.0, answer.lifetime / 2)
         self._timer = self.clock.callLater(renew, self._ask, self.protocols.index(answer.protocol))
+
+    # -- UPnP IGD -----------------------------------------------------------------
+
+    def _search_answered(self, data: bytes) -> None:
+        try:
+            location = search_answer(data, self.gateway)
+        except UPnPError:
+            self.counters["drop_malformed"] += 1
+            return
+        if not self._running or self._asking != UPNP or self._upnp_busy or self._igd is None:
+            self.counters["drop_unexpected"] += 1
+            return
+        self._cancel()
+        self._upnp_busy = True
+        self.offered[UPNP] = True
+        igd = self._igd
+        port = self.mapped[1] if self.mapped else self.internal_port
+        d = igd.discover(location)
+        d.addCallback(lambda _: igd.add(port, self.lifetime))
+        d.addCallbacks(self._upnp_mapped, self._upnp_failed)
+
+    def _upnp_mapped(self, mapping: tuple[str, int, int]) -> None:
+        self._upnp_busy = False
+        if not self._running:
+            if self._igd is not None:
+                self._igd.delete()  # stopped while the mapping was being made
+            return
+        external_ip, external_port, lease = mapping
+        self._asking = None  # the search's other answers (unicast and group) are late now
+        self.protocol = UPNP
+        self.counters["upnp_mapped"] += 1
+        self._set((external_ip, external_port))
+        renew = max(10.0, lease / 2) if lease else PERMANENT_RECHECK
+        self._timer = self.clock.callLater(renew, self._ask, self.protocols.index(UPNP))
+
+    def _upnp_failed(self, failure: Failure) -> None:
+        self._upnp_busy = False
+        if not self._running:
+            return
+        if self.protocol == UPNP:
+            self._set(None)
+        if failure.check(UPnPError) is not None:
+            self.counters["upnp_refused"] += 1
+            self._give_up(RETRY_FAILED, f"upnp: {failure.getErrorMessage()}")
+            return
+        self.counters["upnp_silent"] += 1
+        self._ask(self.protocols.index(UPNP) + 1)
 
     def _check_epoch(self, epoch: int) -> None:
         """A gateway whose epoch went back has rebooted: our mapping may be gone (RFC 6886)."""

@@ -6,7 +6,9 @@ with its hosts in namespaces of a L{Network}.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
+import uuid
 from dataclasses import dataclass
 
 from pyroute2 import NetNS
@@ -24,8 +26,10 @@ from twistvpn.testing.netns.namespaces import (
 
 # How a site reaches the simulated internet: "open" is no NAT at all (its
 # hosts have public addresses), the others are L{Network.masquerade}'s.
-# "hard+pmp": a hard NAT whose gateway answers PCP and NAT-PMP (twistvpn.testing.pmpgateway).
-PORT_MAPPING_MODES = ("hard+pmp",)
+# "hard+upnp", "hard+pcp", "hard+natpmp": a hard NAT whose router runs the
+# real miniupnpd, offering UPnP IGD only, or PCP and NAT-PMP (miniupnpd has
+# one switch for both; the lab's nodes on a "+natpmp" site ask NAT-PMP only).
+PORT_MAPPING_MODES = ("hard+upnp", "hard+pcp", "hard+natpmp")
 SITE_MODES = ("open", *NAT_MODES, *PORT_MAPPING_MODES)
 
 
@@ -97,9 +101,10 @@ def add_site(
         members.append(Host(f"{name}{i + 1}", namespace, ifname, address, 24, f"{lan}.1"))
     base, _, extra = mode.partition("+")
     network.masquerade(router, wan, mode=base)
-    if extra == "pmp":
-        start_port_mapping_gateway(network, router, f"{lan}.1", wan, public_ip)
-    return Site(name, mode, public_ip, members, router, lan, wan, lan_if)
+    site = Site(name, mode, public_ip, members, router, lan, wan, lan_if)
+    if extra:
+        start_miniupnpd(network, site, upnp=extra == "upnp")
+    return site
 
 
 def add_ipv6(network: Network, site: Site, wan_address: str, lan_prefix: str) -> None:
@@ -138,20 +143,68 @@ def route_ipv6(network: Network, site: Site, prefix: str, via: str) -> None:
     network.ip("-6", "route", "replace", prefix, "via", via, namespace=site.router)
 
 
-def start_port_mapping_gateway(network: Network, router: str, lan_ip: str, wan: str,
-                               public_ip: str, protocols: str = "pcp,natpmp") -> Process:
-    """The router answers PCP and NAT-PMP on its LAN address, forwarding with iptables DNAT."""
-    process = network.spawn(router, [sys.executable, "-m", "twistvpn.testing.pmpgateway",
-                                     lan_ip, wan, public_ip, protocols],
-                            log_name="pmpgateway")
+MINIUPNPD = "/usr/sbin/miniupnpd"
 
-    def ready() -> bool:
-        if not process.running():
-            raise HarnessError(f"the port mapping gateway exited:\n{process.log()}")
-        return "listening" in process.log()
 
-    wait_for(ready, 10, "the port mapping gateway", interval=0.05)
+def start_miniupnpd(network: Network, site: Site, *, upnp: bool) -> Process:
+    """
+    The real miniupnpd on the site's router: UPnP IGD (C{upnp}) or PCP and
+    NAT-PMP, forwarding with nftables DNAT; it learns its public address
+    from a STUN responder on the router's own WAN address (see
+    L{twistvpn.testing.stunserver} for why).
+    """
+    router, wan, lan_if, lan = site.router, site.wan_if, site.lan_if, site.lan
+    if router is None or wan is None or lan_if is None or lan is None:
+        raise HarnessError(f"site {site.name} has no router to run miniupnpd on")
+    if not os.path.exists(MINIUPNPD):
+        raise HarnessError(f"{MINIUPNPD} is missing (apt-get install miniupnpd-nftables)")
+    stun = network.spawn(router, [sys.executable, "-m", "twistvpn.testing.stunserver",
+                                  site.public_ip], log_name=f"stun-{site.name}")
+    wait_for(lambda: _ready(stun, "listening"), 10, "the router's STUN responder", interval=0.05)
+    # The tables and chains miniupnpd fills (its defaults: table inet filter).
+    network.run(router, ["nft", "-f", "-"], input=MINIUPNPD_TABLES.encode())
+    config = network.write_private(f"miniupnpd-{site.name}.conf", "\n".join([
+        f"ext_ifname={wan}",
+        f"listening_ip={lan_if}",
+        f"enable_upnp={'yes' if upnp else 'no'}",
+        f"enable_natpmp={'no' if upnp else 'yes'}",
+        "ext_perform_stun=yes",
+        f"ext_stun_host={site.public_ip}",
+        "ext_stun_port=3478",
+        "secure_mode=yes",
+        "system_uptime=no",
+        f"uuid={uuid.uuid4()}",
+        f"allow 1024-65535 {lan}.0/24 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+        "",
+    ]))
+    pidfile = config.with_suffix(".pid")  # its own: the default is one for the machine
+    process = network.spawn(router, [MINIUPNPD, "-d", "-f", str(config), "-P", str(pidfile)],
+                            log_name=f"miniupnpd-{site.name}")
+    wait_for(lambda: _ready(process, "Port forwarding is now enabled")
+             and _ready(process, "Listening for NAT-PMP" if not upnp else "HTTP listening"),
+             15, "miniupnpd", interval=0.1)
     return process
+
+
+MINIUPNPD_TABLES = """
+table inet filter {
+  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
+  chain miniupnpd { }
+  chain prerouting { type nat hook prerouting priority -100; policy accept;
+                     jump prerouting_miniupnpd; }
+  chain postrouting { type nat hook postrouting priority 100; policy accept;
+                      jump postrouting_miniupnpd; }
+  chain prerouting_miniupnpd { }
+  chain postrouting_miniupnpd { }
+}
+"""
+
+
+def _ready(process: Process, line: str) -> bool:
+    if not process.running():
+        raise HarnessError(f"{process.argv[0]} exited:\n{process.log()}")
+    return line in process.log()
 
 
 def change_address(network: Network, host: Host, address: str) -> None:

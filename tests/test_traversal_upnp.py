@@ -1,0 +1,341 @@
+"""
+UPnP IGD port mapping: the SSDP, description and SOAP codecs against what
+miniupnpd sends, the IGD flow (conflicts, lease-less gateways, refusals)
+against an in-memory IGD, the mapper driving it on a Clock after PCP and
+NAT-PMP stayed silent, and malformed answers dropped and counted.  The
+real miniupnpd is in tests/test_integration_nat.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from xml.etree import ElementTree
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IBodyProducer
+from zope.interface.verify import verifyObject
+
+from twistvpn.testing.stunserver import MAGIC_COOKIE, binding_answer
+from twistvpn.traversal import upnp
+from twistvpn.traversal.portmap import (
+    GATEWAY_PORT,
+    NATPMP,
+    PCP,
+    TRIES,
+    UPNP,
+    PortMapper,
+)
+from twistvpn.traversal.upnp import (
+    IGD,
+    SSDP_GROUP,
+    SSDP_PORT,
+    BytesProducer,
+    SOAPFaultError,
+    UPnPError,
+)
+
+GATEWAY = "192.168.1.1"
+CLIENT = "192.168.1.2"
+PUBLIC = "203.0.113.40"
+LOCATION = f"http://{GATEWAY}:5000/rootDesc.xml"
+SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:2"
+
+# The shape of miniupnpd's rootDesc.xml (IGD v2), cut to what matters.
+DESCRIPTION = f"""<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0">
+<specVersion><major>1</major><minor>0</minor></specVersion>
+<device><deviceType>urn:schemas-upnp-org:device:InternetGatewayDevice:2</deviceType>
+<serviceList><service>
+<serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType>
+<controlURL>/ctl/L3F</controlURL></service></serviceList>
+<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANDevice:2</deviceType>
+<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:2</deviceType>
+<serviceList><service><serviceType>{SERVICE}</serviceType>
+<serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId>
+<controlURL>/ctl/IPConn</controlURL><eventSubURL>/evt/IPConn</eventSubURL>
+<SCPDURL>/WANIPCn.xml</SCPDURL></service></serviceList>
+</device></deviceList></device></deviceList></device></root>""".encode()
+
+SSDP_ANSWER = (
+    "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\n"
+    "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+    "USN: uuid:d181f21e::urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+    f"EXT:\r\nSERVER: Debian/12 UPnP/1.1 MiniUPnPd/2.3.1\r\nLocation: {LOCATION}\r\n\r\n"
+).encode()
+
+
+def soap_ok(action: str, **out: str) -> bytes:
+    args = "".join(f"<{k}>{v}</{k}>" for k, v in out.items())
+    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/'
+            f'envelope/"><s:Body><u:{action}Response xmlns:u="{SERVICE}">{args}'
+            f"</u:{action}Response></s:Body></s:Envelope>").encode()
+
+
+def soap_fault(code: int, text: str) -> bytes:
+    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/'
+            'envelope/"><s:Body><s:Fault><faultcode>s:Client</faultcode><faultstring>UPnPError'
+            '</faultstring><detail><UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+            f"<errorCode>{code}</errorCode><errorDescription>{text}</errorDescription>"
+            "</UPnPError></detail></s:Fault></s:Body></s:Envelope>").encode()
+
+
+class FakeIGD:
+    """An in-memory IGD as miniupnpd behaves: the requester L{IGD} is given."""
+
+    def __init__(self) -> None:
+        self.external_ip = PUBLIC
+        self.mappings: dict[int, tuple[str, int, int]] = {}  # port -> (client, port, lease)
+        self.taken: set[int] = set()  # ports another host holds
+        self.permanent_only = False
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.down = False
+
+    def __call__(self, method: bytes, url: str, headers: dict[str, str],
+                 body: bytes) -> Deferred[tuple[int, bytes]]:
+        if self.down:
+            return fail(ConnectionRefusedError())
+        if method == b"GET":
+            assert url == LOCATION, url
+            return succeed((200, DESCRIPTION))
+        assert url == f"http://{GATEWAY}:5000/ctl/IPConn", url
+        action = headers["SOAPAction"].strip('"').rpartition("#")[2]
+        root = ElementTree.fromstring(body)
+        call = next(e for e in root.iter() if e.tag.endswith(action))
+        args = {child.tag: child.text or "" for child in call}
+        self.calls.append((action, args))
+        if action == "GetExternalIPAddress":
+            return succeed((200, soap_ok(action, NewExternalIPAddress=self.external_ip)))
+        if action == "AddPortMapping":
+            port, lease = int(args["NewExternalPort"]), int(args["NewLeaseDuration"])
+            if self.permanent_only and lease:
+                return succeed((500, soap_fault(725, "OnlyPermanentLeasesSupported")))
+            if port in self.taken:
+                return succeed((500, soap_fault(718, "ConflictInMappingEntry")))
+            self.mappings[port] = (args["NewInternalClient"], int(args["NewInternalPort"]), lease)
+            return succeed((200, soap_ok(action)))
+        if action == "DeletePortMapping":
+            if self.mappings.pop(int(args["NewExternalPort"]), None) is None:
+                return succeed((500, soap_fault(714, "NoSuchEntryInArray")))
+            return succeed((200, soap_ok(action)))
+        return succeed((500, soap_fault(401, "Invalid Action")))
+
+
+class CodecTests(SynchronousTestCase):
+    def test_search_request(self) -> None:
+        text = upnp.search_request().decode()
+        self.assertTrue(text.startswith("M-SEARCH * HTTP/1.1\r\n"))
+        self.assertIn(f"HOST: {SSDP_GROUP}:{SSDP_PORT}\r\n", text)
+        self.assertIn('MAN: "ssdp:discover"\r\n', text)
+        self.assertIn("ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n", text)
+        self.assertTrue(text.endswith("\r\n\r\n"))
+
+    def test_search_answer(self) -> None:
+        self.assertEqual(upnp.search_answer(SSDP_ANSWER, GATEWAY), LOCATION)
+
+    def test_bad_search_answers(self) -> None:
+        for data in (b"", b"\xff\xfe", b"NOTIFY * HTTP/1.1\r\n\r\n",
+                     b"HTTP/1.1 404 Not Found\r\nLOCATION: " + LOCATION.encode() + b"\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nST: x\r\n\r\n",
+                     SSDP_ANSWER.replace(GATEWAY.encode(), b"198.51.100.9"),
+                     SSDP_ANSWER.replace(b"http://", b"https://"),
+                     SSDP_ANSWER.replace(b":5000", b":99999")):
+            with self.assertRaises(UPnPError, msg=repr(data)):
+                upnp.search_answer(data, GATEWAY)
+
+    def test_control_url(self) -> None:
+        self.assertEqual(upnp.control_url(DESCRIPTION, LOCATION, GATEWAY),
+                         (f"http://{GATEWAY}:5000/ctl/IPConn", SERVICE))
+
+    def test_control_url_base_and_ppp(self) -> None:
+        description = DESCRIPTION.replace(SERVICE.encode(),
+                                          b"urn:schemas-upnp-org:service:WANPPPConnection:1")
+        description = description.replace(
+            b"<specVersion>", f"<URLBase>http://{GATEWAY}:6000/</URLBase><specVersion>".encode())
+        self.assertEqual(upnp.control_url(description, LOCATION, GATEWAY),
+                         (f"http://{GATEWAY}:6000/ctl/IPConn",
+                          "urn:schemas-upnp-org:service:WANPPPConnection:1"))
+
+    def test_bad_descriptions(self) -> None:
+        elsewhere = DESCRIPTION.replace(b"/ctl/IPConn", b"http://198.51.100.9/ctl")
+        for description in (b"not xml", b"<root/>", DESCRIPTION[:200],
+                            b'<!DOCTYPE r [<!ENTITY a "aaaa">]><root>&a;</root>',
+                            b"<root>" + b" " * upnp.MAX_BODY + b"</root>", elsewhere):
+            with self.assertRaises(UPnPError):
+                upnp.control_url(description, LOCATION, GATEWAY)
+
+    def test_soap_request(self) -> None:
+        headers, body = upnp.soap_request(SERVICE, "AddPortMapping",
+                                          [("NewPortMappingDescription", "a<b&c")])
+        self.assertEqual(headers["SOAPAction"], f'"{SERVICE}#AddPortMapping"')
+        self.assertIn(b"<NewPortMappingDescription>a&lt;b&amp;c</NewPortMappingDescription>",
+                      body)
+        ElementTree.fromstring(body)  # well-formed
+
+    def test_soap_answers(self) -> None:
+        self.assertEqual(
+            upnp.soap_answer(200, soap_ok("GetExternalIPAddress", NewExternalIPAddress=PUBLIC),
+                             "GetExternalIPAddress"),
+            {"NewExternalIPAddress": PUBLIC})
+        with self.assertRaises(SOAPFaultError) as caught:
+            upnp.soap_answer(500, soap_fault(718, "ConflictInMappingEntry"), "AddPortMapping")
+        self.assertEqual(caught.exception.code, 718)
+        for status, body in ((200, soap_ok("Other")), (500, soap_ok("AddPortMapping")),
+                             (500, soap_fault(0, "x").replace(b">0<", b">zero<")),
+                             (200, b"<s:Envelope")):
+            with self.assertRaises(UPnPError):
+                upnp.soap_answer(status, body, "AddPortMapping")
+
+    def test_body_producer(self) -> None:
+        producer = BytesProducer(b"body")
+        self.assertTrue(verifyObject(IBodyProducer, producer))
+        written: list[bytes] = []
+
+        class Consumer:
+            write = written.append
+
+        self.assertIsNone(self.successResultOf(producer.startProducing(Consumer())))
+        self.assertEqual((written, producer.length), ([b"body"], 4))
+
+    def test_stun_answer(self) -> None:
+        """The lab's STUN responder (for miniupnpd) reports the asker's address."""
+        request = bytes.fromhex("00010008") + MAGIC_COOKIE.to_bytes(4, "big") + b"t" * 12
+        answer = binding_answer(request + bytes(8), ("203.0.113.21", 40000))
+        assert answer is not None
+        self.assertEqual(answer[:2], b"\x01\x01")
+        self.assertEqual(answer[8:20], b"t" * 12)
+        port = int.from_bytes(answer[26:28], "big") ^ (MAGIC_COOKIE >> 16)
+        ip = int.from_bytes(answer[28:32], "big") ^ MAGIC_COOKIE
+        self.assertEqual((port, ip), (40000, 0xCB007115))
+        self.assertIsNone(binding_answer(b"short", ("203.0.113.21", 1)))
+        self.assertIsNone(binding_answer(bytes(20), ("203.0.113.21", 1)))
+
+
+class IGDTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.server = FakeIGD()
+        self.ports = iter([30001, 30002, 30003])
+        self.igd = IGD(self.server, gateway=GATEWAY, client_ip=CLIENT, internal_port=41641,
+                       choose_port=lambda: next(self.ports))
+        self.successResultOf(self.igd.discover(LOCATION))
+
+    def test_add_and_delete(self) -> None:
+        self.assertEqual(self.successResultOf(self.igd.add(41641, 7200)),
+                         (PUBLIC, 41641, 7200))
+        self.assertEqual(self.server.mappings, {41641: (CLIENT, 41641, 7200)})
+        self.successResultOf(self.igd.delete())
+        self.assertEqual(self.server.mappings, {})
+        self.assertIsNone(self.igd.delete())  # nothing left to delete
+
+    def test_conflict_takes_another_port(self) -> None:
+        self.server.taken = {41641, 30001}
+        self.assertEqual(self.successResultOf(self.igd.add(41641, 7200)), (PUBLIC, 30002, 7200))
+
+    def test_conflicts_everywhere(self) -> None:
+        self.server.taken = {41641, 30001, 30002}
+        failure = self.failureResultOf(self.igd.add(41641, 7200), SOAPFaultError)
+        self.assertEqual(failure.value.code, 718)
+
+    def test_permanent_leases_only(self) -> None:
+        self.server.permanent_only = True
+        self.assertEqual(self.successResultOf(self.igd.add(41641, 7200)), (PUBLIC, 41641, 0))
+
+    def test_not_connected(self) -> None:
+        self.server.external_ip = "0.0.0.0"
+        self.failureResultOf(self.igd.add(41641, 7200), UPnPError)
+        self.server.external_ip = "not an address"
+        self.failureResultOf(self.igd.add(41641, 7200), UPnPError)
+        self.assertEqual(self.server.mappings, {})
+
+    def test_discover_elsewhere_refused(self) -> None:
+        with self.assertRaises(UPnPError):
+            self.igd.discover("http://198.51.100.9/rootDesc.xml")
+
+
+class Recorder:
+    """What the mapper sends, by destination."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def __call__(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+class MapperWithUPnPTests(SynchronousTestCase):
+    """The mapper on a Clock: PCP and NAT-PMP silent, then UPnP."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = FakeIGD()
+        self.sent = Recorder()
+        self.changes: list[Any] = []
+        igd = IGD(self.server, gateway=GATEWAY, client_ip=CLIENT, internal_port=41641)
+        self.mapper = PortMapper(self.clock, self.sent, gateway=GATEWAY, client_ip=CLIENT,
+                                 internal_port=41641, on_change=self.changes.append,
+                                 lifetime=600, igd=igd)
+        self.mapper.start()
+        self.clock.pump([w for _ in (PCP, NATPMP) for w in TRIES])  # both silent
+
+    def search(self) -> None:
+        self.mapper.datagram_received(SSDP_ANSWER, (GATEWAY, SSDP_PORT))
+
+    def test_mapped_after_silence(self) -> None:
+        searches = [addr for data, addr in self.sent.sent if data.startswith(b"M-SEARCH")]
+        self.assertEqual(searches, [(GATEWAY, SSDP_PORT), (SSDP_GROUP, SSDP_PORT)])
+        self.search()
+        self.assertEqual(self.changes, [(PUBLIC, 41641)])
+        self.assertEqual(self.mapper.status(), {
+            "gateway": GATEWAY, "offered": {PCP: False, NATPMP: False, UPNP: True},
+            "protocol": UPNP, "mapped": f"{PUBLIC}:41641"})
+        self.search()  # the SSDP group's copy of the answer
+        self.assertEqual(self.mapper.counters["drop_unexpected"], 1)
+
+    def test_renewed_and_deleted(self) -> None:
+        self.search()
+        before = len(self.sent.sent)
+        self.clock.advance(300)  # half the lease: search again, add again
+        self.assertEqual(len(self.sent.sent), before + 2)
+        self.search()
+        adds = [args for action, args in self.server.calls if action == "AddPortMapping"]
+        self.assertEqual(len(adds), 2)
+        self.assertEqual(self.changes, [(PUBLIC, 41641)])  # no flap
+        deleted = self.mapper.stop()
+        assert deleted is not None
+        self.successResultOf(deleted)
+        self.assertEqual(self.server.mappings, {})
+        self.assertEqual(self.changes, [(PUBLIC, 41641), None])
+
+    def test_gateway_http_down(self) -> None:
+        self.server.down = True
+        self.search()
+        self.assertEqual(self.changes, [])
+        self.assertEqual(self.mapper.counters["upnp_silent"], 1)
+        self.assertEqual(self.mapper.counters["gave_up"], 1)
+
+    def test_refused(self) -> None:
+        self.server.taken = set(range(1024, 65536))
+        self.search()
+        self.assertEqual(self.mapper.counters["upnp_refused"], 1)
+        self.assertEqual(self.changes, [])
+
+    def test_malformed_answers(self) -> None:
+        for data in (b"", b"garbage", SSDP_ANSWER.replace(GATEWAY.encode(), b"198.51.100.9"),
+                     b"HTTP/1.1 200 OK\r\n\r\n"):
+            self.mapper.datagram_received(data, (GATEWAY, SSDP_PORT))
+        self.assertEqual(self.mapper.counters["drop_malformed"], 4)
+        self.mapper.datagram_received(SSDP_ANSWER, ("192.168.1.77", SSDP_PORT))
+        self.assertEqual(self.mapper.counters["drop_not_gateway"], 1)
+        self.assertEqual(self.changes, [])
+        self.search()  # still works
+        self.assertEqual(self.changes, [(PUBLIC, 41641)])
+
+    def test_without_igd_upnp_not_asked(self) -> None:
+        mapper = PortMapper(self.clock, self.sent, gateway=GATEWAY, client_ip=CLIENT,
+                            internal_port=41641, protocols=(UPNP,))
+        self.assertEqual(mapper.protocols, [])
+
+    def test_gateway_port_unchanged(self) -> None:
+        self.assertTrue(all(addr[1] in (GATEWAY_PORT, SSDP_PORT) for _, addr in self.sent.sent))
