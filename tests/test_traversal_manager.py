@@ -327,3 +327,56 @@ class RoamingTests(SynchronousTestCase):
         paths = {p["endpoint"]: p for p in manager.status()["paths"]}
         self.assertIn("roaming", {p["strategy"] for p in paths.values()})
         self.assertEqual(pair.a.peer.endpoint, lan)  # LAN still ranks first
+
+
+class NewCandidateTests(SynchronousTestCase):
+    def test_candidates_learned_mid_attempt_are_checked_at_once(self) -> None:
+        """
+        An endpoint the peer gains while an attempt runs (its port mapping,
+        pushed just after the punch began) is probed now, not after the
+        attempt failed and backed off.
+        """
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+
+        class Slow:
+            name = "slow"
+
+            def applicable(self, context: TraversalContext) -> bool:
+                return True
+
+            def start(self, context: TraversalContext) -> Deferred[None]:
+                return Deferred()  # runs until cancelled
+
+        class Probes:
+            public_key = b"a" * 32
+
+            def __init__(self) -> None:
+                self.sent: list[tuple[object, str]] = []
+
+            def send_probe(self, key: bytes, endpoint: object, tag: str) -> None:
+                self.sent.append((endpoint, tag))
+
+            def add_peer(self, key: bytes, manager: object) -> None:
+                pass
+
+            def remove_peer(self, key: bytes) -> None:
+                pass
+
+        class Peer:
+            public_key = b"k" * 32
+            endpoint = None
+
+        probes, clock = Probes(), Clock()
+        old = Candidates(public=(("198.51.100.7", 40000),), local=())
+        manager = PathManager(Peer(), probes, clock,  # type: ignore[arg-type]
+                              local=Candidates(public=(), local=()), remote=old,
+                              strategies=[Slow()])  # type: ignore[list-item]
+        manager.start()
+        self.assertEqual(probes.sent, [])
+        mapped = ("198.51.100.7", 41641)
+        manager.update_candidates(peer=Candidates(public=(mapped, *old.public), local=()))
+        self.assertEqual(probes.sent, [(mapped, "new candidate")])
+        clock.advance(1.0)  # unanswered: checked again, as a triggered check is
+        self.assertEqual(probes.sent[-1], (mapped, "new candidate"))
+        self.assertEqual(len(probes.sent), 2)

@@ -632,7 +632,7 @@ class JoinedNode:
         Our gateway forwards C{address} to our port now (PCP, NAT-PMP), or no
         longer: peers learn it through the rendezvous, strategies use it.
         """
-        self.mapped = address
+        before, self.mapped = self.mapped, address
         client = self.client
         if client is not None:
             endpoints = [format_endpoint(address)] if address is not None else []
@@ -641,6 +641,12 @@ class JoinedNode:
                     lambda f: self.log.failure("telling the rendezvous our mapped address", f))
         if self.netcheck_result is not None:
             self._discovered(self.netcheck_result)
+        if address is not None and before is None:
+            # A mapping made again (the gateway rebooted) may be the same
+            # address the peers still have: they see no change, so ask.
+            for peer in self.peers.values():
+                if peer.manager.kind not in (LAN, DIRECT):
+                    self.request_punch(peer)
 
     def _discovered(self, result: NetcheckResult) -> None:
         self.netcheck_result = result

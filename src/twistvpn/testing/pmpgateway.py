@@ -27,13 +27,15 @@ class Gateway:
 
     def __init__(self, public_ip: str, protocols: tuple[str, ...], *,
                  add: Callable[[int, Addr], None], remove: Callable[[int], None],
-                 port_free: Callable[[int], bool], booted: float = 0.0) -> None:
+                 port_free: Callable[[int], bool], booted: float = 0.0,
+                 max_lifetime: int = 86400) -> None:
         self.public_ip = public_ip
         self.protocols = protocols
         self._add = add
         self._remove = remove
         self._port_free = port_free
         self.booted = booted
+        self.max_lifetime = max_lifetime  # grants are capped, as miniupnpd's max_lifetime
         self.forwards: dict[int, Addr] = {}
         self.requests: dict[str, int] = {"pcp": 0, "natpmp": 0}
 
@@ -46,6 +48,7 @@ class Gateway:
                                    ipaddress.IPv4Address(self.public_ip).packed)
             if data[1] == 1 and len(data) >= 12:
                 internal, suggested, lifetime = struct.unpack(">HHI", data[4:12])
+                lifetime = min(lifetime, self.max_lifetime)
                 port = self.map(src[0], internal, suggested, lifetime)
                 return struct.pack(">BBHIHHI", 0, 129, 0, epoch, internal, port, lifetime)
             return struct.pack(">BBHI", 0, 128 + data[1] % 128, 5, epoch)  # unsupported op
@@ -55,7 +58,7 @@ class Gateway:
                     return struct.pack(">BBHI", 0, 129, 1, epoch)
                 return None
             self.requests["pcp"] += 1
-            lifetime = struct.unpack(">I", data[4:8])[0]
+            lifetime = min(struct.unpack(">I", data[4:8])[0], self.max_lifetime)
             nonce, protocol = data[24:36], data[36]
             internal, suggested = struct.unpack(">HH", data[40:44])
             port = self.map(src[0], internal, suggested, lifetime)
@@ -63,6 +66,13 @@ class Gateway:
             return (struct.pack(">BBBBII12x", 2, 0x81, 0, 0, lifetime, epoch) + nonce
                     + struct.pack(">B3xHH", protocol, internal, port) + external)
         return None
+
+    def reboot(self, now: float) -> None:
+        """A power cycle: every forward gone, the epoch from zero again (RFC 6886 section 3.6)."""
+        for port in list(self.forwards):
+            del self.forwards[port]
+            self._remove(port)
+        self.booted = now
 
     def map(self, host_ip: str, internal: int, suggested: int, lifetime: int) -> int:
         """Forward a port to C{host_ip}:C{internal}: the suggested one if free; 0 deletes."""

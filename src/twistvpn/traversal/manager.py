@@ -33,6 +33,7 @@ LAN, DIRECT, RELAY, NONE = "lan", "direct", "relay", "none"
 RANK = {LAN: 0, DIRECT: 1, RELAY: 2}
 KEEPALIVE = "keepalive"
 ROAMING = "roaming"
+NEW_CANDIDATE = "new candidate"  # a triggered check of an endpoint learned mid-attempt
 
 
 @dataclass
@@ -208,7 +209,15 @@ class PathManager:
         if local is not None:
             self.local = local
         if peer is not None:
+            known = set(self.remote.public) | set(self.remote.local)
             self.remote = peer
+            if self._attempt is not None and self.kind in (NONE, RELAY):
+                # The running attempt's strategies took the old list: check
+                # the new endpoints now (ICE adds them to its checklist) rather
+                # than after the attempt failed and backed off.
+                for endpoint in (*peer.public, *peer.local):
+                    if endpoint not in known and endpoint not in self._triggered:
+                        self._triggered_check(endpoint, NEW_CANDIDATE, self.config.triggered_tries)
         if self.kind in (NONE, RELAY):
             self._backoff = self.config.backoff_initial
             self._begin("new candidates")
