@@ -18,6 +18,7 @@ from twistvpn.node.offload import (
     PLAIN,
     VNET_F_NEEDS_CSUM,
     VNET_GSO_TCPV4,
+    VNET_GSO_TCPV6,
     VNET_HEADER,
     VNET_HEADER_SIZE,
     coalesce,
@@ -81,25 +82,51 @@ def resegment(write: bytes) -> list[bytes]:
         return [packet]
     header = packet[:header_length]
     data = packet[header_length:]
-    seq = int.from_bytes(header[24:28], "big")
+    ip = start  # csum_start: where TCP begins
+    seq = int.from_bytes(header[ip + 4:ip + 8], "big")
     out = []
     for i in range(0, len(data), size):
         piece = data[i : i + size]
         last = i + size >= len(data)
         h = bytearray(header)
-        h[2:4] = (header_length + len(piece)).to_bytes(2, "big")
-        h[24:28] = ((seq + i) & 0xFFFFFFFF).to_bytes(4, "big")
+        if ip == 20:
+            h[2:4] = (header_length + len(piece)).to_bytes(2, "big")
+        else:
+            h[4:6] = (header_length - 40 + len(piece)).to_bytes(2, "big")
+        h[ip + 4:ip + 8] = ((seq + i) & 0xFFFFFFFF).to_bytes(4, "big")
         if not last:
-            h[33] &= ~0x08
+            h[ip + 13] &= ~0x08
         out.append(bytes(h) + piece)
     return out
 
 
 def without_checksums(packet: bytes) -> bytes:
-    """The packet with IP ID, IP checksum and TCP checksum blanked."""
+    """The packet with IP ID, IP checksum and TCP checksum blanked (IPv6: the TCP checksum)."""
     p = bytearray(packet)
-    p[4:6] = p[10:12] = p[36:38] = b"\0\0"
+    if p[0] >> 4 == 6:
+        p[56:58] = b"\0\0"
+    else:
+        p[4:6] = p[10:12] = p[36:38] = b"\0\0"
     return bytes(p)
+
+
+SRC6 = bytes.fromhex("fd00000000000000000000000000a001")
+DST6 = bytes.fromhex("fd00000000000000000000000000a002")
+
+
+def segment6(seq: int, payload: bytes, *, flags: int = 0x10, ack: int = 7,
+             sport: int = 40000, options: bytes = TIMESTAMPS, hop_limit: int = 64,
+             flow_label: int = 0x12345, next_header: int = 6) -> bytes:
+    """A TCP/IPv6 segment with a correct checksum."""
+    tcp_length = 20 + len(options) + len(payload)
+    tcp = struct.pack("!HHIIBBHHH", sport, 5201, seq, ack, (20 + len(options)) // 4 << 4,
+                      flags, 500, 0, 0)
+    pseudo = SRC6 + DST6 + struct.pack("!IxxxB", tcp_length, 6)
+    tcp_sum = checksum(pseudo + tcp + options + payload)
+    tcp = tcp[:16] + struct.pack("!H", tcp_sum) + tcp[18:]
+    ip = struct.pack("!IHBB16s16s", 0x60000000 | flow_label, tcp_length, next_header,
+                     hop_limit, SRC6, DST6)
+    return ip + tcp + options + payload
 
 
 class ChecksumTests(unittest.TestCase):
@@ -218,6 +245,55 @@ class CoalesceTests(unittest.TestCase):
             [without_checksums(p) for p in resegment(write)],
             [without_checksums(p) for p in packets],
         )
+
+
+class CoalesceIPv6Tests(unittest.TestCase):
+    """TCP over IPv6 (the overlay's ULA addresses) is joined as over IPv4."""
+
+    def flow(self, count: int, size: int = 1348, start: int = 1000) -> list[bytes]:
+        return [segment6(start + i * size, os.urandom(size)) for i in range(count)]
+
+    def test_run_joined(self) -> None:
+        packets = self.flow(10)
+        packets[-1] = segment6(1000 + 9 * 1348, packets[-1][72:], flags=0x18)
+        [write] = coalesce(packets)
+        flags, gso_type, header_length, size, start, offset = VNET_HEADER.unpack_from(write)
+        self.assertEqual((flags, gso_type, header_length, size, start, offset),
+                         (VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6, 72, 1348, 40, 16))
+        packet = write[VNET_HEADER_SIZE:]
+        self.assertEqual(int.from_bytes(packet[4:6], "big"), len(packet) - 40)
+        self.assertEqual(packet[53], 0x18)  # PSH from the last segment
+        partial = int.from_bytes(packet[56:58], "big")
+        expected = ones_complement_sum(SRC6 + DST6 + struct.pack("!IxxxB", len(packet) - 40, 6))
+        self.assertEqual(partial % 0xFFFF, expected % 0xFFFF)
+        self.assertEqual(packet[72:], b"".join(p[72:] for p in packets))
+        self.assertEqual([without_checksums(p) for p in resegment(write)],
+                         [without_checksums(p) for p in packets])
+
+    def test_not_joined(self) -> None:
+        base = segment6(1000, b"a" * 100)
+        cases = {
+            "gap": segment6(1200, b"b" * 100),
+            "other ack": segment6(1100, b"b" * 100, ack=8),
+            "other hop limit": segment6(1100, b"b" * 100, hop_limit=63),
+            "other flow label": segment6(1100, b"b" * 100, flow_label=7),
+            "fin": segment6(1100, b"b" * 100, flags=0x11),
+        }
+        for name, second in cases.items():
+            self.assertEqual(coalesce([base, second]), [PLAIN + base, PLAIN + second], name)
+
+    def test_extension_headers_and_bad_lengths_pass_through(self) -> None:
+        hop_by_hop = segment6(1000, b"a" * 100, next_header=0)
+        truncated = segment6(1000, b"a" * 100)[:-1]
+        for packet in (hop_by_hop, truncated):
+            self.assertEqual(coalesce([packet, packet]), [PLAIN + packet] * 2)
+
+    def test_families_kept_apart(self) -> None:
+        v4 = [segment(1000 + i * 1348, b"4" * 1348, ident=i + 1) for i in range(3)]
+        v6 = self.flow(3)
+        writes = coalesce([p for pair in zip(v4, v6, strict=True) for p in pair])
+        self.assertEqual([VNET_HEADER.unpack_from(w)[1] for w in writes],
+                         [VNET_GSO_TCPV4, VNET_GSO_TCPV6])
 
 
 class FDClock(Clock):

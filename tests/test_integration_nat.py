@@ -32,6 +32,8 @@ from tests.support.steps import run_step
 from twistvpn.testing import netns
 from twistvpn.testing.lab import JoinedLab, PathResult
 
+TRANSFER_BYTES = 8 * 1024 * 1024
+
 
 class NatTestCase(unittest.SynchronousTestCase):
     skip = joined_mode_missing()
@@ -306,6 +308,43 @@ class PortMapping(NatTestCase):
 
     def test_natpmp_side_b(self) -> None:
         self.check("hard", "hard+natpmp")
+
+
+class OverlayIPv6(NatTestCase):
+    """
+    Issue 17: every member has an address in the network's ULA prefix;
+    ping6 and TCP work across the tunnel, and the TCP segments take the
+    TUN's offload path (joined into TCPv6 GSO writes the kernel splits).
+    """
+
+    def test_ping6_and_tcp(self) -> None:
+        lab = self.lab("easy", "hard")
+        self.first_pings(lab, settle=10)
+        status = {name: netns.node_status(lab.network, lab.nodes[name]) for name in ("a1", "b1")}
+        ip6 = {name: next(iter(s["networks"].values()))["ip6"] for name, s in status.items()}
+
+        def pings() -> None:
+            for source, destination in (("a1", "b1"), ("b1", "a1")):
+                netns.wait_for_ping(lab.network, lab.nodes[source].host.namespace,
+                                    ip6[destination])
+                completed = netns.ping(lab.network, lab.nodes[source].host.namespace,
+                                       ip6[destination], count=10, interval=0.05)
+                loss, _ = netns.ping_stats(completed.stdout.decode(errors="replace"))
+                self.assertEqual(loss, 0.0, f"ping6 {source} -> {destination}")
+
+        self.step("ping6 across the overlay", pings)
+
+        def transfers() -> None:
+            for source, destination, port in (("a1", "b1", 7001), ("b1", "a1", 7002)):
+                transfer = netns.start_transfer(
+                    lab.network, lab.nodes[destination].host.namespace,
+                    lab.nodes[source].host.namespace, ip6[destination], TRANSFER_BYTES,
+                    port=port)
+                sent, done = transfer.wait(60)
+                self.assertEqual(sent.split()[1:], done.split()[1:], f"{source} -> {destination}")
+                self.assertEqual(int(done.split()[1]), TRANSFER_BYTES)
+
+        self.step("8 MiB over TCP/IPv6 each way, hashes equal", transfers)
 
 
 class DualStack(NatTestCase):

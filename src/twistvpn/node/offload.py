@@ -6,8 +6,8 @@ the tunnel delivered many.
 Each TCP segment written into a TUN device costs the kernel a trip
 through IP and TCP and, every other segment, an ACK that the tunnel must
 carry back.  Like the kernel's own GRO (and wireguard-go's TUN offload),
-L{coalesce} joins consecutive in-order segments of one TCP/IPv4 flow that
-differ only in sequence number, IP ID and checksums into one packet with
+L{coalesce} joins consecutive in-order segments of one TCP flow (over IPv4
+or IPv6) that differ only in sequence number, IP ID and checksums into one packet with
 a virtio-net header describing it as a TCP GSO packet (C{gso_size} the
 segments' payload size, the checksum left to the kernel): the stack takes
 it in one pass and acknowledges it with one ACK.  Everything else is
@@ -17,7 +17,7 @@ The coalesced segments' own TCP checksums are not verified again: they
 arrived authenticated by the WireGuard AEAD from the peer whose AllowedIPs
 hold their source, as the kernel's WireGuard module trusts them
 (CHECKSUM_UNNECESSARY).  The IPv4 header checksum of the joined packet is
-computed afresh, and its TCP checksum field holds the pseudo-header sum
+computed afresh (IPv6 has none), and its TCP checksum field holds the pseudo-header sum
 the kernel completes should it forward the packet.
 """
 
@@ -33,6 +33,7 @@ VNET_F_NEEDS_CSUM = 1
 VNET_F_DATA_VALID = 2
 VNET_GSO_NONE = 0
 VNET_GSO_TCPV4 = 1
+VNET_GSO_TCPV6 = 4
 PLAIN = bytes(VNET_HEADER_SIZE)
 
 # TCP flags a segment may carry and still be joined (ACK, and PSH which
@@ -58,7 +59,8 @@ def ipv4_header_checksum(header: bytes | bytearray) -> int:
 
 def tcp_pseudo_header_sum(addresses: bytes | bytearray, tcp_length: int) -> int:
     """
-    The folded (not complemented) sum of the IPv4 pseudo-header: what a
+    The folded (not complemented) sum of the pseudo-header (IPv4's 8 bytes
+    of addresses or IPv6's 32; the protocol and the TCP length): what a
     CHECKSUM_PARTIAL packet carries in its checksum field.
     """
     return _fold(int.from_bytes(addresses, "big") + 6 + tcp_length)
@@ -67,44 +69,69 @@ def tcp_pseudo_header_sum(addresses: bytes | bytearray, tcp_length: int) -> int:
 class _Flow:
     """Segments of one TCP flow being joined."""
 
-    __slots__ = ("packets", "header_length", "size", "next_seq", "total", "closed", "key")
+    __slots__ = ("packets", "ip", "header_length", "size", "next_seq", "total", "closed", "key")
 
-    def __init__(self, packet: bytes, header_length: int, payload: int, seq: int) -> None:
+    def __init__(self, packet: bytes, ip: int, header_length: int, payload: int,
+                 seq: int) -> None:
         self.packets = [packet]
+        self.ip = ip  # the IP header's length: 20 (IPv4) or 40 (IPv6), where TCP starts
         self.header_length = header_length
         self.size = payload  # the segment size: every one but the last has it
         self.next_seq = (seq + payload) & 0xFFFFFFFF
         self.total = header_length + payload
         self.closed = False
-        # What must be equal for two segments to join: TOS; IP flags, TTL
-        # and protocol; ACK number, data offset and window (flags apart);
-        # urgent pointer and options.
-        self.key = (packet[1], packet[6:10], packet[28:33], packet[34:36], packet[38:header_length])
+        self.key = _same(packet, ip, header_length)
 
 
-def _joinable(packet: bytes) -> tuple[bytes, int, int, int] | None:
-    """(flow key, header length, payload length, seq) of a joinable segment, or None."""
-    if len(packet) < 40 or packet[0] != 0x45 or packet[9] != 6:
+def _same(packet: bytes, ip: int, header_length: int) -> tuple[bytes, ...]:
+    """
+    What must be equal for two segments to join: IPv4's TOS, flags, TTL and
+    protocol, or IPv6's traffic class, flow label, next header and hop
+    limit; TCP's ACK number, data offset and window (flags apart), urgent
+    pointer and options.
+    """
+    fixed = packet[1:2] + packet[6:10] if ip == 20 else packet[0:4] + packet[6:8]
+    return (fixed, packet[ip + 8:ip + 13], packet[ip + 14:ip + 16],
+            packet[ip + 18:header_length])
+
+
+def _joinable(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
+    """
+    (flow key, IP header length, header length, payload length, seq) of a
+    joinable segment, or None: TCP over IPv4 without options or fragments,
+    or over IPv6 without extension headers.
+    """
+    if len(packet) < 40:
         return None
-    if (packet[6] & 0x3F) or packet[7]:  # MF or a fragment offset
+    if packet[0] == 0x45:
+        if packet[9] != 6 or (packet[6] & 0x3F) or packet[7]:  # MF or a fragment offset
+            return None
+        if ((packet[2] << 8) | packet[3]) != len(packet):
+            return None
+        ip, flow = 20, packet[12:24]  # addresses and ports
+    elif packet[0] >> 4 == 6:
+        if len(packet) < 60 or packet[6] != 6:
+            return None
+        if ((packet[4] << 8) | packet[5]) + 40 != len(packet):
+            return None
+        ip, flow = 40, packet[8:44]
+    else:
         return None
-    if ((packet[2] << 8) | packet[3]) != len(packet):
+    if packet[ip + 13] & ~_PSH != _ACK:
         return None
-    if packet[33] & ~_PSH != _ACK:
-        return None
-    header_length = 20 + ((packet[32] >> 4) << 2)
+    header_length = ip + ((packet[ip + 12] >> 4) << 2)
     payload = len(packet) - header_length
-    if payload <= 0 or header_length < 40:
+    if payload <= 0 or header_length < ip + 20:
         return None
-    return packet[12:24], header_length, payload, int.from_bytes(packet[24:28], "big")
+    return flow, ip, header_length, payload, int.from_bytes(packet[ip + 4:ip + 8], "big")
 
 
 def coalesce(packets: Sequence[bytes]) -> list[bytes]:
     """
     The writes that deliver C{packets} to a TUN device opened with
     IFF_VNET_HDR: each a virtio-net header and a packet, with runs of
-    joinable TCP/IPv4 segments joined.  Segments of a flow keep their
-    order; packets of different flows may be written in another order.
+    joinable TCP segments (IPv4 or IPv6) joined.  Segments of a flow keep
+    their order; packets of different flows may be written in another order.
     """
     out: list[_Flow | bytes] = []
     flows: dict[bytes, _Flow] = {}
@@ -113,7 +140,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
         if info is None:
             out.append(PLAIN + packet)
             continue
-        key, header_length, payload, seq = info
+        key, ip, header_length, payload, seq = info
         flow = flows.get(key)
         if (
             flow is not None
@@ -123,17 +150,16 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
             and header_length == flow.header_length
             and flow.total + payload <= MAX_IP_PACKET
             and len(flow.packets) < MAX_COALESCED
-            and flow.key
-            == (packet[1], packet[6:10], packet[28:33], packet[34:36], packet[38:header_length])
+            and flow.key == _same(packet, ip, header_length)
         ):
             flow.packets.append(packet)
             flow.total += payload
             flow.next_seq = (seq + payload) & 0xFFFFFFFF
             # Only the last segment may be short; PSH ends the packet too.
-            flow.closed = payload < flow.size or bool(packet[33] & _PSH)
+            flow.closed = payload < flow.size or bool(packet[ip + 13] & _PSH)
             continue
-        flow = _Flow(packet, header_length, payload, seq)
-        flow.closed = bool(packet[33] & _PSH)
+        flow = _Flow(packet, ip, header_length, payload, seq)
+        flow.closed = bool(packet[ip + 13] & _PSH)
         flows[key] = flow
         out.append(flow)
     return [item if type(item) is bytes else _join(item) for item in out]  # type: ignore[arg-type]
@@ -144,13 +170,17 @@ def _join(flow: _Flow) -> bytes:
     first = packets[0]
     if len(packets) == 1:
         return PLAIN + first
-    header_length = flow.header_length
-    total = flow.total
+    ip, header_length, total = flow.ip, flow.header_length, flow.total
     header = bytearray(first[:header_length])
-    header[2:4] = total.to_bytes(2, "big")
-    header[10:12] = b"\0\0"
-    header[10:12] = ipv4_header_checksum(header).to_bytes(2, "big")
-    header[33] |= packets[-1][33] & _PSH
-    header[36:38] = tcp_pseudo_header_sum(header[12:20], total - 20).to_bytes(2, "big")
-    vnet = VNET_HEADER.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, header_length, flow.size, 20, 16)
+    if ip == 20:
+        header[2:4] = total.to_bytes(2, "big")
+        header[10:12] = b"\0\0"
+        header[10:12] = ipv4_header_checksum(header).to_bytes(2, "big")
+        addresses, gso = header[12:20], VNET_GSO_TCPV4
+    else:
+        header[4:6] = (total - 40).to_bytes(2, "big")  # IPv6 payload length
+        addresses, gso = header[8:40], VNET_GSO_TCPV6
+    header[ip + 13] |= packets[-1][ip + 13] & _PSH
+    header[ip + 16:ip + 18] = tcp_pseudo_header_sum(addresses, total - ip).to_bytes(2, "big")
+    vnet = VNET_HEADER.pack(VNET_F_NEEDS_CSUM, gso, header_length, flow.size, ip, 16)
     return b"".join([vnet, header, *(memoryview(p)[header_length:] for p in packets)])

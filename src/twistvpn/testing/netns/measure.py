@@ -192,7 +192,8 @@ def _serve(host: str, port: int) -> int:
     import hashlib
     import socket
 
-    with socket.create_server((host, port)) as listener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, port), family=family) as listener:
         print("listening", flush=True)
         listener.settimeout(60)
         conn, _ = listener.accept()
