@@ -72,7 +72,7 @@ class _Flow:
     __slots__ = ("packets", "ip", "header_length", "size", "next_seq", "total", "closed", "key")
 
     def __init__(self, packet: bytes, ip: int, header_length: int, payload: int,
-                 seq: int) -> None:
+                 seq: int, same: tuple[bytes, ...]) -> None:
         self.packets = [packet]
         self.ip = ip  # the IP header's length: 20 (IPv4) or 40 (IPv6), where TCP starts
         self.header_length = header_length
@@ -80,50 +80,48 @@ class _Flow:
         self.next_seq = (seq + payload) & 0xFFFFFFFF
         self.total = header_length + payload
         self.closed = False
-        self.key = _same(packet, ip, header_length)
+        self.key = same
 
 
-def _same(packet: bytes, ip: int, header_length: int) -> tuple[bytes, ...]:
+def _joinable(
+    packet: bytes,
+) -> tuple[bytes, int, int, int, int, tuple[bytes, ...]] | None:
     """
-    What must be equal for two segments to join: IPv4's TOS, flags, TTL and
-    protocol, or IPv6's traffic class, flow label, next header and hop
-    limit; TCP's ACK number, data offset and window (flags apart), urgent
-    pointer and options.
-    """
-    fixed = packet[1:2] + packet[6:10] if ip == 20 else packet[0:4] + packet[6:8]
-    return (fixed, packet[ip + 8:ip + 13], packet[ip + 14:ip + 16],
-            packet[ip + 18:header_length])
-
-
-def _joinable(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
-    """
-    (flow key, IP header length, header length, payload length, seq) of a
-    joinable segment, or None: TCP over IPv4 without options or fragments,
-    or over IPv6 without extension headers.
+    (flow, IP header length, header length, payload length, seq, what must
+    be equal to join) of a joinable segment, or None: TCP over IPv4 without
+    options or fragments, or over IPv6 without extension headers.  What
+    must be equal: IPv4's TOS, flags, TTL and protocol, or IPv6's traffic
+    class, flow label, next header and hop limit; TCP's ACK number, data
+    offset and window (flags apart), urgent pointer and options.  (Constant
+    offsets per family: this runs for every segment.)
     """
     if len(packet) < 40:
         return None
     if packet[0] == 0x45:
         if packet[9] != 6 or (packet[6] & 0x3F) or packet[7]:  # MF or a fragment offset
             return None
-        if ((packet[2] << 8) | packet[3]) != len(packet):
+        if ((packet[2] << 8) | packet[3]) != len(packet) or packet[33] & ~_PSH != _ACK:
             return None
-        ip, flow = 20, packet[12:24]  # addresses and ports
-    elif packet[0] >> 4 == 6:
-        if len(packet) < 60 or packet[6] != 6:
+        header_length = 20 + ((packet[32] >> 4) << 2)
+        payload = len(packet) - header_length
+        if payload <= 0 or header_length < 40:
             return None
-        if ((packet[4] << 8) | packet[5]) + 40 != len(packet):
+        return (packet[12:24], 20, header_length, payload, int.from_bytes(packet[24:28], "big"),
+                (packet[1:2], packet[6:10], packet[28:33], packet[34:36],
+                 packet[38:header_length]))
+    if packet[0] >> 4 == 6:
+        if len(packet) < 60 or packet[6] != 6:  # TCP right after the fixed header
             return None
-        ip, flow = 40, packet[8:44]
-    else:
-        return None
-    if packet[ip + 13] & ~_PSH != _ACK:
-        return None
-    header_length = ip + ((packet[ip + 12] >> 4) << 2)
-    payload = len(packet) - header_length
-    if payload <= 0 or header_length < ip + 20:
-        return None
-    return flow, ip, header_length, payload, int.from_bytes(packet[ip + 4:ip + 8], "big")
+        if ((packet[4] << 8) | packet[5]) + 40 != len(packet) or packet[53] & ~_PSH != _ACK:
+            return None
+        header_length = 40 + ((packet[52] >> 4) << 2)
+        payload = len(packet) - header_length
+        if payload <= 0 or header_length < 60:
+            return None
+        return (packet[8:44], 40, header_length, payload, int.from_bytes(packet[44:48], "big"),
+                (packet[0:4], packet[6:8], packet[48:53], packet[54:56],
+                 packet[58:header_length]))
+    return None
 
 
 def coalesce(packets: Sequence[bytes]) -> list[bytes]:
@@ -140,7 +138,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
         if info is None:
             out.append(PLAIN + packet)
             continue
-        key, ip, header_length, payload, seq = info
+        key, ip, header_length, payload, seq, same = info
         flow = flows.get(key)
         if (
             flow is not None
@@ -150,7 +148,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
             and header_length == flow.header_length
             and flow.total + payload <= MAX_IP_PACKET
             and len(flow.packets) < MAX_COALESCED
-            and flow.key == _same(packet, ip, header_length)
+            and flow.key == same
         ):
             flow.packets.append(packet)
             flow.total += payload
@@ -158,7 +156,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
             # Only the last segment may be short; PSH ends the packet too.
             flow.closed = payload < flow.size or bool(packet[ip + 13] & _PSH)
             continue
-        flow = _Flow(packet, ip, header_length, payload, seq)
+        flow = _Flow(packet, ip, header_length, payload, seq, same)
         flow.closed = bool(packet[ip + 13] & _PSH)
         flows[key] = flow
         out.append(flow)
