@@ -369,3 +369,13 @@ class DualStack(NatTestCase):
                 self.assertTrue(peer["endpoint"].startswith("[2001:db8:"), peer["endpoint"])
 
         self.step("hard x hard goes direct over IPv6", over_ipv6)
+
+        def learned_from_the_rendezvous() -> None:
+            # Its discovery ports answer on 2001:db8::10 too: each node saw
+            # its IPv6 public endpoint (no NAT66: its own address and port).
+            for name, prefix in (("a1", "2001:db8:a"), ("b1", "2001:db8:b")):
+                status = netns.node_status(network, lab.nodes[name])
+                self.assertEqual(status["public_endpoint6"], f"[{prefix}::2]:41641")
+
+        self.step("the IPv6 public endpoint learned from the rendezvous",
+                  learned_from_the_rendezvous)

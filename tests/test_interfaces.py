@@ -99,6 +99,11 @@ class ObjectTests(SynchronousTestCase):
     def test_loopback_session(self) -> None:
         verifyObject(IControlSession, _Session(b"k" * 32))
 
+    def test_discovery_responses(self) -> None:
+        from twistvpn.node.joined import DiscoveryResponses
+
+        verifyObject(IDatagramHandler, DiscoveryResponses())
+
     def test_path_simulation_inbox(self) -> None:
         verifyObject(IDatagramHandler, Inbox())
 

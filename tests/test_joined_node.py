@@ -418,3 +418,29 @@ class HostAddresses(SynchronousTestCase):
         import socket
 
         return [name for _, name in socket.if_nameindex()]
+
+
+class DiscoveryRouting(SynchronousTestCase):
+    """Discovery answers go to the client whose servers sent them (IPv4 or IPv6)."""
+
+    def test_routed_by_source(self) -> None:
+        from twistvpn.node.joined import DiscoveryResponses
+
+        class Client:
+            def __init__(self, servers: list[tuple[str, int]]) -> None:
+                self.servers = servers
+                self.got: list[object] = []
+
+            def datagram_received(self, data: bytes, addr: object) -> None:
+                self.got.append((data, addr))
+
+        v4 = Client([("203.0.113.10", 3478), ("203.0.113.10", 3479)])
+        v6 = Client([("2001:db8::10", 3478)])
+        responses = DiscoveryResponses()
+        responses.clients = [v4, v6]
+        responses.datagram_received(b"4", ("203.0.113.10", 3479))
+        responses.datagram_received(b"6", ("2001:db8::10", 3478, 0, 0))
+        responses.datagram_received(b"?", ("2001:db8::66", 3478, 0, 0))
+        self.assertEqual(v4.got, [(b"4", ("203.0.113.10", 3479))])
+        self.assertEqual(v6.got, [(b"6", ("2001:db8::10", 3478, 0, 0))])
+        self.assertEqual(responses.dropped, 1)

@@ -213,6 +213,10 @@ class TapOptions(SynchronousTestCase):
             ["--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"],
             ["--hostname", "bad host!"],
             ["--udp-interface", "eth0"],
+            ["--udp-interface6", "203.0.113.10"],
+            ["--udp-interface6", "::"],
+            ["--udp-interface6", "::ffff:203.0.113.10"],
+            ["--udp-interface6", "2001:db8::10", "--udp-port", "0"],
             ["--registration-rate", "-1"],
             ["--registration-rate", "lots"],
         ):

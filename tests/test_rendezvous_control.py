@@ -509,6 +509,13 @@ class Membership(SynchronousTestCase):
             la.maps()[-1].member(b.public_key).local_endpoints, ("10.1.1.1:1", "[fd00::1]:2")
         )
 
+    def test_told_the_ipv6_discovery_address(self) -> None:
+        a, _, _ = self._member("a")
+        self.assertIsNone(a.discovery6)
+        self.world.server_factory.discovery6 = "2001:db8::10"
+        b, _, _ = self._member("b")
+        self.assertEqual(b.discovery6, "2001:db8::10")
+
     def test_endpoints_changed_while_registering(self) -> None:
         """
         Endpoints set after Register went out but before its answer (a port

@@ -82,6 +82,19 @@ class ServerTests(SynchronousTestCase):
         self.servers[0].datagram_received(self.request(), ("2001:db8::5", 5555, 0, 0))
         self.assertEqual(decode_response(self.key, self.sent[-1][0])[2], ("2001:db8::5", 5555))
 
+    def test_ipv6_port_answers_without_recording(self) -> None:
+        """
+        The ports on --udp-interface6 tell a node its IPv6 endpoint; the
+        recorded endpoints stay the IPv4 ones its peers punch.
+        """
+        sent: list[tuple[bytes, tuple[str, int]]] = []
+        server6 = DiscoveryServer(self.state, 0, lambda d, a: sent.append((d, a)), record=False)
+        self.servers[0].datagram_received(self.request(), NODE_ADDR)
+        server6.datagram_received(self.request(), ("2001:db8:a::2", 41641, 0, 0))
+        self.assertEqual(decode_response(self.key, sent[-1][0])[2], ("2001:db8:a::2", 41641))
+        node = self.controller.registry.node(self.node_public)
+        self.assertEqual(node.endpoints, ["198.51.100.7:40123", None])
+
     def test_dual_stack_socket(self) -> None:
         """An IPv4 node seen through an IPv6 socket is recorded as IPv4."""
         self.servers[0].datagram_received(self.request(), ("::ffff:198.51.100.7", 9, 0, 0))

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistvpn.common.metrics import Family
-from twistvpn.interfaces import INameService, IRendezvousListener
+from twistvpn.interfaces import IDatagramHandler, INameService, IRendezvousListener
 from twistvpn.node.names import NameTable, name_table, network_domain
 from twistvpn.relay.client import RelayInfo
 from twistvpn.rendezvous.discovery import NetcheckResult
@@ -98,6 +98,27 @@ def is_public_ipv6(address: Address) -> bool:
 
 
 _ULA = ipaddress.IPv6Network("fc00::/7")
+
+
+@implementer(IDatagramHandler)
+class DiscoveryResponses:
+    """
+    Discovery answers to the client that asked: the IPv4 one (both ports of
+    the rendezvous's address) or the IPv6 one.  The forwarder has one
+    handler per message type; a source no client asked is dropped, counted.
+    """
+
+    def __init__(self) -> None:
+        self.clients: list[Any] = []
+        self.dropped = 0
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        source = (addr[0], addr[1])
+        for client in self.clients:
+            if source in client.servers:
+                client.datagram_received(data, addr)
+                return
+        self.dropped += 1
 
 
 def member_candidates(member: Member) -> Candidates:
@@ -283,6 +304,9 @@ class JoinedNode:
         self.route_sources: dict[str, str] = {}
         self.relay_infos: tuple[RelayInfo, ...] = ()
         self.discovery: Any = None
+        self.discovery6: Any = None  # over IPv6, when the rendezvous answers there
+        self.public6: Address | None = None  # what it saw of us over IPv6
+        self._responses = DiscoveryResponses()
         self._discovery_for: tuple[list[Address], bytes, bytes] | None = None
         self.netcheck_result: NetcheckResult | None = None
         self.local = own_candidates(None, self.local_candidates())
@@ -318,6 +342,8 @@ class JoinedNode:
             address = ipaddress.ip_address(ip)
             if not any(address.version == net.version and address in net for net in overlay):
                 found.append((ip, port))
+        if self.public6 is not None and self.public6 not in found:
+            found.insert(0, self.public6)  # behind NAT66 or a prefix translator, not ours
         return found[:MAX_LOCAL_ENDPOINTS]
 
     def local_endpoints(self) -> list[str]:
@@ -624,8 +650,39 @@ class JoinedNode:
         self._discovery_for = (servers, client.server_key, client.discovery_epoch)
         self.discovery = self._make_discovery(client.server_key, servers,
                                               client.discovery_epoch)
-        self.forwarder.register_handler(DISCOVERY_RESPONSE, self.discovery)
+        self._responses.clients = [self.discovery]
+        self.forwarder.register_handler(DISCOVERY_RESPONSE, self._responses)
         self.discovery.start(self.discovery_interval, self._discovered)
+        self._start_discovery6()
+
+    def _start_discovery6(self) -> None:
+        """
+        With a global IPv6 address of ours and an IPv6 address the
+        rendezvous answers on, learn our IPv6 public endpoint too: it is
+        published with our addresses (peers take global IPv6 as public).
+        """
+        if self.discovery6 is not None:
+            self.discovery6.stop()
+            self.discovery6 = None
+        client = self.client
+        if (client is None or client.discovery6 is None or self._make_discovery is None
+                or self.discovery is None or client.server_key is None
+                or not any(is_public_ipv6((ip, 0)) for ip in self._local_addresses())):
+            return
+        servers = [(client.discovery6, client.udp_ports[0])]
+        self.discovery6 = self._make_discovery(client.server_key, servers,
+                                               client.discovery_epoch)
+        self._responses.clients.append(self.discovery6)
+        self.discovery6.start(self.discovery_interval, self._discovered6)
+
+    def _discovered6(self, result: NetcheckResult) -> None:
+        endpoint = result.endpoint
+        if endpoint is None or endpoint == self.public6:
+            return
+        self.public6 = endpoint
+        self.log.info("IPv6 public endpoint {endpoint}", endpoint=describe(endpoint))
+        if self.netcheck_result is not None:
+            self._discovered(self.netcheck_result)
 
     def set_mapped(self, address: Address | None) -> None:
         """
@@ -683,8 +740,9 @@ class JoinedNode:
         self._stopped = True
         if self._reapply is not None and self._reapply.active():
             self._reapply.cancel()
-        if self.discovery is not None:
-            self.discovery.stop()
+        for discovery in (self.discovery, self.discovery6):
+            if discovery is not None:
+                discovery.stop()
         for key in list(self.peers):
             self._remove_peer(key)
         if self.relay is not None:
@@ -730,6 +788,7 @@ class JoinedNode:
             "addresses": list(self.addresses),
             "rendezvous_connected": self.rendezvous_up,
             "public_endpoint": describe(result.endpoint) if result and result.endpoint else None,
+            "public_endpoint6": describe(self.public6) if self.public6 is not None else None,
             "networks": networks,
             "peers": [self._peer_status(p, now) for p in self.peers.values()],
         }
@@ -853,6 +912,7 @@ class JoinedNode:
                                "path": self.relay.path(info.relay_id)})
             return {
                 "public_endpoint": describe(result.endpoint) if result.endpoint else None,
+                "public_endpoint6": describe(self.public6) if self.public6 is not None else None,
                 "mapping_varies_by_destination": result.varies_by_destination,
                 "udp": result.endpoint is not None,
                 "rendezvous": rendezvous,

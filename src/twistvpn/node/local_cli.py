@@ -165,6 +165,7 @@ def render_netcheck(report: dict[str, Any]) -> str:
         "report:",
         f"  UDP: {'yes' if report['udp'] else 'no'}",
         f"  public endpoint: {report['public_endpoint'] or '-'}",
+        f"  IPv6 public endpoint: {report.get('public_endpoint6') or '-'}",
         "  mapping varies by destination: "
         + ("unknown" if varies is None else "yes" if varies else "no"),
         "  rendezvous:",

@@ -161,6 +161,7 @@ class RendezvousClient(Service):
         self.node_id: str | None = None
         self.udp_ports: list[int] = []
         self.discovery_epoch = b""  # echoed in discovery requests (this rendezvous process's)
+        self.discovery6: str | None = None  # the IPv6 address discovery answers on, if any
         # network ID -> pre-auth key to present until the network authorizes us
         # (never logged; dropped once authorized)
         self.auth_keys: dict[str, str] = dict(auth_keys or {})
@@ -408,6 +409,7 @@ class RendezvousClient(Service):
         self.node_id = registered["node_id"]
         self.udp_ports = list(registered["udp_ports"])
         self.discovery_epoch = registered["discovery_epoch"]
+        self.discovery6 = registered.get("discovery6")
         self._protocol = protocol
         self._revisions: dict[str, int] = {}
         self.counters["registrations"] += 1

@@ -142,11 +142,15 @@ class DiscoveryServer:
     """
 
     def __init__(
-        self, state: DiscoveryState, which: int, send: Callable[[bytes, Any], None]
+        self, state: DiscoveryState, which: int, send: Callable[[bytes, Any], None],
+        record: bool = True,
     ) -> None:
         self._state = state
         self._which = which
         self._send = send
+        # The IPv6 ports answer without recording: a node's recorded
+        # endpoints are its IPv4 ones, which peers punch.
+        self._record = record
 
     def _drop(self, reason: str) -> None:
         self._state.counters[f"drop_{reason}"] += 1
@@ -177,7 +181,8 @@ class DiscoveryServer:
             return self._drop("replay")
         state.last_timestamp[node_key] = timestamp
         host, port = _unmapped(addr[0]), addr[1]
-        state.controller.record_endpoint(node_key, (host, port), self._which)
+        if self._record:
+            state.controller.record_endpoint(node_key, (host, port), self._which)
         state.counters["answered"] += 1
         self._send(encode_response(key, self._which, nonce, (host, port)), addr)
 
@@ -187,8 +192,8 @@ class DiscoveryProtocol(DatagramProtocol):
 
     noisy = False  # no "Starting protocol/factory" line per connection or port
 
-    def __init__(self, state: DiscoveryState, which: int) -> None:
-        self.server = DiscoveryServer(state, which, self._write)
+    def __init__(self, state: DiscoveryState, which: int, record: bool = True) -> None:
+        self.server = DiscoveryServer(state, which, self._write, record)
 
     def _write(self, data: bytes, addr: Any) -> None:
         if self.transport is None:

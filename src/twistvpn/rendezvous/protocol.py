@@ -61,6 +61,9 @@ class Register(amp.Command):
         (b"udp_ports", amp.ListOf(amp.Integer())),
         # Discovery requests carry it: those made for an earlier process are replays.
         (b"discovery_epoch", amp.String()),
+        # The IPv6 address the discovery ports also answer on (nodes with
+        # global IPv6 learn their IPv6 public endpoint there), if any.
+        (b"discovery6", amp.Unicode(optional=True)),
     ]
     errors = ERRORS
 

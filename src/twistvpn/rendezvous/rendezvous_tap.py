@@ -85,6 +85,9 @@ class Options(OneLineOptions):
         ["udp-port", None, 3478, "UDP port of endpoint discovery.", port("udp-port")],
         ["udp-port2", None, 3479, "Second discovery port (NAT mapping checks).", port("udp-port2")],
         ["udp-interface", None, "", "Address the discovery ports bind to (default: all)."],
+        ["udp-interface6", None, "",
+         "An IPv6 address the discovery ports also answer on, told to nodes so that those "
+         "with global IPv6 learn their IPv6 public endpoint (default: none)."],
         ["tls-cert", None, None, "PEM certificate (chain) instead of a self-signed one."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
         [
@@ -162,6 +165,19 @@ class Options(OneLineOptions):
                 raise usage.UsageError(
                     f"--udp-interface {self['udp-interface']!r}: not an IP address"
                 ) from None
+        if self["udp-interface6"]:
+            try:
+                address = ipaddress.IPv6Address(self["udp-interface6"])
+            except ValueError:
+                raise usage.UsageError(
+                    f"--udp-interface6 {self['udp-interface6']!r}: not an IPv6 address"
+                ) from None
+            if address.is_unspecified or address.ipv4_mapped is not None:
+                raise usage.UsageError(
+                    f"--udp-interface6 {self['udp-interface6']!r}: not a unicast IPv6 address")
+            if 0 in (self["udp-port"], self["udp-port2"]):
+                raise usage.UsageError(
+                    "--udp-interface6 needs fixed --udp-port and --udp-port2 (not 0)")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         for option in ("tls-cert", "tls-key"):
@@ -233,6 +249,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         control=config["control"],
         udp_ports=(config["udp-port"], config["udp-port2"]),
         udp_interface=config["udp-interface"],
+        udp_interface6=config["udp-interface6"],
         admin_http=config["admin-http"],
         registration_rate=config["registration-rate"],
         relays=relay_settings(config),

@@ -182,7 +182,8 @@ class ControlServerProtocol(BoundedAMP):
         self._cancel_timer()
         self._timer = self._clock.callLater(0, self._ping)
         return {"node_id": node_id, "udp_ports": list(self._service.udp_ports),
-                "discovery_epoch": self._service.discovery_epoch}
+                "discovery_epoch": self._service.discovery_epoch,
+                "discovery6": self._service.discovery6}
 
     def _registered(self) -> bytes:
         if self.public_key is None:
@@ -278,9 +279,11 @@ class ControlServerFactory(Factory):
         udp_ports: tuple[int, ...] = (),
         registration_rate: float = 20.0,
         discovery_epoch: bytes = b"\x00" * 8,
+        discovery6: str | None = None,
     ) -> None:
         self.controller = controller
         self.discovery_epoch = discovery_epoch
+        self.discovery6 = discovery6
         self.server_private = server_private
         self.server_public = public_key(server_private)
         self.clock = clock

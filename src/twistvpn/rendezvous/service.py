@@ -191,6 +191,7 @@ class RendezvousService(MultiService):
         control: str = "tcp:8443",
         udp_ports: tuple[int, int] = (3478, 3479),
         udp_interface: str = "",
+        udp_interface6: str = "",
         admin_http: str | None = None,
         registration_rate: float = 20.0,
         relays: RelaySettings = NO_RELAYS,
@@ -203,7 +204,7 @@ class RendezvousService(MultiService):
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
         self.control_factory = ControlServerFactory(
             self.controller, data.server_private, reactor, udp_ports, registration_rate,
-            discovery_epoch=self.discovery.epoch,
+            discovery_epoch=self.discovery.epoch, discovery6=udp_interface6 or None,
         )
         self._listeners: list[StreamListener | DatagramListenService] = []
         self._udp: list[DatagramListenService] = []
@@ -211,6 +212,11 @@ class RendezvousService(MultiService):
             protocol = DiscoveryProtocol(self.discovery, which)
             udp = DatagramListenService(reactor, port, protocol, udp_interface, buffer_size=None)
             self._udp.append(self._add(f"udp{which}", udp))
+            if udp_interface6:
+                protocol6 = DiscoveryProtocol(self.discovery, which, record=False)
+                udp6 = DatagramListenService(reactor, port, protocol6, udp_interface6,
+                                             buffer_size=None)
+                self._add(f"udp6-{which}", udp6)  # the same port numbers, on IPv6
         control_tls = tls.server_options(data.cert_pem, data.key_pem, ssl.TLSVersion.TLSv1_3)
         self.channel_factory = ChannelFactory(control_tls, False, self.control_factory,
                                               clock=reactor)

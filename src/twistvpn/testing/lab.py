@@ -223,6 +223,7 @@ SITE_ADDRESSES = {"a": ("203.0.113.21", "203.0.113.31", "192.168.1"),
                   "b": ("203.0.113.22", "203.0.113.41", "192.168.2")}
 # With --ipv6: each router's WAN address on the internet's /64, and its LAN's /64.
 IPV6_WAN = {"a": "2001:db8::21", "b": "2001:db8::22"}
+RENDEZVOUS_IP6 = "2001:db8::10"  # with --ipv6: discovery answers there too
 IPV6_LAN = {"a": "2001:db8:a", "b": "2001:db8:b"}
 PATH_KINDS = ("lan", "direct", "relay")
 
@@ -270,7 +271,7 @@ class JoinedLab:
         """Namespaces, links and NAT routers."""
         internet = self.network.add_switch("net")
         self.rendezvous_namespace = self.network.add_namespace("rdv")
-        internet.attach(self.rendezvous_namespace, f"{RENDEZVOUS_IP}/24")
+        self.rendezvous_if = internet.attach(self.rendezvous_namespace, f"{RENDEZVOUS_IP}/24")
         for name in ("a", "b"):
             router_ip, open_ip, lan = SITE_ADDRESSES[name]
             mode = self.modes[name]
@@ -283,9 +284,15 @@ class JoinedLab:
 
     def _add_ipv6(self) -> None:
         """Each NAT site's router and hosts get global IPv6 (no NAT, a stateful firewall)."""
+        netns.check_address(f"{RENDEZVOUS_IP6}/64")
+        self.network.ip("-6", "addr", "add", f"{RENDEZVOUS_IP6}/64", "dev", self.rendezvous_if,
+                        "nodad", namespace=self.rendezvous_namespace)
         behind = {name: site for name, site in self.sites.items() if site.router is not None}
         for name, site in behind.items():
             netns.add_ipv6(self.network, site, f"{IPV6_WAN[name]}/64", IPV6_LAN[name])
+            # The rendezvous answers the site's discovery requests through its router.
+            self.network.ip("-6", "route", "replace", f"{IPV6_LAN[name]}::/64", "via",
+                            IPV6_WAN[name], namespace=self.rendezvous_namespace)
         for name, site in behind.items():
             for other in behind:
                 if other != name:
@@ -299,7 +306,8 @@ class JoinedLab:
     def start_rendezvous(self) -> netns.Rendezvous:
         """Start it (or start it again, keeping its data directory)."""
         self.rendezvous = netns.start_rendezvous(
-            self.network, self.rendezvous_namespace, RENDEZVOUS_IP, rendezvous=self.rendezvous
+            self.network, self.rendezvous_namespace, RENDEZVOUS_IP, rendezvous=self.rendezvous,
+            extra=["--udp-interface6", RENDEZVOUS_IP6] if self.ipv6 else [],
         )
         return self.rendezvous
 
