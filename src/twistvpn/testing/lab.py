@@ -88,6 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="seconds each pair may take to its first ping (default 30)",
     )
     p.add_argument(
+        "--settle", type=_positive, default=10.0,
+        help="seconds relayed pairs may take to go direct before the matrix is printed "
+             "(default 10; routers without a firewall on themselves take about 11 s: 25)",
+    )
+    p.add_argument(
         "--seconds", type=_positive, default=3.0,
         help="--static: iperf3 duration per pair (default 3)",
     )
@@ -527,7 +532,7 @@ def run_joined_lab(network: netns.Network, args: argparse.Namespace, out: TextIO
     out.write(lab.describe())
     out.write("  authorized every node at once; every pair answered or timed out; waiting for "
               "paths to settle...\n")
-    lab.settle(results)
+    lab.settle(results, timeout=args.settle)
     lab.measure(results, args.pings)
     out.write(format_matrix(results))
     return all(r.first_ping_s is not None and r.loss == 0 for r in results)
