@@ -101,3 +101,27 @@ class PunchRetryTests(SynchronousTestCase):
         node.request_punch(peer)
         node.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class RetryTogetherTests(SynchronousTestCase):
+    """A failed attempt's retry: the lower key has both sides start at once."""
+
+    node = PunchRetryTests.node
+
+    def test_lower_key_asks_the_rendezvous(self) -> None:
+        node, peer, client, clock = self.node(failures=0)
+        manager: Any = peer.manager
+        manager.peer_key = PEER
+        self.assertTrue(node._retry_together(manager))
+        self.assertEqual(client.asked, [0.0])
+
+    def test_higher_key_or_no_rendezvous_retries_alone(self) -> None:
+        node, peer, client, clock = self.node(failures=0)
+        manager: Any = peer.manager
+        manager.peer_key = PEER
+        node.rendezvous_up = False
+        self.assertFalse(node._retry_together(manager))
+        node.rendezvous_up = True
+        node.public_key = b"\xff" * 32  # now the higher key
+        self.assertFalse(node._retry_together(manager))
+        self.assertEqual(client.asked, [])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from twistvpn.testing.pathsim import Pair, SimPeer
@@ -329,6 +331,64 @@ class RoamingTests(SynchronousTestCase):
         self.assertEqual(pair.a.peer.endpoint, lan)  # LAN still ranks first
 
 
+class _Slow:
+    """A strategy that runs until cancelled."""
+
+    name = "slow"
+
+    def applicable(self, context: TraversalContext) -> bool:
+        return True
+
+    def start(self, context: TraversalContext) -> Deferred[None]:
+        return Deferred()
+
+
+class _Fails:
+    """A strategy that gives up at once."""
+
+    name = "fails"
+
+    def applicable(self, context: TraversalContext) -> bool:
+        return True
+
+    def start(self, context: TraversalContext) -> Deferred[None]:
+        return succeed(None)  # gave up
+
+
+class _Probes:
+    public_key = b"a" * 32
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, str]] = []
+
+    def send_probe(self, key: bytes, endpoint: object, tag: str) -> None:
+        self.sent.append((endpoint, tag))
+
+    def add_peer(self, key: bytes, manager: object) -> None:
+        pass
+
+    def remove_peer(self, key: bytes) -> None:
+        pass
+
+
+class _Peer:
+    public_key = b"k" * 32
+    endpoint = None
+
+
+OLD = Candidates(public=(("198.51.100.7", 40000),), local=())
+
+
+def bare_manager(strategy: object, **kwargs: object) -> tuple[PathManager, _Probes, Clock]:
+    """A manager with one strategy, recorded probes and no relay, on a Clock."""
+    probes, clock = _Probes(), Clock()
+    manager = PathManager(_Peer(), probes, clock,  # type: ignore[arg-type]
+                          local=Candidates(public=(), local=()), remote=OLD,
+                          strategies=[strategy], **kwargs)  # type: ignore[list-item, arg-type]
+    manager.start()
+    return manager, probes, clock
+
+
 class NewCandidateTests(SynchronousTestCase):
     def test_candidates_learned_mid_attempt_are_checked_at_once(self) -> None:
         """
@@ -336,47 +396,40 @@ class NewCandidateTests(SynchronousTestCase):
         pushed just after the punch began) is probed now, not after the
         attempt failed and backed off.
         """
-        from twisted.internet.defer import Deferred
-        from twisted.internet.task import Clock
-
-        class Slow:
-            name = "slow"
-
-            def applicable(self, context: TraversalContext) -> bool:
-                return True
-
-            def start(self, context: TraversalContext) -> Deferred[None]:
-                return Deferred()  # runs until cancelled
-
-        class Probes:
-            public_key = b"a" * 32
-
-            def __init__(self) -> None:
-                self.sent: list[tuple[object, str]] = []
-
-            def send_probe(self, key: bytes, endpoint: object, tag: str) -> None:
-                self.sent.append((endpoint, tag))
-
-            def add_peer(self, key: bytes, manager: object) -> None:
-                pass
-
-            def remove_peer(self, key: bytes) -> None:
-                pass
-
-        class Peer:
-            public_key = b"k" * 32
-            endpoint = None
-
-        probes, clock = Probes(), Clock()
-        old = Candidates(public=(("198.51.100.7", 40000),), local=())
-        manager = PathManager(Peer(), probes, clock,  # type: ignore[arg-type]
-                              local=Candidates(public=(), local=()), remote=old,
-                              strategies=[Slow()])  # type: ignore[list-item]
-        manager.start()
+        manager, probes, clock = bare_manager(_Slow())
         self.assertEqual(probes.sent, [])
         mapped = ("198.51.100.7", 41641)
-        manager.update_candidates(peer=Candidates(public=(mapped, *old.public), local=()))
+        manager.update_candidates(peer=Candidates(public=(mapped, *OLD.public), local=()))
         self.assertEqual(probes.sent, [(mapped, "new candidate")])
         clock.advance(1.0)  # unanswered: checked again, as a triggered check is
         self.assertEqual(probes.sent[-1], (mapped, "new candidate"))
         self.assertEqual(len(probes.sent), 2)
+
+
+class RetryTogetherTests(SynchronousTestCase):
+    def test_owner_arranges_the_retry(self) -> None:
+        """
+        When the backoff is over the owner is asked first; while it arranges
+        the retry (a punch both sides start at once) this side starts none,
+        and punch_now keeps the backoff growing.
+        """
+        asked: list[float] = []
+
+        def on_retry(manager: PathManager) -> bool:
+            asked.append(clock.seconds())
+            manager.punch_now()  # what the rendezvous's punch does, at once here
+            return True
+
+        manager, _, clock = bare_manager(_Fails(), on_retry=on_retry,
+                                         rng=random.Random(1))
+        clock.pump([1.0] * 300)
+        self.assertGreaterEqual(len(asked), 5)
+        gaps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+        self.assertTrue(all(later > earlier for earlier, later in zip(gaps, gaps[1:],
+                                                                        strict=False)), gaps)
+        self.assertEqual({a.reason for a in manager.history}, {"start", "punch now"})
+
+    def test_alone_when_the_owner_cannot(self) -> None:
+        manager, _, clock = bare_manager(_Fails(), on_retry=lambda manager: False)
+        clock.pump([1.0] * 3)
+        self.assertEqual([a.reason for a in manager.history], ["start", "retry"])

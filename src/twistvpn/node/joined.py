@@ -541,7 +541,7 @@ class JoinedNode:
             wg, self.probes, self.clock, local=self.local,
             remote=member_candidates(_best(peer_members)), strategies=self.strategies,
             relay=self.relay, rng=random.Random(self.random.random()),
-            config=self.path_config, on_change=self._path_changed)
+            config=self.path_config, on_change=self._path_changed, on_retry=self._retry_together)
         peer = self.peers[key] = JoinedPeer(key, wg, manager, peer_members)
         self.log.info("peer {name} added: {ips}, key {key}", name=peer.name,
                       ips=", ".join(peer.ips), key=encode_key(key))
@@ -594,6 +594,20 @@ class JoinedNode:
             peer.punch_retry = self.clock.callLater(delay, self._retry_punch, peer)
 
         client.request_punch(network_id, peer.public_key).addCallbacks(arranged, failed)
+
+    def _retry_together(self, manager: PathManager) -> bool:
+        """
+        A failed attempt's retry is due: the side with the lower key has the
+        rendezvous start both sides at once, as the first punch was (a
+        strategy like birthday needs both, and a hard side's probes may never
+        reach the other to make it join in).  The other side retries alone.
+        """
+        peer = self.peers.get(manager.peer_key)
+        if (peer is None or not self.rendezvous_up or self.client is None
+                or not self.public_key < peer.public_key):
+            return False
+        self.request_punch(peer)
+        return True
 
     def _retry_punch(self, peer: JoinedPeer) -> None:
         peer.punch_retry = None

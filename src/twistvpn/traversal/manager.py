@@ -118,7 +118,8 @@ class PathManager:
                  strategies: Sequence[Strategy] | None = None,
                  relay: RelayProvider | None = None, rng: random.Random | None = None,
                  config: PathConfig | None = None,
-                 on_change: Callable[[PathManager], None] | None = None) -> None:
+                 on_change: Callable[[PathManager], None] | None = None,
+                 on_retry: Callable[[PathManager], bool] | None = None) -> None:
         if strategies is None:
             from twistvpn.traversal import load_strategies
 
@@ -134,6 +135,10 @@ class PathManager:
         self.random = rng if rng is not None else random.Random()
         self.config = config if config is not None else PathConfig()
         self.on_change = on_change
+        # Asked when a failed attempt's backoff is over: True if the owner
+        # arranged the retry (a punch both sides start at once, through the
+        # rendezvous); otherwise this side retries alone.
+        self.on_retry = on_retry
         self.history: list[Attempt] = []
         self.events: list[tuple[float, str, str, str]] = []  # time, event, kind, detail
         self.keepalives_sent = 0
@@ -223,7 +228,9 @@ class PathManager:
             self._begin("new candidates")
 
     def punch_now(self) -> None:
-        self._backoff = self.config.backoff_initial
+        # The backoff is kept: a coordinated retry of a pair that cannot go
+        # direct must not come back every 2 s.  What is new (candidates, a
+        # lost path, the peer probing) resets it where it is seen.
         if self._attempt is not None:
             self._cancel_attempt(self._attempt)
         self._begin("punch now")
@@ -316,7 +323,13 @@ class PathManager:
         if self.kind in (NONE, RELAY):
             delay = self._backoff * self.random.uniform(0.8, 1.2)
             self._backoff = min(self._backoff * 2, self.config.backoff_max)
-            self._retry = self.clock.callLater(delay, self._begin, "retry")
+            self._retry = self.clock.callLater(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        if self.on_retry is not None and self.on_retry(self):
+            return
+        self._begin("retry")
 
     # -- what the probe service tells us --------------------------------------
 
