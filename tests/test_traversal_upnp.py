@@ -11,13 +11,18 @@ from __future__ import annotations
 from typing import Any
 from xml.etree import ElementTree
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IBodyProducer
 from zope.interface.verify import verifyObject
 
+from twistvpn.testing.pmpgateway import (
+    IGD_SERVICE,
+    IGDServer,
+    igd_description,
+    soap_fault,
+    soap_ok,
+)
 from twistvpn.testing.stunserver import MAGIC_COOKIE, binding_answer
 from twistvpn.traversal import upnp
 from twistvpn.traversal.portmap import (
@@ -41,86 +46,10 @@ GATEWAY = "192.168.1.1"
 CLIENT = "192.168.1.2"
 PUBLIC = "203.0.113.40"
 LOCATION = f"http://{GATEWAY}:5000/rootDesc.xml"
-SERVICE = "urn:schemas-upnp-org:service:WANIPConnection:2"
+SERVICE = IGD_SERVICE
 
-# The shape of miniupnpd's rootDesc.xml (IGD v2), cut to what matters.
-DESCRIPTION = f"""<?xml version="1.0"?>
-<root xmlns="urn:schemas-upnp-org:device-1-0">
-<specVersion><major>1</major><minor>0</minor></specVersion>
-<device><deviceType>urn:schemas-upnp-org:device:InternetGatewayDevice:2</deviceType>
-<serviceList><service>
-<serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType>
-<controlURL>/ctl/L3F</controlURL></service></serviceList>
-<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANDevice:2</deviceType>
-<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:2</deviceType>
-<serviceList><service><serviceType>{SERVICE}</serviceType>
-<serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId>
-<controlURL>/ctl/IPConn</controlURL><eventSubURL>/evt/IPConn</eventSubURL>
-<SCPDURL>/WANIPCn.xml</SCPDURL></service></serviceList>
-</device></deviceList></device></deviceList></device></root>""".encode()
-
-SSDP_ANSWER = (
-    "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\n"
-    "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
-    "USN: uuid:d181f21e::urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
-    f"EXT:\r\nSERVER: Debian/12 UPnP/1.1 MiniUPnPd/2.3.1\r\nLocation: {LOCATION}\r\n\r\n"
-).encode()
-
-
-def soap_ok(action: str, **out: str) -> bytes:
-    args = "".join(f"<{k}>{v}</{k}>" for k, v in out.items())
-    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/'
-            f'envelope/"><s:Body><u:{action}Response xmlns:u="{SERVICE}">{args}'
-            f"</u:{action}Response></s:Body></s:Envelope>").encode()
-
-
-def soap_fault(code: int, text: str) -> bytes:
-    return ('<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/'
-            'envelope/"><s:Body><s:Fault><faultcode>s:Client</faultcode><faultstring>UPnPError'
-            '</faultstring><detail><UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
-            f"<errorCode>{code}</errorCode><errorDescription>{text}</errorDescription>"
-            "</UPnPError></detail></s:Fault></s:Body></s:Envelope>").encode()
-
-
-class FakeIGD:
-    """An in-memory IGD as miniupnpd behaves: the requester L{IGD} is given."""
-
-    def __init__(self) -> None:
-        self.external_ip = PUBLIC
-        self.mappings: dict[int, tuple[str, int, int]] = {}  # port -> (client, port, lease)
-        self.taken: set[int] = set()  # ports another host holds
-        self.permanent_only = False
-        self.calls: list[tuple[str, dict[str, str]]] = []
-        self.down = False
-
-    def __call__(self, method: bytes, url: str, headers: dict[str, str],
-                 body: bytes) -> Deferred[tuple[int, bytes]]:
-        if self.down:
-            return fail(ConnectionRefusedError())
-        if method == b"GET":
-            assert url == LOCATION, url
-            return succeed((200, DESCRIPTION))
-        assert url == f"http://{GATEWAY}:5000/ctl/IPConn", url
-        action = headers["SOAPAction"].strip('"').rpartition("#")[2]
-        root = ElementTree.fromstring(body)
-        call = next(e for e in root.iter() if e.tag.endswith(action))
-        args = {child.tag: child.text or "" for child in call}
-        self.calls.append((action, args))
-        if action == "GetExternalIPAddress":
-            return succeed((200, soap_ok(action, NewExternalIPAddress=self.external_ip)))
-        if action == "AddPortMapping":
-            port, lease = int(args["NewExternalPort"]), int(args["NewLeaseDuration"])
-            if self.permanent_only and lease:
-                return succeed((500, soap_fault(725, "OnlyPermanentLeasesSupported")))
-            if port in self.taken:
-                return succeed((500, soap_fault(718, "ConflictInMappingEntry")))
-            self.mappings[port] = (args["NewInternalClient"], int(args["NewInternalPort"]), lease)
-            return succeed((200, soap_ok(action)))
-        if action == "DeletePortMapping":
-            if self.mappings.pop(int(args["NewExternalPort"]), None) is None:
-                return succeed((500, soap_fault(714, "NoSuchEntryInArray")))
-            return succeed((200, soap_ok(action)))
-        return succeed((500, soap_fault(401, "Invalid Action")))
+DESCRIPTION = igd_description()
+SSDP_ANSWER = IGDServer(GATEWAY, PUBLIC).ssdp_answer(upnp.search_request()) or b""
 
 
 class CodecTests(SynchronousTestCase):
@@ -215,9 +144,9 @@ class CodecTests(SynchronousTestCase):
 
 class IGDTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.server = FakeIGD()
+        self.server = IGDServer(GATEWAY, PUBLIC)
         self.ports = iter([30001, 30002, 30003])
-        self.igd = IGD(self.server, gateway=GATEWAY, client_ip=CLIENT, internal_port=41641,
+        self.igd = IGD(self.server.request, gateway=GATEWAY, client_ip=CLIENT, internal_port=41641,
                        choose_port=lambda: next(self.ports))
         self.successResultOf(self.igd.discover(LOCATION))
 
@@ -269,10 +198,10 @@ class MapperWithUPnPTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.server = FakeIGD()
+        self.server = IGDServer(GATEWAY, PUBLIC)
         self.sent = Recorder()
         self.changes: list[Any] = []
-        igd = IGD(self.server, gateway=GATEWAY, client_ip=CLIENT, internal_port=41641)
+        igd = IGD(self.server.request, gateway=GATEWAY, client_ip=CLIENT, internal_port=41641)
         self.mapper = PortMapper(self.clock, self.sent, gateway=GATEWAY, client_ip=CLIENT,
                                  internal_port=41641, on_change=self.changes.append,
                                  lifetime=600, igd=igd)

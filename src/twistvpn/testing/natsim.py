@@ -70,6 +70,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from twistvpn.testing import pmpgateway
+from twistvpn.traversal.upnp import SSDP_GROUP, SSDP_PORT
 
 # RFC 4787 mapping and filtering behaviours.
 EIM, ADM, APDM = "endpoint-independent", "address-dependent", "address-and-port-dependent"
@@ -195,10 +196,14 @@ class NAT:
             public_ip, (), add=self.forward_port, remove=self.remove_forward,
             port_free=lambda port: self._port_free(port, internet.clock.seconds()),
             booted=internet.clock.seconds())
+        # UPnP IGD at .1 (SSDP on 1900; HTTP in memory): answers when
+        # "upnp" is in L{portmap}; its mappings are forwards of this table too.
+        self.igd = pmpgateway.IGDServer(self.gateway_ip, public_ip, add=self.forward_port,
+                                        remove=self.remove_forward)
 
     @property
     def portmap(self) -> tuple[str, ...]:
-        """What the gateway answers: "pcp", "natpmp", both, or nothing (silence)."""
+        """What the gateway answers: any of "pcp", "natpmp", "upnp", or nothing (silence)."""
         return self.gateway.protocols
 
     @portmap.setter
@@ -572,6 +577,13 @@ class Internet:
                 counters["drop_loss"] += 1
                 return
         else:
+            if dst[1] == SSDP_PORT and dip in (nat.gateway_ip, SSDP_GROUP):
+                answer = (nat.igd.ssdp_answer(data) if "upnp" in nat.gateway.protocols
+                          else None)
+                if answer is not None:
+                    self.clock.callLater(2 * host.link.latency, host.deliver, sport, answer,
+                                         (nat.gateway_ip, SSDP_PORT))
+                return
             if dip == nat.gateway_ip and dst[1] == 5351:
                 answer = nat.gateway.answer(data, src, now)
                 if answer is not None:
