@@ -350,20 +350,19 @@ class RendezvousClient(Service):
     def set_local_endpoints(self, endpoints: Iterable[str]) -> defer.Deferred[None]:
         """Tell the rendezvous this node's LAN addresses ("host:port")."""
         self.local_endpoints = list(endpoints)
-        if self._protocol is None:
-            return defer.succeed(None)
-        return self._call(
-            self._protocol, SetLocalEndpoints, endpoints=self.local_endpoints
-        ).addCallback(lambda _: None)
+        return self._send_endpoints(SetLocalEndpoints, self.local_endpoints)
 
     def set_mapped_endpoints(self, endpoints: Iterable[str]) -> defer.Deferred[None]:
         """Tell the rendezvous the public addresses our gateway forwards to us."""
         self.mapped_endpoints = list(endpoints)
+        return self._send_endpoints(SetMappedEndpoints, self.mapped_endpoints)
+
+    def _send_endpoints(self, command: type, endpoints: list[str]) -> defer.Deferred[None]:
+        """Now if registered; otherwise kept for Register (or sent after it, by _prepare)."""
         if self._protocol is None:
             return defer.succeed(None)
-        return self._call(
-            self._protocol, SetMappedEndpoints, endpoints=self.mapped_endpoints
-        ).addCallback(lambda _: None)
+        return self._call(self._protocol, command, endpoints=endpoints).addCallback(
+            lambda _: None)
 
     def request_punch(self, network_id: str, peer_key: bytes) -> defer.Deferred[None]:
         """
@@ -417,9 +416,9 @@ class RendezvousClient(Service):
         # Endpoints that changed while Register was answered (a port mapping
         # made as we connected) were kept, not sent: send them now.
         if self.local_endpoints != sent[0]:
-            yield self._call(protocol, SetLocalEndpoints, endpoints=self.local_endpoints)
+            yield self._send_endpoints(SetLocalEndpoints, self.local_endpoints)
         if self.mapped_endpoints != sent[1]:
-            yield self._call(protocol, SetMappedEndpoints, endpoints=self.mapped_endpoints)
+            yield self._send_endpoints(SetMappedEndpoints, self.mapped_endpoints)
         for network_id in list(self.networks):
             yield self._join(protocol, network_id)
         return protocol

@@ -250,25 +250,27 @@ class SessionRegistry:
 
     # -- what nodes report and discovery sees ---------------------------------------
 
-    def set_local_endpoints(self, public_key: bytes, endpoints: Any) -> None:
+    def _new_endpoints(self, public_key: bytes, endpoints: Any,
+                       field: str) -> tuple[Node, tuple[str, ...] | None]:
+        """The node, and its checked C{endpoints} if they differ from its C{field}."""
         node = self.session_node(public_key)
         try:
-            local = check_endpoints(endpoints)
+            checked = check_endpoints(endpoints)
         except MapError as e:
             raise InvalidArgumentError(str(e)) from None
-        if local == node.local_endpoints:
-            return
-        self._store.set_local_endpoints(public_key, local)
-        node.local_endpoints = local
-        self.node_changed(public_key)
+        return node, None if checked == getattr(node, field) else checked
+
+    def set_local_endpoints(self, public_key: bytes, endpoints: Any) -> None:
+        node, local = self._new_endpoints(public_key, endpoints, "local_endpoints")
+        if local is not None:
+            self._store.set_local_endpoints(public_key, local)
+            node.local_endpoints = local
+            self.node_changed(public_key)
 
     def set_mapped_endpoints(self, public_key: bytes, endpoints: Any) -> None:
-        node = self.session_node(public_key)
-        try:
-            mapped = check_endpoints(endpoints)
-        except MapError as e:
-            raise InvalidArgumentError(str(e)) from None
-        if mapped != node.mapped_endpoints:
+        # Not stored: the node's gateway maps again when it reconnects.
+        node, mapped = self._new_endpoints(public_key, endpoints, "mapped_endpoints")
+        if mapped is not None:
             node.mapped_endpoints = mapped
             self.node_changed(public_key)
 
