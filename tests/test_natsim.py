@@ -190,6 +190,62 @@ class ConntrackClashTests(SynchronousTestCase):
         self.assertEqual(w.out((w.s2.ip, 2000)), mapped)
 
 
+class TimeToLiveTests(SynchronousTestCase):
+    """
+    Openers: the sender's router takes one hop, the core one more (as the
+    lab's core router), the receiving router one to forward into its LAN.
+    """
+
+    def test_one_hop_dies_at_our_router_unmapped(self) -> None:
+        w = World("easy")
+        w.cport.write_hop_limited(b"x", (w.s1.ip, 1000), 1)
+        w.net.run(1.0)
+        self.assertEqual(w.nat.mappings(w.net.clock.seconds()), {})
+        self.assertEqual(w.net.counters["drop_ttl"], 1)
+
+    def test_two_hops_map_and_die_in_the_core(self) -> None:
+        w = World("easy")
+        w.cport.write_hop_limited(b"x", (w.s1.ip, 1000), 2)
+        w.net.run(1.0)
+        self.assertEqual(w.servers[(w.s1.ip, 1000)][0].received, [])
+        self.assertEqual(w.net.counters["drop_ttl"], 1)
+        self.assertEqual(list(w.nat.mappings(w.net.clock.seconds()).values()),
+                         [(w.client.ip, 5000)])
+        # The mapping it made lets the server's answer in.
+        self.assertTrue(w.back((w.s1.ip, 1000), (w.nat.public_ip, 5000)))
+
+    def test_three_hops_arrive(self) -> None:
+        w = World("easy")
+        w.cport.write_hop_limited(b"x", (w.s1.ip, 1000), 3)
+        w.net.run(1.0)
+        self.assertEqual(len(w.servers[(w.s1.ip, 1000)][0].received), 1)
+
+    def test_an_opener_prevents_the_clash(self) -> None:
+        """Our mapping is open before the peer's packet comes: no clash."""
+        w = World("easynf")
+        w.cport.write_hop_limited(b"x", (w.s2.ip, 2000), 2)
+        w.net.run(1.0)
+        self.assertTrue(w.back((w.s2.ip, 2000), (w.nat.public_ip, 5000)))
+        self.assertEqual(w.out((w.s2.ip, 2000)), (w.nat.public_ip, 5000))
+
+    def test_last_hop_into_a_lan(self) -> None:
+        """A packet with one hop left reaches the router, not the host behind it."""
+        net = Internet(core_hops=1)
+        server = net.add_public_host()
+        nat = net.add_nat("easy")
+        client = net.add_host(nat)
+        inbox = Recorder()
+        cport = client.reactor.listenUDP(5000, inbox)
+        sport = server.reactor.listenUDP(1000, Recorder())
+        cport.write(b"open", (server.ip, 1000))
+        sport.write_hop_limited(b"in", (nat.public_ip, 5000), 2)
+        net.run(1.0)
+        self.assertEqual(inbox.received, [])
+        sport.write_hop_limited(b"in", (nat.public_ip, 5000), 3)
+        net.run(1.0)
+        self.assertEqual(len(inbox.received), 1)
+
+
 class TimeoutTests(SynchronousTestCase):
     def test_mapping_expires_without_outbound_traffic(self) -> None:
         w = World("easy", timeout=30.0)

@@ -258,7 +258,10 @@ class StrategyAloneTests(SynchronousTestCase):
         pair.internet.run(20.0)
         self.assertEqual([self.successResultOf(d) for d in done], [None, None])
         self.assertEqual({p.endpoint for p in ctx_a.verified}, set(cb.public))
-        self.assertEqual(ctx_a.probes_sent, 10)
+        # One opener (hop-limited: it dies in the core), then ten rounds.
+        self.assertEqual(ctx_a.probes_sent, 11)
+        self.assertEqual(pair.a.probes.counters["opener_sent"], 1)
+        self.assertEqual(pair.internet.counters["drop_ttl"], 2)
 
     def test_cancel_stops_timers(self) -> None:
         pair = Pair("open", "open", seed=1)

@@ -171,6 +171,28 @@ class IDatagramSender(Interface):
         C{send(data, endpoint)} instead of the socket.
         """
 
+    def send_hop_limited(data, addr, hops):
+        """
+        Send C{data} to C{addr}, a (host, port) tuple, with an IP time to
+        live (hop limit) of C{hops}: it passes our own NAT router, so the
+        router maps it, and dies in the network before it reaches the
+        peer's router.  Where the socket cannot limit hops the datagram
+        goes out as usual, counted.  Never raises for a network error.
+        """
+
+
+class IHopLimitedWriter(Interface):
+    """
+    A UDP transport that can send one datagram with a short time to live,
+    without changing what its other datagrams get.
+    """
+
+    def write_hop_limited(data, addr, hops):
+        """
+        Send C{data} to C{addr} ((host, port)) with a hop limit of C{hops}
+        (1 to 255).  Raises C{OSError} as C{write} would.
+        """
+
 
 class IWireGuardDevice(Interface):
     """
@@ -276,11 +298,15 @@ class ITraversalContext(Interface):
     probes_sent = Attribute("Probes sent through this context (int).")
     verified = Attribute("Paths verified by this context's probes (list).")
 
-    def send_probe(endpoint):
+    def send_probe(endpoint, hop_limit=None):
         """
         Send one authenticated probe to C{endpoint}: a (host, port) tuple,
         from the node's UDP socket, or an endpoint of a socket from
-        L{open_socket}.  Its answer, if any, verifies the path.
+        L{open_socket}.  Its answer, if any, verifies the path.  With
+        C{hop_limit} (an int) the probe is an opener: it makes this side's
+        NAT map the path but dies before the peer's router (see
+        L{twistvpn.traversal.strategies.OPEN_HOPS}); a probe that arrives
+        all the same is answered as any other.
         """
 
     def open_socket():

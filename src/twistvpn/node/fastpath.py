@@ -39,6 +39,7 @@ from twisted.internet import udp
 from twisted.python import log
 from zope.interface import implementer
 
+from twistvpn.common.hoplimit import send_hop_limited
 from twistvpn.interfaces import IReadinessPort
 from twistvpn.node.reactor import add_reader
 
@@ -243,6 +244,14 @@ class DatagramBatcher:
         except OSError:
             # ENETUNREACH, EPERM from a firewall, a full buffer: the packet is
             # lost as it would be on the wire; WireGuard retransmits.
+            self.counters["drop_send_error"] += 1
+
+    def send_hop_limited(self, data: bytes, addr: tuple[str, int], hops: int) -> None:
+        """Send C{data} now, after what is pending, with a hop limit (an opener)."""
+        self.flush()
+        try:
+            send_hop_limited(self._sock, data, addr, hops)
+        except OSError:
             self.counters["drop_send_error"] += 1
 
     def close(self) -> None:

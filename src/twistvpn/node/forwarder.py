@@ -21,6 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistvpn.common.hoplimit import write_hop_limited
 from twistvpn.interfaces import IDatagramHandler, IDatagramSender
 from twistvpn.wire import WIREGUARD_TYPES
 
@@ -186,4 +187,27 @@ class Forwarder(DatagramProtocol):
         except (OSError, error.MessageLengthError, error.InvalidAddressError):
             # ENETUNREACH, EPERM from a firewall, a full buffer: the packet
             # is lost as it would be on the wire; WireGuard retransmits.
+            self.counters["drop_send_error"] += 1
+
+    def send_hop_limited(self, data: bytes, addr: Address, hops: int) -> None:
+        if type(addr) is not tuple:
+            # A relay's endpoint: no NAT of ours on that path to open.
+            self.counters["hop_limit_unsupported"] += 1
+            self.send_datagram(data, addr)
+            return
+        self.counters["hop_limited_sent"] += 1
+        try:
+            batcher = self._batcher
+            if batcher is not None:
+                batcher.send_hop_limited(data, _map(addr) if self._dual_stack else addr, hops)
+                return
+            transport: Any = self.transport
+            if transport is None:
+                self.counters["drop_not_listening"] += 1
+                return
+            if getattr(transport, "addressFamily", None) == socket.AF_INET6:
+                addr = _map(addr)
+            if not write_hop_limited(transport, data, addr, hops):
+                self.counters["hop_limit_unsupported"] += 1
+        except (OSError, error.MessageLengthError, error.InvalidAddressError):
             self.counters["drop_send_error"] += 1

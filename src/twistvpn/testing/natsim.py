@@ -40,6 +40,14 @@ the same NAT (build it with C{hairpin=True} or not), or
 C{add_pair("same-nat-hairpin", "easy")}; C{add_pair(a, b)} builds any pair of
 presets.
 
+Time to live: a datagram leaves with 64 (or the hop limit given to
+L{SimPort.write_hop_limited}); the sender's NAT router takes one (a datagram
+it cannot forward makes no mapping), the internet's core C{core_hops} (one
+by default, as the lab's core router: the real internet has more), and a
+receiving NAT router one more to forward it into its LAN.  A datagram with
+too little left is dropped and counted (C{drop_ttl}); one that reaches a
+router's own address unsolicited still counts for the clash, as in Linux.
+
 Simplifications, on purpose: datagrams to a private address that is not on
 the sender's own LAN are dropped at the router (a real one would NAT them
 toward its ISP, which drops them); no fragmentation, no ICMP, no cross
@@ -69,6 +77,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from twistvpn.interfaces import IHopLimitedWriter
 from twistvpn.testing import pmpgateway
 from twistvpn.traversal.upnp import SSDP_GROUP, SSDP_PORT
 
@@ -79,6 +88,7 @@ PRESERVE, SEQUENTIAL, RANDOM = "preserve", "sequential", "random"
 
 LOW_PORT = 1024
 HIGH_PORT = 65535
+DEFAULT_TTL = 64
 
 Addr = tuple[str, int]
 
@@ -392,7 +402,7 @@ class SimReactor:
         return self._host.bind(port, protocol)
 
 
-@implementer(IUDPTransport, IListeningPort)
+@implementer(IUDPTransport, IListeningPort, IHopLimitedWriter)
 class SimPort:
     """A bound UDP socket on a simulated host."""
 
@@ -412,6 +422,12 @@ class SimPort:
         if not self.listening:
             raise OSError("socket closed")
         self.host.internet.send(self.host, self.port, bytes(packet), (addr[0], int(addr[1])))
+
+    def write_hop_limited(self, data: bytes, addr: Addr, hops: int) -> None:
+        if not self.listening:
+            raise OSError("socket closed")
+        self.host.internet.send(self.host, self.port, bytes(data), (addr[0], int(addr[1])),
+                                ttl=hops)
 
     def connect(self, host: str, port: int) -> None:
         self.connected = (host, port)
@@ -479,8 +495,9 @@ class Host:
 class Internet:
     """The whole simulated network and its clock."""
 
-    def __init__(self, clock: Clock | None = None, seed: int = 0) -> None:
+    def __init__(self, clock: Clock | None = None, seed: int = 0, core_hops: int = 1) -> None:
         self.clock = clock if clock is not None else Clock()
+        self.core_hops = core_hops  # routers between any two on the internet
         self.random = random.Random(seed)
         self.counters: collections.Counter[str] = collections.Counter()
         self._public: dict[str, Host | NAT] = {}
@@ -561,8 +578,9 @@ class Internet:
     def _lost(self, link: Link) -> bool:
         return link.loss > 0 and self.random.random() < link.loss
 
-    def send(self, host: Host, sport: int, data: bytes, dst: Addr) -> None:
-        """Route one datagram from C{host}:C{sport} to C{dst}."""
+    def send(self, host: Host, sport: int, data: bytes, dst: Addr,
+             ttl: int = DEFAULT_TTL) -> None:
+        """Route one datagram from C{host}:C{sport} to C{dst}, leaving with C{ttl}."""
         counters = self.counters
         counters["sent"] += 1
         src: Addr = (host.ip, sport)
@@ -608,11 +626,19 @@ class Internet:
             if is_private(dip):
                 counters["drop_unroutable"] += 1
                 return
+            ttl -= 1  # the router forwards it, or cannot (and maps nothing)
+            if ttl <= 0:
+                counters["drop_ttl"] += 1
+                return
             src = (nat.public_ip, nat.outbound(src, dst, now))
             latency = host.link.latency + nat.link.latency
             if self._lost(nat.link):
                 counters["drop_loss"] += 1
                 return
+        ttl -= self.core_hops
+        if ttl <= 0:
+            counters["drop_ttl"] += 1
+            return
         target = self._public.get(dip)
         if target is None:
             counters["drop_no_such_host"] += 1
@@ -621,9 +647,10 @@ class Internet:
             counters["drop_loss"] += 1
             return
         self.clock.callLater(latency + target.link.latency, self._arrive, target, src,
-                             dst[1], data)
+                             dst[1], data, ttl)
 
-    def _arrive(self, target: Host | NAT, src: Addr, port: int, data: bytes) -> None:
+    def _arrive(self, target: Host | NAT, src: Addr, port: int, data: bytes,
+                ttl: int = DEFAULT_TTL) -> None:
         if isinstance(target, Host):
             target.deliver(port, data, src)
             return
@@ -634,6 +661,9 @@ class Internet:
         if internal is None:
             self.counters["drop_filtered"] += 1
             target.note_unsolicited(src, port, self.clock.seconds())
+            return
+        if ttl <= 1:  # the router cannot forward it into its LAN
+            self.counters["drop_ttl"] += 1
             return
         host = target.hosts.get(internal[0])
         if host is None:

@@ -196,8 +196,12 @@ class Pair:
     def clock(self):
         return self.internet.clock
 
-    def start(self) -> None:
-        """Discover, exchange candidates, and start both path managers at once."""
+    def start(self, skew: float = 0.0) -> None:
+        """
+        Discover, exchange candidates, and start both path managers at once
+        (B's C{skew} seconds after A's: the two "punch now" messages of the
+        rendezvous arrive that far apart).
+        """
         for node in self.nodes:
             node.discover(self.reflectors)
         self.internet.run(1.0)
@@ -216,9 +220,12 @@ class Pair:
                 strategies=self.strategies, relay=provider,
                 rng=random.Random(self.rng.random()), config=self.config)
         self.started = self.clock.seconds()
-        self.probes_before = sum(n.probes.counters["probe_sent"] for n in self.nodes)
-        for node in self.nodes:
-            node.manager.start()  # type: ignore[union-attr]
+        self.probes_before = self._sent()
+        self.a.manager.start()  # type: ignore[union-attr]
+        if skew > 0:
+            self.clock.callLater(skew, self.b.manager.start)  # type: ignore[union-attr]
+        else:
+            self.b.manager.start()  # type: ignore[union-attr]
 
     def managers(self) -> tuple[PathManager, PathManager]:
         assert self.a.manager is not None and self.b.manager is not None
@@ -227,8 +234,13 @@ class Pair:
     def both_direct(self) -> bool:
         return all(m.kind in (LAN, DIRECT) for m in self.managers())
 
+    def _sent(self) -> int:
+        return sum(n.probes.counters["probe_sent"] + n.probes.counters["opener_sent"]
+                   for n in self.nodes)
+
     def probes_sent(self) -> int:
-        return sum(n.probes.counters["probe_sent"] for n in self.nodes) - self.probes_before
+        """Probes, openers included, both sides sent since the start."""
+        return self._sent() - self.probes_before
 
     def run(self, timeout: float = 30.0) -> PairResult:
         """Run until both sides use a LAN or direct path, or C{timeout}."""
@@ -258,7 +270,11 @@ def summarize(times: Sequence[float]) -> dict[str, float | None]:
             "max": ordered[-1]}
 
 
-PRESET_NAMES = ("open", "easy", "easyaf", "hard", "hard-sequential", "udpblock")
+# "easynf" and "hardnf": routers without a firewall on themselves (the
+# clash); with openers they end as their firewalled kind does.
+PRESET_NAMES = ("open", "easy", "easyaf", "hard", "hard-sequential", "udpblock", "easynf",
+                "hardnf")
+_AS_FIREWALLED = {"easynf": "easy", "hardnf": "hard"}
 
 
 def grid_pairs() -> list[tuple[str, str]]:
@@ -275,7 +291,7 @@ def expected(a: str, b: str) -> tuple[str, str | None]:
     """
     if a in SAME_NAT:
         return (LAN, "lan")
-    pair = {a, b}
+    pair = {_AS_FIREWALLED.get(a, a), _AS_FIREWALLED.get(b, b)}
     if "udpblock" in pair:
         return ("relay", None)
     hard = {"hard", "hard-sequential"}

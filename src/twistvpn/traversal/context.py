@@ -58,11 +58,12 @@ class TraversalContext:
         self._sockets: list[int] = []
         self.closed = False
 
-    def send_probe(self, endpoint: Any) -> None:
+    def send_probe(self, endpoint: Any, hop_limit: int | None = None) -> None:
         if self.closed:
             return
         self.probes_sent += 1
-        self._service.send_probe(self.peer_key, endpoint, self.strategy, self._on_reply)
+        self._service.send_probe(self.peer_key, endpoint, self.strategy, self._on_reply,
+                                 hop_limit=hop_limit)
 
     def _on_reply(self, endpoint: Any, rtt: float) -> None:
         self.verified.append(VerifiedPath(endpoint, rtt, self.strategy))

@@ -33,6 +33,7 @@ from nacl.bindings import crypto_scalarmult
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
+from twistvpn.common.hoplimit import write_hop_limited
 from twistvpn.interfaces import IDatagramHandler, IDatagramSender
 from twistvpn.traversal.candidates import ReactorUDP
 from twistvpn.wire import PROBE, PROBE_REPLY
@@ -208,13 +209,16 @@ class SocketPool:
     def __len__(self) -> int:
         return len(self._ports)
 
-    def send(self, data: bytes, endpoint: BoundEndpoint) -> None:
+    def send(self, data: bytes, endpoint: BoundEndpoint, hop_limit: int | None = None) -> None:
         port = self._ports.get(endpoint.socket)
         if port is None:
             self.counters["drop_socket_closed"] += 1
             return
         try:
-            port.write(data, endpoint.addr)
+            if hop_limit is None:
+                port.write(data, endpoint.addr)
+            elif not write_hop_limited(port, data, endpoint.addr, hop_limit):
+                self.counters["hop_limit_unsupported"] += 1
         except OSError:
             self.counters["drop_send_error"] += 1
 
@@ -281,10 +285,12 @@ class ProbeService:
     # -- sending --------------------------------------------------------------
 
     def send_probe(self, peer_key: bytes, endpoint: Any, tag: str,
-                   on_reply: Callable[[Any, float], None] | None = None) -> None:
+                   on_reply: Callable[[Any, float], None] | None = None,
+                   hop_limit: int | None = None) -> None:
         """
         Probe C{endpoint}; a valid answer calls the peer's listener's
-        C{path_verified} (and C{on_reply(endpoint, rtt)} if given).
+        C{path_verified} (and C{on_reply(endpoint, rtt)} if given).  With
+        C{hop_limit}, an opener: sent with that IP time to live.
         """
         peer = self._peers.get(peer_id(peer_key))
         if peer is None:
@@ -293,8 +299,16 @@ class ProbeService:
         self._expire(now)
         txid = self.random_bytes(8)
         self._pending[txid] = _Pending(peer, endpoint, now, tag, on_reply)
-        self.counters["probe_sent"] += 1
-        self.forwarder.send_datagram(encode_probe(peer.key, self._id, txid, now, tag), endpoint)
+        data = encode_probe(peer.key, self._id, txid, now, tag)
+        if hop_limit is None:
+            self.counters["probe_sent"] += 1
+            self.forwarder.send_datagram(data, endpoint)
+            return
+        self.counters["opener_sent"] += 1
+        if isinstance(endpoint, BoundEndpoint):
+            self.sockets.send(data, endpoint, hop_limit)
+        else:
+            self.forwarder.send_hop_limited(data, endpoint, hop_limit)
 
     def _expire(self, now: float) -> None:
         pending = self._pending

@@ -82,6 +82,37 @@ def _send_all(context: Context, targets: Sequence[Any]) -> Callable[[], None]:
     return send
 
 
+# Openers: a probe's first round goes out with this IP time to live, enough
+# to pass our own NAT router (which maps it) and too little to reach the
+# peer's router.  A router without a firewall on itself keeps an early
+# probe as a connection-tracking entry and then maps its own host's packets
+# to that sender from another port (docs/lab.md: the clash); with both
+# sides' mappings open before any full probe arrives, there is no early
+# probe.  The full rounds start OPEN_LEAD later, time enough for the peer's
+# openers too (both sides start within a few milliseconds of the
+# rendezvous's "punch now").
+OPEN_HOPS = 2
+OPEN_LEAD = 0.2
+
+
+def opening(context: Context, targets: Sequence[Any], times: Sequence[float],
+            hops: int | None, lead: float) -> list[tuple[float, Callable]]:
+    """
+    Steps: openers to C{targets} at once (none when C{hops} is None, or when
+    we have no NAT to open), then full probes at C{times}, C{lead} later.
+    """
+    if hops is None:
+        return rounds(times, _send_all(context, targets))
+
+    def open_all() -> None:
+        if context.local.hints.public:
+            return
+        for target in targets:
+            context.send_probe(target, hop_limit=hops)
+
+    return [(0.0, open_all), *rounds([t + lead for t in times], _send_all(context, targets))]
+
+
 def _reachable(context: Context) -> bool:
     """Both sides have a public endpoint and UDP gets out of both."""
     return (bool(context.local.public) and bool(context.peer.public)
@@ -120,10 +151,13 @@ class PunchStrategy:
     """
 
     def __init__(self, name: str = "punch", times: Sequence[float] = PUNCH_TIMES,
-                 linger: float = 1.0) -> None:
+                 linger: float = 1.0, open_hops: int | None = OPEN_HOPS,
+                 open_lead: float = OPEN_LEAD) -> None:
         self.name = name
         self.times = tuple(times)
         self.linger = linger
+        self.open_hops = open_hops  # None: no openers (see OPEN_HOPS)
+        self.open_lead = open_lead
 
     def applicable(self, context: Context) -> bool:
         # On a sequential-port NAT every new destination would take a port
@@ -131,8 +165,9 @@ class PunchStrategy:
         return _reachable(context) and not context.local.hints.sequential
 
     def start(self, context: Context) -> Deferred[None]:
-        targets = context.peer.public
-        return paced(context, rounds(self.times, _send_all(context, targets)), self.linger)
+        steps = opening(context, context.peer.public, self.times, self.open_hops,
+                        self.open_lead)
+        return paced(context, steps, self.linger)
 
 
 @implementer(IPlugin, ITraversalStrategy)
@@ -145,13 +180,18 @@ class SequentialStrategy:
     """
 
     def __init__(self, name: str = "sequential", window: int = 16,
-                 times: Sequence[float] = PUNCH_TIMES, linger: float = 1.0) -> None:
+                 times: Sequence[float] = PUNCH_TIMES, linger: float = 1.0,
+                 open_hops: int | None = OPEN_HOPS, open_lead: float = OPEN_LEAD) -> None:
         if window < 1:
             raise ValueError("the prediction window must be at least 1")
         self.name = name
         self.window = window
         self.times = tuple(times)
         self.linger = linger
+        # The openers take the predicted mappings in order; the full
+        # probes that follow reuse them.
+        self.open_hops = open_hops
+        self.open_lead = open_lead
 
     def applicable(self, context: Context) -> bool:
         local, peer = context.local.hints, context.peer.hints
@@ -171,8 +211,9 @@ class SequentialStrategy:
         return [(host, p) for p in ports if LOW_PORT <= p <= HIGH_PORT]
 
     def start(self, context: Context) -> Deferred[None]:
-        send = _send_all(context, self.targets(context))
-        return paced(context, rounds(self.times, send), self.linger)
+        steps = opening(context, self.targets(context), self.times, self.open_hops,
+                        self.open_lead)
+        return paced(context, steps, self.linger)
 
 
 @implementer(IPlugin, ITraversalStrategy)
@@ -190,7 +231,7 @@ class BirthdayStrategy:
     def __init__(self, name: str = "birthday", ports: int = 256, probes: int = 1024,
                  rate: float = 100.0, refresh: float = 20.0, start_delay: float = 0.5,
                  linger: float = 2.0, late_after: float = 0.1,
-                 late_again: float = 3.0) -> None:
+                 late_again: float = 3.0, open_hops: int | None = OPEN_HOPS) -> None:
         if not 1 <= ports <= 4096:
             raise ValueError("birthday: ports must be between 1 and 4096")
         if not 1 <= probes <= HIGH_PORT - LOW_PORT + 1:
@@ -206,6 +247,9 @@ class BirthdayStrategy:
         self.linger = linger
         self.late_after = late_after  # the fresh round, this long after the easy side's last
         self.late_again = late_again  # and another, this much later
+        # The hard side's rounds only open mappings for the easy side's
+        # probes to find: openers, which leave the easy router untouched.
+        self.open_hops = open_hops
 
     def applicable(self, context: Context) -> bool:
         if not _reachable(context):
@@ -231,22 +275,21 @@ class BirthdayStrategy:
         targets = list(context.peer.public)
         sockets: list[Any] = []
 
-        def spray() -> None:
+        def spray(hops: int | None = self.open_hops) -> None:
             if not sockets:
                 sockets.extend(context.open_socket() for _ in range(self.ports))
             for sock in sockets:
                 for target in targets:
-                    context.send_probe(sock.endpoint(address_of(target)))
+                    context.send_probe(sock.endpoint(address_of(target)), hop_limit=hops)
 
         def late() -> None:
-            # Fresh mappings, after the easy side's probes: a router without
-            # a firewall on itself kept our first round's probes (conntrack),
-            # and then mapped its host's probes to those ports elsewhere.  Its
-            # host's probes have opened their own entries by now, so a fresh
-            # mapping that meets one of them gets in (peer-reflexive, as ICE
-            # calls it: the easy side answers where our probe came from).
+            # Fresh mappings, full probes, after the easy side's probes: a
+            # fresh mapping that meets one of the easy side's open entries
+            # gets in (peer-reflexive, as ICE calls it: the easy side answers
+            # where our probe came from).  A second chance, and the only one
+            # where the openers die too early (a network of one hop).
             sockets.clear()
-            spray()
+            spray(None)
 
         # Keep the mappings open for as long as the easy side probes.
         times = [self.start_delay]
