@@ -421,3 +421,79 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(nat.inbound(port, source, 1.0) == internal, allowed)
         # After the timeout nothing gets in.
         self.assertIsNone(nat.inbound(port, source, nat.behavior.timeout + 0.1))
+
+
+class DualStackTests(SynchronousTestCase):
+    """IPv6 crosses the routers untranslated, through their stateful firewalls."""
+
+    def setUp(self) -> None:
+        self.net = Internet(seed=3)
+        self.server = self.net.add_public_host(ipv6=True)
+        self.nat = self.net.add_nat("hard", ipv6=True)
+        self.client = self.net.add_host(self.nat)
+        self.inbox = Recorder()
+        self.cport = self.client.reactor.listenUDP(5000, self.inbox)
+        self.sinbox = Recorder()
+        self.sport = self.server.reactor.listenUDP(1000, self.sinbox)
+
+    def test_addresses(self) -> None:
+        self.assertEqual(self.client.ip6, "2001:db8:1::2")
+        assert self.server.ip6 is not None
+        self.assertTrue(self.server.ip6.startswith("2001:db8::"))
+        self.assertIsNone(self.net.add_host(self.net.add_nat("easy")).ip6)
+
+    def test_out_untranslated_and_answers_in(self) -> None:
+        assert self.server.ip6 is not None and self.client.ip6 is not None
+        self.cport.write(b"out", (self.server.ip6, 1000))
+        self.net.run(1.0)
+        self.assertEqual(self.sinbox.received, [(b"out", (self.client.ip6, 5000))])
+        self.sport.write(b"answer", (self.client.ip6, 5000))
+        self.net.run(1.0)
+        self.assertEqual(self.inbox.received, [(b"answer", (self.server.ip6, 1000))])
+
+    def test_unsolicited_filtered(self) -> None:
+        assert self.server.ip6 is not None and self.client.ip6 is not None
+        self.sport.write(b"knock", (self.client.ip6, 5000))
+        self.net.run(1.0)
+        self.assertEqual(self.inbox.received, [])
+        self.assertEqual(self.net.counters["drop_filtered"], 1)
+        # Another port of the server is another flow (address and port dependent).
+        self.cport.write(b"out", (self.server.ip6, 1000))
+        other = self.server.reactor.listenUDP(2000, Recorder())
+        other.write(b"other port", (self.client.ip6, 5000))
+        self.net.run(1.0)
+        self.assertEqual(self.inbox.received, [])
+
+    def test_flows_expire(self) -> None:
+        assert self.server.ip6 is not None and self.client.ip6 is not None
+        self.cport.write(b"out", (self.server.ip6, 1000))
+        self.net.run(31.0)
+        self.sport.write(b"late", (self.client.ip6, 5000))
+        self.net.run(1.0)
+        self.assertEqual(self.inbox.received, [])
+
+    def test_hop_limited_opens_the_firewall_only(self) -> None:
+        assert self.server.ip6 is not None and self.client.ip6 is not None
+        self.cport.write_hop_limited(b"opener", (self.server.ip6, 1000), 2)
+        self.net.run(1.0)
+        self.assertEqual(self.sinbox.received, [])
+        self.sport.write(b"in", (self.client.ip6, 5000))
+        self.net.run(1.0)
+        self.assertEqual([d for d, _ in self.inbox.received], [b"in"])
+
+    def test_udp_blocked_blocks_ipv6_too(self) -> None:
+        nat = self.net.add_nat("udpblock", ipv6=True)
+        host = self.net.add_host(nat)
+        port = host.reactor.listenUDP(5000, Recorder())
+        assert self.server.ip6 is not None
+        port.write(b"x", (self.server.ip6, 1000))
+        self.net.run(1.0)
+        self.assertEqual(self.sinbox.received, [])
+
+    def test_no_ipv6_is_unreachable(self) -> None:
+        host = self.net.add_host(self.net.add_nat("easy"))
+        port = host.reactor.listenUDP(5000, Recorder())
+        assert self.server.ip6 is not None
+        with self.assertRaises(OSError):
+            port.write(b"x", (self.server.ip6, 1000))
+        self.assertEqual(self.net.counters["drop_no_ipv6"], 1)

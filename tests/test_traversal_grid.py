@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from twistvpn.testing.natsim import SAME_NAT
 from twistvpn.testing.pathsim import expected, grid_pairs, measure
 
 DEADLINE = 15.0  # simulated seconds per run
@@ -66,6 +67,49 @@ def _make(a: str, b: str):
 
 for _a, _b in grid_pairs():
     setattr(GridTests, f"test_{_a}__{_b}".replace("-", "_"), _make(_a, _b))
+
+
+# Dual stack: every pair that UDP reaches goes direct and ends on IPv6 (the
+# path manager prefers it); the first path comes from punch over IPv6 or an
+# IPv4 strategy, whichever answers first.
+DUAL_STACK_BOUND = (1.0, 150)  # sequential x sequential sends 142
+
+
+class DualStackGridTests(SynchronousTestCase):
+    """
+    Issue 17: both sites dual stack (2001:db8::/32), IPv4 behind the preset's
+    NAT, IPv6 through a stateful firewall that lets in only answers.
+    """
+
+    def check(self, a: str, b: str) -> None:
+        kind, strategy = expected(a, b, ipv6=True)
+        stats = measure(a, b, SEEDS, DEADLINE, ipv6=True)
+        summary = stats.as_dict()
+        self.assertEqual(stats.successes, stats.runs, summary)
+        if kind == "relay":
+            self.assertEqual(stats.kinds, {"relay": stats.runs}, summary)
+            self.assertLessEqual(max(stats.times), RELAY_OPEN_BOUND, summary)
+            self.assertLessEqual(max(stats.probes), RELAY_PROBE_BOUND, summary)
+            return
+        self.assertEqual(stats.families, {6: stats.runs}, summary)
+        if strategy is not None:
+            self.assertEqual(set(stats.strategies), {strategy}, summary)
+        time_bound, probe_bound = DUAL_STACK_BOUND
+        self.assertLessEqual(max(stats.times), time_bound, summary)
+        self.assertLessEqual(max(stats.probes), probe_bound, summary)
+
+
+def _make_dual(a: str, b: str):
+    def test(self: DualStackGridTests) -> None:
+        self.check(a, b)
+
+    test.__doc__ = f"{a} x {b}, dual stack: {expected(a, b, ipv6=True)}"
+    return test
+
+
+for _a, _b in grid_pairs():
+    if _a not in SAME_NAT:
+        setattr(DualStackGridTests, f"test_{_a}__{_b}".replace("-", "_"), _make_dual(_a, _b))
 
 
 class LossyGridTests(SynchronousTestCase):

@@ -48,6 +48,15 @@ receiving NAT router one more to forward it into its LAN.  A datagram with
 too little left is dropped and counted (C{drop_ttl}); one that reaches a
 router's own address unsolicited still counts for the clash, as in Linux.
 
+Dual stack: C{add_nat(..., ipv6=True)} gives the NAT's LAN a global IPv6
+prefix (2001:db8:N::/64) and each of its hosts an address in it;
+C{add_public_host(..., ipv6=True)} a public host one of 2001:db8::/64.  IPv6
+crosses the router without translation, through a stateful firewall as
+home routers have: it lets in only what answers a flow its host opened
+(address and port dependent, as conntrack; the NAT's timeout; no clash:
+the router is never the destination).  A socket writes to either family
+(as a dual-stack socket does), from the host's address of that family.
+
 Simplifications, on purpose: datagrams to a private address that is not on
 the sender's own LAN are dropped at the router (a real one would NAT them
 toward its ISP, which drops them); no fragmentation, no ICMP, no cross
@@ -182,11 +191,15 @@ class NAT:
 
     def __init__(
         self, internet: Internet, public_ip: str, subnet: str, behavior: NATBehavior,
-        link: Link,
+        link: Link, prefix6: str | None = None,
     ) -> None:
         self.internet = internet
         self.public_ip = public_ip
         self.subnet = ipaddress.ip_network(subnet)
+        # Dual stack: the LAN's global IPv6 prefix, and the IPv6 firewall's
+        # flows: (inside, outside) -> expiry.
+        self.prefix6 = ipaddress.ip_network(prefix6) if prefix6 is not None else None
+        self._flows6: dict[tuple[Addr, Addr], float] = {}
         self.behavior = behavior
         self.link = link
         self.hosts: dict[str, Host] = {}
@@ -349,6 +362,20 @@ class NAT:
             m.allowed.add(dst[0])
         return m.port
 
+    def outbound6(self, inside: Addr, outside: Addr, now: float) -> None:
+        """An IPv6 datagram leaves: its answers may come in until the timeout."""
+        self._flows6[(inside, outside)] = now + self.behavior.timeout
+
+    def inbound6(self, inside: Addr, outside: Addr, now: float) -> bool:
+        """May an IPv6 datagram from C{outside} reach C{inside}?"""
+        expires = self._flows6.get((inside, outside))
+        if expires is None:
+            return False
+        if expires <= now:
+            del self._flows6[(inside, outside)]
+            return False
+        return True
+
     def inbound(self, port: int, src: Addr, now: float) -> Addr | None:
         """Where a packet from C{src} to our C{port} goes, or None (dropped)."""
         m = self._by_port.get(port)
@@ -454,11 +481,13 @@ class SimPort:
 
 
 class Host:
-    """A machine with one address, on the internet or behind a NAT."""
+    """A machine with an IPv4 address (and maybe an IPv6 one), on the internet or behind a NAT."""
 
-    def __init__(self, internet: Internet, ip: str, nat: NAT | None, link: Link) -> None:
+    def __init__(self, internet: Internet, ip: str, nat: NAT | None, link: Link,
+                 ip6: str | None = None) -> None:
         self.internet = internet
         self.ip = ip
+        self.ip6 = ip6
         self.nat = nat
         self.link = link
         self.ports: dict[int, SimPort] = {}
@@ -501,6 +530,7 @@ class Internet:
         self.random = random.Random(seed)
         self.counters: collections.Counter[str] = collections.Counter()
         self._public: dict[str, Host | NAT] = {}
+        self._hosts6: dict[str, Host] = {}  # every IPv6 address, public or behind a router
         self._nats: list[NAT] = []
         self._next_public = 1
         self._taps: list[Callable[[Addr, Addr, bytes], None]] = []
@@ -520,19 +550,24 @@ class Internet:
         return ip
 
     def add_public_host(self, ip: str | None = None, latency: float = 0.010,
-                        loss: float = 0.0) -> Host:
+                        loss: float = 0.0, ipv6: bool = False) -> Host:
         """A host with a public address and no NAT (the C{open} preset)."""
         ip = self._public_ip(ip)
-        host = Host(self, ip, None, Link(latency, loss))
+        ip6 = f"2001:db8::{int(ipaddress.ip_address(ip)) & 0xFFFF:x}" if ipv6 else None
+        host = Host(self, ip, None, Link(latency, loss), ip6)
         self._public[ip] = host
+        if ip6 is not None:
+            self._hosts6[ip6] = host
         return host
 
     def add_nat(self, preset: str | NATBehavior = "easy", public_ip: str | None = None,
-                latency: float = 0.010, loss: float = 0.0, **changes: Any) -> NAT:
-        """A NAT router with a LAN 192.168.N.0/24 behind it."""
+                latency: float = 0.010, loss: float = 0.0, ipv6: bool = False,
+                **changes: Any) -> NAT:
+        """A NAT router with a LAN 192.168.N.0/24 behind it (and 2001:db8:N::/64)."""
         ip = self._public_ip(public_ip)
-        subnet = f"192.168.{len(self._nats) + 1}.0/24"
-        nat = NAT(self, ip, subnet, behavior(preset, **changes), Link(latency, loss))
+        n = len(self._nats) + 1
+        nat = NAT(self, ip, f"192.168.{n}.0/24", behavior(preset, **changes),
+                  Link(latency, loss), f"2001:db8:{n:x}::/64" if ipv6 else None)
         self._public[ip] = nat
         self._nats.append(nat)
         return nat
@@ -540,34 +575,41 @@ class Internet:
     def add_host(self, nat: NAT, lan_latency: float = 0.0005) -> Host:
         """A host on C{nat}'s LAN."""
         ip = str(nat.subnet.network_address + nat._next_ip)
+        ip6 = (str(nat.prefix6.network_address + nat._next_ip) if nat.prefix6 is not None
+               else None)
         nat._next_ip += 1
-        host = Host(self, ip, nat, Link(lan_latency, 0.0))
+        host = Host(self, ip, nat, Link(lan_latency, 0.0), ip6)
         nat.hosts[ip] = host
+        if ip6 is not None:
+            self._hosts6[ip6] = host
         return host
 
     def add(self, preset: str, latency: float = 0.010, loss: float = 0.0,
-            **changes: Any) -> Host:
+            ipv6: bool = False, **changes: Any) -> Host:
         """
         A host behind a fresh NAT of C{preset} (with C{changes} to its
         behaviour, e.g. C{timeout=60}), or a public host for C{open}.
         """
         if preset == "open":
-            return self.add_public_host(latency=latency, loss=loss)
-        return self.add_host(self.add_nat(preset, latency=latency, loss=loss, **changes))
+            return self.add_public_host(latency=latency, loss=loss, ipv6=ipv6)
+        return self.add_host(self.add_nat(preset, latency=latency, loss=loss, ipv6=ipv6,
+                                          **changes))
 
     def add_pair(self, a: str, b: str, latency: tuple[float, float] = (0.010, 0.010),
-                 loss: float = 0.0, **changes: Any) -> tuple[Host, Host]:
+                 loss: float = 0.0, ipv6: bool = False, **changes: Any) -> tuple[Host, Host]:
         """
-        Two hosts for presets C{a} and C{b}; or, when C{a} is C{same-nat} or
-        C{same-nat-hairpin} (see L{SAME_NAT}), two hosts behind one C{easy}
-        NAT (C{b} names its preset, C{easy} if it is the same name).
+        Two hosts for presets C{a} and C{b} (dual stack with C{ipv6}); or,
+        when C{a} is C{same-nat} or C{same-nat-hairpin} (see L{SAME_NAT}),
+        two hosts behind one C{easy} NAT (C{b} names its preset, C{easy} if
+        it is the same name).
         """
         if a in SAME_NAT:
             preset = "easy" if b in SAME_NAT else b
-            nat = self.add_nat(preset, latency=latency[0], loss=loss,
+            nat = self.add_nat(preset, latency=latency[0], loss=loss, ipv6=ipv6,
                                **{"hairpin": a == "same-nat-hairpin", **changes})
             return (self.add_host(nat), self.add_host(nat))
-        return (self.add(a, latency[0], loss, **changes), self.add(b, latency[1], loss, **changes))
+        return (self.add(a, latency[0], loss, ipv6, **changes),
+                self.add(b, latency[1], loss, ipv6, **changes))
 
     def tap(self, observer: Callable[[Addr, Addr, bytes], None]) -> None:
         """Call C{observer(src, dst, data)} for every datagram sent by a host."""
@@ -581,6 +623,9 @@ class Internet:
     def send(self, host: Host, sport: int, data: bytes, dst: Addr,
              ttl: int = DEFAULT_TTL) -> None:
         """Route one datagram from C{host}:C{sport} to C{dst}, leaving with C{ttl}."""
+        if ":" in dst[0]:
+            self._send6(host, sport, data, dst, ttl)
+            return
         counters = self.counters
         counters["sent"] += 1
         src: Addr = (host.ip, sport)
@@ -648,6 +693,70 @@ class Internet:
             return
         self.clock.callLater(latency + target.link.latency, self._arrive, target, src,
                              dst[1], data, ttl)
+
+    def _send6(self, host: Host, sport: int, data: bytes, dst: Addr, ttl: int) -> None:
+        """Route one IPv6 datagram: no translation, the routers' firewalls."""
+        counters = self.counters
+        if host.ip6 is None:
+            counters["drop_no_ipv6"] += 1
+            raise OSError(101, "Network is unreachable (no IPv6 address)")
+        counters["sent"] += 1
+        src: Addr = (host.ip6, sport)
+        for observer in self._taps:
+            observer(src, dst, data)
+        now = self.clock.seconds()
+        target = self._hosts6.get(dst[0])
+        nat = host.nat
+        latency = host.link.latency
+        if nat is not None:
+            if target is not None and target.nat is nat:  # on our own LAN
+                self.clock.callLater(latency + target.link.latency, target.deliver, dst[1],
+                                     data, src)
+                return
+            if nat.behavior.udp_blocked:
+                counters["drop_udp_blocked"] += 1
+                return
+            ttl -= 1
+            if ttl <= 0:
+                counters["drop_ttl"] += 1
+                return
+            nat.outbound6(src, dst, now)
+            latency += nat.link.latency
+            if self._lost(nat.link):
+                counters["drop_loss"] += 1
+                return
+        elif self._lost(host.link):
+            counters["drop_loss"] += 1
+            return
+        ttl -= self.core_hops
+        if ttl <= 0:
+            counters["drop_ttl"] += 1
+            return
+        if target is None:
+            counters["drop_no_such_host"] += 1
+            return
+        far = target.nat
+        hop = target.link if far is None else far.link
+        if self._lost(hop):
+            counters["drop_loss"] += 1
+            return
+        latency += hop.latency + (target.link.latency if far is not None else 0.0)
+        self.clock.callLater(latency, self._arrive6, target, src, dst[1], data, ttl)
+
+    def _arrive6(self, target: Host, src: Addr, port: int, data: bytes, ttl: int) -> None:
+        nat = target.nat
+        if nat is not None:
+            assert target.ip6 is not None
+            if nat.behavior.udp_blocked:
+                self.counters["drop_udp_blocked"] += 1
+                return
+            if not nat.inbound6((target.ip6, port), src, self.clock.seconds()):
+                self.counters["drop_filtered"] += 1
+                return
+            if ttl <= 1:
+                self.counters["drop_ttl"] += 1
+                return
+        target.deliver(port, data, src)
 
     def _arrive(self, target: Host | NAT, src: Addr, port: int, data: bytes,
                 ttl: int = DEFAULT_TTL) -> None:

@@ -15,7 +15,7 @@ import random
 import statistics
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.protocol import DatagramProtocol
@@ -23,17 +23,19 @@ from zope.interface import implementer
 
 from twistvpn.interfaces import IDatagramHandler
 from twistvpn.node.forwarder import Forwarder
+from twistvpn.node.joined import is_public_ipv6
 from twistvpn.testing.fakerelay import FakeRelay
 from twistvpn.testing.natsim import SAME_NAT, Host, Internet
 from twistvpn.traversal.candidates import Candidates, Strategy, hints_from_observations
 from twistvpn.traversal.manager import DIRECT, LAN, PathConfig, PathManager
-from twistvpn.traversal.probe import ProbeService
+from twistvpn.traversal.probe import ProbeService, address_of
 from twistvpn.wire import DISCOVERY_REQUEST, DISCOVERY_RESPONSE
 from twistvpn.wireguard.keys import clamp, public_key
 
 NODE_PORT = 41641
 PING = 0xFE  # test-only message type: data through the chosen path
 OVERLAY = ("100.64.0.1", "100.64.0.2")  # the nodes' addresses with wireguard=True
+SETTLED_AFTER = 0.5  # after the first path (twice the path manager's settle)
 
 
 def ipv4_packet(src: str, dst: str, payload: bytes) -> bytes:
@@ -139,7 +141,13 @@ class SimNode:
             seen[addr] = (host, port)
         observed = [seen.get(r) for r in reflectors]
         public = tuple(o for o in observed[:1] if o is not None)
-        return Candidates(public=public, local=(self.local,),
+        local: tuple[tuple[str, int], ...] = (self.local,)
+        if self.host.ip6 is not None:
+            local += ((self.host.ip6, NODE_PORT),)
+        # As the joined node does: global IPv6 addresses are public candidates
+        # too, after the observed IPv4 endpoint; hints come from IPv4.
+        public6 = tuple(a for a in local if is_public_ipv6(a))
+        return Candidates(public=public + public6, local=local,
                           hints=hints_from_observations(self.local, observed))
 
     def ping(self, payload: bytes = b"ping") -> None:
@@ -167,7 +175,8 @@ class Pair:
                  loss: float = 0.0,
                  strategies: Sequence[Strategy] | None = None,
                  config: PathConfig | None = None, relay: bool = True,
-                 mapping_timeout: float = 30.0, wireguard: bool = False) -> None:
+                 mapping_timeout: float = 30.0, wireguard: bool = False,
+                 ipv6: bool = False) -> None:
         self.internet = Internet(seed=seed)
         net = self.internet
         rng = random.Random(seed ^ 0x5EED)
@@ -177,7 +186,7 @@ class Pair:
         latencies = latency if isinstance(latency, tuple) else (latency, latency)
         if same_nat:
             a, b = ("same-nat-hairpin" if hairpin else "same-nat"), a
-        hosts = net.add_pair(a, b, latencies, loss, timeout=mapping_timeout)
+        hosts = net.add_pair(a, b, latencies, loss, ipv6=ipv6, timeout=mapping_timeout)
         self.nats = [h.nat for h in hosts]
         self.a, self.b = SimNode(hosts[0], rng), SimNode(hosts[1], rng)
         if wireguard:
@@ -259,6 +268,17 @@ class Pair:
         return PairResult((ma.kind, mb.kind), strategy,
                           elapsed if found else relay_at, self.probes_sent(), relay_at)
 
+    def settled_family(self) -> int | None:
+        """
+        The IP version (4 or 6) of side A's LAN or direct path once the
+        settling window after the first path has closed; None on the relay.
+        """
+        self.internet.run(SETTLED_AFTER)
+        manager = self.managers()[0]
+        if manager.kind not in (LAN, DIRECT):
+            return None
+        return 6 if ":" in address_of(manager.endpoint)[0] else 4
+
 
 def summarize(times: Sequence[float]) -> dict[str, float | None]:
     """Median, 90th percentile and maximum of some durations."""
@@ -283,14 +303,21 @@ def grid_pairs() -> list[tuple[str, str]]:
     return pairs + [(s, s) for s in SAME_NAT]
 
 
-def expected(a: str, b: str) -> tuple[str, str | None]:
+def expected(a: str, b: str, ipv6: bool = False) -> tuple[str, str | None]:
     """
     The path kind a pair should end on and the strategy that should find it
     (None: any).  Two endpoint-dependent-mapping sides need a relay, unless
     both are sequential (then each side's k-th new mapping is predictable).
+    Dual stack (C{ipv6}): whatever UDP reaches goes direct, the pairs IPv4
+    cannot carry by punching over IPv6; the others by whichever is first.
     """
     if a in SAME_NAT:
         return (LAN, "lan")
+    if ipv6:
+        kind, _ = expected(a, b)
+        if "udpblock" in (a, b):
+            return ("relay", None)
+        return (DIRECT, "punch" if kind == "relay" else None)
     pair = {_AS_FIREWALLED.get(a, a), _AS_FIREWALLED.get(b, b)}
     if "udpblock" in pair:
         return ("relay", None)
@@ -327,6 +354,7 @@ class CellStats:
     successes: int  # runs that reached the expected kind within the deadline
     times: list[float]  # time to the first path of the expected kind, successful runs
     probes: list[int]  # probes sent until then (or until the deadline)
+    families: dict[int, int] = field(default_factory=dict)  # direct path's IP version -> runs
 
     @property
     def rate(self) -> float:
@@ -334,7 +362,8 @@ class CellStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"pair": list(self.pair), "runs": self.runs, "kinds": self.kinds,
-                "strategies": self.strategies, "success_rate": self.rate,
+                "strategies": self.strategies, "families": self.families,
+                "success_rate": self.rate,
                 "time": summarize(self.times),
                 "probes": {"median": statistics.median(self.probes) if self.probes else None,
                            "max": max(self.probes, default=None)}}
@@ -343,9 +372,10 @@ class CellStats:
 def measure(a: str, b: str, seeds: Sequence[int], deadline: float = 15.0,
             **kw: Any) -> CellStats:
     """Run a grid cell once per seed, up to C{deadline} simulated seconds each."""
-    want, _ = expected(a, b)
+    want, _ = expected(a, b, kw.get("ipv6", False))
     kinds: dict[str, int] = {}
     strategies: dict[str, int] = {}
+    families: dict[int, int] = {}
     times: list[float] = []
     probes: list[int] = []
     successes = 0
@@ -358,7 +388,10 @@ def measure(a: str, b: str, seeds: Sequence[int], deadline: float = 15.0,
         if result.strategy is not None:
             strategies[result.strategy] = strategies.get(result.strategy, 0) + 1
         probes.append(result.probes)
+        family = pair.settled_family()
+        if family is not None:
+            families[family] = families.get(family, 0) + 1
         if kind == want and result.kinds[1] == want and result.time_to_path is not None:
             successes += 1
             times.append(result.time_to_path)
-    return CellStats((a, b), len(seeds), kinds, strategies, successes, times, probes)
+    return CellStats((a, b), len(seeds), kinds, strategies, successes, times, probes, families)

@@ -31,6 +31,14 @@ from twistvpn.wireguard.keys import encode_key
 
 LAN, DIRECT, RELAY, NONE = "lan", "direct", "relay", "none"
 RANK = {LAN: 0, DIRECT: 1, RELAY: 2}
+# An IPv6 path's round trip counts this much when paths of a kind are
+# ranked: within 10 %, IPv6 is preferred (below switch_ratio: no flapping).
+IPV6_RTT_BONUS = 0.9
+
+
+def _is_ipv6(endpoint: Any) -> bool:
+    address = address_of(endpoint)
+    return type(address) is tuple and ":" in str(address[0])
 KEEPALIVE = "keepalive"
 ROAMING = "roaming"
 NEW_CANDIDATE = "new candidate"  # a triggered check of an endpoint learned mid-attempt
@@ -403,7 +411,12 @@ class PathManager:
 
     @staticmethod
     def _score(path: Path) -> tuple[int, float]:
-        return (RANK[path.kind], path.rtt if path.rtt is not None else math.inf)
+        if path.rtt is None:
+            return (RANK[path.kind], math.inf)
+        # IPv6 crosses no NAT (no mapping to expire or move): it wins
+        # unless IPv4 is clearly faster, as Tailscale's magicsock decides.
+        bonus = IPV6_RTT_BONUS if _is_ipv6(path.endpoint) else 1.0
+        return (RANK[path.kind], path.rtt * bonus)
 
     def _select(self) -> None:
         if not self._paths:
@@ -417,7 +430,10 @@ class PathManager:
             if RANK[best.kind] == RANK[current.kind]:
                 if current.rtt is None or best.rtt is None:
                     return
-                if best.rtt >= current.rtt * self.config.switch_ratio:
+                # Onto IPv6 as soon as it ranks first; otherwise only for a
+                # clearly faster path, so that paths do not flap.
+                to_ipv6 = _is_ipv6(best.endpoint) and not _is_ipv6(current.endpoint)
+                if not to_ipv6 and best.rtt >= current.rtt * self.config.switch_ratio:
                     return
             elif RANK[best.kind] > RANK[current.kind]:
                 return

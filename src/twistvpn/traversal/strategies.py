@@ -98,15 +98,16 @@ OPEN_LEAD = 0.2
 def opening(context: Context, targets: Sequence[Any], times: Sequence[float],
             hops: int | None, lead: float) -> list[tuple[float, Callable]]:
     """
-    Steps: openers to C{targets} at once (none when C{hops} is None, or when
-    we have no NAT to open), then full probes at C{times}, C{lead} later.
+    Steps: openers to C{targets} at once, then full probes at C{times},
+    C{lead} later.  Only when both sides are behind NATs: a side with a
+    public address has nothing to open, and its probes need no wait either
+    (a router it reaches too early maps its host's answer elsewhere, and
+    the public side, filtering nothing, answers it there).
     """
-    if hops is None:
+    if hops is None or context.local.hints.public or context.peer.hints.public:
         return rounds(times, _send_all(context, targets))
 
     def open_all() -> None:
-        if context.local.hints.public:
-            return
         for target in targets:
             context.send_probe(target, hop_limit=hops)
 
@@ -159,13 +160,19 @@ class PunchStrategy:
         self.open_hops = open_hops  # None: no openers (see OPEN_HOPS)
         self.open_lead = open_lead
 
+    def targets(self, context: Context) -> tuple[Any, ...]:
+        if context.local.hints.sequential:
+            # On a sequential-port NAT every new IPv4 destination would take
+            # a port that SequentialStrategy has predicted for the peer;
+            # IPv6 crosses without a mapping.
+            return tuple(t for t in context.peer.public if ":" in address_of(t)[0])
+        return tuple(context.peer.public)
+
     def applicable(self, context: Context) -> bool:
-        # On a sequential-port NAT every new destination would take a port
-        # that SequentialStrategy has predicted for the peer.
-        return _reachable(context) and not context.local.hints.sequential
+        return _reachable(context) and bool(self.targets(context))
 
     def start(self, context: Context) -> Deferred[None]:
-        steps = opening(context, context.peer.public, self.times, self.open_hops,
+        steps = opening(context, self.targets(context), self.times, self.open_hops,
                         self.open_lead)
         return paced(context, steps, self.linger)
 
