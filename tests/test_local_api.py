@@ -76,6 +76,9 @@ class APITests(SynchronousTestCase):
 
     def test_ping(self) -> None:
         self.assertTrue(self.mesh.delivered(self.a, self.b, b"x"))
+        # The path stays put while it pings (easy x hard: birthday, a few seconds).
+        self.assertTrue(self.mesh.run(30, until=lambda: self.a.peer(self.b).manager.kind
+                                      == "direct"))
         lines = self.ask({"command": "ping", "peer": "beta", "count": 3})
         pings = [line["ping"] for line in lines[:-1]]
         self.assertEqual([p["seq"] for p in pings], [1, 2, 3])

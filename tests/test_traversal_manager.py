@@ -409,6 +409,25 @@ class NewCandidateTests(SynchronousTestCase):
         self.assertEqual(len(probes.sent), 2)
 
 
+class RelayAnswerTests(SynchronousTestCase):
+    def test_relay_answer_does_not_end_the_attempt(self) -> None:
+        """
+        A ping answered through the relay (twistvpn ping) verifies the relay
+        path; the attempt's strategies keep looking for a direct one.
+        """
+        pair = Pair("easy", "hard", seed=2)
+        pair.start()
+        manager = pair.a.manager
+        assert manager is not None
+        pair.internet.run(0.6)  # the relay is up; birthday has begun
+        self.assertEqual(manager.kind, "relay")
+        manager.path_verified(manager.relay_endpoint, 0.08, "ping")
+        pair.internet.run(0.3)  # past the settle time a first path would start
+        attempt = manager.history[-1]
+        self.assertNotEqual(attempt.first_path_strategy, "ping")
+        self.assertIn(attempt.outcomes["birthday"], ("running", "verified"))
+
+
 class RetryTogetherTests(SynchronousTestCase):
     def test_owner_arranges_the_retry(self) -> None:
         """

@@ -357,7 +357,9 @@ class PathManager:
             path.last_reply = now
             path.awaiting = None
         attempt = self._attempt
-        if attempt is not None and tag != KEEPALIVE:
+        # The relay answering (a ping through it) is no result of the
+        # attempt: it must not end the strategies still looking for a path.
+        if attempt is not None and tag != KEEPALIVE and path.kind != RELAY:
             attempt.verified_by.add(tag)
             if attempt.result is None:
                 attempt.result = path.kind
