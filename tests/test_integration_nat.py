@@ -13,7 +13,9 @@ supports, so the suite stays within a few minutes on two cores:
   deauthorized, not one of its packets arrives after 5 s;
 * easy x hard: direct, or relayed with the upgrade still being attempted;
 * hard x hard: relayed;
-* UDP blocked at one site: relayed over TLS on TCP.
+* UDP blocked at one site: relayed over TLS on TCP;
+* routers without a firewall on themselves: easy x easy and easy x hard
+  direct (openers).
 
 Every wait is bounded; every namespace and process is removed by its own
 name and pid (L{twistvpn.testing.netns.Network.close}), also on failure.
@@ -244,6 +246,36 @@ class PreAuthKeys(NatTestCase):
             log = process.log()
             self.assertIn(why, log)
             self.assertNotIn(key, log)
+
+
+class NoFirewall(NatTestCase):
+    """
+    Issue 17: routers without a firewall on themselves (a bare MASQUERADE
+    router keeps a peer's early probe in conntrack and maps its own host's
+    packets to that peer elsewhere: the clash).  The strategies' openers,
+    which die in the lab's core router, keep the peer's router clean, so
+    easy x easy goes direct at once and easy x hard by the birthday rounds.
+    """
+
+    def direct(self, nat_a: str, nat_b: str, settle: float) -> None:
+        lab = self.lab(nat_a, nat_b)
+        pairs = self.first_pings(lab, settle=settle)
+
+        def direct() -> None:
+            for pair in (("a1", "b1"), ("b1", "a1")):
+                self.assertEqual(pairs[pair].path, "direct", pairs[pair])
+            self.ping_ok(lab, "a1", "b1")
+
+        self.step(f"{nat_a} x {nat_b} goes direct", direct)
+
+    def test_easy_easy(self) -> None:
+        self.direct("easynf", "easynf", settle=10)
+
+    def test_easy_hard(self) -> None:
+        self.direct("easynf", "hard", settle=40)
+
+    def test_hard_easy(self) -> None:
+        self.direct("hard", "easynf", settle=40)
 
 
 class PortMapping(NatTestCase):

@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument(
         "--settle", type=_positive, default=10.0,
         help="seconds relayed pairs may take to go direct before the matrix is printed "
-             "(default 10; routers without a firewall on themselves take about 11 s: 25)",
+             "(default 10; an easy NAT meeting a hard one can take 11 s: 25)",
     )
     p.add_argument(
         "--seconds", type=_positive, default=3.0,
@@ -274,7 +274,9 @@ class JoinedLab:
 
     def build(self) -> None:
         """Namespaces, links and NAT routers."""
-        internet = self.network.add_switch("net")
+        # A router, not a bridge: one hop between any two of its members, as
+        # on the internet (a node's openers die there: twistvpn.traversal).
+        self.internet = internet = self.network.add_core("net")
         self.rendezvous_namespace = self.network.add_namespace("rdv")
         self.rendezvous_if = internet.attach(self.rendezvous_namespace, f"{RENDEZVOUS_IP}/24")
         for name in ("a", "b"):
@@ -289,12 +291,14 @@ class JoinedLab:
 
     def _add_ipv6(self) -> None:
         """Each NAT site's router and hosts get global IPv6 (no NAT, a stateful firewall)."""
-        netns.check_address(f"{RENDEZVOUS_IP6}/64")
-        self.network.ip("-6", "addr", "add", f"{RENDEZVOUS_IP6}/64", "dev", self.rendezvous_if,
-                        "nodad", namespace=self.rendezvous_namespace)
+        self.internet.add_address(self.rendezvous_namespace, self.rendezvous_if,
+                                  f"{RENDEZVOUS_IP6}/64")
         behind = {name: site for name, site in self.sites.items() if site.router is not None}
         for name, site in behind.items():
             netns.add_ipv6(self.network, site, f"{IPV6_WAN[name]}/64", IPV6_LAN[name])
+            assert site.wan_if is not None
+            self.internet.reach(site.wan_if, f"{IPV6_WAN[name]}/64")
+            self.internet.route(f"{IPV6_LAN[name]}::/64", IPV6_WAN[name])
             # The rendezvous answers the site's discovery requests through its router.
             self.network.ip("-6", "route", "replace", f"{IPV6_LAN[name]}::/64", "via",
                             IPV6_WAN[name], namespace=self.rendezvous_namespace)

@@ -42,6 +42,9 @@ ALLOWED_RANGES = tuple(
 
 WIREGUARD_SOCKET_DIR = Path("/var/run/wireguard")
 
+# The internet core router's own address (L{Network.add_core}).
+CORE_ADDRESS = "198.51.100.254/32"
+
 
 # The NAT routers L{Network.masquerade} builds (twistvpn.testing.netns.sites).
 NAT_MODES = ("easy", "easyaf", "hard", "udpblock", "easynf", "hardnf")
@@ -182,6 +185,64 @@ class Switch:
         self.network.ip("link", "set", outside, "master", self.bridge, namespace=self.namespace)
         self.members.append(inside)
         return inside
+
+
+@dataclass
+class Core:
+    """
+    The simulated internet as a router rather than a bridge: each member
+    namespace has a link of its own to the core, keeps its address in the
+    shared subnet (203.0.113.0/24, 2001:db8::/64), and reaches every other
+    member through the core, which answers ARP and NDP for them (proxy ARP,
+    proxy NDP) and routes by host routes.  So a datagram between two of the
+    lab's routers crosses one router more, as on the internet, and one sent
+    with a short time to live (an opener) dies on the way.
+    """
+
+    network: Network
+    namespace: str
+    links: dict[str, str] = field(default_factory=dict)  # member's interface -> ours
+    proxied: list[tuple[str, str]] = field(default_factory=list)  # (IPv6, our interface)
+
+    def attach(self, namespace: str, address: str | None = None, mtu: int = 1500) -> str:
+        """Connect C{namespace} to the core; return its interface's name."""
+        inside, outside = self.network.veth(namespace, self.namespace, address, None, mtu=mtu)
+        self.links[inside] = outside
+        for ip, _owner in self.proxied:
+            self.network.ip("-6", "neigh", "add", "proxy", ip, "dev", outside,
+                            namespace=self.namespace)
+        if address is not None:
+            self._route(outside, address)
+        return inside
+
+    def reach(self, ifname: str, address: str) -> None:
+        """Route C{address}, which a member gave its link C{ifname} itself."""
+        self._route(self.links[ifname], address)
+
+    def add_address(self, namespace: str, ifname: str, address: str) -> None:
+        """Give a member's link another address (IPv6 without DAD); the core routes it."""
+        iface = check_address(address)
+        extra = ["nodad"] if iface.version == 6 else []
+        self.network.ip("addr", "add", address, "dev", ifname, *extra, namespace=namespace)
+        self.reach(ifname, address)
+
+    def route(self, prefix: str, via: str) -> None:
+        """Route C{prefix} (a site's LAN) through the member at C{via}."""
+        check_address(prefix)
+        check_address(via)
+        self.network.ip("route", "replace", prefix, "via", via, namespace=self.namespace)
+
+    def _route(self, outside: str, address: str) -> None:
+        iface = check_address(address)
+        ip = str(iface.ip)
+        self.network.ip("route", "replace", f"{ip}/{iface.max_prefixlen}", "dev", outside,
+                        namespace=self.namespace)
+        if iface.version == 6:
+            for other in self.links.values():
+                if other != outside:
+                    self.network.ip("-6", "neigh", "add", "proxy", ip, "dev", other,
+                                    namespace=self.namespace)
+            self.proxied.append((ip, outside))
 
 
 def process_prefix(prefix: str, pid: int | None = None) -> str:
@@ -352,6 +413,16 @@ class Network:
         self.ip("link", "add", "br0", "type", "bridge", namespace=namespace)
         self.ip("link", "set", "br0", "up", namespace=namespace)
         return Switch(self, namespace)
+
+    def add_core(self, role: str) -> Core:
+        """A router namespace joining members of one subnet: see L{Core}."""
+        namespace = self.add_namespace(role)
+        for sysctl in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.proxy_arp=1",
+                       "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.all.proxy_ndp=1"):
+            self.run(namespace, ["sysctl", "-q", "-w", sysctl])
+        # Its own address, the source of its ICMP errors (time exceeded).
+        self.ip("addr", "add", CORE_ADDRESS, "dev", "lo", namespace=namespace)
+        return Core(self, namespace)
 
     def add_route(self, namespace: str, destination: str, via: str) -> None:
         check_address(via)

@@ -15,6 +15,7 @@ from pyroute2 import NetNS
 
 from twistvpn.testing.netns.namespaces import (
     NAT_MODES,
+    Core,
     HarnessError,
     Network,
     Process,
@@ -62,7 +63,7 @@ class Site:
 def add_site(
     network: Network,
     name: str,
-    internet: Switch,
+    internet: Switch | Core,
     public_ip: str,
     lan: str,
     *,
