@@ -241,6 +241,7 @@ class Members(ControllerTestCase):
                 "nat_varies": True,
                 "online": True,
                 "version": None,  # the in-memory session registered without one
+                "kind": "node",
             },
         )
         self.clock.advance(5)

@@ -599,6 +599,27 @@ class INetworkController(Interface):
     def authorized_members():
         """Every network's authorized members now: {network_id: frozenset of keys}."""
 
+    def authorized_devices():
+        """
+        Every network's authorized stock WireGuard devices now (those of
+        L{authorized_members} that are devices): {network_id: frozenset of keys}.
+        """
+
+    def add_device(network_id, name, public_key):
+        """
+        Add a stock WireGuard device (32-byte public key; its private key is
+        never given) to a network: a member of kind "device", authorized at
+        once, with a managed IP.  Returns the member's description.
+        """
+
+    def device_config(network_id, node):
+        """
+        What a device's wg-quick file needs (a dict): its addresses, the DNS
+        server when members have names, and one peer per authorized node of
+        the network (key, overlay addresses) with the relay it is reached
+        through.
+        """
+
     def set_ip(network_id, node, ip):
         """
         Give a member C{ip} (str), which must be a host address of the
@@ -702,6 +723,13 @@ class IRendezvousStore(Interface):
     def add_node(public_key, node_id, name, now):
         """Record a new node; returns its NodeRecord."""
 
+    def add_device(public_key, node_id, name, network_id, ip, now):
+        """
+        Record a stock WireGuard device and its authorized membership of
+        C{network_id} with C{ip}, in one transaction; returns (NodeRecord,
+        MemberRecord).
+        """
+
     def update_node(public_key, last_seen, name=None):
         """Record when a node was last seen (and its new name, if given)."""
 
@@ -756,6 +784,9 @@ class IRendezvousStore(Interface):
 
     def authorized_members():
         """Every network's authorized members: {network_id: frozenset of keys}."""
+
+    def authorized_devices():
+        """Every network's authorized devices: {network_id: frozenset of keys}."""
 
     def used_ips(network_id):
         """The set of addresses (text) members of a network hold."""
@@ -820,6 +851,14 @@ class IRelayPolicy(Interface):
         """
         Return (or return a Deferred firing with) True when the nodes
         C{src_key} and C{dst_key} share an authorized network.
+        """
+
+    def device_reachable():
+        """
+        Return the keys (a frozenset) of the nodes that stock WireGuard
+        devices may reach through the relay: the authorized nodes of the
+        networks that have devices.  A plain value, asked often: the relay
+        tries their mac1 keys on every device's handshake initiation.
         """
 
     def add_revocation_observer(observer):

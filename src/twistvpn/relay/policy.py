@@ -34,6 +34,8 @@ class MembershipPolicy:
 
     def __init__(self) -> None:
         self._members: dict[str, frozenset[bytes]] = {}
+        self._devices: dict[str, frozenset[bytes]] = {}  # network -> its devices' keys
+        self._device_reachable: frozenset[bytes] = frozenset()
         self._networks: dict[bytes, set[str]] = {}
         self._observers: list[Observer] = []
         self._change_observers: list[ChangeObserver] = []
@@ -47,6 +49,9 @@ class MembershipPolicy:
         src = self._networks.get(src_key)
         dst = self._networks.get(dst_key)
         return bool(src and dst and not src.isdisjoint(dst))
+
+    def device_reachable(self) -> frozenset[bytes]:
+        return self._device_reachable
 
     def add_revocation_observer(self, observer: Observer) -> None:
         self._observers.append(observer)
@@ -87,6 +92,8 @@ class MembershipPolicy:
                     del self._networks[key]
         for key in new - old:
             self._networks.setdefault(key, set()).add(network_id)
+        if network_id in self._devices:
+            self.set_devices(network_id, self._devices[network_id] & new)
         if old - new:
             self._notify(old)
         for change_observer in list(self._change_observers):
@@ -95,17 +102,44 @@ class MembershipPolicy:
             except Exception:
                 self.log.failure("relay membership observer raised")
 
+    def set_devices(self, network_id: str, keys: Iterable[bytes]) -> None:
+        """Which of C{network_id}'s authorized members are stock WireGuard devices."""
+        devices = frozenset(keys)
+        if devices:
+            self._devices[network_id] = devices
+        else:
+            self._devices.pop(network_id, None)
+        self._update_device_reachable()
+
+    def devices(self) -> dict[str, frozenset[bytes]]:
+        """Every network's devices, as last set."""
+        return dict(self._devices)
+
+    def _update_device_reachable(self) -> None:
+        reachable: set[bytes] = set()
+        for network_id, devices in self._devices.items():
+            reachable |= self._members.get(network_id, frozenset()) - devices
+        self._device_reachable = frozenset(reachable)
+
     def forget_network(self, network_id: str) -> None:
         """The network was deleted."""
+        self._devices.pop(network_id, None)
         self.set_members(network_id, ())
 
-    def replace_all(self, memberships: Mapping[str, Iterable[bytes]]) -> None:
-        """Make C{memberships} the whole table (a fresh snapshot)."""
+    def replace_all(self, memberships: Mapping[str, Iterable[bytes]],
+                    devices: Mapping[str, Iterable[bytes]] | None = None) -> None:
+        """Make C{memberships} (and C{devices}) the whole table (a fresh snapshot)."""
         for network_id in list(self._members):
             if network_id not in memberships:
                 self.forget_network(network_id)
         for network_id, keys in memberships.items():
             self.set_members(network_id, keys)
+        if devices is not None:
+            for network_id in list(self._devices):
+                if network_id not in devices:
+                    self.set_devices(network_id, ())
+            for network_id, keys in devices.items():
+                self.set_devices(network_id, keys)
 
     def _notify(self, keys: frozenset[bytes]) -> None:
         for observer in list(self._observers):
@@ -135,7 +169,8 @@ class ControllerMembership:
     def start(self) -> None:
         self.controller.add_membership_observer(self)
         self.running = True
-        self.policy.replace_all(self.controller.authorized_members())
+        self.policy.replace_all(self.controller.authorized_members(),
+                                self.controller.authorized_devices())
 
     def stop(self) -> None:
         self.controller.remove_membership_observer(self)
@@ -145,6 +180,8 @@ class ControllerMembership:
 
     def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
         self.policy.set_members(network_id, authorized)
+        self.policy.set_devices(network_id,
+                                self.controller.authorized_devices().get(network_id, ()))
 
     def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
         """The change itself follows as L{members_changed}."""

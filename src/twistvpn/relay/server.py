@@ -32,6 +32,8 @@ from twistvpn.common.metrics import Family
 from twistvpn.common.ratelimit import TokenBucket, TokenBuckets
 from twistvpn.interfaces import IRelayPolicy
 from twistvpn.relay import protocol as p
+from twistvpn.relay.devices import DeviceRouter
+from twistvpn.wire import WIREGUARD_TYPES
 from twistvpn.wireguard.keys import encode_key
 
 _COOKIE_TIME = struct.Struct(">Q")
@@ -62,6 +64,10 @@ class RelayLimits:
     auth_rate: float = 1000.0  # registrations checked per second, for the whole relay
     # ...and per source address, so that one source cannot spend them all.
     auth_rate_per_source: float = 10.0
+    # Handshake initiations a device's address may send per second: each
+    # costs a mac1 try per reachable node (WireGuard itself sends one per
+    # 5 s; a flood with valid mac1 then meets the node's cookies).
+    device_initiation_rate: float = 10.0
 
 
 class Traffic:
@@ -241,6 +247,11 @@ class RelayServer:
         rate = self.limits.auth_rate_per_source
         self._auth_by_source = TokenBuckets(clock, rate, max(1.0, rate * 2))
         self._shared_keys = SharedKeyCache(private_key)
+        # Stock WireGuard devices (docs/devices.md): their plain datagrams
+        # on our UDP port, routed to nodes by mac1 and session index.
+        self.devices = DeviceRouter(secret=self._secret)
+        self._device_initiations = TokenBuckets(clock, self.limits.device_initiation_rate,
+                                                self.limits.device_initiation_rate * 2)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
 
@@ -249,6 +260,7 @@ class RelayServer:
     def start(self) -> None:
         self.policy.add_revocation_observer(self.revoked)
         self._sweeper.start(self.limits.sweep_interval, now=False)
+        self.refresh_devices()
 
     def stop(self) -> None:
         self.policy.remove_revocation_observer(self.revoked)
@@ -281,7 +293,9 @@ class RelayServer:
             "sessions_udp": sessions["udp"],
             "sessions_tcp": sessions["tcp"],
             "tcp_connections": len(self._streams),
-            "counters": dict(sorted({**self.counters, **self.traffic.as_dict()}.items())),
+            "device_flows": len(self.devices),
+            "counters": dict(sorted({**self.counters, **self.devices.counters,
+                                     **self.traffic.as_dict()}.items())),
         }
 
     def metrics(self) -> list[Family]:
@@ -338,6 +352,9 @@ class RelayServer:
             session.last_seen = now
             self._relay(session, frame, now)
             return
+        if frame and frame[0] in WIREGUARD_TYPES:
+            self._from_device(frame, addr, now)
+            return
         try:
             kind = p.frame_kind(frame)
         except p.MalformedFrameError:
@@ -369,6 +386,47 @@ class RelayServer:
         else:
             # A well-formed frame that only the relay sends.
             self.count_malformed("udp")
+
+    # -- stock WireGuard devices ----------------------------------------------------
+
+    def refresh_devices(self) -> None:
+        """The nodes devices may reach: the policy's, of those registered here."""
+        reachable = self.policy.device_reachable()
+        self.devices.set_reachable(k for k in reachable if k in self._by_key)
+
+    def _from_device(self, datagram: bytes, addr: Any, now: float) -> None:
+        """A plain WireGuard datagram from a device: to its node, as RECV."""
+        if datagram[0] == 1 and not self._device_initiations.allow(addr[0]):
+            self.drop("rate_device_source")
+            return
+        route = self.devices.from_device(datagram, addr, now)
+        if route is None:
+            return  # counted by the router
+        node, handle = route
+        target = self._by_key.get(node)
+        if target is None:
+            self.drop("device_no_session")
+            return
+        if not self._global.take(len(datagram), now):
+            self.drop("rate_global")
+            return
+        out = b"".join((_RECV_HEADER, handle, datagram))
+        if target.deliver(out):
+            traffic = self.traffic
+            traffic.relayed_packets += 1
+            traffic.relayed_bytes += len(datagram)
+            traffic.bytes_out += len(out)
+            traffic.packets_out += 1
+
+    def _to_device(self, session: Session, handle: bytes, frame: bytes, now: float) -> None:
+        """A node's SEND to a device's handle: the plain datagram to the device."""
+        datagram = bytes(memoryview(frame)[p.SEND_PAYLOAD :])
+        addr = self.devices.from_node(session.key, handle, datagram, now)
+        if addr is None:
+            return  # counted by the router
+        self.traffic.relayed_packets += 1
+        self.traffic.relayed_bytes += len(datagram)
+        self._udp_out(datagram, addr)
 
     def _udp_out(self, frame: bytes, addr: Any) -> None:
         if self._udp_write is None:
@@ -542,6 +600,7 @@ class RelayServer:
                 self._by_token[session.token] = session
                 self.counters["connections_udp"] += 1
             self.counters["registrations"] += 1
+            self.refresh_devices()
             welcome = p.welcome(session.token)
             session.deliver(welcome)
             self.traffic.packets_out += 1
@@ -573,6 +632,8 @@ class RelayServer:
     def _end(self, session: Session) -> None:
         if self._by_key.get(session.key) is session:
             del self._by_key[session.key]
+            self.devices.forget_node(session.key)
+            self.refresh_devices()
         if isinstance(session, UDPSession):
             self._by_token.pop(session.token, None)
         session.pending.clear()
@@ -592,6 +653,9 @@ class RelayServer:
         dst = frame[p.SEND_DST : p.SEND_PAYLOAD]
         until = session.allowed.get(dst)
         if until is None or until < now:
+            if self.devices.is_handle(dst):
+                self._to_device(session, dst, frame, now)
+                return
             self._authorize(session, dst, frame, now)
             return
         self._forward(session, dst, frame)
@@ -686,3 +750,7 @@ class RelayServer:
         for cookie, used in list(self._used_cookies.items()):
             if used < stale:
                 del self._used_cookies[cookie]
+        self.devices.sweep(now)
+        # Memberships change without telling the relay's sessions: who
+        # devices may reach is looked at again here, every few seconds.
+        self.refresh_devices()

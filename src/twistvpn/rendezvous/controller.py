@@ -36,9 +36,10 @@ from twistvpn.rendezvous.errors import (
     NotFoundError,
 )
 from twistvpn.rendezvous.membership import _UNCHANGED, Membership
-from twistvpn.rendezvous.netmap import NetworkMap
+from twistvpn.rendezvous.netmap import NetworkMap, format_endpoint, overlay6
 from twistvpn.rendezvous.publisher import MapPublisher
 from twistvpn.rendezvous.registry import SessionRegistry, node_id_of
+from twistvpn.wireguard.keys import encode_key
 
 __all__ = [
     "ConflictError",
@@ -214,6 +215,46 @@ class Controller:
 
     def authorized_members(self) -> dict[str, frozenset[bytes]]:
         return self.membership.authorized_members()
+
+    def authorized_devices(self) -> dict[str, frozenset[bytes]]:
+        return self.membership.authorized_devices()
+
+    # -- stock WireGuard devices (docs/devices.md) -------------------------------
+
+    def add_device(self, network_id: str, name: str, public_key: bytes) -> dict[str, Any]:
+        return self.membership.add_device(network_id, name, public_key)
+
+    def device_config(self, network_id: str, node: str) -> dict[str, Any]:
+        network, found, member = self.membership.member(network_id, node)
+        if found.kind != "device":
+            raise InvalidArgumentError(f"{found.node_id} is a node, not a device")
+        if not member.authorized or member.ip is None:
+            raise ConflictError(f"device {found.node_id} is not authorized in {network.id}")
+        if not self.relays:
+            raise ConflictError("no relay: devices are reached through one (run the "
+                                "embedded relay, or link a standalone one)")
+        relay = self.relays[0]
+        peers = []
+        for other in self.store.list_members(network.id, authorized_only=True):
+            holder = self.registry.node(other.public_key)
+            if holder.kind == "device" or other.ip is None:
+                continue
+            peers.append({"name": other.name or holder.name, "node_id": holder.node_id,
+                          "public_key": encode_key(holder.public_key),
+                          "allowed_ips": [f"{other.ip}/32",
+                                          f"{overlay6(network.id, holder.node_id)}/128"]})
+        return {
+            "network_id": network.id,
+            "name": member.name or found.name,
+            "node_id": found.node_id,
+            "public_key": encode_key(found.public_key),
+            "address": [f"{member.ip}/32", f"{overlay6(network.id, found.node_id)}/128"],
+            # The nodes answer names on their overlay addresses (port 53).
+            "dns": ([peers[0]["allowed_ips"][0].split("/")[0], network.dns_domain]
+                    if peers else []),
+            "endpoint": format_endpoint((str(relay["host"]), int(relay["port"]))),
+            "peers": peers,
+        }
 
     # -- the service ----------------------------------------------------------
 

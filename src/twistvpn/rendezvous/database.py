@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from importlib import resources
 
-TARGET_VERSION = 4
+TARGET_VERSION = 5
 
 
 class DBError(Exception):

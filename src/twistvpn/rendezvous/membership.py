@@ -269,6 +269,7 @@ class Membership:
             "nat_varies": node.nat_varies,
             "online": node.online,
             "version": node.version or None,
+            "kind": node.kind,
         }
 
     def list_members(self, network_id: str) -> list[dict[str, Any]]:
@@ -278,6 +279,29 @@ class Membership:
     def is_authorized(self, network_id: str, public_key: bytes) -> bool:
         member = self._store.get_member(network_id, public_key)
         return member is not None and member.authorized
+
+    def add_device(self, network_id: str, name: str, public_key: bytes) -> dict[str, Any]:
+        """A stock WireGuard device: authorized at once, with the next free IP."""
+        network = self.network(network_id)
+        name = check_name(name, "a device name")
+        if len(public_key) != 32:
+            raise InvalidArgumentError("a public key is 32 bytes")
+        if self._registry.is_registered(public_key):
+            raise ConflictError("that key is already a node's or a device's")
+        for member in self._store.list_members(network.id):
+            holder = self._registry.node(member.public_key)
+            if (member.name or holder.name) == name:
+                raise ConflictError(f"network {network.id} already has a member named {name}")
+        node_record, member = self._store.add_device(
+            public_key, node_id_of(public_key), name, network.id, self._next_free_ip(network),
+            self._clock.seconds())
+        node = self._registry.remember_device(node_record)
+        self.counters["devices_added"] += 1
+        self._members_changed(network.id)
+        return self.describe_member(member, node)
+
+    def authorized_devices(self) -> dict[str, frozenset[bytes]]:
+        return self._store.authorized_devices()
 
     def _next_free_ip(self, network: NetworkRecord) -> str:
         used = self._store.used_ips(network.id)

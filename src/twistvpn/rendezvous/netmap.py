@@ -109,9 +109,14 @@ class Member:
     last_seen: float | None = None
     # Public addresses the member's gateway forwards to it (PCP, NAT-PMP).
     mapped: tuple[str, ...] = ()
+    # A stock WireGuard app (docs/devices.md): reached only through the relay,
+    # never probed; its endpoint follows its authenticated packets.
+    device: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {"mapped": list(self.mapped)} if self.mapped else {}
+        extra: dict[str, Any] = {"mapped": list(self.mapped)} if self.mapped else {}
+        if self.device:
+            extra["device"] = True
         return {**extra,
             "node_id": self.node_id,
             "public_key": encode_key(self.public_key),
@@ -138,6 +143,7 @@ class Member:
             online=bool(d.get("online", False)),
             last_seen=None if last_seen is None else float(last_seen),
             mapped=check_endpoints(d.get("mapped", [])),
+            device=d.get("device") is True,
         )
 
     @property

@@ -217,6 +217,7 @@ class MapPublisher:
                     nat_varies=node.nat_varies,
                     online=node.online,
                     last_seen=node.last_seen,
+                    device=node.kind == "device",
                 )
             )
         return NetworkMap(

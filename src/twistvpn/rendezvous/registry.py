@@ -69,11 +69,12 @@ class Node:
     # network ID -> revision of the last map this session was sent
     sent: dict[str, int] = field(default_factory=dict)
     version: str = ""  # the twistvpn version it registered with last ("" until it does)
+    kind: str = "node"  # or "device": a stock WireGuard app; it never registers
 
     @classmethod
     def from_record(cls, record: NodeRecord) -> Node:
         return cls(record.public_key, record.node_id, record.name, record.last_seen,
-                   list(record.endpoints), record.local_endpoints)
+                   list(record.endpoints), record.local_endpoints, kind=record.kind)
 
     @property
     def online(self) -> bool:
@@ -117,6 +118,10 @@ class SessionRegistry:
         self._last_punch: dict[tuple[bytes, bytes], float] = {}
         for record in store.load_nodes():
             self._remember(Node.from_record(record))
+
+    def remember_device(self, record: NodeRecord) -> Node:
+        """A device the store has just recorded."""
+        return self._remember(Node.from_record(record))
 
     def _remember(self, node: Node) -> Node:
         self._nodes[node.public_key] = node
@@ -171,6 +176,9 @@ class SessionRegistry:
         if node is None:
             record = self._store.add_node(public_key, node_id_of(public_key), name, now)
             node = self._remember(Node.from_record(record))
+        elif node.kind == "device":
+            # Its key is a stock WireGuard app's: whoever holds it is that device.
+            raise InvalidArgumentError("this key belongs to a device; a device does not register")
         else:
             self._store.update_node(public_key, now, name)
         node.name, node.last_seen, node.last_seen_written = name, now, now

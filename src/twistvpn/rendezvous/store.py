@@ -31,6 +31,7 @@ class NodeRecord:
     last_seen: float | None
     endpoints: tuple[str | None, str | None]
     local_endpoints: tuple[str, ...]
+    kind: str = "node"  # or "device": a stock WireGuard app, reached through the relay
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def _node(row: sqlite3.Row) -> NodeRecord:
         last_seen=row["last_seen"],
         endpoints=(row["endpoint"], row["endpoint2"]),
         local_endpoints=tuple(json.loads(row["local_endpoints"])),
+        kind=row["kind"],
     )
 
 
@@ -128,6 +130,22 @@ class SQLiteStore:
                 (public_key, node_id, name, now, now),
             )
         return NodeRecord(public_key, node_id, name, now, (None, None), ())
+
+    def add_device(self, public_key: bytes, node_id: str, name: str, network_id: str,
+                   ip: str, now: float) -> tuple[NodeRecord, MemberRecord]:
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT INTO nodes (public_key, node_id, name, created, last_seen, kind)"
+                " VALUES (?, ?, ?, ?, NULL, 'device')",
+                (public_key, node_id, name, now),
+            )
+            self.db.execute(
+                "INSERT INTO members (network_id, public_key, authorized, ip, created, name)"
+                " VALUES (?, ?, 1, ?, ?, ?)",
+                (network_id, public_key, ip, now, name),
+            )
+        return (NodeRecord(public_key, node_id, name, None, (None, None), (), "device"),
+                MemberRecord(network_id, public_key, True, ip, now, name))
 
     def update_node(self, public_key: bytes, last_seen: float, name: str | None = None) -> None:
         with transaction(self.db):
@@ -238,6 +256,15 @@ class SQLiteStore:
                                         self.db.execute("SELECT id FROM networks")}
         for row in self.db.execute(
             "SELECT network_id, public_key FROM members WHERE authorized = 1"
+        ):
+            found.setdefault(row["network_id"], set()).add(bytes(row["public_key"]))
+        return {network_id: frozenset(keys) for network_id, keys in found.items()}
+
+    def authorized_devices(self) -> dict[str, frozenset[bytes]]:
+        found: dict[str, set[bytes]] = {}
+        for row in self.db.execute(
+            "SELECT m.network_id, m.public_key FROM members m JOIN nodes n"
+            " ON n.public_key = m.public_key WHERE m.authorized = 1 AND n.kind = 'device'"
         ):
             found.setdefault(row["network_id"], set()).add(bytes(row["public_key"]))
         return {network_id: frozenset(keys) for network_id, keys in found.items()}
