@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from twistvpn.common.metrics import Family
 from twistvpn.interfaces import IDatagramHandler, INameService, IRendezvousListener
+from twistvpn.node.devicepath import DevicePath
 from twistvpn.node.names import NameTable, name_table, network_domain
 from twistvpn.relay.client import RelayInfo
 from twistvpn.rendezvous.discovery import NetcheckResult
@@ -219,7 +220,7 @@ class JoinedPeer:
 
     public_key: bytes
     wg: Any  # IWireGuardPeer
-    manager: PathManager
+    manager: Any  # IPathManager: a PathManager, or a DevicePath for a device
     members: dict[str, Member] = field(default_factory=dict)  # network ID -> entry
     reported: tuple[str, Any] = (NONE, None)  # last (kind, endpoint) logged
     punch_failures: int = 0  # punch requests the rendezvous could not arrange, in a row
@@ -245,6 +246,11 @@ class JoinedPeer:
     def member(self) -> Member:
         """The entry with the most to say (online, most endpoints) first."""
         return _best(self.members)
+
+    @property
+    def device(self) -> bool:
+        """A stock WireGuard app: reached through the relay only (docs/devices.md)."""
+        return any(m.device for m in self.members.values())
 
 
 class PeerNotFoundError(KeyError):
@@ -537,6 +543,9 @@ class JoinedNode:
     def _add_peer(self, key: bytes, members: dict[str, Member]) -> None:
         peer_members = dict(members)
         wg = self.device.add_peer(key, allowed_ips=allowed_ips(peer_members))
+        if any(m.device for m in peer_members.values()):
+            self._add_device(key, wg, peer_members)
+            return
         manager = PathManager(
             wg, self.probes, self.clock, local=self.local,
             remote=member_candidates(_best(peer_members)), strategies=self.strategies,
@@ -551,6 +560,20 @@ class JoinedNode:
         # one moment, as simultaneous open needs.
         self._punch_together(peer)
 
+    def _add_device(self, key: bytes, wg: Any, members: dict[str, Member]) -> None:
+        """
+        A stock WireGuard device: no traversal (it answers no probes); we
+        hold a session on the relay its file names (the map's first), so
+        that its handshakes find us there.
+        """
+        peer = self.peers[key] = JoinedPeer(key, wg, DevicePath(wg, key), members)
+        self.log.info("device {name} added: {ips}, key {key}", name=peer.name,
+                      ips=", ".join(peer.ips), key=encode_key(key))
+        if self.relay is not None and self.relay_infos:
+            d = self.relay.open_relay(key, self.relay_infos[0].relay_id)
+            d.addErrback(lambda f: self.log.info("relay for device {name}: {why}",
+                                                 name=peer.name, why=f.getErrorMessage()))
+
     def _punch_together(self, peer: JoinedPeer, moved: bool = False) -> None:
         """
         New candidates on either side: unless the path is already direct
@@ -558,6 +581,8 @@ class JoinedNode:
         of the two, without talking) asks the rendezvous to start both at
         once.
         """
+        if peer.device:
+            return
         if self.public_key < peer.public_key and (
                 moved or peer.manager.kind not in (LAN, DIRECT)):
             self.request_punch(peer)
@@ -570,6 +595,8 @@ class JoinedNode:
         made again with backoff, until the path is direct or the tries run out.
         """
         _cancel(peer)
+        if peer.device:
+            return  # a device does not punch: the relay is its only path
         client = self.client
         if client is None or not self.rendezvous_up:
             peer.manager.punch_now()
@@ -633,6 +660,8 @@ class JoinedNode:
         peer = self.peers.pop(key)
         _cancel(peer)
         peer.manager.stop()
+        if peer.device and self.relay is not None:
+            self.relay.close_relay(key)
         self.device.remove_peer(key)
         self.log.info("peer {name} removed", name=peer.name)
 

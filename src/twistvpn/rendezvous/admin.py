@@ -46,6 +46,7 @@ from twistvpn.rendezvous.errors import (
 )
 from twistvpn.rendezvous.files import TOKEN_FILE
 from twistvpn.rendezvous.webpassword import PasswordError, WebPassword
+from twistvpn.wireguard.keys import InvalidKey, decode_key
 
 MAX_BODY = 64 * 1024
 
@@ -204,6 +205,12 @@ class AdminAPI(resource.Resource):
                 rest[1], _field(body, "name", str, None), _field(body, "domain", str, None),
                 _field(body, "private", bool, None))
             routes[("DELETE", 2)] = lambda: c.delete_network(rest[1]) or {"deleted": rest[1]}
+        elif rest[:1] == ["networks"] and rest[2:3] == ["devices"] and len(rest) == 3:
+            routes[("POST", 3)] = lambda: c.add_device(
+                rest[1], _field(body, "name", str), _public_key(body))
+        elif (rest[:1] == ["networks"] and rest[2:3] == ["devices"] and rest[4:] == ["config"]
+              and len(rest) == 5):
+            routes[("GET", 5)] = lambda: c.device_config(rest[1], rest[3])
         elif rest[:1] == ["networks"] and rest[2:3] == ["members"] and len(rest) == 3:
             routes[("GET", 3)] = lambda: c.list_members(rest[1])
         elif rest[:1] == ["networks"] and rest[2:3] == ["members"] and len(rest) == 4:
@@ -246,6 +253,14 @@ class AdminAPI(resource.Resource):
 
 
 _MISSING = object()
+
+
+def _public_key(body: dict[str, Any]) -> bytes:
+    text = _field(body, "public_key", str)
+    try:
+        return decode_key(text)
+    except InvalidKey:
+        raise HTTPError(400, "public_key: not a WireGuard public key (32 bytes, base64)") from None
 
 
 def _number(body: dict[str, Any], name: str) -> float | None:

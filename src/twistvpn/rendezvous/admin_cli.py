@@ -31,8 +31,10 @@ from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
 from twistvpn.options import is_decimal
+from twistvpn.rendezvous import wgquick
 from twistvpn.rendezvous.files import ADMIN_SOCKET, DEFAULT_DATA_DIR, TOKEN_FILE
 from twistvpn.table import columns
+from twistvpn.wireguard.keys import encode_key, generate_private_key, public_key
 
 TIMEOUT = 30.0
 
@@ -163,7 +165,8 @@ def _print_members(members: list[dict[str, Any]], out: TextIO) -> None:
             m["ip"] or "-",
             _ago(m["last_seen"], now),
             (m["endpoints"] or ["-"])[0],
-            "yes" if m["online"] else "no",
+            # A device never connects to the rendezvous: it is reached through the relay.
+            "device" if m.get("kind") == "device" else ("yes" if m["online"] else "no"),
         ]
         for m in members
     ]
@@ -296,6 +299,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             _print_keys(client.request("GET", path), out)
         elif what == ("key", "revoke"):
             client.request("DELETE", f"keys/{_seg(args.key)}")
+        elif what == ("device", "add"):
+            private = None
+            if args.public_key is None:
+                # Made here and printed once: the rendezvous never sees it.
+                private_key = generate_private_key()
+                private, public = encode_key(private_key), encode_key(public_key(private_key))
+            else:
+                public = args.public_key
+            member = client.request("POST", f"networks/{_seg(args.network)}/devices",
+                                    {"name": args.name, "public_key": public})
+            config = client.request(
+                "GET", f"networks/{_seg(args.network)}/devices/{_seg(member['node_id'])}/config")
+            _print_device(config, private, args.qr, out)
+        elif what == ("device", "config"):
+            config = client.request(
+                "GET", f"networks/{_seg(args.network)}/devices/{_seg(args.name)}/config")
+            _print_device(config, None, args.qr, out)
         elif what == ("audit", None):
             query = "" if args.since is None else f"?since={time.time() - args.since:.3f}"
             _print_audit(client.request("GET", "audit" + query), out)
@@ -305,6 +325,22 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         sys.stderr.write(f"twistvpn admin: {e}\n")
         return 1
     return 0
+
+
+def _print_device(config: dict[str, Any], private: str | None, qr: bool, out: TextIO) -> None:
+    text = wgquick.render(config, private)
+    if qr:
+        try:
+            out.write(wgquick.qr_code(text))
+        except wgquick.QRError as e:
+            raise AdminError(str(e)) from None
+    else:
+        out.write(text)
+    if private is not None:
+        sys.stderr.write(f"device {config['name']} ({config['node_id']}): its private key is in "
+                         "this file only, shown this once\n")
+    elif not qr:
+        sys.stderr.write("put the device's own private key in the file (PrivateKey)\n")
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
@@ -392,6 +428,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("network", metavar="ID")
     p.add_argument("node", metavar="NODE")
     p.add_argument("name", metavar="NAME")
+
+    device = objects.add_parser(
+        "device", help="stock WireGuard apps (phones, Macs, Windows) as members, via the relay")
+    actions = device.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
+    p = actions.add_parser("add", parents=[connection],
+                           help="add a device (authorized, with an IP) and print its wg-quick file")
+    p.add_argument("network", metavar="ID")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--public-key", default=None,
+                   help="the key the device made itself (else a key pair is made here, "
+                        "printed once in the file, and never stored)")
+    p.add_argument("--qr", action="store_true", help="print the file as a QR code (qrencode)")
+    p = actions.add_parser("config", parents=[connection],
+                           help="print a device's wg-quick file again (nodes may have changed)")
+    p.add_argument("network", metavar="ID")
+    p.add_argument("name", metavar="NAME", help="its name, node ID or public key")
+    p.add_argument("--qr", action="store_true", help="print the file as a QR code (qrencode)")
 
     key = objects.add_parser("key", help="pre-auth keys: nodes that join with one are authorized")
     actions = key.add_subparsers(dest="admin_action", metavar="ACTION", required=True)

@@ -246,7 +246,15 @@ class Membership:
     def member(self, network_id: Any, node_name: Any) -> tuple[NetworkRecord, Node, MemberRecord]:
         """The network, the node and its membership: one look-up for a request."""
         network = self.network(network_id)
-        node = self._registry.resolve(node_name)
+        try:
+            node = self._registry.resolve(node_name)
+        except NotFoundError:
+            # Its name in this network (a device's, or a node's), when only one has it.
+            named = [m for m in self._store.list_members(network.id)
+                     if (m.name or self._registry.node(m.public_key).name) == node_name]
+            if len(named) != 1:
+                raise
+            node = self._registry.node(named[0].public_key)
         member = self._store.get_member(network.id, node.public_key)
         if member is None:
             raise NotFoundError(f"node {node.node_id} is not a member of network {network.id}")

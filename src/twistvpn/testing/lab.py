@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
+from twistvpn.rendezvous import wgquick
 from twistvpn.table import columns
 from twistvpn.testing import netns
 
@@ -258,8 +259,11 @@ class JoinedLab:
     """
 
     def __init__(self, network: netns.Network, nat_a: str = "easy", nat_b: str = "easy",
-                 hosts_a: int = 2, hosts_b: int = 1, ipv6: bool = False) -> None:
+                 hosts_a: int = 2, hosts_b: int = 1, ipv6: bool = False,
+                 device_hosts: tuple[str, ...] = ()) -> None:
         self.network = network
+        # Hosts that run a stock WireGuard (wireguard-go) as a device, not a node.
+        self.device_hosts = device_hosts
         self.ipv6 = ipv6  # dual stack: global IPv6 behind each NAT router (2001:db8::/32)
         self.modes = {"a": nat_a, "b": nat_b}
         self.host_counts = {"a": hosts_a, "b": hosts_b}
@@ -337,6 +341,8 @@ class JoinedLab:
         """Start every host's node; with a pre-auth key for a host, it joins with it."""
         assert self.rendezvous is not None
         for host in self.hosts:
+            if host.name in self.device_hosts:
+                continue
             extra: list[str] = []
             if self.sites[host.name[0]].mode.endswith("+natpmp"):
                 # miniupnpd answers PCP too; this site's nodes ask NAT-PMP alone.
@@ -383,6 +389,31 @@ class JoinedLab:
         node_id = self.nodes[name].node_id
         assert node_id is not None
         self.admin("member", "deauth", self.network_id, node_id)
+
+    def start_device(self, host_name: str, config_text: str) -> netns.Process:
+        """
+        Run stock wireguard-go on C{host_name} as a device, from a wg-quick
+        file as C{twistvpn admin device add} prints it: C{wg setconf} takes
+        its stripped form, and its Address and AllowedIPs become the
+        interface's addresses and routes (what wg-quick does).
+        """
+        host = next(h for h in self.hosts if h.name == host_name)
+        ifname = self.network.interface_name(f"d{host_name}")
+        addresses: list[str] = []
+        routes: list[str] = []
+        for line in config_text.splitlines():
+            key, _, value = line.partition("=")
+            values = [v.strip() for v in value.split(",") if v.strip()]
+            if key.strip() == "Address":
+                addresses += values
+            elif key.strip() == "AllowedIPs":
+                routes += values
+        process = netns.start_wireguard_go(self.network, host.namespace, ifname,
+                                           wgquick.strip(config_text), addresses)
+        for route in routes:
+            self.network.ip("route", "replace", route, "dev", ifname,
+                            namespace=host.namespace)
+        return process
 
     def overlay_ips(self) -> dict[str, str]:
         return {name: m["ip"] for name, m in self.members().items() if m["ip"]}
