@@ -52,7 +52,8 @@ class Devices(unittest.SynchronousTestCase):
     def test_stock_wireguard_through_the_embedded_relay(self) -> None:
         network = netns.Network(prefix="tvd")
         self.addCleanup(network.close)
-        self.lab = lab = JoinedLab(network, "easy", "hard", hosts_a=2, device_hosts=("a2",))
+        self.lab = lab = JoinedLab(network, "easy", "hard", hosts_a=3,
+                                   device_hosts=("a2", "a3"))
         self.step("starting the lab (nodes a1 and b1)", lab.start)
         text = lab.admin("device", "add", lab.network_id, "phone")
 
@@ -95,6 +96,39 @@ class Devices(unittest.SynchronousTestCase):
             self.assertEqual(int(done.split()[1]), TRANSFER_BYTES)
 
         self.step("8 MiB device -> b1 over TCP, hashes equal", transfer)
+
+        def relay_counters() -> dict[str, int]:
+            assert lab.rendezvous is not None
+            counters: dict[str, int] = netns.admin_json(
+                lab.rendezvous, "status")["relays"]["embedded"]["counters"]
+            return counters
+
+        def other_network() -> None:
+            # A device of another network, whose file is doctored to name b1:
+            # its initiations reach b1 (mac1 is b1's), whose WireGuard drops them.
+            other = lab.admin("network", "create", "other").strip()
+            text2 = lab.admin("device", "add", other, "tablet")
+            interface = text2.split("\n\n")[0]
+            b1_key = lab.members()["b1"]["public_key"]
+            endpoint = re.search(r"Endpoint = (\S+)", text)
+            assert endpoint is not None
+            doctored = (f"{interface}\n\n[Peer]\nPublicKey = {b1_key}\n"
+                        f"AllowedIPs = {ips['b1']}/32\nEndpoint = {endpoint.group(1)}\n")
+            before = relay_counters()
+            lab.start_device("a3", doctored)
+            a3 = next(h for h in lab.hosts if h.name == "a3")
+            completed = netns.ping(network, a3.namespace, ips["b1"], count=10, interval=0.3)
+            loss, _ = netns.ping_stats(completed.stdout.decode(errors="replace"))
+            self.assertEqual(loss, 100.0)
+            after = relay_counters()
+            # Its initiations did reach b1 (the relay found b1 by mac1): b1 refused them.
+            self.assertGreater(after.get("device_initiations", 0),
+                               before.get("device_initiations", 0))
+            self.assertEqual(after.get("device_drop_no_node", 0),
+                             before.get("device_drop_no_node", 0))
+
+        self.step("a device of another network cannot reach this network's nodes",
+                  other_network)
 
         def no_private_key() -> None:
             private = re.search(r"PrivateKey = (\S+)", text)

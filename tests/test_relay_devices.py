@@ -309,3 +309,16 @@ class ServerTests(SynchronousTestCase):
         counters = world.server.stats()["counters"]
         self.assertEqual(counters["drop_rate_device_source"], 30)
         self.assertEqual(counters["device_drop_no_node"], 20)
+
+    def test_device_bytes_meet_the_node_budget(self) -> None:
+        """A device's datagrams are held to the byte rate a node's session has."""
+        from tests.support.relay import World as RelayWorld
+        from twistvpn.relay.server import RelayLimits
+
+        world = RelayWorld(RelayLimits(node_rate=1000.0, node_burst=1000.0))
+        for _ in range(10):
+            world.server.udp_received(struct.pack("<IIQ", 4, 1, 0) + bytes(184),
+                                      ("198.51.100.6", 1))
+        counters = world.server.stats()["counters"]
+        self.assertEqual(counters["drop_rate_device"], 5)
+        self.assertEqual(counters["device_drop_unknown_index"], 5)

@@ -49,11 +49,12 @@ class TokenBuckets:
         self._max = max_sources
         self._buckets: dict[Any, TokenBucket] = {}
 
-    def allow(self, source: Any) -> bool:
+    def allow(self, source: Any, amount: int = 1) -> bool:
+        """Take C{amount} (datagrams, or bytes for a byte budget) from C{source}'s bucket."""
         now = self._clock.seconds()
         bucket = self._buckets.get(source)
         if bucket is None:
             if len(self._buckets) >= self._max:
                 self._buckets.clear()
             bucket = self._buckets[source] = TokenBucket(self._rate, self._burst, now)
-        return bucket.take(1, now)
+        return bucket.take(amount, now)

@@ -252,6 +252,8 @@ class RelayServer:
         self.devices = DeviceRouter(secret=self._secret)
         self._device_initiations = TokenBuckets(clock, self.limits.device_initiation_rate,
                                                 self.limits.device_initiation_rate * 2)
+        # A device's bytes, by its address: the budget a node's session has.
+        self._device_bytes = TokenBuckets(clock, self.limits.node_rate, self.limits.node_burst)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
 
@@ -398,6 +400,9 @@ class RelayServer:
         """A plain WireGuard datagram from a device: to its node, as RECV."""
         if datagram[0] == 1 and not self._device_initiations.allow(addr[0]):
             self.drop("rate_device_source")
+            return
+        if not self._device_bytes.allow(addr[0], len(datagram)):
+            self.drop("rate_device")
             return
         route = self.devices.from_device(datagram, addr, now)
         if route is None:
