@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from tests.support.requirements import joined_mode_missing
 from tests.support.steps import run_step
 from twistvpn.testing import netns
-from twistvpn.testing.lab import JoinedLab
+from twistvpn.testing.lab import RELAY_IP, RENDEZVOUS_IP, JoinedLab
 
 TRANSFER_BYTES = 8 * 1024 * 1024
 
@@ -50,17 +50,24 @@ class Devices(unittest.SynchronousTestCase):
         run_step(self, self.lab.network, name, check)  # type: ignore[arg-type]
 
     def test_stock_wireguard_through_the_embedded_relay(self) -> None:
+        self.check(standalone=False)
+
+    def test_stock_wireguard_through_a_standalone_relay(self) -> None:
+        self.check(standalone=True)
+
+    def check(self, standalone: bool) -> None:
         network = netns.Network(prefix="tvd")
         self.addCleanup(network.close)
         self.lab = lab = JoinedLab(network, "easy", "hard", hosts_a=3,
-                                   device_hosts=("a2", "a3"))
+                                   device_hosts=("a2", "a3"), standalone_relay=standalone)
+        relay_ip = RELAY_IP if standalone else RENDEZVOUS_IP
         self.step("starting the lab (nodes a1 and b1)", lab.start)
         text = lab.admin("device", "add", lab.network_id, "phone")
 
         def the_file() -> None:
             self.assertIn("[Interface]", text)
             self.assertEqual(text.count("[Peer]"), 2)  # a1 and b1
-            self.assertIn("Endpoint = 203.0.113.10:", text)
+            self.assertIn(f"Endpoint = {relay_ip}:443", text)
             self.assertIn("PersistentKeepalive = 25", text)
 
         self.step("device add prints a complete wg-quick file", the_file)
@@ -81,7 +88,7 @@ class Devices(unittest.SynchronousTestCase):
 
         def through_the_relay() -> None:
             assert lab.rendezvous is not None
-            relay = netns.admin_json(lab.rendezvous, "status")["relays"]["embedded"]
+            relay = lab.relay_stats()
             counters = relay["counters"]
             self.assertGreaterEqual(counters.get("device_initiations", 0), 1, counters)
             self.assertGreaterEqual(relay["device_flows"], 1, relay)
@@ -98,9 +105,7 @@ class Devices(unittest.SynchronousTestCase):
         self.step("8 MiB device -> b1 over TCP, hashes equal", transfer)
 
         def relay_counters() -> dict[str, int]:
-            assert lab.rendezvous is not None
-            counters: dict[str, int] = netns.admin_json(
-                lab.rendezvous, "status")["relays"]["embedded"]["counters"]
+            counters: dict[str, int] = lab.relay_stats()["counters"]
             return counters
 
         def other_network() -> None:
@@ -140,13 +145,14 @@ class Devices(unittest.SynchronousTestCase):
                 node_text = open(node_key_file, "rb").read().strip()
                 needles += [node_text, base64.b64decode(node_text)]
             assert lab.rendezvous is not None and lab.rendezvous.process is not None
-            pid = lab.rendezvous.process.pid
-            self.assertEqual(process_memory_contains(pid, needles), [])
-            # The scan does read its memory: the device's public key is there.
-            public = lab.members()["phone"]["public_key"].encode()
-            self.assertEqual(process_memory_contains(pid, [public]), [public])
+            relay = lab.relay_process if standalone else lab.rendezvous.process
+            assert relay is not None
+            self.assertEqual(process_memory_contains(relay.pid, needles), [])
+            # The scan does read its memory: a node's public key is there.
+            public = base64.b64decode(lab.members()["b1"]["public_key"])
+            self.assertEqual(process_memory_contains(relay.pid, [public]), [public])
 
-        self.step("the relay (the rendezvous's process) holds no private key", no_private_key)
+        self.step("the relay's process holds no private key", no_private_key)
 
         def deauthorized() -> None:
             lab.admin("member", "deauth", lab.network_id, "phone")

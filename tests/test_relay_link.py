@@ -141,6 +141,21 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(len(b.wireguard.received), 1)
         relay.link.stop()
 
+    def test_devices_reach_standalone_relays(self) -> None:
+        """Which members are devices travels over the link (docs/devices.md)."""
+        world, rendezvous = self.world, self.rendezvous
+        a, b, relay = self.linked()
+        self.assertEqual(world.policy.device_reachable(), frozenset())
+        phone = public_key(generate_private_key())
+        rendezvous.controller.add_device(rendezvous.network_id, "phone", phone)
+        relay.run(1)
+        self.assertEqual(world.policy.devices(), {rendezvous.network_id: frozenset({phone})})
+        self.assertEqual(world.policy.device_reachable(), frozenset({a.key, b.key}))
+        rendezvous.controller.deauthorize(rendezvous.network_id, "phone")
+        relay.run(1)
+        self.assertEqual(world.policy.device_reachable(), frozenset())
+        relay.link.stop()
+
     def test_unauthorized_relay_refused(self) -> None:
         world, rendezvous = self.world, self.rendezvous
         a = world.node()

@@ -77,9 +77,13 @@ class RelayLogin(amp.Command):
 
 
 class RelayMembers(amp.Command):
-    """rendezvous -> relay: a network's authorized members (32-byte keys, joined)."""
+    """
+    rendezvous -> relay: a network's authorized members (32-byte keys,
+    joined), and which of them are stock WireGuard devices (docs/devices.md).
+    """
 
-    arguments = [(b"network_id", amp.Unicode()), (b"keys", BigBytes(max_length=KEY * 1_000_000))]
+    arguments = [(b"network_id", amp.Unicode()), (b"keys", BigBytes(max_length=KEY * 1_000_000)),
+                 (b"devices", BigBytes(max_length=KEY * 1_000_000, optional=True))]
     response = []
 
 
@@ -130,8 +134,9 @@ class RelayLinkService:
         self.connected[relay_key] = (protocol, info)
         if old is not None and old[0] is not protocol:
             old[0].transport.loseConnection()
+        devices = self.membership.devices()
         for network_id, members in sorted(self.membership.networks().items()):
-            protocol.push_members(network_id, members)
+            protocol.push_members(network_id, members, devices.get(network_id, frozenset()))
         protocol.push_synced(sorted(self.membership.networks()))
         self._relays_changed()
 
@@ -145,8 +150,9 @@ class RelayLinkService:
             self.on_relays_changed(self.relays())
 
     def _changed(self, network_id: str, members: frozenset[bytes]) -> None:
+        devices = self.membership.devices().get(network_id, frozenset())
         for protocol, _ in list(self.connected.values()):
-            protocol.push_members(network_id, members)
+            protocol.push_members(network_id, members, devices)
 
 
 class RelayLinkResponders(amp.CommandLocator):
@@ -189,9 +195,10 @@ class RelayLinkResponders(amp.CommandLocator):
         service.logged_in(relay_key, self, info)
         return {}
 
-    def push_members(self, network_id: str, members: frozenset[bytes]) -> None:
-        self.callRemote(RelayMembers, network_id=network_id,
-                        keys=b"".join(sorted(members))).addErrback(lambda _: None)
+    def push_members(self, network_id: str, members: frozenset[bytes],
+                     devices: frozenset[bytes] = frozenset()) -> None:
+        self.callRemote(RelayMembers, network_id=network_id, keys=b"".join(sorted(members)),
+                        devices=b"".join(sorted(devices))).addErrback(lambda _: None)
 
     def push_synced(self, networks: list[str]) -> None:
         self.callRemote(RelaySynced, networks=json.dumps(networks).encode()).addErrback(
@@ -288,12 +295,14 @@ class RelayLinkProtocol(BoundedAMP):
         self.transport.loseConnection()
 
     @RelayMembers.responder
-    def members(self, network_id: str, keys: bytes) -> dict[str, Any]:
-        if len(keys) % KEY:
+    def members(self, network_id: str, keys: bytes, devices: bytes = b"") -> dict[str, Any]:
+        if len(keys) % KEY or len(devices) % KEY:
             raise ValueError("keys are not 32 bytes each")
         self.link.policy.set_members(
             network_id, [keys[i : i + KEY] for i in range(0, len(keys), KEY)]
         )
+        self.link.policy.set_devices(
+            network_id, [devices[i : i + KEY] for i in range(0, len(devices), KEY)])
         return {}
 
     @RelaySynced.responder

@@ -93,7 +93,12 @@ class MembershipPolicy:
         for key in new - old:
             self._networks.setdefault(key, set()).add(network_id)
         if network_id in self._devices:
-            self.set_devices(network_id, self._devices[network_id] & new)
+            kept = self._devices[network_id] & new
+            if kept:
+                self._devices[network_id] = kept
+            else:
+                del self._devices[network_id]
+            self._update_device_reachable()
         if old - new:
             self._notify(old)
         for change_observer in list(self._change_observers):
@@ -103,13 +108,25 @@ class MembershipPolicy:
                 self.log.failure("relay membership observer raised")
 
     def set_devices(self, network_id: str, keys: Iterable[bytes]) -> None:
-        """Which of C{network_id}'s authorized members are stock WireGuard devices."""
+        """
+        Which of C{network_id}'s authorized members are stock WireGuard
+        devices; a change is told to the change observers (the relay link
+        pushes it to standalone relays).
+        """
         devices = frozenset(keys)
+        if devices == self._devices.get(network_id, frozenset()):
+            return
         if devices:
             self._devices[network_id] = devices
         else:
             self._devices.pop(network_id, None)
         self._update_device_reachable()
+        members = self._members.get(network_id, frozenset())
+        for change_observer in list(self._change_observers):
+            try:
+                change_observer(network_id, members)
+            except Exception:
+                self.log.failure("relay membership observer raised")
 
     def devices(self) -> dict[str, frozenset[bytes]]:
         """Every network's devices, as last set."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import signal
 import subprocess
 import sys
@@ -230,6 +231,9 @@ SITE_ADDRESSES = {"a": ("203.0.113.21", "203.0.113.31", "192.168.1"),
 # With --ipv6: each router's WAN address on the internet's /64, and its LAN's /64.
 IPV6_WAN = {"a": "2001:db8::21", "b": "2001:db8::22"}
 RENDEZVOUS_IP6 = "2001:db8::10"  # with --ipv6: discovery answers there too
+RELAY_IP = "203.0.113.11"  # a standalone relay, when the lab runs one
+RELAY_LINK_PORT = 8446
+RELAY_ADMIN_PORT = 8449
 IPV6_LAN = {"a": "2001:db8:a", "b": "2001:db8:b"}
 PATH_KINDS = ("lan", "direct", "relay")
 
@@ -260,8 +264,11 @@ class JoinedLab:
 
     def __init__(self, network: netns.Network, nat_a: str = "easy", nat_b: str = "easy",
                  hosts_a: int = 2, hosts_b: int = 1, ipv6: bool = False,
-                 device_hosts: tuple[str, ...] = ()) -> None:
+                 device_hosts: tuple[str, ...] = (), standalone_relay: bool = False) -> None:
         self.network = network
+        # A standalone twistvpn-relay at RELAY_IP instead of the embedded one.
+        self.standalone_relay = standalone_relay
+        self.relay_process: netns.Process | None = None
         # Hosts that run a stock WireGuard (wireguard-go) as a device, not a node.
         self.device_hosts = device_hosts
         self.ipv6 = ipv6  # dual stack: global IPv6 behind each NAT router (2001:db8::/32)
@@ -318,11 +325,55 @@ class JoinedLab:
 
     def start_rendezvous(self) -> netns.Rendezvous:
         """Start it (or start it again, keeping its data directory)."""
+        extra = ["--udp-interface6", RENDEZVOUS_IP6] if self.ipv6 else []
+        if self.standalone_relay:
+            extra += ["--no-relay", "--relay-link",
+                      f"tcp:{RELAY_LINK_PORT}:interface={RENDEZVOUS_IP}",
+                      "--relay-key", self._relay_key()]
         self.rendezvous = netns.start_rendezvous(
             self.network, self.rendezvous_namespace, RENDEZVOUS_IP, rendezvous=self.rendezvous,
-            extra=["--udp-interface6", RENDEZVOUS_IP6] if self.ipv6 else [],
+            extra=extra,
         )
+        if self.standalone_relay and self.relay_process is None:
+            self._start_relay()
         return self.rendezvous
+
+    def _relay_dir(self) -> str:
+        return str(self.network.tmpdir / "relay")
+
+    def _relay_key(self) -> str:
+        """The standalone relay's public key (its key file made now, as it would be)."""
+        import os
+
+        from twistvpn.common.datadir import load_or_create_key
+        from twistvpn.wireguard.keys import encode_key, public_key
+
+        os.makedirs(self._relay_dir(), mode=0o700, exist_ok=True)
+        private = load_or_create_key(os.path.join(self._relay_dir(), "relay.key"))
+        return encode_key(public_key(private))
+
+    def _start_relay(self) -> None:
+        """C{twistd twistvpn-relay} in its own namespace on the internet, logged in."""
+        assert self.rendezvous is not None
+        namespace = self.network.add_namespace("rly")
+        self.internet.attach(namespace, f"{RELAY_IP}/24")
+        fingerprint = self.rendezvous.url.partition("#")[2]
+        process = self.network.spawn(namespace, [
+            *netns.TWISTD, "-n", "--pidfile=", "twistvpn-relay",
+            "--rendezvous", f"twistvpn://{RENDEZVOUS_IP}:{RELAY_LINK_PORT}#{fingerprint}",
+            "--udp-port", "443", "--udp-interface", RELAY_IP,
+            "--tcp", f"tcp:443:interface={RELAY_IP}", "--public-host", RELAY_IP,
+            "--data-dir", self._relay_dir(), "--admin",
+            f"tcp:{RELAY_ADMIN_PORT}:interface=127.0.0.1"], log_name="relay")
+        self.relay_process = process
+        self.relay_namespace = namespace
+
+        def logged_in() -> bool:
+            if not process.running():
+                raise netns.HarnessError(f"the relay exited:\n{process.log()}")
+            return "logged in to the rendezvous" in process.log()
+
+        netns.wait_for(logged_in, 20, "the standalone relay to log in", interval=0.1)
 
     def kill_rendezvous(self) -> None:
         """SIGKILL: the rendezvous's machine dies."""
@@ -389,6 +440,19 @@ class JoinedLab:
         node_id = self.nodes[name].node_id
         assert node_id is not None
         self.admin("member", "deauth", self.network_id, node_id)
+
+    def relay_stats(self) -> dict[str, Any]:
+        """The relay's counters: the embedded one's, or the standalone one's /stats."""
+        assert self.rendezvous is not None
+        if not self.standalone_relay:
+            stats: dict[str, Any] = netns.admin_json(self.rendezvous, "status")["relays"][
+                "embedded"]
+            return stats
+        script = ("import urllib.request, sys; sys.stdout.write(urllib.request.urlopen("
+                  f"'http://127.0.0.1:{RELAY_ADMIN_PORT}/stats', timeout=5).read().decode())")
+        done = self.network.run(self.relay_namespace, [sys.executable, "-c", script])
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
 
     def start_device(self, host_name: str, config_text: str) -> netns.Process:
         """
