@@ -175,6 +175,64 @@ class ConsoleInABrowser(unittest.SynchronousTestCase):
         self.screenshot("console-networks.png")
         self.assertIn("lab", self.text())
 
+    def test_add_a_device(self) -> None:
+        """
+        Issue 18: add a device in the console; its key pair is made in the
+        browser, so the private key is in the page's file only, never sent.
+        """
+        import base64
+        import re
+
+        from twistvpn.wireguard.keys import encode_key, public_key
+
+        driver, by = self.browser.driver, self.by()
+        self.step("sign in", self.sign_in)
+        self.lab.create_network()
+        self.browser.open(f"/networks/{self.lab.network_id}/devices")
+        found: dict[str, str] = {}
+
+        def add() -> None:
+            form = driver.find_element(by.ID, "add-device")
+            form.find_element(by.NAME, "name").send_keys("phone")
+            form.find_element(by.TAG_NAME, "button").click()
+            text = self.wait(lambda: "PrivateKey = " in (driver.find_element(
+                by.ID, "device-config").text or "") and driver.find_element(
+                by.ID, "device-config").text, "the device's file")
+            found["file"] = text
+            match = re.search(r"PrivateKey = (\S+)", text)
+            assert match is not None
+            found["private"] = match.group(1)
+
+        self.step("add a device: the browser makes its key pair", add)
+
+        def private_key_is_the_devices() -> None:
+            private = base64.b64decode(found["private"])
+            self.assertEqual(len(private), 32)
+            phone = self.lab.members()["phone"]
+            self.assertEqual(encode_key(public_key(private)), phone["public_key"])
+            self.assertEqual(phone["kind"], "device")
+            self.assertIn("Address = 100.64.0.1/32", found["file"])
+            self.assertNotIn("[Peer]", found["file"])  # no node in this network yet
+
+        self.step("the file's private key belongs to the device's public key",
+                  private_key_is_the_devices)
+
+        def never_sent() -> None:
+            assert self.lab.rendezvous is not None
+            for path in self.lab.rendezvous.data_dir.rglob("*"):
+                if path.is_file():
+                    self.assertNotIn(found["private"].encode(), path.read_bytes(), str(path))
+            self.browser.open(f"/networks/{self.lab.network_id}")
+            self.browser.open(f"/networks/{self.lab.network_id}/devices")
+            link = driver.find_element(by.LINK_TEXT, "wg-quick file")
+            link.click()
+            again = self.wait(lambda: driver.find_element(by.ID, "device-config").text,
+                              "the file again")
+            self.assertNotIn(found["private"], again)
+            self.assertIn("REPLACE_WITH_THIS_DEVICES_PRIVATE_KEY", again)
+
+        self.step("the rendezvous never had it; shown again, it is a placeholder", never_sent)
+
     def test_refusals(self) -> None:
         driver, by = self.browser.driver, self.by()
         assert self.lab.rendezvous is not None

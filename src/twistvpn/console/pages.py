@@ -22,6 +22,7 @@ from urllib.parse import quote
 from twisted.web.template import Tag, flattenString, tags
 
 from twistvpn.console.sessions import Session
+from twistvpn.rendezvous import wgquick
 
 # Sortable member columns: query value -> (header, key of a member dict)
 COLUMNS: dict[str, tuple[str, Any]] = {
@@ -164,6 +165,7 @@ def network(session: Session, net: dict[str, Any], members: list[dict[str, Any]]
         tags.p(tags.span(net["id"], **{"class": "mono"}), f" · {net['subnet']} · ",
                "private" if net["private"] else "public", f" · *.{net['domain']} · ",
                tags.a("Pre-auth keys", href=f"/networks/{net['id']}/keys"), " · ",
+               tags.a("Devices", href=f"/networks/{net['id']}/devices"), " · ",
                tags.a("Delete network", href=f"/networks/{net['id']}/delete")),
         error(session.flash.get("network")),
         settings,
@@ -296,6 +298,54 @@ def keys(session: Session, net: dict[str, Any], found: list[dict[str, Any]],
                     ("7776000", "90 days"), ("", "never"))], name="expires_in")),
             tags.label("Name prefix ", tags.input(name="name_prefix", maxlength="64")),
             tags.button("Create", type="submit"), **{"class": "inline"}),
+    )
+
+
+def devices(session: Session, net: dict[str, Any], found: list[dict[str, Any]],
+            message: str | None, config: dict[str, Any] | None = None) -> Tag:
+    """
+    The network's stock WireGuard devices (docs/devices.md), a form to add
+    one, and (after adding, or asked for) a device's wg-quick file.  A key
+    pair for a new device is made in the browser (console.js): its private
+    key goes into the shown file there and never reaches the server.
+    """
+    rows = [tags.tr(
+        tags.td(d["name"] or "-"), tags.td(d["node_id"], **{"class": "mono"}),
+        tags.td(d["ip"] or "-"), tags.td("yes" if d["authorized"] else "no"),
+        tags.td(tags.a("wg-quick file",
+                       href=f"/networks/{net['id']}/devices/{d['node_id']}/config")
+                if d["authorized"] else ""),
+        **{"data-node-id": d["node_id"]}) for d in found]
+    shown: Any = ""
+    if config is not None:
+        shown = tags.div(
+            tags.p(f"{config['name']}'s wg-quick file: import it in the WireGuard app "
+                   "(or scan it as a QR code: ", tags.code(
+                       f"twistvpn admin device config {net['id']} {config['name']} --qr"), ")."),
+            tags.pre(wgquick.render(config), id="device-config",
+                     **{"class": "secret", "data-public-key": config["public_key"],
+                        "data-placeholder": wgquick.PRIVATE_KEY_PLACEHOLDER}),
+            tags.p("A key pair made in this browser fills in PrivateKey here, this once; "
+                   "otherwise put in the private key the device made.", id="device-key-note"),
+            **{"class": "notice"})
+    return page(
+        f"Devices · {net['name']}", session, shown, error(message),
+        tags.p(tags.a(f"← {net['name']}", href=f"/networks/{net['id']}")),
+        tags.p("Macs, Windows laptops and phones with the official WireGuard app join "
+               "through the relay, still end-to-end encrypted."),
+        tags.table(
+            tags.thead(tags.tr(*[tags.th(h) for h in (
+                "Name", "Node", "IP", "Authorized", "")])),
+            tags.tbody(*rows) if rows else tags.tbody(tags.tr(tags.td("No devices.",
+                                                                      colspan="5")))),
+        tags.h2("Add a device"),
+        post_form(
+            f"/networks/{net['id']}/devices", session,
+            tags.label("Name ", tags.input(name="name", maxlength="64", required="required")),
+            tags.label("Public key ", tags.input(
+                name="public_key", size="46",
+                placeholder="empty: a key pair is made in this browser")),
+            tags.button("Add", type="submit"), id="add-device", **{"class": "inline"}),
     )
 
 

@@ -13,6 +13,8 @@ with an error shown next to the field it is about.
     POST /networks/ID/members/NODE  (authorized, ip, name)
     GET|POST /networks/ID/delete, /networks/ID/members/NODE/delete (confirmation)
     GET  /networks/ID/keys          POST /networks/ID/keys, /networks/ID/keys/KEY/revoke
+    GET  /networks/ID/devices       POST /networks/ID/devices (name, public key)
+    GET  /networks/ID/devices/NODE/config
     GET  /static/console.css, /static/console.js
 """
 
@@ -184,6 +186,16 @@ class Console(resource.Resource):
         if rest == ["keys"]:
             return pages.keys(session, net, self._call("GET", ["networks", net["id"], "keys"]),
                               None, session.flash.pop("keys", None), now)
+        if rest == ["devices"]:
+            return pages.devices(session, net, self._devices(net["id"]),
+                                 session.flash.pop("devices", None))
+        if len(rest) == 3 and rest[0] == "devices" and rest[2] == "config":
+            try:
+                config = self._call("GET", ["networks", net["id"], "devices", rest[1], "config"])
+            except ApiError as e:
+                request.setResponseCode(e.code)
+                return pages.not_found(session, e.message)
+            return pages.devices(session, net, self._devices(net["id"]), None, config)
         if len(rest) == 3 and rest[0] == "members" and rest[2] == "delete":
             try:
                 member = self._call("GET", ["networks", net["id"], "members", rest[1]])
@@ -197,6 +209,10 @@ class Console(resource.Resource):
                 f"/networks/{net['id']}/members/{member['node_id']}/delete",
                 f"/networks/{net['id']}", "Delete member")
         raise RefusedError(404, "no such page")
+
+    def _devices(self, network_id: str) -> list[dict[str, Any]]:
+        members = self._call("GET", ["networks", network_id, "members"])
+        return [m for m in members if m.get("kind") == "device"]
 
     def api_password_set(self) -> bool:
         return self.sessions.password.is_set
@@ -262,6 +278,25 @@ class Console(resource.Resource):
             # Rendered here, not redirected: the secret is never kept anywhere.
             return pages.keys(session, net, found, created["secret"], None,
                               self.clock.seconds())
+        if rest == ["devices"]:
+            public_key = form.get("public_key", "").strip()
+            if not public_key:
+                # The browser makes the key pair (console.js); without it, the
+                # device's own public key is needed: the server makes none.
+                self._flash(session, "devices", "give the device's public key (or let this "
+                            "browser make a key pair: it needs JavaScript)")
+                raise RedirectTo(f"{back}/devices")
+            try:
+                added = self._call("POST", ["networks", network_id, "devices"],
+                                   {"name": form.get("name", "").strip(),
+                                    "public_key": public_key})
+            except ApiError as e:
+                self._flash(session, "devices", e.message)
+                raise RedirectTo(f"{back}/devices") from None
+            config = self._call("GET", ["networks", network_id, "devices", added["node_id"],
+                                        "config"])
+            net = self._call("GET", ["networks", network_id])
+            return pages.devices(session, net, self._devices(network_id), None, config)
         if len(rest) == 3 and rest[0] == "keys" and rest[2] == "revoke":
             self._call("DELETE", ["keys", rest[1]])
             raise RedirectTo(f"{back}/keys")
