@@ -159,6 +159,23 @@ class IndexTableTests(SynchronousTestCase):
         keepalive = world.to_device[-1]
         self.assertEqual(world.router.from_node(node_key, handle, keepalive, 1.0), MOVED_ADDR)
 
+    def test_cookie_replies_both_ways(self) -> None:
+        """
+        Under load a node answers an initiation with a cookie reply (WireGuard's
+        DoS defence): it reaches the device, and the device's own cookie reply
+        (to a node's initiation) reaches the node by the node's index.
+        """
+        world = World()
+        node_key = next(iter(world.nodes))
+        world.ping(node_key)
+        handle = next(iter(world.router._handles))
+        cookie = struct.pack("<II", 3, 0x77) + bytes(56)
+        self.assertEqual(world.router.from_node(node_key, handle, cookie, 1.0), DEVICE_ADDR)
+        initiation = struct.pack("<II", 1, 0x4242) + bytes(140)
+        world.router.from_node(node_key, handle, initiation, 1.0)
+        answer = struct.pack("<II", 3, 0x4242) + bytes(56)
+        self.assertEqual(world.router.from_device(answer, DEVICE_ADDR, 1.0), (node_key, handle))
+
     def test_unknown_index_dropped(self) -> None:
         world = World()
         stray = struct.pack("<IIQ", 4, 12345, 0) + bytes(16)

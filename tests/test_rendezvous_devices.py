@@ -129,6 +129,18 @@ class DeviceTests(SynchronousTestCase):
         self.controller.delete_member(self.net, "phone")
         keys = {m.public_key for m in self.controller.network_map(self.net).members}
         self.assertNotIn(public, keys)
+        # Added again with its key, it is the same device.
+        again = self.controller.add_device(self.net, "phone", public)
+        self.assertEqual(again["node_id"], node_id_of(public))
+
+    def test_one_device_in_two_networks(self) -> None:
+        public, _ = self.add()
+        other = self.controller.create_network("other")["id"]
+        member = self.controller.add_device(other, "phone", public)
+        self.assertEqual((member["kind"], member["authorized"]), ("device", True))
+        self.assertEqual(set(self.controller.authorized_devices()), {self.net, other})
+        with self.assertRaises(ConflictError):
+            self.controller.add_device(other, "phone2", public)  # already a member there
 
 
 class WgQuickTests(SynchronousTestCase):

@@ -294,8 +294,12 @@ class Membership:
         name = check_name(name, "a device name")
         if len(public_key) != 32:
             raise InvalidArgumentError("a public key is 32 bytes")
-        if self._registry.is_registered(public_key):
-            raise ConflictError("that key is already a node's or a device's")
+        known = self._registry.node(public_key) if self._registry.is_registered(
+            public_key) else None
+        if known is not None and known.kind != "device":
+            raise ConflictError(f"that key is node {known.node_id}'s")
+        if known is not None and self._store.get_member(network.id, public_key) is not None:
+            raise ConflictError(f"device {known.node_id} is already a member of {network.id}")
         for member in self._store.list_members(network.id):
             holder = self._registry.node(member.public_key)
             if (member.name or holder.name) == name:
@@ -303,7 +307,7 @@ class Membership:
         node_record, member = self._store.add_device(
             public_key, node_id_of(public_key), name, network.id, self._next_free_ip(network),
             self._clock.seconds())
-        node = self._registry.remember_device(node_record)
+        node = known if known is not None else self._registry.remember_device(node_record)
         self.counters["devices_added"] += 1
         self._members_changed(network.id)
         return self.describe_member(member, node)

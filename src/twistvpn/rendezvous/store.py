@@ -134,9 +134,11 @@ class SQLiteStore:
     def add_device(self, public_key: bytes, node_id: str, name: str, network_id: str,
                    ip: str, now: float) -> tuple[NodeRecord, MemberRecord]:
         with transaction(self.db):
+            # A device already known (of another network, or deleted from
+            # this one) keeps its record.
             self.db.execute(
                 "INSERT INTO nodes (public_key, node_id, name, created, last_seen, kind)"
-                " VALUES (?, ?, ?, ?, NULL, 'device')",
+                " VALUES (?, ?, ?, ?, NULL, 'device') ON CONFLICT (public_key) DO NOTHING",
                 (public_key, node_id, name, now),
             )
             self.db.execute(
