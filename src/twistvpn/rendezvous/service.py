@@ -360,7 +360,6 @@ class RendezvousService(MultiService):
     def _listening(self, _: object) -> None:
         self.control_factory.udp_ports = self.udp_ports
         info = self.info()
-        tls.write_private(self.data.file(STATE_FILE), (json.dumps(info, indent=1) + "\n").encode())
         console = "off (--web '')"
         if info["console"]:
             console = info["console"] + ("" if self.web_password.is_set else
@@ -374,6 +373,8 @@ class RendezvousService(MultiService):
             socket=self.data.file(ADMIN_SOCKET),
             console=console,
         )
+        # The state file is what scripts (and tests) wait for: after the ready line.
+        tls.write_private(self.data.file(STATE_FILE), (json.dumps(info, indent=1) + "\n").encode())
         relays = info["relays"]
         if relays["embedded"] is not None:
             embedded = relays["advertised"][0]
