@@ -295,6 +295,28 @@ class Candidates(SynchronousTestCase):
                                           nat_varies=True))
         self.assertTrue(c.hints.sequential)
 
+    def test_neighbour_took_the_port(self) -> None:
+        """
+        Two nodes behind one easy router, both on 41641: each keeps the port
+        towards one discovery server and not the other (Linux keeps ports
+        unique per destination).  That is an easy NAT, reached at the kept
+        port, not a hard one (seen in the lab: easy x hard then stayed relayed).
+        """
+        c = member_candidates(self.member(endpoints=("203.0.113.21:33386", "203.0.113.21:41641"),
+                                          nat_varies=True,
+                                          local_endpoints=("192.168.1.2:41641",)))
+        self.assertTrue(c.hints.easy)
+        self.assertEqual(c.public, (("203.0.113.21", 41641),))
+        own = own_candidates(NetcheckResult((("203.0.113.21", 33386), ("203.0.113.21", 41641))),
+                             [("192.168.1.2", 41641)])
+        self.assertTrue(own.hints.easy)
+        self.assertEqual(own.public, (("203.0.113.21", 41641),))
+        # Neither kept: nothing says it was a neighbour; hard, as before.
+        other = member_candidates(self.member(endpoints=("203.0.113.21:33386", "203.0.113.21:5"),
+                                              nat_varies=True,
+                                              local_endpoints=("192.168.1.2:41641",)))
+        self.assertTrue(other.hints.hard_random)
+
     def test_public_member(self) -> None:
         c = member_candidates(self.member(endpoints=("203.0.113.7:41641",),
                                           local_endpoints=("203.0.113.7:41641",)))

@@ -295,6 +295,8 @@ class HintTests(SynchronousTestCase):
         self.assertEqual((seq.sequential, seq.port_delta, seq.last_port), (True, 1, 6))
         hard = hints_from_observations(local, [("1.1.1.1", 5), ("1.1.1.1", 40000)])
         self.assertTrue(hard.hard_random)
+        collided = hints_from_observations(local, [("1.1.1.1", 5), ("1.1.1.1", 41641)])
+        self.assertTrue(collided.easy)  # a neighbour behind the NAT holds 41641 to one server
         unknown = hints_from_observations(local, [("1.1.1.1", 5), None])
         self.assertIsNone(unknown.mapping_varies)
         self.assertFalse(unknown.easy or unknown.hard_random or unknown.sequential)

@@ -45,7 +45,13 @@ from twistvpn.rendezvous.netmap import (
     overlay6,
     parse_endpoint,
 )
-from twistvpn.traversal.candidates import Candidates, NatHints, describe, hints_from_observations
+from twistvpn.traversal.candidates import (
+    Candidates,
+    NatHints,
+    describe,
+    hints_from_observations,
+    preserved_mapping,
+)
 from twistvpn.traversal.manager import DIRECT, LAN, NONE, PathConfig, PathManager
 from twistvpn.traversal.probe import address_of
 from twistvpn.wire import DISCOVERY_RESPONSE
@@ -142,8 +148,12 @@ def member_candidates(member: Member) -> Candidates:
     if not seen:
         return Candidates(public=public6, local=local, hints=NatHints(mapping_varies=None))
     observations = seen if member.nat_varies else [seen[0], seen[0]]
-    return Candidates(public=(seen[0], *public6), local=local,
-                      hints=hints_from_observations(_reference(seen[0], local), observations))
+    reference = _reference(seen[0], local)
+    # Where a neighbour took its port towards one server, the mapping that
+    # kept it is the one fresh destinations get.
+    public = preserved_mapping(reference, observations) or seen[0]
+    return Candidates(public=(public, *public6), local=local,
+                      hints=hints_from_observations(reference, observations))
 
 
 def own_candidates(result: NetcheckResult | None, local: Sequence[Address],
@@ -158,11 +168,10 @@ def own_candidates(result: NetcheckResult | None, local: Sequence[Address],
         return Candidates(public=public6, local=tuple(local),
                           hints=NatHints(mapping_varies=None))
     local4 = [a for a in local if ":" not in a[0]]
-    hints = hints_from_observations(
-        _reference(result.endpoint, local4) if result.endpoint else _first(local4),
-        list(result.mapped),
-    )
-    public = (result.endpoint,) if result.endpoint is not None else ()
+    reference = _reference(result.endpoint, local4) if result.endpoint else _first(local4)
+    hints = hints_from_observations(reference, list(result.mapped))
+    endpoint = preserved_mapping(reference, list(result.mapped)) or result.endpoint
+    public = (endpoint,) if endpoint is not None else ()
     return Candidates(public=public + public6, local=tuple(local), hints=hints)
 
 

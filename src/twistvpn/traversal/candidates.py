@@ -69,6 +69,23 @@ class Candidates:
         return tuple(a for a in self.local if a not in self.public)
 
 
+def preserved_mapping(local: Address, observed: Sequence[Address | None]) -> Address | None:
+    """
+    The observed mapping that kept C{local}'s port when another did not,
+    all at one public address; None otherwise.  That is a NAT that maps
+    endpoint-independently and keeps ports, where another host behind it
+    already holds our port towards the other destination: Linux's NAT keeps
+    a port unique per destination, not per host, so two nodes behind one
+    router, both on 41641, each lose it towards whichever server the other
+    asked first.  A NAT whose mapping truly depends on the destination
+    keeps the local port only by chance (1 in 64,512 for random ports).
+    """
+    seen = [o for o in observed if o is not None]
+    if len(set(seen)) < 2 or len({o[0] for o in seen}) != 1:
+        return None
+    return next((o for o in seen if o[1] == local[1]), None)
+
+
 def hints_from_observations(local: Address, observed: Sequence[Address | None],
                             mapping_timeout: float | None = None) -> NatHints:
     """
@@ -88,6 +105,9 @@ def hints_from_observations(local: Address, observed: Sequence[Address | None],
         return NatHints(mapping_varies=None, last_port=last, mapping_timeout=mapping_timeout)
     if len(set(seen)) == 1:
         return NatHints(last_port=last, mapping_timeout=mapping_timeout)
+    if preserved_mapping(local, seen) is not None:
+        # Endpoint-independent, the port taken elsewhere by a neighbour.
+        return NatHints(last_port=local[1], mapping_timeout=mapping_timeout)
     deltas = {b - a for a, b in zip(ports, ports[1:], strict=False)}
     delta: int | None = None
     if len(deltas) == 1:
