@@ -4,7 +4,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 apt_packages=(iproute2 iptables iputils-ping iperf3 wireguard-go wireguard-tools python3-venv systemd dnsutils
-              chromium chromium-driver nftables miniupnpd-nftables qrencode)
+              chromium chromium-driver nftables miniupnpd-nftables qrencode postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -22,6 +22,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.support.ports import free_tcp_port
 from tests.support.rendezvous import RecordingListener
 from twistvpn import wire
 from twistvpn.node.forwarder import Forwarder
@@ -33,12 +34,6 @@ from twistvpn.testing.localrun import LocalRendezvous
 from twistvpn.wireguard.keys import generate_private_key
 
 CLI = "import sys; from twistvpn.cli import main; sys.exit(main())"
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RealProcess(TestCase):

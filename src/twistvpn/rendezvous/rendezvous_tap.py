@@ -80,6 +80,9 @@ class Options(OneLineOptions):
     )
     optParameters = [
         ["data-dir", "d", DEFAULT_DATA_DIR, "State directory (created mode 0700)."],
+        ["database", None, None,
+         "A PostgreSQL database (postgresql://USER@HOST/DB) instead of sqlite in the data "
+         "directory, which several instances may share."],
         ["hostname", None, None, "The name nodes reach this server by (default: the FQDN)."],
         ["control", None, "tcp:8443", "Endpoint of the control channel (TLS added)."],
         ["udp-port", None, 3478, "UDP port of endpoint discovery.", port("udp-port")],
@@ -217,6 +220,9 @@ class Options(OneLineOptions):
                         f"--relay-udp-port {relay_port}: --{option} uses it already"
                     )
         check_endpoint("relay-link", self["relay-link"])
+        database = self["database"]
+        if database is not None and not database.startswith(("postgresql://", "postgres://")):
+            raise usage.UsageError(f"--database {database!r}: not a postgresql:// URL")
 
 
 def relay_settings(config: Options) -> RelaySettings:
@@ -238,7 +244,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     try:
         data = prepare_data_dir(
-            config["data-dir"], config["hostname"], config["tls-cert"], config["tls-key"]
+            config["data-dir"], config["hostname"], config["tls-cert"], config["tls-key"],
+            config["database"],
         )
     except DataDirError as e:
         raise SystemExit(f"twistvpn-rendezvous: {e}") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -80,7 +79,16 @@ class DataDir:
     cert_pem: bytes
     key_pem: bytes
     token: str
-    db: sqlite3.Connection
+    db: Any  # a sqlite3.Connection, or a pgstore.Connection with --database
+    database: str | None = None  # a postgresql:// URL, or None: sqlite in the directory
+
+    def open_store(self) -> SQLiteStore:
+        """The controller's store over C{db}: PostgreSQL's, or sqlite's."""
+        if self.database is not None:
+            from twistvpn.rendezvous.pgstore import PostgreSQLStore
+
+            return PostgreSQLStore(self.db)
+        return SQLiteStore(self.db)
 
     @property
     def fingerprint(self) -> bytes:
@@ -103,8 +111,12 @@ def prepare_data_dir(
     hostname: str,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    database: str | None = None,
 ) -> DataDir:
-    """Create (on first start) and load the rendezvous's data directory."""
+    """
+    Create (on first start) and load the rendezvous's data directory, and
+    open its database: sqlite there, or the PostgreSQL one at C{database}.
+    """
     socket_path = os.path.join(path, ADMIN_SOCKET)
     if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
         raise DataDirError(
@@ -130,10 +142,15 @@ def prepare_data_dir(
     except (OSError, ValueError) as e:
         raise DataDirError(str(e)) from None
     try:
-        db = get_db(os.path.join(path, DB_FILE))
+        if database is not None:
+            from twistvpn.rendezvous.pgstore import connect
+
+            db: Any = connect(database)
+        else:
+            db = get_db(os.path.join(path, DB_FILE))
     except DBError as e:
         raise DataDirError(str(e)) from None
-    return DataDir(path, server_private, cert_pem, key_pem, token, db)
+    return DataDir(path, server_private, cert_pem, key_pem, token, db, database)
 
 
 @dataclass(frozen=True)
@@ -200,7 +217,7 @@ class RendezvousService(MultiService):
         self.reactor = reactor
         self.data = data
         self.hostname = hostname
-        self.controller = Controller(SQLiteStore(data.db), reactor)
+        self.controller = Controller(data.open_store(), reactor)
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
         self.control_factory = ControlServerFactory(
             self.controller, data.server_private, reactor, udp_ports, registration_rate,

@@ -10,9 +10,11 @@ know which database holds them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 from zope.interface import implementer
 
@@ -107,15 +109,23 @@ def _member(row: sqlite3.Row) -> MemberRecord:
 
 @implementer(IRendezvousStore)
 class SQLiteStore:
-    """L{IRendezvousStore} over one sqlite connection (L{database.get_db})."""
+    """
+    L{IRendezvousStore} over one sqlite connection (L{database.get_db}).
+    Its SQL is PostgreSQL's too (L{twistvpn.rendezvous.pgstore} runs it
+    there); only the transactions and the connection differ.
+    """
 
     ENDPOINT_COLUMNS = ("endpoint", "endpoint2")
 
     def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+        self.db: Any = db
 
     def close(self) -> None:
         self.db.close()
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """One write transaction: all of a method's changes, or none."""
+        return transaction(self.db)
 
     # -- nodes ------------------------------------------------------------------
 
@@ -123,7 +133,7 @@ class SQLiteStore:
         return [_node(r) for r in self.db.execute("SELECT * FROM nodes")]
 
     def add_node(self, public_key: bytes, node_id: str, name: str, now: float) -> NodeRecord:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute(
                 "INSERT INTO nodes (public_key, node_id, name, created, last_seen)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -133,7 +143,7 @@ class SQLiteStore:
 
     def add_device(self, public_key: bytes, node_id: str, name: str, network_id: str,
                    ip: str, now: float) -> tuple[NodeRecord, MemberRecord]:
-        with transaction(self.db):
+        with self._transaction():
             # A device already known (of another network, or deleted from
             # this one) keeps its record.
             self.db.execute(
@@ -150,7 +160,7 @@ class SQLiteStore:
                 MemberRecord(network_id, public_key, True, ip, now, name))
 
     def update_node(self, public_key: bytes, last_seen: float, name: str | None = None) -> None:
-        with transaction(self.db):
+        with self._transaction():
             if name is None:
                 self.db.execute("UPDATE nodes SET last_seen = ? WHERE public_key = ?",
                                 (last_seen, public_key))
@@ -161,14 +171,14 @@ class SQLiteStore:
     def set_endpoint(self, public_key: bytes, which: int, endpoint: str,
                      last_seen: float) -> None:
         column = self.ENDPOINT_COLUMNS[which]
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute(
                 f"UPDATE nodes SET {column} = ?, last_seen = ? WHERE public_key = ?",
                 (endpoint, last_seen, public_key),
             )
 
     def set_local_endpoints(self, public_key: bytes, endpoints: tuple[str, ...]) -> None:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute("UPDATE nodes SET local_endpoints = ? WHERE public_key = ?",
                             (json.dumps(list(endpoints)), public_key))
 
@@ -197,7 +207,7 @@ class SQLiteStore:
 
     def add_network(self, network_id: str, name: str, subnet: str, private: bool,
                     now: float) -> NetworkRecord | None:
-        with transaction(self.db):
+        with self._transaction():
             if self.db.execute("SELECT 1 FROM networks WHERE id = ?",
                                (network_id,)).fetchone() is not None:
                 return None
@@ -209,7 +219,7 @@ class SQLiteStore:
         return NetworkRecord(network_id, name, subnet, private, now, 0)
 
     def delete_network(self, network_id: str) -> list[bytes]:
-        with transaction(self.db):
+        with self._transaction():
             keys = [bytes(r["public_key"]) for r in self.db.execute(
                 "SELECT public_key FROM members WHERE network_id = ?", (network_id,))]
             self.db.execute("DELETE FROM members WHERE network_id = ?", (network_id,))
@@ -218,7 +228,7 @@ class SQLiteStore:
 
     def update_network(self, network_id: str, name: str, domain: str | None,
                        private: bool) -> NetworkRecord | None:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute("UPDATE networks SET name = ?, domain = ?, private = ? WHERE id = ?",
                             (name, domain, int(private), network_id))
         return self.get_network(network_id)
@@ -228,7 +238,7 @@ class SQLiteStore:
         return {r["id"]: r["revision"] for r in rows}
 
     def set_revision(self, network_id: str, revision: int) -> None:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute("UPDATE networks SET revision = ? WHERE id = ?",
                             (revision, network_id))
 
@@ -283,7 +293,7 @@ class SQLiteStore:
 
     def add_member(self, network_id: str, public_key: bytes, now: float, authorized: bool,
                    ip: str | None) -> MemberRecord:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute(
                 "INSERT INTO members (network_id, public_key, authorized, ip, created)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -293,7 +303,7 @@ class SQLiteStore:
 
     def update_member(self, network_id: str, public_key: bytes, authorized: bool,
                       ip: str | None, name: str | None = None) -> None:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute(
                 "UPDATE members SET authorized = ?, ip = ?, name = ?"
                 " WHERE network_id = ? AND public_key = ?",
@@ -303,7 +313,7 @@ class SQLiteStore:
     # -- pre-auth keys -----------------------------------------------------------
 
     def add_key(self, key: KeyRecord, secret_hash: bytes) -> None:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute(
                 "INSERT INTO auth_keys (id, network_id, secret_hash, reusable, uses, expires,"
                 " name_prefix, revoked, created) VALUES (?, ?, ?, ?, 0, ?, ?, 0, ?)",
@@ -325,7 +335,7 @@ class SQLiteStore:
         return [_key(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> bool:
-        with transaction(self.db):
+        with self._transaction():
             changed = self.db.execute("UPDATE auth_keys SET revoked = 1 WHERE id = ?",
                                       (key_id,)).rowcount
         return bool(changed)
@@ -336,7 +346,7 @@ class SQLiteStore:
         Spend a use of the key and make the node an authorized member, in one
         transaction; None if a single-use key was spent meanwhile.
         """
-        with transaction(self.db):
+        with self._transaction():
             spent = self.db.execute(
                 "UPDATE auth_keys SET uses = uses + 1 WHERE id = ? AND revoked = 0"
                 + (" AND uses = 0" if single_use else ""), (key_id,)).rowcount
@@ -354,7 +364,7 @@ class SQLiteStore:
         return _member(row)
 
     def delete_member(self, network_id: str, public_key: bytes) -> None:
-        with transaction(self.db):
+        with self._transaction():
             self.db.execute("DELETE FROM members WHERE network_id = ? AND public_key = ?",
                             (network_id, public_key))
 

@@ -1,0 +1,54 @@
+-- The current schema of the rendezvous database in PostgreSQL, for new databases
+-- (schema-v5.sql is sqlite's; the two hold the same tables and columns).  A
+-- later version adds a postgresql-upgrade-to-vN.sql beside sqlite's.
+
+CREATE TABLE version (
+  version INTEGER -- contains one row
+);
+
+CREATE TABLE networks (
+  id VARCHAR PRIMARY KEY,       -- 16 hex digits
+  name VARCHAR NOT NULL,
+  subnet VARCHAR NOT NULL,      -- IPv4 CIDR
+  private INTEGER NOT NULL,     -- 1: members need authorization
+  created DOUBLE PRECISION NOT NULL,
+  revision INTEGER NOT NULL DEFAULT 0, -- bumped on every change to the map
+  domain VARCHAR                 -- DNS domain of its members; NULL: NAME.twistvpn.internal
+);
+
+CREATE TABLE nodes (
+  public_key BYTEA PRIMARY KEY,  -- the node's WireGuard static key
+  node_id VARCHAR NOT NULL UNIQUE,
+  name VARCHAR NOT NULL,
+  created DOUBLE PRECISION NOT NULL,
+  last_seen DOUBLE PRECISION,
+  endpoint VARCHAR,             -- "host:port" seen on the first UDP port
+  endpoint2 VARCHAR,            -- "host:port" seen on the second UDP port
+  local_endpoints VARCHAR NOT NULL DEFAULT '[]', -- JSON list of "host:port"
+  kind VARCHAR NOT NULL DEFAULT 'node'  -- 'node' (runs twistvpn) or 'device' (stock WireGuard)
+);
+
+CREATE TABLE members (
+  network_id VARCHAR NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+  public_key BYTEA NOT NULL REFERENCES nodes(public_key),
+  authorized INTEGER NOT NULL,
+  ip VARCHAR,
+  created DOUBLE PRECISION NOT NULL,
+  name VARCHAR,                 -- the admin's (or a pre-auth key's prefix) name; NULL: the node's
+  PRIMARY KEY (network_id, public_key),
+  UNIQUE (network_id, ip)
+);
+CREATE INDEX members_by_node ON members (public_key);
+
+CREATE TABLE auth_keys (
+  id VARCHAR PRIMARY KEY,          -- 12 hex digits, shown to admins
+  network_id VARCHAR NOT NULL REFERENCES networks(id) ON DELETE CASCADE,
+  secret_hash BYTEA NOT NULL UNIQUE, -- SHA-256 of the secret; the secret is never stored
+  reusable INTEGER NOT NULL,
+  uses INTEGER NOT NULL DEFAULT 0,
+  expires DOUBLE PRECISION,                    -- seconds since the epoch, or NULL for never
+  name_prefix VARCHAR,
+  revoked INTEGER NOT NULL DEFAULT 0,
+  created DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX auth_keys_by_network ON auth_keys (network_id);
