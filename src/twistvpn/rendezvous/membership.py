@@ -14,7 +14,8 @@ import hashlib
 import ipaddress
 import os
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -30,7 +31,12 @@ from twistvpn.rendezvous.registry import (
     check_name,
     node_id_of,
 )
-from twistvpn.rendezvous.store import KeyRecord, MemberRecord, NetworkRecord
+from twistvpn.rendezvous.store import (
+    KeyRecord,
+    MemberRecord,
+    NetworkRecord,
+    WriteConflictError,
+)
 from twistvpn.wireguard.keys import encode_key
 
 # Overlay addresses come from the shared address space (RFC 6598), as
@@ -40,6 +46,10 @@ DEFAULT_PREFIX = 24
 NETWORK_ID_LENGTH = 16
 
 _UNCHANGED: Any = object()
+# Addresses tried when concurrent writers (rendezvous instances sharing a
+# database) keep taking the lowest free one first.
+IP_TRIES = 64
+T = TypeVar("T")
 
 
 class KeyRefusedError(Exception):
@@ -304,9 +314,8 @@ class Membership:
             holder = self._registry.node(member.public_key)
             if (member.name or holder.name) == name:
                 raise ConflictError(f"network {network.id} already has a member named {name}")
-        node_record, member = self._store.add_device(
-            public_key, node_id_of(public_key), name, network.id, self._next_free_ip(network),
-            self._clock.seconds())
+        node_record, member = self._with_free_ip(network, lambda ip: self._store.add_device(
+            public_key, node_id_of(public_key), name, network.id, ip, self._clock.seconds()))
         node = known if known is not None else self._registry.remember_device(node_record)
         self.counters["devices_added"] += 1
         self._members_changed(network.id)
@@ -314,6 +323,21 @@ class Membership:
 
     def authorized_devices(self) -> dict[str, frozenset[bytes]]:
         return self._store.authorized_devices()
+
+    def _with_free_ip(self, network: NetworkRecord, write: Callable[[str], T]) -> T:
+        """
+        C{write(ip)} with the lowest free address; when another writer (a
+        second rendezvous instance on the same database) took that one
+        meanwhile, the database refuses it and the next free one is tried.
+        """
+        for _ in range(IP_TRIES):
+            ip = self._next_free_ip(network)
+            try:
+                return write(ip)
+            except WriteConflictError:
+                self.counters["ip_races"] += 1
+        raise ConflictError(f"no address of {network.subnet} could be assigned: other writers "
+                            f"took each of the {IP_TRIES} tried; try again")
 
     def _next_free_ip(self, network: NetworkRecord) -> str:
         used = self._store.used_ips(network.id)
@@ -339,9 +363,11 @@ class Membership:
                 refused = str(e)
         if member is not None:
             return member, refused
-        ip = None if network.private else self._next_free_ip(network)
-        member = self._store.add_member(network.id, public_key, self._clock.seconds(),
-                                        authorized=not network.private, ip=ip)
+        def add(ip: str | None) -> MemberRecord:
+            return self._store.add_member(network.id, public_key, self._clock.seconds(),
+                                          authorized=not network.private, ip=ip)
+
+        member = add(None) if network.private else self._with_free_ip(network, add)
         self.counters["joins"] += 1
         if member.authorized:
             self._members_changed(network.id)
@@ -389,14 +415,20 @@ class Membership:
             raise KeyRefusedError(f"the pre-auth key {key.id} has expired")
         if not key.reusable and key.uses:
             raise KeyRefusedError(f"the pre-auth key {key.id} was used already (single use)")
-        ip = member.ip if member is not None and member.ip else self._next_free_ip(network)
         name = None
         if key.name_prefix:
             own = self._registry.node(public_key).name
             name = own if own.startswith(key.name_prefix) else key.name_prefix + own
             name = name[:MAX_NAME_LENGTH]
-        joined = self._store.join_with_key(key.id, network.id, public_key, now, ip,
-                                           single_use=not key.reusable, name=name)
+
+        def spend(ip: str) -> MemberRecord | None:
+            return self._store.join_with_key(key.id, network.id, public_key, now, ip,
+                                             single_use=not key.reusable, name=name)
+
+        if member is not None and member.ip:
+            joined = spend(member.ip)
+        else:
+            joined = self._with_free_ip(network, spend)
         if joined is None:
             raise KeyRefusedError(f"the pre-auth key {key.id} was used already (single use)")
         self.counters["joins_with_key"] += 1
@@ -423,11 +455,20 @@ class Membership:
         if name is not None:
             new_name = check_name(name, "a member name") if name else None
         new_authorized = member.authorized if authorized is None else authorized
-        if new_authorized and new_ip is None:
-            new_ip = self._next_free_ip(network)
-        if (new_authorized, new_ip, new_name) != (member.authorized, member.ip, member.name):
-            self._store.update_member(network.id, node.public_key, new_authorized, new_ip,
+
+        def write(ip: str | None) -> str | None:
+            self._store.update_member(network.id, node.public_key, new_authorized, ip,
                                       new_name)
+            return ip
+
+        if new_authorized and new_ip is None:
+            new_ip = self._with_free_ip(network, write)
+        elif (new_authorized, new_ip, new_name) != (member.authorized, member.ip, member.name):
+            try:
+                write(new_ip)
+            except WriteConflictError:
+                raise ConflictError(f"{new_ip} was taken by another member meanwhile") from None
+        if (new_authorized, new_ip, new_name) != (member.authorized, member.ip, member.name):
             if member.authorized and not new_authorized:
                 self._revoked(network.id, node.public_key, "deauthorized")
             if member.authorized or new_authorized:

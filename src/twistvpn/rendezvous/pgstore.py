@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from twistvpn.rendezvous.database import TARGET_VERSION, DBError, _read
-from twistvpn.rendezvous.store import SQLiteStore
+from twistvpn.rendezvous.store import SQLiteStore, WriteConflictError
 
 
 class Row:
@@ -110,8 +110,13 @@ class PostgreSQLStore(SQLiteStore):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        with self.db.raw.transaction():
-            yield self.db
+        import psycopg
+
+        try:
+            with self.db.raw.transaction():
+                yield self.db
+        except psycopg.IntegrityError as e:
+            raise WriteConflictError(str(e).strip()) from e
 
 
 def open_postgresql_store(dsn: str) -> PostgreSQLStore:

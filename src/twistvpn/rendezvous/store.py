@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,14 @@ def _member(row: sqlite3.Row) -> MemberRecord:
                         row["ip"], row["created"], row["name"])
 
 
+class WriteConflictError(Exception):
+    """
+    A write that a constraint refuses (a unique address or key, a missing
+    row): another writer's committed change got there first.  Nothing of
+    the write was kept.
+    """
+
+
 @implementer(IRendezvousStore)
 class SQLiteStore:
     """
@@ -123,9 +132,14 @@ class SQLiteStore:
     def close(self) -> None:
         self.db.close()
 
-    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
         """One write transaction: all of a method's changes, or none."""
-        return transaction(self.db)
+        try:
+            with transaction(self.db):
+                yield self.db
+        except sqlite3.IntegrityError as e:
+            raise WriteConflictError(str(e)) from e
 
     # -- nodes ------------------------------------------------------------------
 
