@@ -190,6 +190,7 @@ class PostgreSQLRendezvousTests(SynchronousTestCase):
         self.addCleanup(cluster.stop)
         cluster.start()
         seen = []
+        urls = []
         for name in ("one", "two"):
             tmp = tempfile.mkdtemp(prefix="tvr")
             self.addCleanup(shutil.rmtree, tmp, True)
@@ -197,12 +198,15 @@ class PostgreSQLRendezvousTests(SynchronousTestCase):
                 instance = LocalRendezvous(os.path.join(tmp, "data"), free_tcp_port(), log,
                                            extra_args=("--database", cluster.dsn, "--no-relay"))
                 self.addCleanup(instance.kill)
-                instance.start()
+                info = instance.start()
+                urls.append((info["url"].partition("#")[2], info["server_key"]))
             client = AdminClient(data_dir=instance.data_dir)
             if name == "one":
                 client.request("POST", "networks", {"name": "shared"})
             seen.append([n["name"] for n in client.request("GET", "networks")])
         self.assertEqual(seen, [["shared"], ["shared"]])
+        # One identity: the same certificate fingerprint and server key.
+        self.assertEqual(urls[0], urls[1])
         store = open_postgresql_store(cluster.dsn)
         self.addCleanup(store.close)
         self.assertEqual([n.name for n in store.list_networks()], ["shared"])

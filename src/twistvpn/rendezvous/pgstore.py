@@ -95,6 +95,22 @@ def connect(dsn: str, target_version: int = TARGET_VERSION) -> Connection:
     return db
 
 
+def share_identity(db: Connection, mine: dict[str, bytes]) -> dict[str, bytes]:
+    """
+    The identity every instance on this database presents (server key, TLS
+    certificate and key): C{mine} if this instance is the first, else what
+    the first wrote.  Nodes then pin one fingerprint whichever instance
+    they reach.
+    """
+    raw = db.raw
+    with raw.transaction():
+        for name, value in mine.items():
+            raw.execute("INSERT INTO shared_identity (name, value) VALUES (%s, %s)"
+                        " ON CONFLICT (name) DO NOTHING", (name, value))
+        rows = raw.execute("SELECT name, value FROM shared_identity").fetchall()
+    return {row[0]: bytes(row[1]) for row in rows if row[0] in mine}
+
+
 def _one(raw: Any, sql: str) -> Any:
     row = raw.execute(sql).fetchone()
     if row is None:

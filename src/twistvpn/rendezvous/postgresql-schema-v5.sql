@@ -1,6 +1,7 @@
 -- The current schema of the rendezvous database in PostgreSQL, for new databases
--- (schema-v5.sql is sqlite's; the two hold the same tables and columns).  A
--- later version adds a postgresql-upgrade-to-vN.sql beside sqlite's.
+-- (schema-v5.sql is sqlite's; the two hold the same tables and columns, and
+-- this one the instances' shared identity too).  A later version adds a
+-- postgresql-upgrade-to-vN.sql beside sqlite's.
 
 CREATE TABLE version (
   version INTEGER -- contains one row
@@ -52,3 +53,10 @@ CREATE TABLE auth_keys (
   created DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX auth_keys_by_network ON auth_keys (network_id);
+
+-- What every instance on this database presents to nodes, so that they pin
+-- one server key and one certificate: written by the first, read by the rest.
+CREATE TABLE shared_identity (
+  name VARCHAR PRIMARY KEY,       -- 'server_key', 'tls_cert', 'tls_key'
+  value BYTEA NOT NULL
+);

@@ -143,9 +143,17 @@ def prepare_data_dir(
         raise DataDirError(str(e)) from None
     try:
         if database is not None:
-            from twistvpn.rendezvous.pgstore import connect
+            from twistvpn.rendezvous import pgstore
 
-            db: Any = connect(database)
+            db: Any = pgstore.connect(database)
+            # Instances on one database are one rendezvous to nodes: the first
+            # one's server key and certificate (unless --tls-cert gives one).
+            mine = {"server_key": server_private}
+            if tls_cert is None:
+                mine |= {"tls_cert": cert_pem, "tls_key": key_pem}
+            shared = pgstore.share_identity(db, mine)
+            server_private = shared["server_key"]
+            cert_pem, key_pem = shared.get("tls_cert", cert_pem), shared.get("tls_key", key_pem)
         else:
             db = get_db(os.path.join(path, DB_FILE))
     except DBError as e:
