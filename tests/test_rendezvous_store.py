@@ -51,6 +51,8 @@ class StoreContract:
         self.assertEqual((node.name, node.last_seen, node.endpoints, node.local_endpoints),
                          ("renamed", 22.0, ("203.0.113.7:41641", "203.0.113.7:41642"),
                           ("192.168.1.2:41641",)))
+        self.assertEqual((s.get_node(A), s.get_node_by_id("aaaaaaaaaa")), (node, node))
+        self.assertEqual((s.get_node(B), s.get_node_by_id("bbbbbbbbbb")), (None, None))
 
     def test_networks(self) -> None:
         s = self.store
@@ -269,3 +271,34 @@ class PostgreSQLRendezvousTests(SynchronousTestCase):
         self.assertEqual((len(ips), len(set(ips)), None in ips), (200, 200, False))
         print(f"address races lost and retried: {one.counters['ip_races']} + "
               f"{two.counters['ip_races']}")
+
+    def test_a_node_of_the_other_instance(self) -> None:
+        """
+        A node that registered (and was authorized) through one instance
+        after the other started: the other lists it, maps it, resolves it,
+        and takes its registration without writing it twice.
+        """
+        from twisted.internet.task import Clock
+
+        from tests.support.rendezvous import FakeSession, new_key
+        from twistvpn.rendezvous.controller import Controller, node_id_of
+        from twistvpn.rendezvous.pgstore import open_postgresql_store
+
+        cluster = Cluster()
+        self.addCleanup(cluster.stop)
+        cluster.start()
+        one = Controller(open_postgresql_store(cluster.dsn), Clock())
+        self.addCleanup(one.store.close)
+        two = Controller(open_postgresql_store(cluster.dsn), Clock())
+        self.addCleanup(two.store.close)
+        net = one.create_network("lab")["id"]
+        _, public = new_key()
+        one.register_node(public, "gpu", FakeSession(public))
+        one.join(public, net)
+        one.authorize(net, node_id_of(public))
+        self.assertEqual([m["name"] for m in two.list_members(net)], ["gpu"])
+        self.assertEqual([m.name for m in two.network_map(net).members], ["gpu"])
+        self.assertEqual(two.get_member(net, node_id_of(public))["authorized"], True)
+        # Its next connection reaches the other instance.
+        self.assertEqual(two.register_node(public, "gpu", FakeSession(public)),
+                         node_id_of(public))

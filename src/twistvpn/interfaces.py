@@ -720,6 +720,12 @@ class IRendezvousStore(Interface):
     def load_nodes():
         """Every node ever registered (a list of NodeRecord)."""
 
+    def get_node(public_key):
+        """The NodeRecord of C{public_key}, or None."""
+
+    def get_node_by_id(node_id):
+        """The NodeRecord whose node ID is C{node_id} (10 hex digits), or None."""
+
     def add_node(public_key, node_id, name, now):
         """Record a new node; returns its NodeRecord."""
 

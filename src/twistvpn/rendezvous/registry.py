@@ -137,11 +137,22 @@ class SessionRegistry:
         return sum(1 for n in self._nodes.values() if n.session is not None)
 
     def is_registered(self, public_key: bytes) -> bool:
-        return public_key in self._nodes
+        return public_key in self._nodes or self._stored(public_key) is not None
 
     def node(self, public_key: bytes) -> Node:
         """A registered node (KeyError if it never registered)."""
-        return self._nodes[public_key]
+        node = self._nodes.get(public_key) or self._stored(public_key)
+        if node is None:
+            raise KeyError(public_key)
+        return node
+
+    def _stored(self, public_key: bytes) -> Node | None:
+        """
+        A node another rendezvous instance on the same database registered
+        (or added, a device) since this one read them all at start.
+        """
+        record = self._store.get_node(public_key)
+        return None if record is None else self._remember(Node.from_record(record))
 
     def session_node(self, public_key: bytes) -> Node:
         """A node with a session: what a node's own requests need."""
@@ -159,10 +170,13 @@ class SessionRegistry:
             try:
                 key = decode_key(name)
             except InvalidKey:
-                pass
+                record = self._store.get_node_by_id(name.lower())
+                if record is not None:
+                    return self._remember(Node.from_record(record))
             else:
-                if key in self._nodes:
-                    return self._nodes[key]
+                found = self._nodes.get(key) or self._stored(key)
+                if found is not None:
+                    return found
         raise NotFoundError(f"unknown node {str(name)[:50]!r}")
 
     # -- sessions -----------------------------------------------------------------
@@ -172,7 +186,8 @@ class SessionRegistry:
             raise InvalidArgumentError("a public key is 32 bytes")
         name = check_name(name)
         now = self._clock.seconds()
-        node = self._nodes.get(public_key)
+        # Known here, or registered through another instance on the database.
+        node = self._nodes.get(public_key) or self._stored(public_key)
         if node is None:
             record = self._store.add_node(public_key, node_id_of(public_key), name, now)
             node = self._remember(Node.from_record(record))

@@ -146,6 +146,15 @@ class SQLiteStore:
     def load_nodes(self) -> list[NodeRecord]:
         return [_node(r) for r in self.db.execute("SELECT * FROM nodes")]
 
+    def get_node(self, public_key: bytes) -> NodeRecord | None:
+        row = self.db.execute("SELECT * FROM nodes WHERE public_key = ?",
+                              (public_key,)).fetchone()
+        return None if row is None else _node(row)
+
+    def get_node_by_id(self, node_id: str) -> NodeRecord | None:
+        row = self.db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return None if row is None else _node(row)
+
     def add_node(self, public_key: bytes, node_id: str, name: str, now: float) -> NodeRecord:
         with self._transaction():
             self.db.execute(
