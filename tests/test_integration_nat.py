@@ -404,10 +404,15 @@ class DualStack(NatTestCase):
 
         def learned_from_the_rendezvous() -> None:
             # Its discovery ports answer on 2001:db8::10 too: each node saw
-            # its IPv6 public endpoint (no NAT66: its own address and port).
+            # its IPv6 public endpoint (no NAT66: its own address and port),
+            # at the latest by its next discovery round (every 20 s) when the
+            # first one's packets were lost.
             for name, prefix in (("a1", "2001:db8:a"), ("b1", "2001:db8:b")):
-                status = netns.node_status(network, lab.nodes[name])
-                self.assertEqual(status["public_endpoint6"], f"[{prefix}::2]:41641")
+                expected = f"[{prefix}::2]:41641"
+                netns.wait_for(
+                    lambda name=name, expected=expected: netns.node_status(
+                        network, lab.nodes[name]).get("public_endpoint6") == expected,
+                    25, f"{name}'s IPv6 public endpoint", interval=0.5)
 
         self.step("the IPv6 public endpoint learned from the rendezvous",
                   learned_from_the_rendezvous)

@@ -208,6 +208,13 @@ class Core:
         """Connect C{namespace} to the core; return its interface's name."""
         inside, outside = self.network.veth(namespace, self.namespace, address, None, mtu=mtu)
         self.links[inside] = outside
+        # Linux holds each proxied ARP answer up to 0.8 s (a random
+        # proxy_delay), which stalled the first packets between two members.
+        # (Proxied NDP answers still take 1-2 s for a pair's first IPv6
+        # packets here, proxy_delay or not: not understood yet.)
+        self.network.run(self.namespace, [
+            "sysctl", "-q", "-w", f"net.ipv4.neigh.{outside}.proxy_delay=0",
+            f"net.ipv6.neigh.{outside}.proxy_delay=0"])
         for ip, _owner in self.proxied:
             self.network.ip("-6", "neigh", "add", "proxy", ip, "dev", outside,
                             namespace=self.namespace)
