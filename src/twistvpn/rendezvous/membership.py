@@ -261,7 +261,7 @@ class Membership:
         except NotFoundError:
             # Its name in this network (a device's, or a node's), when only one has it.
             named = [m for m in self._store.list_members(network.id)
-                     if (m.name or self._registry.node(m.public_key).name) == node_name]
+                     if self._name_of(m) == node_name]
             if len(named) != 1:
                 raise
             node = self._registry.node(named[0].public_key)
@@ -269,6 +269,10 @@ class Membership:
         if member is None:
             raise NotFoundError(f"node {node.node_id} is not a member of network {network.id}")
         return network, node, member
+
+    def _name_of(self, member: MemberRecord) -> str:
+        """A member's name in its network: the admin's, or the node's own."""
+        return member.name or self._registry.node(member.public_key).name
 
     def describe_member(self, member: MemberRecord, node: Node | None = None) -> dict[str, Any]:
         if node is None:
@@ -304,16 +308,13 @@ class Membership:
         name = check_name(name, "a device name")
         if len(public_key) != 32:
             raise InvalidArgumentError("a public key is 32 bytes")
-        known = self._registry.node(public_key) if self._registry.is_registered(
-            public_key) else None
+        known = self._registry.find(public_key)
         if known is not None and known.kind != "device":
             raise ConflictError(f"that key is node {known.node_id}'s")
         if known is not None and self._store.get_member(network.id, public_key) is not None:
             raise ConflictError(f"device {known.node_id} is already a member of {network.id}")
-        for member in self._store.list_members(network.id):
-            holder = self._registry.node(member.public_key)
-            if (member.name or holder.name) == name:
-                raise ConflictError(f"network {network.id} already has a member named {name}")
+        if any(self._name_of(m) == name for m in self._store.list_members(network.id)):
+            raise ConflictError(f"network {network.id} already has a member named {name}")
         node_record, member = self._with_free_ip(network, lambda ip: self._store.add_device(
             public_key, node_id_of(public_key), name, network.id, ip, self._clock.seconds()))
         node = known if known is not None else self._registry.remember_device(node_record)
@@ -321,8 +322,8 @@ class Membership:
         self._members_changed(network.id)
         return self.describe_member(member, node)
 
-    def authorized_devices(self) -> dict[str, frozenset[bytes]]:
-        return self._store.authorized_devices()
+    def authorized_devices(self, network_id: str | None = None) -> dict[str, frozenset[bytes]]:
+        return self._store.authorized_devices(network_id)
 
     def _with_free_ip(self, network: NetworkRecord, write: Callable[[str], T]) -> T:
         """

@@ -137,11 +137,19 @@ class SessionRegistry:
         return sum(1 for n in self._nodes.values() if n.session is not None)
 
     def is_registered(self, public_key: bytes) -> bool:
-        return public_key in self._nodes or self._stored(public_key) is not None
+        """
+        Known here (in memory only: discovery asks this of every request,
+        which must never cost a database query).
+        """
+        return public_key in self._nodes
+
+    def find(self, public_key: bytes) -> Node | None:
+        """A node known here, or registered through another instance on the database."""
+        return self._nodes.get(public_key) or self._stored(public_key)
 
     def node(self, public_key: bytes) -> Node:
         """A registered node (KeyError if it never registered)."""
-        node = self._nodes.get(public_key) or self._stored(public_key)
+        node = self.find(public_key)
         if node is None:
             raise KeyError(public_key)
         return node
@@ -174,7 +182,7 @@ class SessionRegistry:
                 if record is not None:
                     return self._remember(Node.from_record(record))
             else:
-                found = self._nodes.get(key) or self._stored(key)
+                found = self.find(key)
                 if found is not None:
                     return found
         raise NotFoundError(f"unknown node {str(name)[:50]!r}")
@@ -186,8 +194,7 @@ class SessionRegistry:
             raise InvalidArgumentError("a public key is 32 bytes")
         name = check_name(name)
         now = self._clock.seconds()
-        # Known here, or registered through another instance on the database.
-        node = self._nodes.get(public_key) or self._stored(public_key)
+        node = self.find(public_key)
         if node is None:
             record = self._store.add_node(public_key, node_id_of(public_key), name, now)
             node = self._remember(Node.from_record(record))
