@@ -599,10 +599,11 @@ class INetworkController(Interface):
     def authorized_members():
         """Every network's authorized members now: {network_id: frozenset of keys}."""
 
-    def authorized_devices():
+    def authorized_devices(network_id=None):
         """
-        Every network's authorized stock WireGuard devices now (those of
-        L{authorized_members} that are devices): {network_id: frozenset of keys}.
+        Every network's (or only C{network_id}'s) authorized stock WireGuard
+        devices now (those of L{authorized_members} that are devices):
+        {network_id: frozenset of keys}.
         """
 
     def add_device(network_id, name, public_key):
@@ -791,8 +792,11 @@ class IRendezvousStore(Interface):
     def authorized_members():
         """Every network's authorized members: {network_id: frozenset of keys}."""
 
-    def authorized_devices():
-        """Every network's authorized devices: {network_id: frozenset of keys}."""
+    def authorized_devices(network_id=None):
+        """
+        Every network's (or C{network_id}'s) authorized devices:
+        {network_id: frozenset of keys}.
+        """
 
     def used_ips(network_id):
         """The set of addresses (text) members of a network hold."""

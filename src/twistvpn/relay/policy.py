@@ -101,11 +101,7 @@ class MembershipPolicy:
             self._update_device_reachable()
         if old - new:
             self._notify(old)
-        for change_observer in list(self._change_observers):
-            try:
-                change_observer(network_id, new)
-            except Exception:
-                self.log.failure("relay membership observer raised")
+        self._tell_changed(network_id, new)
 
     def set_devices(self, network_id: str, keys: Iterable[bytes]) -> None:
         """
@@ -121,7 +117,9 @@ class MembershipPolicy:
         else:
             self._devices.pop(network_id, None)
         self._update_device_reachable()
-        members = self._members.get(network_id, frozenset())
+        self._tell_changed(network_id, self._members.get(network_id, frozenset()))
+
+    def _tell_changed(self, network_id: str, members: frozenset[bytes]) -> None:
         for change_observer in list(self._change_observers):
             try:
                 change_observer(network_id, members)
@@ -197,8 +195,8 @@ class ControllerMembership:
 
     def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
         self.policy.set_members(network_id, authorized)
-        self.policy.set_devices(network_id,
-                                self.controller.authorized_devices().get(network_id, ()))
+        devices = self.controller.authorized_devices(network_id)
+        self.policy.set_devices(network_id, devices.get(network_id, ()))
 
     def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
         """The change itself follows as L{members_changed}."""

@@ -216,8 +216,8 @@ class Controller:
     def authorized_members(self) -> dict[str, frozenset[bytes]]:
         return self.membership.authorized_members()
 
-    def authorized_devices(self) -> dict[str, frozenset[bytes]]:
-        return self.membership.authorized_devices()
+    def authorized_devices(self, network_id: str | None = None) -> dict[str, frozenset[bytes]]:
+        return self.membership.authorized_devices(network_id)
 
     # -- stock WireGuard devices (docs/devices.md) -------------------------------
 

@@ -295,12 +295,15 @@ class SQLiteStore:
             found.setdefault(row["network_id"], set()).add(bytes(row["public_key"]))
         return {network_id: frozenset(keys) for network_id, keys in found.items()}
 
-    def authorized_devices(self) -> dict[str, frozenset[bytes]]:
+    def authorized_devices(self, network_id: str | None = None) -> dict[str, frozenset[bytes]]:
+        query = ("SELECT m.network_id, m.public_key FROM members m JOIN nodes n"
+                 " ON n.public_key = m.public_key WHERE m.authorized = 1 AND n.kind = 'device'")
+        params: tuple[str, ...] = ()
+        if network_id is not None:
+            query += " AND m.network_id = ?"
+            params = (network_id,)
         found: dict[str, set[bytes]] = {}
-        for row in self.db.execute(
-            "SELECT m.network_id, m.public_key FROM members m JOIN nodes n"
-            " ON n.public_key = m.public_key WHERE m.authorized = 1 AND n.kind = 'device'"
-        ):
+        for row in self.db.execute(query, params):
             found.setdefault(row["network_id"], set()).add(bytes(row["public_key"]))
         return {network_id: frozenset(keys) for network_id, keys in found.items()}
 
