@@ -176,18 +176,27 @@ class Forwarder(DatagramProtocol):
                 addr = _cache(self._mapped, addr, _map(addr)) if mapped is None else mapped
             batcher.send(data, addr)
             return
-        transport: Any = self.transport
+        transport, addr = self._transport_for(addr)
         if transport is None:
-            self.counters["drop_not_listening"] += 1
             return
-        if getattr(transport, "addressFamily", None) == socket.AF_INET6:
-            addr = _map(addr)
         try:
             transport.write(data, addr)
         except (OSError, error.MessageLengthError, error.InvalidAddressError):
             # ENETUNREACH, EPERM from a firewall, a full buffer: the packet
             # is lost as it would be on the wire; WireGuard retransmits.
             self.counters["drop_send_error"] += 1
+
+    def _transport_for(self, addr: Address) -> tuple[Any, Address]:
+        """
+        The transport (None, counted, when not listening) and C{addr} as it
+        takes it: IPv4 mapped on a dual-stack socket.  Where no batcher is.
+        """
+        transport: Any = self.transport
+        if transport is None:
+            self.counters["drop_not_listening"] += 1
+        elif getattr(transport, "addressFamily", None) == socket.AF_INET6:
+            addr = _map(addr)
+        return transport, addr
 
     def send_hop_limited(self, data: bytes, addr: Address, hops: int) -> None:
         if type(addr) is not tuple:
@@ -201,12 +210,9 @@ class Forwarder(DatagramProtocol):
             if batcher is not None:
                 batcher.send_hop_limited(data, _map(addr) if self._dual_stack else addr, hops)
                 return
-            transport: Any = self.transport
+            transport, addr = self._transport_for(addr)
             if transport is None:
-                self.counters["drop_not_listening"] += 1
                 return
-            if getattr(transport, "addressFamily", None) == socket.AF_INET6:
-                addr = _map(addr)
             if not write_hop_limited(transport, data, addr, hops):
                 self.counters["hop_limit_unsupported"] += 1
         except (OSError, error.MessageLengthError, error.InvalidAddressError):

@@ -182,6 +182,17 @@ class _Mapping:
         self.allowed: set[Any] = set()
 
 
+def _live(expiries: dict[Any, float], key: Any, now: float) -> bool:
+    """Whether C{key} has an entry that has not expired (an expired one goes)."""
+    expires = expiries.get(key)
+    if expires is None:
+        return False
+    if expires <= now:
+        del expiries[key]
+        return False
+    return True
+
+
 class NAT:
     """
     A NAT router: one public address, a LAN behind it.  Its translation is
@@ -321,13 +332,7 @@ class NAT:
             self._local[(src, port)] = now + self.behavior.timeout
 
     def _clashes(self, dst: Addr, port: int, now: float) -> bool:
-        expires = self._local.get((dst, port))
-        if expires is None:
-            return False
-        if expires <= now:
-            del self._local[(dst, port)]
-            return False
-        return True
+        return _live(self._local, (dst, port), now)
 
     def outbound(self, internal: Addr, dst: Addr, now: float) -> int:
         """The external port for a packet from C{internal} to C{dst}."""
@@ -368,13 +373,7 @@ class NAT:
 
     def inbound6(self, inside: Addr, outside: Addr, now: float) -> bool:
         """May an IPv6 datagram from C{outside} reach C{inside}?"""
-        expires = self._flows6.get((inside, outside))
-        if expires is None:
-            return False
-        if expires <= now:
-            del self._flows6[(inside, outside)]
-            return False
-        return True
+        return _live(self._flows6, (inside, outside), now)
 
     def inbound(self, port: int, src: Addr, now: float) -> Addr | None:
         """Where a packet from C{src} to our C{port} goes, or None (dropped)."""
