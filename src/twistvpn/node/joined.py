@@ -200,6 +200,11 @@ PUNCH_RETRY_MAX = 8.0
 PUNCH_RETRIES = 8
 
 
+def _is_device(members: dict[str, Member]) -> bool:
+    """Whether a peer's map entries say it is a stock WireGuard app."""
+    return any(m.device for m in members.values())
+
+
 def _cancel(peer: JoinedPeer) -> None:
     if peer.punch_retry is not None and peer.punch_retry.active():
         peer.punch_retry.cancel()
@@ -259,7 +264,7 @@ class JoinedPeer:
     @property
     def device(self) -> bool:
         """A stock WireGuard app: reached through the relay only (docs/devices.md)."""
-        return any(m.device for m in self.members.values())
+        return _is_device(self.members)
 
 
 class PeerNotFoundError(KeyError):
@@ -552,7 +557,7 @@ class JoinedNode:
     def _add_peer(self, key: bytes, members: dict[str, Member]) -> None:
         peer_members = dict(members)
         wg = self.device.add_peer(key, allowed_ips=allowed_ips(peer_members))
-        if any(m.device for m in peer_members.values()):
+        if _is_device(peer_members):
             self._add_device(key, wg, peer_members)
             return
         manager = PathManager(

@@ -119,10 +119,6 @@ class DeviceRouter:
             if entry.node not in keys:
                 del self._handles[handle]
 
-    @property
-    def reachable(self) -> frozenset[bytes]:
-        return frozenset(self._mac1_keys)
-
     def is_handle(self, key: bytes) -> bool:
         """Is C{key} (a SEND frame's destination) one of our device handles?"""
         return key in self._handles

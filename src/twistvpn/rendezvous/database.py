@@ -24,18 +24,19 @@ class DBError(Exception):
     """The database cannot be used (newer than this code, or corrupt)."""
 
 
-def _read(name: str) -> str:
+def read_sql(name: str) -> str:
+    """An SQL file shipped with the package."""
     return resources.files(__package__).joinpath(name).read_text("utf-8")
 
 
 def get_schema(version: int) -> str:
     """The SQL creating a fresh database at C{version}."""
-    return _read(f"schema-v{version}.sql")
+    return read_sql(f"schema-v{version}.sql")
 
 
 def get_upgrader(new_version: int) -> str:
     """The SQL taking a database from C{new_version - 1} to C{new_version}."""
-    return _read(f"upgrade-to-v{new_version}.sql")
+    return read_sql(f"upgrade-to-v{new_version}.sql")
 
 
 def _connect(path: str) -> sqlite3.Connection:

@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from twistvpn.rendezvous.database import TARGET_VERSION, DBError, _read
+from twistvpn.rendezvous.database import TARGET_VERSION, DBError, read_sql
 from twistvpn.rendezvous.store import SQLiteStore, WriteConflictError
 
 
@@ -29,8 +29,8 @@ class Row:
 
     __slots__ = ("_names", "_values")
 
-    def __init__(self, names: Sequence[str], values: Sequence[Any]) -> None:
-        self._names = {name: i for i, name in enumerate(names)}
+    def __init__(self, names: dict[str, int], values: Sequence[Any]) -> None:
+        self._names = names  # column name -> position, one dict per result
         self._values = values
 
     def __getitem__(self, key: int | str) -> Any:
@@ -43,7 +43,7 @@ class Row:
 
 
 def _row_factory(cursor: Any) -> Any:
-    names = [column.name for column in (cursor.description or ())]
+    names = {column.name: i for i, column in enumerate(cursor.description or ())}
     return lambda values: Row(names, values)
 
 
@@ -79,14 +79,14 @@ def connect(dsn: str, target_version: int = TARGET_VERSION) -> Connection:
             # One instance creates the tables; the others wait for it here.
             raw.execute("SELECT pg_advisory_xact_lock(7247121)")
             if not _one(raw, "SELECT to_regclass('version') IS NOT NULL"):
-                raw.execute(_read(f"postgresql-schema-v{target_version}.sql"))
+                raw.execute(read_sql(f"postgresql-schema-v{target_version}.sql"))
                 raw.execute("INSERT INTO version (version) VALUES (%s)", (target_version,))
             version = int(_one(raw, "SELECT version FROM version"))
             if version > target_version:
                 raise DBError(f"schema version {version} is newer than this code "
                               f"({target_version})")
             for v in range(version + 1, target_version + 1):
-                raw.execute(_read(f"postgresql-upgrade-to-v{v}.sql"))
+                raw.execute(read_sql(f"postgresql-upgrade-to-v{v}.sql"))
             if version < target_version:
                 raw.execute("UPDATE version SET version = %s", (target_version,))
     except BaseException:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,9 +29,11 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
+from twistvpn.common.datadir import load_or_create_key
 from twistvpn.rendezvous import wgquick
 from twistvpn.table import columns
 from twistvpn.testing import netns
+from twistvpn.wireguard.keys import encode_key, public_key
 
 
 @dataclass(frozen=True)
@@ -343,11 +346,6 @@ class JoinedLab:
 
     def _relay_key(self) -> str:
         """The standalone relay's public key (its key file made now, as it would be)."""
-        import os
-
-        from twistvpn.common.datadir import load_or_create_key
-        from twistvpn.wireguard.keys import encode_key, public_key
-
         os.makedirs(self._relay_dir(), mode=0o700, exist_ok=True)
         private = load_or_create_key(os.path.join(self._relay_dir(), "relay.key"))
         return encode_key(public_key(private))
