@@ -3,8 +3,10 @@ Latency benchmark: the round-trip time twistvpn and stock wireguard-go add,
 in one run, on this machine (root; `.venv/bin/python bench/latency.py`).
 
 The ping part of bench/throughput.py on its own, with more samples and
-per-ping statistics: for raw veth, wireguard-go <-> wireguard-go and
-twistvpn <-> twistvpn (two namespaces over a veth pair, tunnel MTU 1420),
+per-ping statistics: for raw veth, wireguard-go <-> wireguard-go,
+twistvpn <-> twistvpn (as installed, and its pure-Python build), and
+twistvpn without the stay-awake timer (two namespaces over a veth pair,
+tunnel MTU 1420),
 pings 50 ms apart (the path cold between pings) and 2 ms apart (kept
 warm), after the first handshake.  Every set-up is measured --runs times,
 the runs interleaved; the table shows the median over runs of each run's
@@ -19,19 +21,22 @@ import time
 from typing import Any
 
 from benchjson import save
-from throughput import SETUPS, _median, add_run_options, build, ping_rtts
+from throughput import SETUPS, _median, add_run_options, build, builds, ping_rtts
 
 from twistvpn.table import columns
 from twistvpn.testing import netns
 
-LATENCY_SETUPS = [s for s in SETUPS if s[0] != "twistvpn <-> wireguard-go"]
+LATENCY_SETUPS = [s for s in SETUPS if s[0] != "twistvpn <-> wireguard-go"] + [
+    ("twistvpn <-> twistvpn, --stay-awake-ms 0",
+     [netns.TWISTVPN_NO_STAY_AWAKE, netns.TWISTVPN_NO_STAY_AWAKE]),
+]
 METRICS = ("mean", "median", "p90")
 
 
 def measure(name: str, kinds: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
     with netns.Network(prefix="tvl") as network:
-        a_ns, _, target, _, _ = build(network, kinds)
-        result: dict[str, Any] = {"setup": name}
+        a_ns, _, target, processes, _ = build(network, kinds)
+        result: dict[str, Any] = {"setup": name, "builds": builds(processes)}
         for label, interval, count in (("50ms", 0.05, args.pings), ("2ms", 0.002, args.busy_pings)):
             result[label] = ping_rtts(network, a_ns, target, count, interval)
     print(

@@ -2,11 +2,14 @@
 Throughput benchmark: twistvpn against stock wireguard-go, in one run, on
 this machine (root; `.venv/bin/python bench/throughput.py`).
 
-Four set-ups, each two network namespaces over a veth pair:
+Five set-ups, each two network namespaces over a veth pair:
 
 - raw veth (link MTU 1420: the baseline, no VPN);
 - wireguard-go <-> wireguard-go;
-- twistvpn <-> twistvpn;
+- twistvpn <-> twistvpn (the build installed: compiled, see
+  docs/performance.md);
+- twistvpn <-> twistvpn, pure Python (the same install with
+  TWISTVPN_PURE_PYTHON=1);
 - twistvpn <-> wireguard-go (twistvpn sending);
 
 each tunnel with MTU 1420 over a 1500-byte veth.  For each: iperf3 TCP (one
@@ -32,12 +35,13 @@ from benchjson import save
 
 from twistvpn.table import columns
 from twistvpn.testing import netns
-from twistvpn.testing.netns import TWISTVPN, WIREGUARD_GO
+from twistvpn.testing.netns import TWISTVPN, TWISTVPN_PURE, WIREGUARD_GO
 
 SETUPS: list[tuple[str, list[str] | None]] = [
     ("raw veth", None),
     ("wireguard-go <-> wireguard-go", [WIREGUARD_GO, WIREGUARD_GO]),
     ("twistvpn <-> twistvpn", [TWISTVPN, TWISTVPN]),
+    ("twistvpn <-> twistvpn, pure Python", [TWISTVPN_PURE, TWISTVPN_PURE]),
     ("twistvpn <-> wireguard-go", [TWISTVPN, WIREGUARD_GO]),
 ]
 
@@ -76,6 +80,16 @@ def build(
         tunnel = a.ifname
     netns.wait_for_ping(network, a_ns, target)
     return a_ns, b_ns, target, processes, tunnel
+
+
+def builds(processes: list[netns.Process]) -> list[str]:
+    """Which build each twistvpn node ran, from its start-up line."""
+    found = []
+    for process in processes:
+        for line in process.log().splitlines():
+            if "twistvpn node up" in line and "; " in line:
+                found.append(line.rsplit("; ", 1)[1].strip())
+    return found
 
 
 def ping_rtts(
@@ -135,8 +149,10 @@ def measure(name: str, kinds: list[str] | None, args: argparse.Namespace) -> dic
         udp_cpu = cpu(processes) - before
         udp_bps, udp_loss = netns.udp_result(udp)
         udp_bytes = udp_bps * args.udp_seconds / 8
+        running = builds(processes)
     result = {
         "setup": name,
+        "builds": running,
         "tcp_bps": netns.tcp_throughput_bps(tcp),
         "tcp_retransmits": tcp["end"]["sum_sent"].get("retransmits"),
         "udp_offered": args.udp_rate,

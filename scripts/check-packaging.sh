@@ -21,4 +21,15 @@ for package, name in (("twistvpn.rendezvous", "schema-v4.sql"),
                       ("twistvpn.console", "static/console.js")):
     assert resources.files(package).joinpath(name).is_file(), (package, name)
 PY
+"$tmp/venv/bin/twistvpn" --version
+# The same package without a C compiler: plain Python, and it works the same.
+if "$tmp/venv/bin/python" -c "import sys; from twistvpn import build; sys.exit(not build.compiled_modules())"; then
+    rm -rf "$tmp/dist-pure" "$tmp/venv-pure"
+    CC=/nonexistent/cc python -m build --wheel --outdir "$tmp/dist-pure" "$here"
+    ls "$tmp"/dist-pure/*-py3-none-any.whl >/dev/null
+    python -m venv "$tmp/venv-pure"
+    "$tmp/venv-pure/bin/pip" install -q "$tmp"/dist-pure/*.whl
+    "$tmp/venv-pure/bin/twistvpn" --version | grep -q "pure-Python build"
+    "$tmp/venv-pure/bin/twistd" twistvpn-node --help >/dev/null
+fi
 echo "packaging: ok"

@@ -19,7 +19,7 @@ SOURCE = Path(twistvpn.__file__).parent
 
 # Each package's rank; a module may import packages of a lower rank, or its own.
 RANKS = {
-    "interfaces": 0, "wire": 0, "options": 0, "table": 0, "__init__": 0,
+    "interfaces": 0, "build": 0, "wire": 0, "options": 0, "table": 0, "__init__": 0,
     "wireguard": 1,
     "common": 2,
     "traversal": 3, "plugins": 3, "rendezvous": 3,

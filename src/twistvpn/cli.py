@@ -16,9 +16,9 @@ import importlib
 import os
 import stat
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-from twistvpn import __version__
+from twistvpn import __version__, build
 from twistvpn.wireguard.keys import (
     InvalidKey,
     decode_key,
@@ -104,13 +104,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=genpsk)
 
 
+class _Version(argparse.Action):
+    """C{--version}, with the build: which one is known only by importing it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"twistvpn {__version__}, {build.describe()}")
+        parser.exit()
+
+
 def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twistvpn",
         description="twistvpn: a peer-to-peer mesh VPN on Twisted that speaks WireGuard. "
         "Run a node with `twistd -n twistvpn-node --config wg0.conf`.",
     )
-    parser.add_argument("--version", action="version", version=f"twistvpn {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="print the version and which build runs"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(subparsers)

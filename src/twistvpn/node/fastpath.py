@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from twisted.internet import udp
+import twisted.internet.udp as udp  # this spelling: mypyc needs the module imported
 from twisted.python import log
 from zope.interface import implementer
 

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succe
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistvpn import build
 from twistvpn.common.datadir import InsecurePermissionsError, open_data_dir
 from twistvpn.common.tls import RendezvousAddress
 from twistvpn.interfaces import INameService, INodeControl
@@ -205,7 +206,8 @@ class JoinedNodeService(DataPathOwner, MultiService):
         self.log.info(
             "twistvpn node up (joined mode): interface {name}, UDP port {port}, "
             "public key {key}, rendezvous {rendezvous}, networks {networks}, "
-            "local API {socket}", name=tun.name, port=self.listening_port,
+            "local API {socket}; {build}", build=build.describe(), name=tun.name,
+            port=self.listening_port,
             key=encode_key(self.public_key), rendezvous=str(self.rendezvous),
             networks=", ".join(self.networks), socket=self.socket_path)
 

@@ -20,6 +20,7 @@ from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 
+from twistvpn import build
 from twistvpn.node.config import InterfaceConfig, PeerConfig
 from twistvpn.node.datapath import DataPath, DataPathOwner, DeviceFactory, TunFactory
 from twistvpn.node.tun import DEFAULT_MTU
@@ -165,7 +166,8 @@ class StaticNodeService(DataPathOwner, service.Service):
         datapath.start_reading()
         self.log.info(
             "twistvpn node up: interface {name} (mtu {mtu}) addresses {addresses}, "
-            "UDP port {port}, public key {key}, {count} peer(s)",
+            "UDP port {port}, public key {key}, {count} peer(s); {build}",
+            build=build.describe(),
             name=tun.name,
             mtu=datapath.mtu,
             addresses=", ".join(config.addresses) or "none",

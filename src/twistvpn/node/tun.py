@@ -17,10 +17,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from twistvpn.interfaces import IWindowedTunDevice
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE, StayAwake
@@ -46,6 +47,10 @@ MAX_NAME_LENGTH = 15
 Receiver = Callable[[bytes], None]
 
 
+_log = Logger()
+
+
+@mypyc_attr(native_class=False)  # mypyc cannot compile OSError subclasses
 class TunError(OSError):
     """The TUN device could not be created; the message says why."""
 
@@ -81,6 +86,9 @@ def parse_interface_address(text: str) -> ipaddress.IPv4Interface | ipaddress.IP
     return ipaddress.ip_interface(text.strip())
 
 
+# The lab's and the tests' fake device (twistvpn.testing.faketun) is
+# interpreted and inherits from it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TunBase:
     """The bookkeeping the real and the fake device share."""
 
@@ -108,7 +116,6 @@ class TunBase:
         return str(ipaddress.ip_network(cidr, strict=False))
 
 
-@implementer(IWindowedTunDevice, IReadDescriptor)
 class TunDevice(TunBase):
     """
     A kernel TUN device (IFF_TUN | IFF_NO_PI), read without blocking from
@@ -125,8 +132,6 @@ class TunDevice(TunBase):
     persistent, so the kernel also removes it (and its routes) if the
     process dies.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -235,7 +240,7 @@ class TunDevice(TunBase):
                     if e.errno == errno.EINTR:
                         continue
                     counters["read_error"] += 1
-                    self.log.warn("reading {name} failed: {error}", name=self.name, error=e)
+                    _log.warn("reading {name} failed: {error}", name=self.name, error=e)
                     break
                 if not packet:
                     break
@@ -257,7 +262,7 @@ class TunDevice(TunBase):
                     receiver(packet)
                 except Exception:
                     counters["drop_receiver_error"] += 1
-                    self.log.failure("packet receiver raised")
+                    _log.failure("packet receiver raised")
                 finally:
                     if first and window is not None:
                         window.lone -= 1
@@ -354,7 +359,7 @@ class TunDevice(TunBase):
         except OSError as e:
             # EINVAL for a packet the kernel cannot parse: count, carry on.
             self.counters["drop_write_error"] += 1
-            self.log.debug("writing to {name} failed: {error}", name=self.name, error=e)
+            _log.debug("writing to {name} failed: {error}", name=self.name, error=e)
         else:
             if not self.offload:
                 self.counters["tx_packets"] += 1
@@ -433,3 +438,8 @@ class TunDevice(TunBase):
         except NetlinkError as e:
             if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV, errno.EADDRNOTAVAIL):
                 raise
+
+
+# Not @implementer: a class decorator would keep the compiled build from
+# compiling the device as a native class (docs/performance.md).
+classImplements(TunDevice, IWindowedTunDevice, IReadDescriptor)

@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from twistvpn.interfaces import IWireGuardDevice, IWireGuardPeer
 from twistvpn.wireguard import keys
@@ -76,6 +76,7 @@ _RESPONSE_HEAD = struct.Struct("<III")
 _PADDING = [bytes(n) for n in range(16)]
 _NO_PSK = bytes(32)
 _INF = math.inf
+_log = Logger()
 # A session this old is about to be rejected: its initiator rekeys.
 _LAST_MINUTE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
@@ -185,7 +186,6 @@ class Keypair:
         self.reject_at = created + REJECT_AFTER_TIME
 
 
-@implementer(IWireGuardPeer)
 class Peer:
     """
     One peer: its configuration, sessions, handshake in progress and timers.
@@ -535,7 +535,6 @@ class Peer:
             self.send_keepalive()
 
 
-@implementer(IWireGuardDevice)
 class WireGuardDevice:
     """
     One WireGuard interface.  C{datagram_received} takes messages of types
@@ -545,8 +544,6 @@ class WireGuardDevice:
     second, or whatever the C{under_load} predicate says) handshake messages
     without a valid mac2 are answered with a cookie reply.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -746,7 +743,7 @@ class WireGuardDevice:
             peer.encrypt_and_send(keypair, packet, now)
         except Exception:
             self.counters["drop_error"] += 1
-            self.log.failure("sending a packet failed")
+            _log.failure("sending a packet failed")
 
     # -- receiving --------------------------------------------------------------------
 
@@ -834,7 +831,7 @@ class WireGuardDevice:
                 self.counters["drop_malformed"] += 1
         except Exception:
             self.counters["drop_error"] += 1
-            self.log.failure("handling a datagram from {addr!r} failed", addr=addr)
+            _log.failure("handling a datagram from {addr!r} failed", addr=addr)
 
     def _check_macs(self, data: bytes, mac1_offset: int, sender_index: int, addr: Endpoint) -> bool:
         """mac1 always; mac2 under load, answering a cookie when it is missing."""
@@ -938,3 +935,10 @@ class WireGuardDevice:
             self.counters["cookie_received"] += 1
         else:
             self.counters["drop_cookie"] += 1
+
+
+# Declared here rather than with @implementer: a class decorator would make
+# the compiled build (docs/performance.md) compile these as plain Python
+# classes, and they are the per-packet objects.
+classImplements(Peer, IWireGuardPeer)
+classImplements(WireGuardDevice, IWireGuardDevice)

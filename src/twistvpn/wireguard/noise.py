@@ -138,7 +138,7 @@ class SymmetricState:
 
     def copy(self) -> SymmetricState:
         """A fresh state with the same chaining key and hash (no key yet)."""
-        other = SymmetricState.__new__(SymmetricState)
+        other = SymmetricState(b"")
         other.chaining_key = self.chaining_key
         other.hash = self.hash
         other.cipher = CipherState(self.cipher.key)

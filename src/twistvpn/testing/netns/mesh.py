@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from twistvpn.build import PURE_ENV
 from twistvpn.testing.netns.namespaces import (
     NODE_REACTOR,
     TWISTD,
@@ -69,10 +70,13 @@ def start_twistvpn_node(
     config_text: str,
     *,
     timeout: float = 15.0,
+    env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Process:
     """
-    Run C{twistd -n twistvpn-node} in C{namespace}, wait until its TUN
-    device is up, and return the process.
+    Run C{twistd -n twistvpn-node} in C{namespace} (with C{env} added to
+    the environment and C{extra_args} to the node's options), wait until
+    its TUN device is up, and return the process.
     """
     config = network.write_private(f"{ifname}.conf", config_text)
     # Its control socket (for `wg show`), should the node be killed.
@@ -89,8 +93,10 @@ def start_twistvpn_node(
             str(config),
             "--interface",
             ifname,
+            *extra_args,
         ],
         log_name=f"twistvpn-{ifname}",
+        env=env,
     )
 
     def up() -> bool:
@@ -137,6 +143,16 @@ def start_wireguard_go(
 
 
 TWISTVPN = "twistvpn"
+# The same node, for the benchmarks: its pure-Python build (in a compiled
+# install, twistvpn.build), and without the stay-awake timer.
+TWISTVPN_PURE = "twistvpn-pure"
+TWISTVPN_NO_STAY_AWAKE = "twistvpn-no-stay-awake"
+# kind -> (environment added, options added)
+TWISTVPN_KINDS: dict[str, tuple[dict[str, str] | None, tuple[str, ...]]] = {
+    TWISTVPN: (None, ()),
+    TWISTVPN_PURE: ({PURE_ENV: "1"}, ()),
+    TWISTVPN_NO_STAY_AWAKE: (None, ("--stay-awake-ms", "0")),
+}
 
 
 WIREGUARD_GO = "wireguard-go"
@@ -153,7 +169,7 @@ class VpnNode:
     """One host of a mesh: its namespace, keys, addresses and VPN process."""
 
     label: str
-    kind: str  # TWISTVPN or WIREGUARD_GO
+    kind: str  # one of TWISTVPN_KINDS, or WIREGUARD_GO
     namespace: str
     ifname: str
     private_key: str
@@ -255,11 +271,14 @@ def build_mesh(
 def start_vpn(network: Network, node: VpnNode) -> Process:
     """Start (or start again) the node's VPN process."""
     address = f"{node.overlay_ip}/24"
-    if node.kind == TWISTVPN:
+    if node.kind in TWISTVPN_KINDS:
         text = wg_config(
             node.private_key, node.peers, listen_port=WG_PORT, addresses=[address], mtu=node.mtu
         )
-        node.process = start_twistvpn_node(network, node.namespace, node.ifname, text)
+        env, options = TWISTVPN_KINDS[node.kind]
+        node.process = start_twistvpn_node(
+            network, node.namespace, node.ifname, text, env=env, extra_args=options
+        )
     elif node.kind == WIREGUARD_GO:
         text = wg_config(node.private_key, node.peers, listen_port=WG_PORT)
         node.process = start_wireguard_go(
