@@ -21,7 +21,15 @@ import time
 from typing import Any
 
 from benchjson import save
-from throughput import SETUPS, _median, add_run_options, build, builds, ping_rtts
+from throughput import (
+    SETUPS,
+    _median,
+    add_run_options,
+    build,
+    builds,
+    ping_rtts,
+    with_reference,
+)
 
 from twistvpn.table import columns
 from twistvpn.testing import netns
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(
             [
                 measure(name, kinds, args)
-                for name, kinds in LATENCY_SETUPS
+                for name, kinds in with_reference(LATENCY_SETUPS, args)
                 if not args.only or name in args.only
             ]
         )

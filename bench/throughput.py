@@ -26,6 +26,7 @@ of the ratios within a run.  Writes every run as JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -254,9 +255,31 @@ def add_run_options(parser: argparse.ArgumentParser, names: list[str], runs: int
     """The options every namespace benchmark here takes: --runs, --only, --no-save."""
     parser.add_argument("--runs", type=int, default=runs, help="runs of every set-up (medians)")
     parser.add_argument(
-        "--only", action="append", choices=names, help="run only these set-ups (repeatable)"
+        "--only", action="append", choices=[*names, REFERENCE],
+        help="run only these set-ups (repeatable)",
     )
     parser.add_argument("--no-save", action="store_true", help="do not write JSON")
+    parser.add_argument(
+        "--reference", metavar="SRC",
+        help="also measure the twistvpn in this source tree (a checkout's src/, e.g. of "
+        "an earlier commit) as 'twistvpn <-> twistvpn, reference', in the same runs",
+    )
+
+
+REFERENCE = "twistvpn <-> twistvpn, reference"
+
+
+def with_reference(
+    setups: list[tuple[str, list[str] | None]], args: argparse.Namespace
+) -> list[tuple[str, list[str] | None]]:
+    """C{setups}, and the --reference tree's node as a set-up of its own."""
+    if not args.reference:
+        return setups
+    source = os.path.abspath(args.reference)
+    if not os.path.isdir(os.path.join(source, "twistvpn")):
+        raise SystemExit(f"--reference: no twistvpn package in {source}")
+    netns.TWISTVPN_KINDS[REFERENCE] = ({"PYTHONPATH": source}, ())
+    return [*setups, (REFERENCE, [REFERENCE, REFERENCE])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(1, args.runs + 1):
         print(f"run {number} of {args.runs}", flush=True)
         results = []
-        for name, kinds in SETUPS:
+        for name, kinds in with_reference(SETUPS, args):
             if args.only and name not in args.only:
                 continue
             results.append(measure(name, kinds, args))
