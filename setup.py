@@ -8,12 +8,14 @@ behaves the same (docs/performance.md, "The compiled build").
 
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import shlex
 import shutil
 import sys
 import sysconfig
+import tempfile
 from typing import Any
 
 from setuptools import setup
@@ -85,4 +87,14 @@ class OptionalBuildExt(build_ext):
             self.extensions = []
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
+# A fresh build directory each time: setuptools packs everything under
+# build/lib into the wheel, so extensions of an earlier build (compiled,
+# or with another TWISTVPN_COMPILE) would land in a pure-Python one.
+_build_base = tempfile.mkdtemp(prefix="twistvpn-build-")
+atexit.register(shutil.rmtree, _build_base, ignore_errors=True)
+
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": OptionalBuildExt},
+    options={"build": {"build_base": _build_base}},
+)

@@ -33,7 +33,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import twisted.internet.udp as udp  # this spelling: mypyc needs the module imported
 from twisted.python import log
@@ -44,23 +44,23 @@ from twistvpn.interfaces import IReadinessPort
 from twistvpn.node.reactor import add_reader
 
 # linux/udp.h; Python's socket module does not export them.
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
+UDP_GRO: Final = 104
 # The kernel refuses more segments than this in one GSO send (UDP_MAX_SEGMENTS).
 MAX_SEGMENTS = 64
 # A GSO send is one UDP datagram to the stack: its payload must fit 16 bits
 # (IPv4 header and UDP header included).
 MAX_GSO_BYTES = 65535 - 20 - 8 - 40
 # A coalesced receive is at most one IP packet's worth of payload.
-GRO_BUFFER = 65535
+GRO_BUFFER: Final = 65535
 # How long a node waits for the answer to a lone packet it sent before
 # going back to the reactor (L{AnswerWait}), and how many looks it takes.
 DEFAULT_ANSWER_WAIT = 200e-6
 MAX_ANSWER_LOOKS = 1000
 # Errors meaning "this socket or route cannot do GSO at all".
-_GSO_UNSUPPORTED = (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
-_ANCILLARY_SPACE = socket.CMSG_SPACE(4)
+_GSO_UNSUPPORTED: Final = (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+_ANCILLARY_SPACE: Final = socket.CMSG_SPACE(4)
 
 
 def segments(data: bytes | memoryview, size: int) -> Iterator[bytes]:

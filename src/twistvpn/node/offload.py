@@ -25,26 +25,27 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Final
 
 # struct virtio_net_hdr (linux/virtio_net.h), native byte order for TUN.
-VNET_HEADER = struct.Struct("=BBHHHH")
-VNET_HEADER_SIZE = VNET_HEADER.size  # 10
-VNET_F_NEEDS_CSUM = 1
-VNET_F_DATA_VALID = 2
-VNET_GSO_NONE = 0
+VNET_HEADER: Final = struct.Struct("=BBHHHH")
+VNET_HEADER_SIZE: Final = VNET_HEADER.size  # 10
+VNET_F_NEEDS_CSUM: Final = 1
+VNET_F_DATA_VALID: Final = 2
+VNET_GSO_NONE: Final = 0
 VNET_GSO_TCPV4 = 1
 VNET_GSO_TCPV6 = 4
-PLAIN = bytes(VNET_HEADER_SIZE)
+PLAIN: Final = bytes(VNET_HEADER_SIZE)
 
 # TCP flags a segment may carry and still be joined (ACK, and PSH which
 # ends the joined packet).
-_ACK = 0x10
-_PSH = 0x08
+_ACK: Final = 0x10
+_PSH: Final = 0x08
 # The kernel's limit on segments in one GSO packet is far higher; GRO
 # stops at 64 too, and 64 x 1380 bytes is about the 64 KiB an IP packet
 # can hold anyway.
 MAX_COALESCED = 64
-MAX_IP_PACKET = 65535
+MAX_IP_PACKET: Final = 65535
 
 
 def _fold(value: int) -> int:

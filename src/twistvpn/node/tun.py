@@ -15,7 +15,7 @@ import ipaddress
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 from twisted.internet.interfaces import IReadDescriptor
@@ -40,14 +40,14 @@ IFA_F_NODAD = 0x02  # linux/if_addr.h
 DEFAULT_NAME = "twvpn0"
 # How many packets one reactor wake-up may read before yielding to the
 # other descriptors (the UDP socket above all).
-READ_BATCH = 64
+READ_BATCH: Final = 64
 # Linux interface names are at most IFNAMSIZ - 1 characters.
 MAX_NAME_LENGTH = 15
 
 Receiver = Callable[[bytes], None]
 
 
-_log = Logger()
+_log: Final = Logger()
 
 
 @mypyc_attr(native_class=False)  # mypyc cannot compile OSError subclasses

@@ -19,7 +19,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -71,14 +71,14 @@ from twistvpn.wireguard.replay import ReplayWindow
 
 Endpoint = Any
 
-_INITIATION_HEAD = struct.Struct("<II")
-_RESPONSE_HEAD = struct.Struct("<III")
-_PADDING = [bytes(n) for n in range(16)]
-_NO_PSK = bytes(32)
-_INF = math.inf
-_log = Logger()
+_INITIATION_HEAD: Final = struct.Struct("<II")
+_RESPONSE_HEAD: Final = struct.Struct("<III")
+_PADDING: Final = [bytes(n) for n in range(16)]
+_NO_PSK: Final = bytes(32)
+_INF: Final = math.inf
+_log: Final = Logger()
 # A session this old is about to be rejected: its initiator rekeys.
-_LAST_MINUTE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+_LAST_MINUTE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
 
 class _Timer:
@@ -152,6 +152,8 @@ class Keypair:
         "peer",
         "send",
         "receive",
+        "encrypt",
+        "decrypt",
         "send_counter",
         "replay",
         "local_index",
@@ -175,6 +177,9 @@ class Keypair:
         self.peer = peer
         self.send = ChaCha20Poly1305(send_key)
         self.receive = ChaCha20Poly1305(receive_key)
+        # Bound once: per packet, a call without a method look-up.
+        self.encrypt: Callable[[bytes, bytes, bytes | None], bytes] = self.send.encrypt
+        self.decrypt: Callable[[bytes, Any, bytes | None], bytes] = self.receive.decrypt
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.local_index = local_index
@@ -343,7 +348,7 @@ class Peer:
             packet += _PADDING[padding]
         message = TRANSPORT_HEADER.pack(
             MESSAGE_TRANSPORT, keypair.remote_index, counter
-        ) + keypair.send.encrypt(NONCE.pack(counter), packet, None)
+        ) + keypair.encrypt(NONCE.pack(counter), packet, None)
         self.transmit(message, now)
         if length and self.timer_new_handshake.deadline is None:
             # Data sent: expect to hear back within KEEPALIVE + REKEY_TIMEOUT.
@@ -722,7 +727,7 @@ class WireGuardDevice:
                 self.counters["drop_malformed_outbound"] += 1
                 return
             routes = self._routes
-            peer = routes.cache.get(destination) or routes.lookup(destination)
+            peer: Peer | None = routes.cache.get(destination) or routes.lookup(destination)
             if peer is None:
                 self.counters["drop_no_route"] += 1
                 return
@@ -764,7 +769,7 @@ class WireGuardDevice:
                         self.counters["drop_expired"] += 1
                         return
                     try:
-                        plaintext = keypair.receive.decrypt(
+                        plaintext = keypair.decrypt(
                             NONCE.pack(counter), memoryview(data)[16:], None
                         )
                     except InvalidTag:

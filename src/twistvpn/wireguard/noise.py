@@ -17,18 +17,19 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from nacl.exceptions import CryptoError
 
-HASH_LEN = 32
-DH_LEN = 32
-TAG_LEN = 16
+HASH_LEN: Final = 32
+DH_LEN: Final = 32
+TAG_LEN: Final = 16
 
 # ChaChaPoly's 96-bit nonce: 32 zero bits, then the 64-bit counter, little-endian.
-NONCE = struct.Struct("<4xQ")
+NONCE: Final = struct.Struct("<4xQ")
 
 IKPSK2_NAME = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 

@@ -10,10 +10,12 @@ shift, one or and one mask.
 
 from __future__ import annotations
 
+from typing import Final
+
 from twistvpn.wireguard.messages import REJECT_AFTER_MESSAGES
 
-WINDOW_SIZE = 2048
-_MASK = (1 << WINDOW_SIZE) - 1
+WINDOW_SIZE: Final = 2048
+_MASK: Final = (1 << WINDOW_SIZE) - 1
 
 
 class ReplayWindow:
