@@ -60,6 +60,9 @@ def _extensions() -> list[Any]:
     names = [n for n in BUILD["COMPILED"] if only is None or n in only.split(",")]
     sources = [os.path.join("src", *name.split(".")) + ".py" for name in names]
     try:
+        # Twisted is among the build requirements (pyproject.toml): mypyc
+        # must see the Twisted classes ours inherit from, or it compiles
+        # them as classes with no base.
         return list(mypycify(sources, opt_level="3"))
     except (Exception, SystemExit) as e:  # mypyc exits on a type error
         _say(f"installing the pure-Python build: mypyc failed ({e!r})")

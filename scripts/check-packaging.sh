@@ -22,8 +22,17 @@ for package, name in (("twistvpn.rendezvous", "schema-v4.sql"),
     assert resources.files(package).joinpath(name).is_file(), (package, name)
 PY
 "$tmp/venv/bin/twistvpn" --version
-# The same package without a C compiler: plain Python, and it works the same.
-if "$tmp/venv/bin/python" -c "import sys; from twistvpn import build; sys.exit(not build.compiled_modules())"; then
+# With a C compiler and Python's headers (bootstrap installs both) the wheel
+# must be the compiled build, whatever the venv held before it.
+compiler_here=$(python - <<'PY'
+import os, shutil, sysconfig
+headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+print("yes" if shutil.which("cc") and os.path.exists(headers) else "no")
+PY
+)
+if [ "$compiler_here" = yes ]; then
+    "$tmp/venv/bin/twistvpn" --version | grep -q "compiled build (mypyc"
+    # The same package without a C compiler: plain Python, and it works the same.
     rm -rf "$tmp/dist-pure" "$tmp/venv-pure"
     CC=/nonexistent/cc python -m build --wheel --outdir "$tmp/dist-pure" "$here"
     ls "$tmp"/dist-pure/*-py3-none-any.whl >/dev/null
