@@ -190,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['total'] / base:.2f}") for r in results],
     ))
     if not args.no_save:
-        path = save("datapath", started, {"rounds": args.rounds, "batch": BATCH,
-                                          "payload": PAYLOAD, "results": results})
-        print(f"written {path}")
+        save("datapath", started, {"rounds": args.rounds, "batch": BATCH,
+                                   "payload": PAYLOAD, "results": results})
     return 0
 
 
