@@ -47,7 +47,7 @@ MAX_NAME_LENGTH = 15
 Receiver = Callable[[bytes], None]
 
 
-_log: Final = Logger()
+_log: Final = Logger(namespace=__name__)  # named: a compiled module has no frame to infer it from
 
 
 @mypyc_attr(native_class=False)  # mypyc cannot compile OSError subclasses

@@ -76,7 +76,7 @@ _RESPONSE_HEAD: Final = struct.Struct("<III")
 _PADDING: Final = [bytes(n) for n in range(16)]
 _NO_PSK: Final = bytes(32)
 _INF: Final = math.inf
-_log: Final = Logger()
+_log: Final = Logger(namespace=__name__)  # named: a compiled module has no frame to infer it from
 # A session this old is about to be rejected: its initiator rekeys.
 _LAST_MINUTE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 
