@@ -84,9 +84,9 @@ class OptionalBuildExt(build_ext):
         except Exception as e:
             _say(f"compiling failed, installing the pure-Python build: {e}")
             for extension in self.extensions:
-                for path in (self.get_ext_fullpath(extension.name),):
-                    if os.path.exists(path):
-                        os.remove(path)
+                path = self.get_ext_fullpath(extension.name)
+                if os.path.exists(path):
+                    os.remove(path)
             self.extensions = []
 
 

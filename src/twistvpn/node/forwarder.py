@@ -160,7 +160,6 @@ class Forwarder(DatagramProtocol):
             self.counters["drop_handler_error"] += 1
             self.log.failure("handler for message type {kind} raised", kind=kind)
 
-
     # -- sending --------------------------------------------------------------
 
     def send_datagram(self, data: bytes, addr: Address) -> None:

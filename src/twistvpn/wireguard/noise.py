@@ -139,10 +139,12 @@ class SymmetricState:
 
     def copy(self) -> SymmetricState:
         """A fresh state with the same chaining key and hash (no key yet)."""
+        # The constructor (not __new__, which a compiled class refuses), its
+        # placeholder hash and empty cipher state then overwritten in place.
         other = SymmetricState(b"")
         other.chaining_key = self.chaining_key
         other.hash = self.hash
-        other.cipher = CipherState(self.cipher.key)
+        other.cipher.key = self.cipher.key
         other.cipher.nonce = self.cipher.nonce
         return other
 
