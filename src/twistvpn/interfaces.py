@@ -710,6 +710,26 @@ class IMembershipObserver(Interface):
         """The network is gone, with its members."""
 
 
+class IRendezvousCluster(Interface):
+    """
+    This rendezvous instance's part in a rendezvous of several sharing one
+    database: what only this instance knows (who is connected here, and
+    where discovery sees them) goes to the others through it.
+    """
+
+    def node_changed(node):
+        """
+        The facts of C{node} (a registry Node whose session is here, or
+        that just left) that members' maps show changed: tell the others.
+        """
+
+    def punch(owner, network_id, public_key, punch):
+        """
+        Ask the instance C{owner} (as the node's Node.elsewhere names it)
+        to send C{punch} to the node C{public_key} connected there.
+        """
+
+
 class IRendezvousStore(Interface):
     """
     The rendezvous's persistent state: nodes, networks, members.  Every

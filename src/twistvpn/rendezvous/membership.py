@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
@@ -159,6 +159,26 @@ class Membership:
         for observer in list(self._observers):
             observer.member_revoked(network_id, public_key, reason)
 
+    def changed_elsewhere(self, network_id: str,
+                          revoked: Sequence[tuple[bytes, str]] = ()) -> None:
+        """
+        Another rendezvous instance on the shared database changed
+        C{network_id} (and took it from the members in C{revoked}, with
+        the reason): the observers here are told as if the change were ours.
+        """
+        gone = self._store.get_network(network_id) is None
+        for public_key, reason in revoked:
+            self._revoked(network_id, public_key, "network deleted" if gone else reason)
+            node = self._registry.find(public_key)
+            if node is not None and reason != "deauthorized":
+                self._registry.unsubscribe(node, network_id)
+        if gone:
+            for observer in list(self._observers):
+                observer.network_deleted(network_id)
+                observer.members_changed(network_id, frozenset())
+        else:
+            self._members_changed(network_id)
+
     # -- networks ---------------------------------------------------------------
 
     def network(self, network_id: Any) -> NetworkRecord:
@@ -238,6 +258,9 @@ class Membership:
             raise NotFoundError(f"unknown network {network.id}")
         self._members_changed(network.id)  # the same members, a new map
         return self.describe_network(record)
+
+    def network_ids(self) -> list[str]:
+        return [n.id for n in self._store.list_networks()]
 
     def list_networks(self) -> list[dict[str, Any]]:
         return [self.describe_network(n) for n in self._store.list_networks()]

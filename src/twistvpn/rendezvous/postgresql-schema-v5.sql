@@ -60,3 +60,41 @@ CREATE TABLE shared_identity (
   name VARCHAR PRIMARY KEY,       -- 'server_key', 'tls_cert', 'tls_key'
   value BYTEA NOT NULL
 );
+
+-- Every committed change of a network or its members is announced to the
+-- rendezvous instances on this database (LISTEN twistvpn_members) by the
+-- transaction that makes it: announced if and only if it commits, whichever
+-- instance (or admin tool) made it.  The payload is "NETWORK_ID", or
+-- "NETWORK_ID REASON PUBLIC_KEY_HEX" when a member lost the network
+-- (REASON: deauthorized or deleted).  Map revisions are not announced.
+CREATE FUNCTION twistvpn_member_changed() RETURNS trigger AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    PERFORM pg_notify('twistvpn_members',
+                      OLD.network_id || ' deleted ' || encode(OLD.public_key, 'hex'));
+  ELSIF TG_OP = 'UPDATE' AND OLD.authorized = 1 AND NEW.authorized = 0 THEN
+    PERFORM pg_notify('twistvpn_members',
+                      NEW.network_id || ' deauthorized ' || encode(NEW.public_key, 'hex'));
+  ELSE
+    PERFORM pg_notify('twistvpn_members', NEW.network_id);
+  END IF;
+  RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER members_changed AFTER INSERT OR UPDATE OR DELETE ON members
+  FOR EACH ROW EXECUTE FUNCTION twistvpn_member_changed();
+
+CREATE FUNCTION twistvpn_network_changed() RETURNS trigger AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    PERFORM pg_notify('twistvpn_members', OLD.id);
+  ELSE
+    PERFORM pg_notify('twistvpn_members', NEW.id);
+  END IF;
+  RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+CREATE TRIGGER networks_changed AFTER UPDATE OF name, subnet, private, domain OR DELETE
+  ON networks FOR EACH ROW EXECUTE FUNCTION twistvpn_network_changed();

@@ -11,6 +11,7 @@ maps is the publisher's business, told through C{node_changed}.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from twistvpn.interfaces import IControlSession, IRendezvousStore
+from twistvpn.interfaces import IControlSession, IRendezvousCluster, IRendezvousStore
 from twistvpn.rendezvous.errors import InvalidArgumentError, NotFoundError
 from twistvpn.rendezvous.netmap import (
     MAX_NAME_LENGTH,
@@ -70,6 +71,9 @@ class Node:
     sent: dict[str, int] = field(default_factory=dict)
     version: str = ""  # the twistvpn version it registered with last ("" until it does)
     kind: str = "node"  # or "device": a stock WireGuard app; it never registers
+    # The other rendezvous instance its session is on (the instance's ID on
+    # the shared database), or None: here, or offline.
+    elsewhere: int | None = None
 
     @classmethod
     def from_record(cls, record: NodeRecord) -> Node:
@@ -78,7 +82,7 @@ class Node:
 
     @property
     def online(self) -> bool:
-        return self.session is not None
+        return self.session is not None or self.elsewhere is not None
 
     @property
     def nat_varies(self) -> bool:
@@ -93,6 +97,23 @@ class Node:
     def candidates(self) -> tuple[str, ...]:
         """Every address worth probing, observed ones first."""
         return tuple(dict.fromkeys(self.seen_endpoints() + self.local_endpoints))
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What members' maps show of a node that only the instance holding its session knows."""
+
+    name: str
+    last_seen: float | None
+    endpoints: tuple[str | None, str | None]
+    local_endpoints: tuple[str, ...]
+    mapped: tuple[str, ...]
+
+    @classmethod
+    def of(cls, node: Node) -> NodeFacts:
+        first, second = node.endpoints
+        return cls(node.name, node.last_seen, (first, second), node.local_endpoints,
+                   node.mapped_endpoints)
 
 
 class SessionRegistry:
@@ -111,6 +132,9 @@ class SessionRegistry:
         # A node's facts that members' maps show changed (its sessions,
         # endpoints): the publisher re-sends its networks' maps.
         self.node_changed = node_changed
+        # The other instances on a shared database, told what only this one
+        # sees (sessions here, discovery's endpoints); None: the only one.
+        self.cluster: IRendezvousCluster | None = None
         self._nodes: dict[bytes, Node] = {}
         self._by_id: dict[str, bytes] = {}
         # network ID -> node keys whose current session joined it
@@ -210,8 +234,9 @@ class SessionRegistry:
             node.session = None
             old.close("replaced by a newer connection")
         node.session = session
+        node.elsewhere = None
         self.counters["registrations"] += 1
-        self.node_changed(public_key)
+        self._changed(node)
         return node.node_id
 
     def set_version(self, public_key: bytes, version: str) -> None:
@@ -230,7 +255,7 @@ class SessionRegistry:
         now = self._clock.seconds()
         self._store.update_node(public_key, now, name)
         node.name, node.last_seen, node.last_seen_written = name, now, now
-        self.node_changed(public_key)
+        self._changed(node)
 
     def detach(self, session: IControlSession) -> None:
         node = self._nodes.get(session.public_key)
@@ -241,7 +266,45 @@ class SessionRegistry:
         now = self._clock.seconds()
         self._store.update_node(node.public_key, now)
         node.last_seen = node.last_seen_written = now
+        self._changed(node)
+
+    def _changed(self, node: Node) -> None:
+        """What members see of C{node} changed here: our maps, and the other instances'."""
         self.node_changed(node.public_key)
+        if self.cluster is not None:
+            self.cluster.node_changed(node)
+
+    # -- what other instances on a shared database say ---------------------------
+
+    def changed_elsewhere(self, public_key: bytes, owner: int | None, facts: NodeFacts) -> None:
+        """
+        The instance C{owner} holds (or, None, no longer holds) the node's
+        session and saw C{facts}; a session here outranks what it says.
+        """
+        node = self.find(public_key)
+        if node is None:
+            return
+        if node.session is not None:
+            # Remembered for when our session, older or dying, goes.
+            node.elsewhere = owner
+            return
+        if (owner, facts) == (node.elsewhere, NodeFacts.of(node)):
+            return
+        node.elsewhere = owner
+        node.name, node.last_seen = facts.name, facts.last_seen
+        node.endpoints = list(facts.endpoints)
+        node.local_endpoints, node.mapped_endpoints = facts.local_endpoints, facts.mapped
+        self.node_changed(public_key)
+
+    def instances_gone(self, alive: set[int]) -> None:
+        """The nodes of instances not in C{alive} (stopped, or killed) are offline."""
+        for node in list(self._nodes.values()):
+            if node.elsewhere is not None and node.elsewhere not in alive:
+                node.elsewhere = None
+                self.node_changed(node.public_key)
+
+    def connected_here(self) -> list[Node]:
+        return [n for n in self._nodes.values() if n.session is not None]
 
     def close(self) -> None:
         """Close every session (the service is stopping)."""
@@ -295,14 +358,14 @@ class SessionRegistry:
         if local is not None:
             self._store.set_local_endpoints(public_key, local)
             node.local_endpoints = local
-            self.node_changed(public_key)
+            self._changed(node)
 
     def set_mapped_endpoints(self, public_key: bytes, endpoints: Any) -> None:
         # Not stored: the node's gateway maps again when it reconnects.
         node, mapped = self._new_endpoints(public_key, endpoints, "mapped_endpoints")
         if mapped is not None:
             node.mapped_endpoints = mapped
-            self.node_changed(public_key)
+            self._changed(node)
 
     def record_endpoint(self, public_key: bytes, endpoint: tuple[str, int], which: int) -> bool:
         node = self._nodes.get(public_key)
@@ -318,7 +381,7 @@ class SessionRegistry:
             node.last_seen_written = now
         if changed:
             self.counters["endpoint_changes"] += 1
-            self.node_changed(public_key)
+            self._changed(node)
         return True
 
     # -- punching ---------------------------------------------------------------------
@@ -330,7 +393,9 @@ class SessionRegistry:
         they are authorized members).  At most one punch a second per pair.
         """
         peer = self._nodes.get(peer_key)
-        if peer is None or peer.session is None or network_id not in peer.subscriptions:
+        here = peer is not None and peer.session is not None
+        if peer is None or not (here and network_id in peer.subscriptions
+                                or peer.elsewhere is not None and self.cluster is not None):
             raise NotFoundError("the peer is offline")
         pair = (min(node.public_key, peer_key), max(node.public_key, peer_key))
         now = self._clock.seconds()
@@ -342,15 +407,23 @@ class SessionRegistry:
         # Each side is told to wait so that both start at about the same
         # moment despite different latencies to the rendezvous.
         for me, other in ((node, peer), (peer, node)):
-            assert me.session is not None
-            rtt = me.session.rtt or 0.0
-            me.session.send_punch(
-                network_id,
-                Punch(
-                    peer_key=other.public_key,
-                    candidates=other.candidates(),
-                    delay=max(0.0, PUNCH_DELAY - rtt / 2),
-                    punch_id=punch_id,
-                ),
-            )
+            punch = Punch(peer_key=other.public_key, candidates=other.candidates(),
+                          delay=PUNCH_DELAY, punch_id=punch_id)
+            if me.session is not None:
+                self.send_punch(me, network_id, punch)
+            elif me.elsewhere is not None and self.cluster is not None:
+                # Its instance sends it, a notification later.
+                self.cluster.punch(me.elsewhere, network_id, me.public_key, punch)
         self.counters["punches"] += 1
+
+    def send_punch(self, node: Node, network_id: str, punch: Punch) -> None:
+        """
+        Send C{punch} to C{node}'s session here, its delay shortened by half
+        its round trip, so that both sides start at about the same moment.
+        """
+        if node.session is None or network_id not in node.subscriptions:
+            self.counters["punch_not_here"] += 1
+            return
+        rtt = node.session.rtt or 0.0
+        node.session.send_punch(network_id, dataclasses.replace(
+            punch, delay=max(0.0, punch.delay - rtt / 2)))

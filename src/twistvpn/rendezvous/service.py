@@ -226,6 +226,17 @@ class RendezvousService(MultiService):
         self.data = data
         self.hostname = hostname
         self.controller = Controller(data.open_store(), reactor)
+        if data.database is not None:
+            # Other instances may share the database: hear them, tell them.
+            from twistvpn.rendezvous import pgstore
+            from twistvpn.rendezvous.cluster import Cluster
+
+            controller = self.controller
+            cluster = Cluster(controller.registry, controller.membership,
+                              pgstore.notifier(data.db), controller.counters)
+            controller.registry.cluster = cluster
+            pgstore.ClusterService(reactor, data.database, cluster, data.db).setServiceParent(
+                self)
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
         self.control_factory = ControlServerFactory(
             self.controller, data.server_private, reactor, udp_ports, registration_rate,
