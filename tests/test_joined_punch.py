@@ -44,6 +44,8 @@ class Client:
         self.clock = clock
         self.failures = failures
         self.asked: list[float] = []
+        self.current = 0  # the rendezvous instance connected to
+        self.where = "203.0.113.1:8443"
 
     def request_punch(self, network_id: str, peer_key: bytes) -> Deferred[None]:
         self.asked.append(self.clock.seconds())

@@ -439,7 +439,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(options["networks"], [NETWORK, other.lower()])
         self.assertEqual(options["name"], "laptop")
         self.assertEqual(options["port"], 51900)
-        self.assertEqual(options["address"].port, 8443)
+        self.assertEqual(options["address"][0].port, 8443)
         self.assertEqual(len(options["private_key"]), 32)
         self.assertTrue(os.path.exists(os.path.join(self.data_dir, "node.key")))
 
@@ -463,6 +463,25 @@ class OptionsTests(unittest.TestCase):
     def test_bad_rendezvous(self) -> None:
         argv = ["--data-dir", self.mktemp(), "--rendezvous", "https://x:1", "--join", NETWORK]
         self.assertUsageError(argv, "--rendezvous: bad rendezvous address")
+
+    def test_several_instances(self) -> None:
+        """
+        --rendezvous repeated: the instances of one rendezvous, in order,
+        each once; in the settings file, a list.
+        """
+        second = URL.replace("rdv.", "rdv2.")
+        options = self.parse(*self.joined("--rendezvous", second, "--rendezvous", URL))
+        self.assertEqual([a.host for a in options["address"]],
+                         ["rdv.example.org", "rdv2.example.org"])
+        self.write_settings(f'rendezvous = ["{URL}", "{second}"]\n')
+        options = self.parse("--data-dir", self.data_dir)
+        self.assertEqual(len(options["address"]), 2)
+        self.write_settings('rendezvous = []\n')
+        self.assertUsageError(["--data-dir", self.data_dir],
+                              "rendezvous: must list 1 to 8 twistvpn://")
+        self.write_settings(f'rendezvous = ["{URL}", "https://x"]\n')
+        self.assertUsageError(["--data-dir", self.data_dir],
+                              "rendezvous: bad rendezvous address")
 
     def test_missing(self) -> None:
         data_dir = self.mktemp()
@@ -490,7 +509,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual((options["mode"], options["networks"], options["name"],
                           options["port"], options["interface"], options["stay-awake-ms"]),
                          ("joined", [NETWORK], "gpu-server", 51999, "tv1", 0))
-        self.assertEqual(options["address"].port, 8443)
+        self.assertEqual(options["address"][0].port, 8443)
 
     def test_command_line_overrides_the_file(self) -> None:
         other = "0123456789abcdef"

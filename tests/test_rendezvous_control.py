@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 from twisted.internet import defer
 from twisted.protocols import amp
@@ -22,10 +23,14 @@ from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, IRendezvousListener
 from twistvpn.rendezvous.client import (
+    FAILOVER_SPREAD,
+    LIVENESS_INTERVAL,
+    LIVENESS_TIMEOUT,
     NOT_FOUND,
     RECONNECT_JITTER,
     RECONNECT_MAX,
     NotConnectedError,
+    RendezvousClient,
     ServerKeyMismatchError,
     reconnect_policy,
 )
@@ -718,3 +723,116 @@ class _Recorder(amp.AMP):
 class _NullFactory:
     def buildProtocol(self, addr: object) -> _Recorder:
         return _Recorder()
+
+
+class FailoverTests(SynchronousTestCase):
+    """
+    A node given several rendezvous instances (one database behind them):
+    the next one when its own dies or cannot be reached, spread in time.
+    """
+
+    def setUp(self) -> None:
+        from twistvpn.rendezvous.server import ControlServerFactory
+
+        self.world = World()
+        # Every in-memory client has the same (no) address: no per-address limit.
+        self.world.server_factory = ControlServerFactory(
+            self.world.controller, self.world.server_private, self.world.clock,
+            udp_ports=(3478, 3479), registration_rate=0)
+
+    def client(self, endpoints: list[MemoryEndpoint], seed: int = 0) -> Any:
+        from tests.support.rendezvous import RecordingListener
+        from twistvpn.wireguard.keys import generate_private_key
+
+        client = RendezvousClient(endpoints, generate_private_key(), "n", RecordingListener(),
+                                  clock=self.world.clock, rng=random.Random(seed))
+        client.startService()
+        self.addCleanup(client.stopService)
+        self.world.flush()
+        return client
+
+    def until_connected(self, clients: list[Any], limit: float) -> list[float]:
+        """When each client was registered again, in 0.05 s steps up to C{limit} seconds."""
+        start = self.world.clock.seconds()
+        when: dict[int, float] = {}
+        for _ in range(int(limit / 0.05)):
+            self.world.settle(0.05)
+            for i, client in enumerate(clients):
+                if client.connected and i not in when:
+                    when[i] = self.world.clock.seconds() - start
+            if len(when) == len(clients):
+                break
+        self.assertEqual(len(when), len(clients), f"not all back within {limit} s")
+        return [when[i] for i in range(len(clients))]
+
+    def test_first_instance_unreachable(self) -> None:
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        one.refuse = True
+        client = self.client([one, two])
+        [took] = self.until_connected([client], 5)
+        self.assertEqual((client.current, client.where), (1, "the rendezvous"))
+        self.assertLessEqual(took, 1.0 + RECONNECT_JITTER + 0.05)
+
+    def test_instance_dies(self) -> None:
+        """Its connection drops and it refuses more: the node is on the other within 10 s."""
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        client = self.client([one, two])
+        self.until_connected([client], 1)
+        self.assertEqual(client.current, 0)
+        one.refuse = True
+        one.drop()
+        self.assertFalse(client.connected)
+        [took] = self.until_connected([client], 10)
+        self.assertLessEqual(took, FAILOVER_SPREAD + 0.05)
+        self.assertEqual((client.current, client.counters["failovers"]), (1, 1))
+
+    def test_silent_instance(self) -> None:
+        """An instance that stops answering (its machine died) is left after its timeout."""
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        client = self.client([one, two])
+        self.until_connected([client], 1)
+        server = one.pumps[-1].serverIO  # says nothing from now on
+        server.write = server.writeSequence = lambda data: None
+        one.refuse = True
+        start = self.world.clock.seconds()
+        for _ in range(400):
+            if not client.connected:
+                break
+            self.world.settle(0.05)
+        left = self.world.clock.seconds() - start
+        self.assertLessEqual(left, LIVENESS_INTERVAL + LIVENESS_TIMEOUT + 0.1)
+        [took] = self.until_connected([client], 20)
+        self.assertLessEqual(left + took, LIVENESS_INTERVAL + LIVENESS_TIMEOUT + FAILOVER_SPREAD
+                             + 0.1)
+        self.assertEqual((client.current, client.counters["liveness_timeouts"]), (1, 1))
+
+    def test_no_thundering_herd(self) -> None:
+        """
+        The nodes of a dead instance reach the survivor spread over
+        FAILOVER_SPREAD seconds: no half-second takes more than a sixth.
+        """
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        clients = [self.client([one, two], seed) for seed in range(300)]
+        self.until_connected(clients, 1)
+        one.refuse = True
+        for pump in list(one.pumps):
+            pump.serverIO.loseConnection()
+        self.world.flush()
+        took = self.until_connected(clients, 10)
+        self.assertLessEqual(max(took), FAILOVER_SPREAD + 0.05)
+        busiest = max(sum(1 for t in took if start <= t < start + 0.5)
+                      for start in [i * 0.05 for i in range(100)])
+        self.assertLess(busiest, len(clients) / 6)
+
+    def test_backoff_grows_per_round(self) -> None:
+        """Both down: the instances are tried in turn, waits growing once per round."""
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        one.refuse = two.refuse = True
+        client = self.client([one, two])
+        for _ in range(200):
+            self.world.settle(0.1)
+        self.assertGreater(client.counters["failed_attempts"], 6)
+        self.assertLess(client.counters["failed_attempts"], 30)
+        two.refuse = False
+        self.until_connected([client], 20)
+        self.assertEqual(client.current, 1)

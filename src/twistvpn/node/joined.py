@@ -286,6 +286,7 @@ class JoinedNode:
                  local_addresses: Callable[[], list[str]] = list,
                  make_discovery: Callable[[bytes, list[Address], bytes], Any] | None = None,
                  discovery_host: str | None = None,
+                 discovery_hosts: Sequence[str] = (),
                  discovery_interval: float = DISCOVERY_INTERVAL,
                  strategies: Sequence[Any] | None = None,
                  path_config: PathConfig | None = None,
@@ -307,7 +308,11 @@ class JoinedNode:
         self._listen_port = listen_port
         self._local_addresses = local_addresses
         self._make_discovery = make_discovery
-        self.discovery_host = discovery_host
+        # Every rendezvous instance's address (the one the client is
+        # connected to answers discovery); none of them is routed into the tunnel.
+        self.discovery_hosts = tuple(discovery_hosts) or (
+            (discovery_host,) if discovery_host is not None else ())
+        self.discovery_host = self.discovery_hosts[0] if self.discovery_hosts else None
         self.discovery_interval = discovery_interval
         self.strategies = strategies
         self.path_config = path_config
@@ -375,7 +380,11 @@ class JoinedNode:
     def connected(self, node_id: str) -> None:
         self.node_id = node_id
         self.rendezvous_up = True
-        self.log.info("registered with the rendezvous as node {node}", node=node_id)
+        if self.client is not None and self.client.current < len(self.discovery_hosts):
+            self.discovery_host = self.discovery_hosts[self.client.current]
+        self.log.info("registered with the rendezvous {where} as node {node}",
+                      where=self.client.where if self.client is not None else "",
+                      node=node_id)
         self._start_discovery()
         # Back after an outage: pairs that fell back to the relay meanwhile
         # (a NAT that moved) go direct again, now rather than at the next change.
@@ -475,8 +484,7 @@ class JoinedNode:
     def underlay(self) -> list[tuple[str, str]]:
         """(address, what it is) of everything the tunnel must not take over."""
         found = [(ip, "this host's address") for ip in self._local_addresses()]
-        if self.discovery_host is not None:
-            found.append((self.discovery_host, "the rendezvous"))
+        found += [(host, "the rendezvous") for host in dict.fromkeys(self.discovery_hosts)]
         return found + [(info.host, f"relay {info.relay_id}") for info in self.relay_infos]
 
     @staticmethod

@@ -84,7 +84,8 @@ def load_or_create_key(data_dir: str) -> bytes:
 ClientFactory = Callable[..., Any]
 
 
-def tls_client(reactor: Any, address: RendezvousAddress, private_key: bytes, name: str,
+def tls_client(reactor: Any, address: RendezvousAddress | Sequence[RendezvousAddress],
+               private_key: bytes, name: str,
                listener: Any, networks: Sequence[str], local_endpoints: Sequence[str],
                auth_keys: dict[str, str] | None = None) -> Any:
     """The real control connection: TLS pinned to the address's fingerprint."""
@@ -107,7 +108,8 @@ class JoinedNodeService(DataPathOwner, MultiService):
     log = Logger()
 
     def __init__(self, reactor: Any, *, data_dir: str, private_key: bytes,
-                 rendezvous: RendezvousAddress, networks: Sequence[str], name: str,
+                 rendezvous: RendezvousAddress | Sequence[RendezvousAddress],
+                 networks: Sequence[str], name: str,
                  port: int = DEFAULT_PORT, interface_name: str,
                  open_tun: TunFactory, make_device: DeviceFactory,
                  make_client: ClientFactory = tls_client,
@@ -126,7 +128,10 @@ class JoinedNodeService(DataPathOwner, MultiService):
         self.data_dir = data_dir
         self.private_key = private_key
         self.public_key = public_key(private_key)
-        self.rendezvous = rendezvous
+        # Every instance of the rendezvous (one, or several sharing a database).
+        self.rendezvous_all = ((rendezvous,) if isinstance(rendezvous, RendezvousAddress)
+                               else tuple(rendezvous))
+        self.rendezvous = self.rendezvous_all[0]
         self.networks = list(networks)
         self.auth_key = auth_key  # a pre-auth key, presented with each join
         self.node_name = name
@@ -160,7 +165,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
     def _start(self) -> None:
         reactor = self._reactor
         # Resolve first: a bad name should fail before anything is created.
-        discovery_host = self._resolve(self.rendezvous.host, self.rendezvous.port)[0]
+        discovery_hosts = [self._resolve(a.host, a.port)[0] for a in self.rendezvous_all]
         datapath = self.datapath
         datapath.open(self.port_number)
         forwarder, tun = datapath.forwarder, datapath.tun
@@ -184,7 +189,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
             reactor, self.public_key, forwarder=forwarder, device=datapath.device,
             tun=tun, probes=probes, relay=relay, listen_port=lambda: self.listening_port,
             local_addresses=local_addresses, make_discovery=make_discovery,
-            discovery_host=discovery_host, on_join_status=self._join_status, names=self.names,
+            discovery_hosts=discovery_hosts, on_join_status=self._join_status, names=self.names,
             **self._node_options)
         # Keys given by `twistvpn join --auth-key-file` wait in the data
         # directory until their network authorizes us; --auth-key-file on
@@ -192,7 +197,7 @@ class JoinedNodeService(DataPathOwner, MultiService):
         auth_keys = settings.pending_keys(self.data_dir, self.networks)
         if self.auth_key is not None:
             auth_keys.update({network_id: self.auth_key for network_id in self.networks})
-        self.client = self._make_client(reactor, self.rendezvous, self.private_key,
+        self.client = self._make_client(reactor, self.rendezvous_all, self.private_key,
                                         self.node_name, node, self.networks,
                                         node.local_endpoints(), auth_keys)
         node.attach(self.client)
@@ -208,8 +213,12 @@ class JoinedNodeService(DataPathOwner, MultiService):
             "public key {key}, rendezvous {rendezvous}, networks {networks}, "
             "local API {socket}; {build}", build=build.describe(), name=tun.name,
             port=self.listening_port,
-            key=encode_key(self.public_key), rendezvous=str(self.rendezvous),
+            key=encode_key(self.public_key), rendezvous=self.rendezvous_text,
             networks=", ".join(self.networks), socket=self.socket_path)
+
+    @property
+    def rendezvous_text(self) -> str:
+        return ", ".join(str(a) for a in self.rendezvous_all)
 
     def _start_port_mapping(self, node: JoinedNode) -> None:
         """Ask the gateway for a mapping of our port (PCP, NAT-PMP, then UPnP), unless off."""
@@ -252,7 +261,8 @@ class JoinedNodeService(DataPathOwner, MultiService):
         def change(saved: dict[str, Any]) -> None:
             settings.add_network(saved, network_id)
             # A node started with --rendezvous: the next start needs it too.
-            saved.setdefault("rendezvous", str(self.rendezvous))
+            saved.setdefault("rendezvous", settings.rendezvous_setting(
+                [str(a) for a in self.rendezvous_all]))
 
         settings.update(self.data_dir, change)
         if network_id not in self.networks:

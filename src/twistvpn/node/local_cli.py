@@ -290,8 +290,9 @@ def join(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
     def run() -> int:
         network_id = settings.check_network_id(args.network)
         key = settings.read_auth_key_file(args.auth_key_file) if args.auth_key_file else None
-        rendezvous = (settings.check_rendezvous(args.rendezvous)
-                      if args.rendezvous is not None else None)
+        rendezvous = (settings.check_rendezvous(
+            args.rendezvous[0] if len(args.rendezvous) == 1 else args.rendezvous)
+            if args.rendezvous else None)
         message: dict[str, Any] = {"command": "join", "network": network_id}
         if key is not None:
             message["auth_key"] = key
@@ -416,7 +417,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "join", help="join a network now and at every start (the first join: --rendezvous)")
     p.add_argument("network", help="the network's ID (16 hex digits)")
-    p.add_argument("--rendezvous", help="twistvpn://HOST:PORT#sha256=... (saved)")
+    p.add_argument("--rendezvous", action="append",
+                   help="twistvpn://HOST:PORT#sha256=... (saved); repeat it for the "
+                        "instances of one rendezvous")
     p.add_argument("--auth-key-file",
                    help="a pre-auth key in a file only its owner may read: no admin needed")
     common(p)

@@ -56,7 +56,6 @@ class Options(OneLineOptions):
         ["data-dir", "d", None,
          f"Joined mode: the node's directory (key, settings, local API socket; default "
          f"{DEFAULT_DATA_DIR})."],
-        ["rendezvous", "r", None, "Joined mode: twistvpn://HOST:PORT#sha256=FINGERPRINT."],
         ["name", None, None, "Joined mode: the name peers and admins see (default: host name)."],
         ["port", None, None, f"Joined mode: UDP port (default {DEFAULT_PORT}; 0: any)."],
         ["config", "c", None, "wg-quick configuration file ([Interface] and [Peer] sections)."],
@@ -118,12 +117,23 @@ class Options(OneLineOptions):
     def __init__(self) -> None:
         super().__init__()
         self["join"] = []
+        self["rendezvous"] = None
 
     def opt_join(self, network_id: str) -> None:
         """Joined mode: a network to join (16 hex digits); may be repeated."""
         self["join"].append(network_id)
 
     opt_j = opt_join
+
+    def opt_rendezvous(self, url: str) -> None:
+        """
+        Joined mode: twistvpn://HOST:PORT#sha256=FINGERPRINT; repeated for
+        the instances of one rendezvous (failed over in turn).
+        """
+        given = self["rendezvous"]
+        self["rendezvous"] = url if given is None else [*settings.rendezvous_urls(given), url]
+
+    opt_r = opt_rendezvous
 
     def postOptions(self) -> None:
         if self["metrics"] is not None and not is_loopback_endpoint(self["metrics"]):
@@ -207,7 +217,7 @@ class Options(OneLineOptions):
             raise usage.UsageError(
                 f"no rendezvous: give --rendezvous, or run `twistvpn join NETWORK_ID "
                 f"--rendezvous URL --data-dir {data_dir}` once")
-        self["address"] = parse_address(self["rendezvous"])
+        self["address"] = [parse_address(u) for u in settings.rendezvous_urls(self["rendezvous"])]
         if self["name"] is None:
             self["name"] = settings.check_name(settings.default_name())
         self["port"] = DEFAULT_PORT if self["port"] is None else self["port"]

@@ -46,6 +46,7 @@ NAME_LENGTH = 64
 MAX_NETWORKS = 64
 MAX_ANSWER_WAIT_US = 10_000
 MAX_SETTINGS_SIZE = 64 * 1024
+MAX_RENDEZVOUS = 8
 
 HEADER = "# twistvpn node settings: `twistvpn join`, `leave` and `set` edit this file.\n"
 
@@ -57,7 +58,20 @@ class SettingsError(ValueError):
 # -- the checks, shared with the command line ------------------------------------------
 
 
-def check_rendezvous(value: Any) -> str:
+def check_rendezvous(value: Any) -> str | list[str]:
+    """
+    A twistvpn://HOST:PORT#sha256=... address, or a list of them: the
+    instances of one rendezvous, tried in turn (docs/rendezvous.md).
+    """
+    if isinstance(value, list) and 0 < len(value) <= MAX_RENDEZVOUS:
+        return rendezvous_setting([_check_one_rendezvous(v) for v in value])
+    if isinstance(value, list):
+        raise ValueError(f"must list 1 to {MAX_RENDEZVOUS} twistvpn://HOST:PORT#sha256=... "
+                         "addresses")
+    return _check_one_rendezvous(value)
+
+
+def _check_one_rendezvous(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a twistvpn://HOST:PORT#sha256=... address")
     try:
@@ -65,6 +79,16 @@ def check_rendezvous(value: Any) -> str:
     except TLSConfigError as e:
         raise ValueError(str(e)) from None
     return value.strip()
+
+
+def rendezvous_setting(urls: list[str]) -> str | list[str]:
+    """As the file keeps it: one address as a string, several as a list, each once."""
+    unique = list(dict.fromkeys(urls))
+    return unique[0] if len(unique) == 1 else unique
+
+
+def rendezvous_urls(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def check_network_id(value: Any) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import functools
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
@@ -121,6 +121,16 @@ class ControlClientProtocol(amp.AMP):
 # that restarts is not met by all of them in the same instant.
 RECONNECT_MAX = 8.0
 RECONNECT_JITTER = 1.5
+# With several rendezvous instances, a node whose instance went away moves
+# to the next one after a random wait of up to this many seconds, so that
+# the nodes of a dead instance reach the survivors spread over this time
+# rather than all in one instant (docs/rendezvous.md, "High availability").
+FAILOVER_SPREAD = 5.0
+# With several instances, the node pings its own every LIVENESS_INTERVAL
+# seconds and leaves one silent for LIVENESS_TIMEOUT (a machine that died
+# without closing its connections): the next instance within about 10 s.
+LIVENESS_INTERVAL = 4.0
+LIVENESS_TIMEOUT = 4.0
 
 
 def reconnect_policy(rng: random.Random | None = None) -> Callable[[int], float]:
@@ -137,7 +147,7 @@ class RendezvousClient(Service):
 
     def __init__(
         self,
-        endpoint: IStreamClientEndpoint,
+        endpoint: IStreamClientEndpoint | Sequence[IStreamClientEndpoint],
         private_key: bytes,
         name: str,
         listener: IRendezvousListener,
@@ -148,6 +158,7 @@ class RendezvousClient(Service):
         server_key: bytes | None = None,
         retry_policy: Callable[[int], float] | None = None,
         auth_keys: dict[str, str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.private_key = private_key
         self.public_key = public_key(private_key)
@@ -170,24 +181,38 @@ class RendezvousClient(Service):
         self.counters: collections.Counter[str] = collections.Counter()
         self._protocol: ControlClientProtocol | None = None
         self._clock = clock
-        self._endpoint = endpoint
+        # One endpoint per rendezvous instance (all sharing one database and
+        # one identity); C{current} is the one connected, or tried next.
+        self._endpoints = ([endpoint] if IStreamClientEndpoint.providedBy(endpoint)
+                           else list(endpoint))  # type: ignore[arg-type]
+        if not self._endpoints:
+            raise ValueError("a rendezvous client needs at least one endpoint")
+        self.current = 0
+        self._rng = rng or random.Random()
         self._factory = quiet(Factory.forProtocol(functools.partial(ControlClientProtocol, self)))
         self._retry_policy = retry_policy or reconnect_policy()
-        self.where = "the rendezvous"  # host:port, for the log
+        # host:port of each instance, for the log
+        self.wheres = ["the rendezvous"] * len(self._endpoints)
         self._failures = 0
         self._last_failure: str | None = None
         self._attempt: defer.Deferred[Any] | None = None
         self._attempt_protocol: ControlClientProtocol | None = None
         self._retry: IDelayedCall | None = None
+        self._liveness: IDelayedCall | None = None
         self._waiters: list[tuple[defer.Deferred[Any], int | None]] = []
         self._stopped: defer.Deferred[None] | None = None
         self._stopping: ControlClientProtocol | None = None
+
+    @property
+    def where(self) -> str:
+        """The instance connected, or tried next (host:port)."""
+        return self.wheres[self.current]
 
     @classmethod
     def from_address(
         cls,
         reactor: Any,
-        address: str | RendezvousAddress,
+        address: str | RendezvousAddress | Sequence[str | RendezvousAddress],
         private_key: bytes,
         name: str,
         listener: IRendezvousListener,
@@ -196,19 +221,23 @@ class RendezvousClient(Service):
         **kwargs: Any,
     ) -> RendezvousClient:
         """
-        A client for C{twistvpn://HOST:PORT#sha256=FP}: TLS pinned to the
-        fingerprint, or checked against CAs (C{ca_pem}, else the system's)
-        when the address has none.
+        A client for C{twistvpn://HOST:PORT#sha256=FP} (or several, the
+        instances of one rendezvous): TLS pinned to the fingerprint, or
+        checked against CAs (C{ca_pem}, else the system's) when the address
+        has none.
         """
-        if isinstance(address, str):
-            address = parse_address(address)
-        endpoint = ChannelClientEndpoint(
-            client_creator(address, ca_pem),
-            HostnameEndpoint(reactor, address.host, address.port, timeout=CONNECT_TIMEOUT),
-        )
+        given = [address] if isinstance(address, str | RendezvousAddress) else list(address)
+        addresses = [parse_address(a) if isinstance(a, str) else a for a in given]
+        endpoints = [
+            ChannelClientEndpoint(
+                client_creator(a, ca_pem),
+                HostnameEndpoint(reactor, a.host, a.port, timeout=CONNECT_TIMEOUT),
+            )
+            for a in addresses
+        ]
         kwargs.setdefault("clock", reactor)
-        client = cls(endpoint, private_key, name, listener, **kwargs)
-        client.where = f"{address.host}:{address.port}"
+        client = cls(endpoints, private_key, name, listener, **kwargs)
+        client.wheres = [f"{a.host}:{a.port}" for a in addresses]
         return client
 
     # -- service ------------------------------------------------------------
@@ -222,8 +251,9 @@ class RendezvousClient(Service):
         """Stop reconnecting; fires once the connection (if any) is closed."""
         super().stopService()
         protocol = self._protocol or self._attempt_protocol
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for call in (self._retry, self._liveness):
+            if call is not None and call.active():
+                call.cancel()
         self._retry = None
         if self._attempt is not None:
             self._attempt.cancel()
@@ -263,7 +293,7 @@ class RendezvousClient(Service):
         if not self.running:
             return
         self.counters["attempts"] += 1
-        attempt = self._endpoint.connect(self._factory)
+        attempt = self._endpoints[self.current].connect(self._factory)
         self._attempt = attempt
 
         def connected(protocol: Any) -> Any:
@@ -280,9 +310,40 @@ class RendezvousClient(Service):
                           where=self.where, n=self._failures)
         self._failures = 0
         self._last_failure = None
+        if len(self._endpoints) > 1:
+            self._schedule_liveness(protocol)
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
             d.callback(protocol)
+
+    def _schedule_liveness(self, protocol: ControlClientProtocol) -> None:
+        self._liveness = self._clock.callLater(LIVENESS_INTERVAL, self._ping, protocol)
+
+    def _ping(self, protocol: ControlClientProtocol) -> None:
+        """Is our instance still there?  Another one takes over if not."""
+        if protocol is not self._protocol:
+            return
+
+        def silent() -> None:
+            self.counters["liveness_timeouts"] += 1
+            self.log.info("rendezvous {where} silent for {t} s; trying the next instance",
+                          where=self.where, t=LIVENESS_TIMEOUT)
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+        timeout = self._clock.callLater(LIVENESS_TIMEOUT, silent)
+
+        def answered(_: Any) -> None:
+            if timeout.active():
+                timeout.cancel()
+                self._schedule_liveness(protocol)
+
+        def failed(_: Failure) -> None:
+            if timeout.active():
+                timeout.cancel()
+
+        self._liveness = timeout
+        self._call(protocol, Ping).addCallbacks(answered, failed)
 
     def _attempt_failed(self, failure: Failure) -> None:
         self._attempt = None
@@ -293,14 +354,21 @@ class RendezvousClient(Service):
             return
         self._failures += 1
         self.counters["failed_attempts"] += 1
-        delay = self._retry_policy(self._failures)
+        where = self.where
+        count = len(self._endpoints)
+        if count == 1:
+            delay = self._retry_policy(self._failures)
+        else:
+            # The next instance; backoff grows once per round of them all.
+            self.current = (self.current + 1) % count
+            delay = self._retry_policy((self._failures - 1) // count)
         why = failure.getErrorMessage()
         if self._failures == 1 or why != self._last_failure:
             # Once per outage (and when the reason changes), not every attempt.
             self.log.info(
                 "cannot reach the rendezvous {where}: {why}; retrying with backoff "
                 "(next attempt in {delay} s), quietly until it answers or the reason changes",
-                where=self.where, why=why, delay=f"{delay:.1f}",
+                where=where, why=why, delay=f"{delay:.1f}",
             )
         self._last_failure = why
         self._fail_waiters(failure)
@@ -482,11 +550,19 @@ class RendezvousClient(Service):
         if protocol is not self._protocol:
             return  # an attempt that failed: _attempt_failed retries
         self._protocol = None
+        if self._liveness is not None and self._liveness.active():
+            self._liveness.cancel()
         self.counters["disconnections"] += 1
         self.listener.disconnected(reason.getErrorMessage())
         # A connection that worked is retried at once (after a little
-        # jitter); backoff grows only with attempts that fail.
-        self._schedule(self._retry_policy(0))
+        # jitter); backoff grows only with attempts that fail.  With several
+        # instances, the next one, spread over FAILOVER_SPREAD seconds.
+        if len(self._endpoints) == 1:
+            self._schedule(self._retry_policy(0))
+        else:
+            self.current = (self.current + 1) % len(self._endpoints)
+            self.counters["failovers"] += 1
+            self._schedule(self._rng.uniform(0.1, FAILOVER_SPREAD))
 
     # -- pushes ---------------------------------------------------------------
 
