@@ -328,8 +328,11 @@ class RendezvousClient(Service):
             self.counters["liveness_timeouts"] += 1
             self.log.info("rendezvous {where} silent for {t} s; trying the next instance",
                           where=self.where, t=LIVENESS_TIMEOUT)
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
+            # The channel's transport (TLS over TCP) can be aborted: no goodbye
+            # waits on a peer that no longer answers.
+            transport: Any = protocol.transport
+            if transport is not None:
+                transport.abortConnection()
 
         timeout = self._clock.callLater(LIVENESS_TIMEOUT, silent)
 
