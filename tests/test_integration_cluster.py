@@ -42,7 +42,7 @@ class TwoInstances(TestCase):
         controller = Controller(pgstore.PostgreSQLStore(db), reactor)
         cluster = Cluster(controller.registry, controller.membership, pgstore.notifier(db),
                           controller.counters)
-        controller.registry.cluster = cluster
+        controller.attach_cluster(cluster)
         service = pgstore.ClusterService(reactor, self.postgres.dsn, cluster, db)
         service.startService()
         controller.service = service

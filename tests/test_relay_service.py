@@ -154,6 +154,20 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(message, str(e.exception))
             self.assertNotIn("\n", str(e.exception))
 
+    def test_several_instances(self) -> None:
+        """--rendezvous repeated: the link tries the rendezvous's instances in turn."""
+        one = "twistvpn://127.0.0.1:8445#sha256=" + "ab" * 32
+        two = "twistvpn://127.0.0.2:8445#sha256=" + "ab" * 32
+        options = self.parse("--rendezvous", one, "--rendezvous", two,
+                             "--data-dir", tempfile.mkdtemp(), "--admin", "none")
+        self.assertEqual([a.host for a in options["rendezvous-addresses"]],
+                         ["127.0.0.1", "127.0.0.2"])
+        reactor = FakeReactor()
+        top = relay_tap.makeService(options, reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual([c[0] for c in reactor.tcpClients], ["127.0.0.1"])
+
     def test_make_service(self) -> None:
         data = tempfile.mkdtemp()
         options = self.parse("--rendezvous", "twistvpn://127.0.0.1:8445#sha256=" + "ab" * 32,

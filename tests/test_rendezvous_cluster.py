@@ -91,7 +91,7 @@ class Instances(SynchronousTestCase):
         cluster = Cluster(controller.registry, controller.membership, self.bus.sender(pid),
                           controller.counters)
         cluster.instance = pid
-        controller.registry.cluster = cluster
+        controller.attach_cluster(cluster)
         controller.membership.add_observer(Triggers(self.bus, pid))
         self.bus.clusters.append(cluster)
         return controller
@@ -244,5 +244,29 @@ class Instances(SynchronousTestCase):
         cluster.received([(NODES_CHANNEL, 7, json.dumps({"t": "hello"}))])
         self.assertGreater(len(sent), 1)
         self.assertTrue(all(len(p.encode()) < 8000 for _, p in sent))
-        nodes = [n for _, p in sent for n in json.loads(p)["nodes"]]
+        nodes = [n for _, p in sent for n in json.loads(p).get("nodes", [])]
         self.assertEqual(len(nodes), 300)
+
+    def test_relays_elsewhere_listed(self) -> None:
+        """
+        Each instance's relays are in every instance's maps (a relayed pair
+        on two instances meets on one relay); a dead instance's go.
+        """
+        relay_one = {"host": "203.0.113.10", "port": 443, "public_key": "one"}
+        relay_two = {"host": "203.0.113.11", "port": 443, "public_key": "two"}
+        self.one.relays = (relay_one,)
+        self.two.relays = (relay_two,)
+        self.settle()
+        self.assertEqual(self.one.relays, (relay_one, relay_two))
+        self.assertEqual(self.two.relays, (relay_two, relay_one))
+        _, gpu_session = self.node(self.two, "gpu")
+        self.settle()
+        self.assertEqual(gpu_session.maps[-1][1].relays, (relay_two, relay_one))
+        self.two.registry.cluster.instances_alive({102})
+        self.settle()
+        self.assertEqual(self.two.relays, (relay_two,))
+        self.assertEqual(gpu_session.maps[-1][1].relays, (relay_two,))
+        three = self.instance(103)
+        three.registry.cluster.resync()
+        self.settle()
+        self.assertEqual(set(r["public_key"] for r in three.relays), {"one", "two"})

@@ -729,6 +729,18 @@ class IRendezvousCluster(Interface):
         to send C{punch} to the node C{public_key} connected there.
         """
 
+    def announce_relays(relays):
+        """
+        This instance's relays (a tuple of the dicts maps list) are these
+        now: the other instances list them too.
+        """
+
+    def relays_elsewhere():
+        """The relays the other live instances announced (a tuple of dicts)."""
+
+    def on_relays_elsewhere(callback):
+        """Call C{callback()} whenever L{relays_elsewhere} changes."""
+
 
 class IRendezvousStore(Interface):
     """

@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from twistvpn.common import tls
 from twistvpn.common.datadir import DataDirError, open_data_dir
+from twistvpn.common.endpoints import FailoverEndpoint
 from twistvpn.common.services import StartStopService, StreamListener
 from twistvpn.options import OneLineOptions, port
 from twistvpn.relay.client import RelayInfo
@@ -53,7 +54,6 @@ class Options(OneLineOptions):
         "this relay's public key (logged at start, and in DATA_DIR/relay.pub) as a relay."
     )
     optParameters = [
-        ["rendezvous", "r", None, "The rendezvous: twistvpn://HOST:PORT#sha256=FINGERPRINT."],
         ["udp-port", None, 443, "UDP port for relay frames.", port("udp-port")],
         ["udp-interface", None, "", "Address to bind the UDP port to (default: all)."],
         ["tcp", None, "tcp:443", "Server endpoint for TLS over TCP (fallback when UDP fails)."],
@@ -72,11 +72,24 @@ class Options(OneLineOptions):
          "Server endpoint for the admin page (GET /stats), or 'none'."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["rendezvous"] = []
+
+    def opt_rendezvous(self, url: str) -> None:
+        """
+        The rendezvous: twistvpn://HOST:PORT#sha256=FINGERPRINT; repeated for
+        the instances of one rendezvous (failed over in turn).
+        """
+        self["rendezvous"].append(url)
+
+    opt_r = opt_rendezvous
+
     def postOptions(self) -> None:
         if not self["rendezvous"]:
             raise usage.UsageError("--rendezvous is required (twistvpn://HOST:PORT#sha256=...)")
         try:
-            self["rendezvous-address"] = tls.parse_address(self["rendezvous"])
+            self["rendezvous-addresses"] = [tls.parse_address(u) for u in self["rendezvous"]]
         except tls.TLSConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["public-host"] is not None:
@@ -137,14 +150,15 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
         host = config["public-host"] or link_protocol.transport.getHost().host
         return bound_info(top, relay_id, host, public, fingerprint)
 
-    address = config["rendezvous-address"]
-    endpoint = wrapClientTLS(tls.client_creator(address),
-                             HostnameEndpoint(reactor, address.host, address.port))
+    endpoint = FailoverEndpoint([
+        wrapClientTLS(tls.client_creator(address),
+                      HostnameEndpoint(reactor, address.host, address.port))
+        for address in config["rendezvous-addresses"]])
     link = RelayLink(reactor, endpoint, private, public, policy, announce)
     StartStopService(link).setServiceParent(top)
     if config["admin"] != "none":
         def link_state() -> dict[str, Any]:
-            return {"rendezvous": {"url": config["rendezvous"],
+            return {"rendezvous": {"url": config["rendezvous"][endpoint.current],
                                    "connected": link.protocol is not None,
                                    "synced": link.synced,
                                    "networks": len(policy.networks())}}

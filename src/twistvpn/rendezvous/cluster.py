@@ -44,6 +44,7 @@ NODES_CHANNEL = "twistvpn_nodes"  # written by the instances
 # PostgreSQL refuses payloads of 8000 bytes or more.
 MAX_PAYLOAD = 7000
 REASONS = ("deauthorized", "deleted")
+MAX_RELAYS = 16
 
 _log = Logger(namespace=__name__)
 
@@ -113,6 +114,10 @@ class Cluster:
         self._send = send  # (channel, payload): a notification to every instance
         self.counters = counters
         self.instance: int | None = None  # ours, once the database said it
+        self._relays_here: tuple[dict[str, Any], ...] = ()
+        # instance -> the relays it announced (its embedded one, those linked to it)
+        self._relays: dict[int, tuple[dict[str, Any], ...]] = {}
+        self._relays_changed: Callable[[], None] = lambda: None
 
     # -- telling the others -------------------------------------------------------
 
@@ -123,6 +128,16 @@ class Cluster:
         self._notify({"t": "punch", "to": owner, "net": network_id, "k": public_key.hex(),
                       "peer": punch.peer_key.hex(), "c": list(punch.candidates),
                       "d": punch.delay, "id": punch.punch_id})
+
+    def announce_relays(self, relays: tuple[dict[str, Any], ...]) -> None:
+        self._relays_here = tuple(relays)
+        self._notify({"t": "relays", "relays": list(self._relays_here)})
+
+    def relays_elsewhere(self) -> tuple[dict[str, Any], ...]:
+        return tuple(r for instance in sorted(self._relays) for r in self._relays[instance])
+
+    def on_relays_elsewhere(self, callback: Callable[[], None]) -> None:
+        self._relays_changed = callback
 
     def hello(self) -> None:
         """We (re)joined: everyone, say who is connected to you."""
@@ -217,12 +232,29 @@ class Cluster:
                 self.counters["cluster_punches"] += 1
         elif kind == "hello":
             self._publish(encode_facts(n) for n in self._registry.connected_here())
+            self.announce_relays(self._relays_here)
+        elif kind == "relays":
+            relays = message["relays"]
+            if (not isinstance(relays, list) or len(relays) > MAX_RELAYS
+                    or not all(isinstance(r, dict) for r in relays)):
+                raise NotificationError(f"at most {MAX_RELAYS} relays, each a dict")
+            if self._relays.get(sender) != tuple(relays):
+                self._relays[sender] = tuple(relays)
+                self._relays_changed()
         else:
             raise NotificationError(f"unknown message {str(kind)[:40]!r}")
 
     def instances_alive(self, alive: set[int]) -> None:
-        """The instances the database has sessions of now: the others' nodes are offline."""
+        """
+        The instances the database has sessions of now: the others' nodes
+        are offline, and their relays no longer listed.
+        """
         self._registry.instances_gone(alive)
+        gone = [instance for instance in self._relays if instance not in alive]
+        for instance in gone:
+            del self._relays[instance]
+        if gone:
+            self._relays_changed()
 
     def resync(self) -> None:
         """

@@ -27,6 +27,7 @@ from twistvpn.interfaces import (
     IControlSession,
     IMembershipObserver,
     INetworkController,
+    IRendezvousCluster,
     IRendezvousStore,
 )
 from twistvpn.rendezvous.errors import (
@@ -72,6 +73,8 @@ class Controller:
         self.registry.node_changed = self.publisher.node_changed
         self.membership = Membership(store, self.registry, clock, self.counters)
         self.membership.add_observer(self.publisher)
+        self._own_relays = tuple(relays)
+        self._cluster: IRendezvousCluster | None = None
 
     @property
     def relays(self) -> tuple[dict[str, Any], ...]:
@@ -80,7 +83,29 @@ class Controller:
 
     @relays.setter
     def relays(self, relays: tuple[dict[str, Any], ...]) -> None:
-        self.publisher.relays = relays
+        """This instance's relays (its embedded one, those linked to it)."""
+        self._own_relays = tuple(relays)
+        self._list_relays()
+        if self._cluster is not None:
+            self._cluster.announce_relays(self._own_relays)
+
+    def _list_relays(self) -> None:
+        """Ours, then the other instances': every node meets every relay in its map."""
+        elsewhere = self._cluster.relays_elsewhere() if self._cluster is not None else ()
+        listed: dict[Any, dict[str, Any]] = {}
+        for relay in self._own_relays + tuple(elsewhere):
+            listed.setdefault(relay.get("public_key"), relay)
+        self.publisher.relays = tuple(listed.values())
+
+    def attach_cluster(self, cluster: IRendezvousCluster) -> None:
+        """
+        Other instances share our database: C{cluster} tells them what only
+        we know (sessions, discovery's endpoints, our relays) and us theirs.
+        """
+        self._cluster = cluster
+        self.registry.cluster = cluster
+        cluster.on_relays_elsewhere(self._list_relays)
+        cluster.announce_relays(self._own_relays)
 
     # -- nodes and sessions ---------------------------------------------------
 

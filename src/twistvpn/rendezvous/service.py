@@ -234,7 +234,7 @@ class RendezvousService(MultiService):
             controller = self.controller
             cluster = Cluster(controller.registry, controller.membership,
                               pgstore.notifier(data.db), controller.counters)
-            controller.registry.cluster = cluster
+            controller.attach_cluster(cluster)
             pgstore.ClusterService(reactor, data.database, cluster, data.db).setServiceParent(
                 self)
         self.discovery = DiscoveryState(self.controller, data.server_private, reactor)
