@@ -99,6 +99,8 @@ def worker_main(spec_path: str) -> None:
         "disconnections": 0,
         "settled": set(),
         "watch": None,
+        "seen": set(),  # nodes connected at least once
+        "reconnects": [],  # when a node connected again (wall clock)
     }
     # (network, revision) -> whether that revision carries the watched change
     verdicts: dict[tuple[str, int], bool] = {}
@@ -124,6 +126,9 @@ def worker_main(spec_path: str) -> None:
 
         def connected(self, node_id: str) -> None:
             state["connected"] += 1
+            if self.name in state["seen"]:
+                state["reconnects"].append(time.time())
+            state["seen"].add(self.name)
 
         def disconnected(self, reason: str) -> None:
             state["connected"] -= 1
@@ -252,6 +257,8 @@ def worker_main(spec_path: str) -> None:
                     report()
             elif what == "report":
                 report()
+            elif what == "reconnects":
+                emit({"ev": "reconnects", "times": state["reconnects"]})
             elif what == "stop":
                 stop()
 

@@ -1,6 +1,6 @@
 """
 Two rendezvous instances on one real PostgreSQL (a throwaway cluster made
-by the test, tests/support/postgres.py), hearing each other through its
+by the test, twistvpn/testing/postgres.py), hearing each other through its
 LISTEN/NOTIFY: the schema's triggers announce admin changes, the
 instances announce sessions, endpoints and punches.  Nodes are fake
 sessions here; test_integration_failover.py runs real nodes behind NATs.
@@ -15,9 +15,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.support.postgres import Cluster as PostgreSQL
-from tests.support.postgres import postgres_missing
 from tests.support.rendezvous import FakeSession, new_key
+from twistvpn.testing.postgres import Cluster as PostgreSQL
+from twistvpn.testing.postgres import postgres_missing
 
 WAIT = 10.0  # seconds any change may take to reach the other instance (it takes ms)
 

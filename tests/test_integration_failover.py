@@ -8,7 +8,7 @@ pings between the nodes (every 0.2 s) lose nothing; instance 1 started
 again catches up.
 
 The database is a throwaway cluster on a UNIX socket in a temporary
-directory (tests/support/postgres.py), which the instances' namespaces
+directory (twistvpn/testing/postgres.py), which the instances' namespaces
 share with us: it is files, not network.
 """
 
@@ -21,11 +21,11 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from tests.support.postgres import Cluster, postgres_missing
 from tests.support.requirements import joined_mode_missing
 from tests.support.steps import run_step
 from twistvpn.testing import netns
 from twistvpn.testing.lab import RENDEZVOUS_IP, JoinedLab
+from twistvpn.testing.postgres import Cluster, postgres_missing
 
 SECOND_IP = "203.0.113.11"
 PINGS = 150  # every 0.2 s: 30 s, across the kill and the fail-over

@@ -567,10 +567,19 @@ class Membership(SynchronousTestCase):
         self.assertEqual(pb.candidates, ("192.168.1.2:51820",))
         self.assertEqual(pa.punch_id, pb.punch_id)
         self.assertTrue(0 <= pa.delay <= 0.5)
-        # a second request within a second is coalesced into the first
+        # Requests within the second are coalesced into one more, sent when
+        # the second is over with the candidates of that moment (b's new
+        # endpoint, learned meanwhile).
+        a.request_punch(self.net, b.public_key)
+        self.controller.record_endpoint(b.public_key, ("198.51.100.9", 40001), 0)
         a.request_punch(self.net, b.public_key)
         self.world.flush()
         self.assertEqual(len(la.of("punch")), 1)
+        self.world.settle(1.0)
+        self.assertEqual((len(la.of("punch")), len(lb.of("punch"))), (2, 2))
+        self.assertEqual(la.of("punch")[1][2].candidates[0], "198.51.100.9:40001")
+        self.world.settle(5.0)
+        self.assertEqual(len(la.of("punch")), 2)
 
     def test_punch_offline_peer(self) -> None:
         a, la, _ = self._member("a")

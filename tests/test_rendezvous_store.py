@@ -1,7 +1,7 @@
 """
 The store's contract (L{IRendezvousStore}), run against both
 implementations: sqlite (the embedded default) and PostgreSQL (a real
-cluster made by the test: tests/support/postgres.py).
+cluster made by the test: twistvpn/testing/postgres.py).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.support.postgres import Cluster, postgres_missing
 from twistvpn.interfaces import IRendezvousStore
 from twistvpn.rendezvous.database import get_db
 from twistvpn.rendezvous.store import KeyRecord, SQLiteStore, WriteConflictError
+from twistvpn.testing.postgres import Cluster, postgres_missing
 
 NET = "8056c2e21c000001"
 OTHER = "8056c2e21c000002"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from twistvpn.interfaces import IControlSession, IRendezvousCluster, IRendezvousStore
 from twistvpn.rendezvous.errors import InvalidArgumentError, NotFoundError
@@ -140,6 +140,7 @@ class SessionRegistry:
         # network ID -> node keys whose current session joined it
         self._subscribers: dict[str, set[bytes]] = collections.defaultdict(set)
         self._last_punch: dict[tuple[bytes, bytes], float] = {}
+        self._deferred_punches: dict[tuple[bytes, bytes], IDelayedCall] = {}
         for record in store.load_nodes():
             self._remember(Node.from_record(record))
 
@@ -308,6 +309,10 @@ class SessionRegistry:
 
     def close(self) -> None:
         """Close every session (the service is stopping)."""
+        for call in self._deferred_punches.values():
+            if call.active():
+                call.cancel()
+        self._deferred_punches.clear()
         for node in self._nodes.values():
             if node.session is not None:
                 session, node.session = node.session, None
@@ -390,7 +395,8 @@ class SessionRegistry:
         """
         Tell C{node} and the peer to start traversal at about the same
         moment; both must be online in C{network_id} (the caller checked
-        they are authorized members).  At most one punch a second per pair.
+        they are authorized members).  At most one punch a second per pair;
+        a request within the second is sent when it is over.
         """
         peer = self._nodes.get(peer_key)
         here = peer is not None and peer.session is not None
@@ -399,8 +405,16 @@ class SessionRegistry:
             raise NotFoundError("the peer is offline")
         pair = (min(node.public_key, peer_key), max(node.public_key, peer_key))
         now = self._clock.seconds()
-        if now - self._last_punch.get(pair, -PUNCH_MIN_INTERVAL) < PUNCH_MIN_INTERVAL:
-            self.counters["punch_rate_limited"] += 1
+        wait = self._last_punch.get(pair, -PUNCH_MIN_INTERVAL) + PUNCH_MIN_INTERVAL - now
+        if wait > 0:
+            # Asked again within the second: new candidates (a side's public
+            # endpoint, learned just after the first punch) must not be
+            # dropped, so one more punch goes out when the second is over,
+            # with the candidates of that moment.
+            self.counters["punch_deferred"] += 1
+            if pair not in self._deferred_punches:
+                self._deferred_punches[pair] = self._clock.callLater(
+                    wait, self._deferred_punch, network_id, node.public_key, peer_key)
             return
         self._last_punch[pair] = now
         punch_id = os.urandom(8).hex()
@@ -415,6 +429,16 @@ class SessionRegistry:
                 # Its instance sends it, a notification later.
                 self.cluster.punch(me.elsewhere, network_id, me.public_key, punch)
         self.counters["punches"] += 1
+
+    def _deferred_punch(self, network_id: str, node_key: bytes, peer_key: bytes) -> None:
+        self._deferred_punches.pop((min(node_key, peer_key), max(node_key, peer_key)), None)
+        node = self._nodes.get(node_key)
+        if node is None or node.session is None or network_id not in node.subscriptions:
+            return
+        try:
+            self.punch(network_id, node, peer_key)
+        except NotFoundError:
+            self.counters["punch_peer_gone"] += 1
 
     def send_punch(self, node: Node, network_id: str, punch: Punch) -> None:
         """

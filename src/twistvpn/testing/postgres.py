@@ -1,5 +1,5 @@
 """
-A throwaway PostgreSQL cluster for tests: Debian's own binaries, a cluster
+A throwaway PostgreSQL cluster for tests and benchmarks: Debian's own binaries, a cluster
 made by C{initdb} in a temporary directory, started by C{pg_ctl} on a
 UNIX socket in that directory only (no TCP), as a non-root user (PostgreSQL
 refuses root: as root the cluster runs as C{nobody}), and removed again,
