@@ -181,6 +181,10 @@ def worker_main(spec_path: str) -> None:
         start = time.monotonic()
 
         def one(name: str, private: bytes, network_id: str) -> Any:
+            # Each simulated node connects from its own loopback address, as
+            # nodes do from theirs: the control channel admits at most 64
+            # unkeyed connections per source address.
+            index = int(name.rsplit("-", 1)[-1].lstrip("n"))
             client = RendezvousClient.from_address(
                 reactor,
                 spec["url"],
@@ -188,6 +192,7 @@ def worker_main(spec_path: str) -> None:
                 name,
                 Listener(name, public_key(private), network_id),
                 networks=[network_id],
+                source=f"127.{1 + index // 62500}.{index // 250 % 250}.{index % 250 + 1}",
             )
             clients.append(client)
             client.startService()

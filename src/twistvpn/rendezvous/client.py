@@ -218,20 +218,23 @@ class RendezvousClient(Service):
         listener: IRendezvousListener,
         *,
         ca_pem: bytes | None = None,
+        source: str | None = None,
         **kwargs: Any,
     ) -> RendezvousClient:
         """
         A client for C{twistvpn://HOST:PORT#sha256=FP} (or several, the
         instances of one rendezvous): TLS pinned to the fingerprint, or
         checked against CAs (C{ca_pem}, else the system's) when the address
-        has none.
+        has none.  C{source}: the local address to connect from (the
+        kernel's choice when None).
         """
         given = [address] if isinstance(address, str | RendezvousAddress) else list(address)
         addresses = [parse_address(a) if isinstance(a, str) else a for a in given]
         endpoints = [
             ChannelClientEndpoint(
                 client_creator(a, ca_pem),
-                HostnameEndpoint(reactor, a.host, a.port, timeout=CONNECT_TIMEOUT),
+                HostnameEndpoint(reactor, a.host, a.port, timeout=CONNECT_TIMEOUT,
+                                 bindAddress=None if source is None else (source, 0)),
             )
             for a in addresses
         ]
