@@ -147,6 +147,23 @@ class Instances(SynchronousTestCase):
         self.settle()
         self.assertEqual(self.members(gpu_session), {"gpu": True, "laptop": False})
 
+    def test_old_instance_late_goodbye(self) -> None:
+        """
+        A node that moved on to a third instance before its old one noticed
+        it had gone: the old one's late "offline" does not hide it.
+        """
+        _, gpu_session = self.node(self.two, "gpu")
+        laptop, _ = self.node(self.one, "laptop")
+        self.settle()
+        three = self.instance(103)
+        old_session = self.one.registry.node(laptop).session
+        three.register_node(laptop, "laptop", FakeSession(laptop))
+        self.settle()
+        self.one.registry.detach(old_session)
+        self.settle()
+        self.assertEqual(self.members(gpu_session), {"gpu": True, "laptop": True})
+        self.assertEqual(self.two.registry.node(laptop).elsewhere, 103)
+
     def test_a_dead_instance_nodes_go_offline(self) -> None:
         """When the database no longer lists an instance, its nodes are offline."""
         _, gpu_session = self.node(self.two, "gpu")

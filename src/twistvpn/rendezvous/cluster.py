@@ -212,8 +212,7 @@ class Cluster:
         if kind == "nodes":
             for item in message["nodes"]:
                 public_key, connected, facts = decode_facts(item)
-                self._registry.changed_elsewhere(public_key, sender if connected else None,
-                                                 facts)
+                self._registry.changed_elsewhere(public_key, sender, connected, facts)
         elif kind == "punch":
             if message["to"] != self.instance:
                 return

@@ -277,14 +277,20 @@ class SessionRegistry:
 
     # -- what other instances on a shared database say ---------------------------
 
-    def changed_elsewhere(self, public_key: bytes, owner: int | None, facts: NodeFacts) -> None:
+    def changed_elsewhere(self, public_key: bytes, sender: int, connected: bool,
+                          facts: NodeFacts) -> None:
         """
-        The instance C{owner} holds (or, None, no longer holds) the node's
-        session and saw C{facts}; a session here outranks what it says.
+        The instance C{sender} holds (or no longer holds) the node's session
+        and saw C{facts}; a session here outranks what it says, and so does
+        a third instance that holds it now (the node moved on before its
+        old instance noticed it had gone).
         """
         node = self.find(public_key)
         if node is None:
             return
+        if not connected and node.elsewhere not in (None, sender):
+            return
+        owner = sender if connected else None
         if node.session is not None:
             # Remembered for when our session, older or dying, goes.
             node.elsewhere = owner
