@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
                                          private=False)["id"] for i in range(count)]
         nodes = count * args.network_size
         keys = [encode_key(generate_private_key()) for _ in range(nodes)]
-        assignments = [(f"n{i}", keys[i], networks[i // args.network_size])
+        assignments = [(f"bench-{i}", keys[i], networks[i // args.network_size])
                        for i in range(nodes)]
         for w in range(args.workers):
             path = os.path.join(tmp, f"worker-{w}.json")

@@ -184,7 +184,7 @@ def worker_main(spec_path: str) -> None:
             # Each simulated node connects from its own loopback address, as
             # nodes do from theirs: the control channel admits at most 64
             # unkeyed connections per source address.
-            index = int(name.rsplit("-", 1)[-1].lstrip("n"))
+            index = int(name.rsplit("-", 1)[1])  # nodes are named bench-INDEX
             client = RendezvousClient.from_address(
                 reactor,
                 spec["url"],

@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.support.rendezvous import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, fake_member
 from twistvpn.testing.postgres import Cluster as PostgreSQL
 from twistvpn.testing.postgres import postgres_missing
 
@@ -57,15 +57,7 @@ class TwoInstances(TestCase):
         return controller
 
     def node(self, controller: Any, name: str, authorize: bool = True) -> tuple[bytes, Any]:
-        from twistvpn.rendezvous.controller import node_id_of
-
-        _, public = new_key()
-        session = FakeSession(public)
-        controller.register_node(public, name, session)
-        controller.join(public, self.net)
-        if authorize:
-            controller.authorize(self.net, node_id_of(public))
-        return public, session
+        return fake_member(controller, self.net, name, authorize)
 
     @defer.inlineCallbacks
     def until(self, what: str, check: Callable[[], bool]) -> Any:

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.support.rendezvous import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, fake_member, new_key
 from twistvpn.interfaces import IMembershipObserver, IRendezvousCluster
 from twistvpn.rendezvous.cluster import MEMBERS_CHANNEL, NODES_CHANNEL, Cluster
 from twistvpn.rendezvous.controller import Controller, node_id_of
@@ -97,13 +97,7 @@ class Instances(SynchronousTestCase):
         return controller
 
     def node(self, controller: Controller, name: str, authorize: bool = True) -> Any:
-        _, public = new_key()
-        session = FakeSession(public)
-        controller.register_node(public, name, session)
-        controller.join(public, self.net)
-        if authorize:
-            controller.authorize(self.net, node_id_of(public))
-        return public, session
+        return fake_member(controller, self.net, name, authorize)
 
     def settle(self) -> None:
         self.bus.deliver()

@@ -214,3 +214,17 @@ def new_key() -> tuple[bytes, bytes]:
     """A fresh (private, public) key pair."""
     private = generate_private_key()
     return private, public_key(private)
+
+
+def fake_member(controller: Any, network_id: str, name: str,
+                authorize: bool = True) -> tuple[bytes, FakeSession]:
+    """A node registered on C{controller} through a FakeSession, joined (and authorized)."""
+    from twistvpn.rendezvous.controller import node_id_of
+
+    _, public = new_key()
+    session = FakeSession(public)
+    controller.register_node(public, name, session)
+    controller.join(public, network_id)
+    if authorize:
+        controller.authorize(network_id, node_id_of(public))
+    return public, session

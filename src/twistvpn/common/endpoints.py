@@ -1,9 +1,9 @@
 """
 Several addresses of one service (the instances of a rendezvous) behind
-one client endpoint, so that Twisted's own C{ClientService} fails over:
-each connection attempt goes to the current address; one that fails moves
-the next attempt to the next address, and the service's backoff spaces
-the attempts.
+one client endpoint, so that a reconnecting client fails over: Twisted's
+own C{ClientService} (a standalone relay's link) or the node's
+L{RendezvousClient}.  The first attempt goes to the first address, every
+later one to the next; the client's backoff spaces them.
 """
 
 from __future__ import annotations
@@ -13,36 +13,26 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
 @implementer(IStreamClientEndpoint)
 class FailoverEndpoint:
-    """The endpoints in turn: the one that last worked first, the next after a failure."""
+    """
+    The endpoints in turn.  A client connects again only when its last
+    connection failed or was lost, so every attempt after the first goes
+    to the next endpoint; C{current} is the one of the latest attempt.
+    """
 
     def __init__(self, endpoints: Sequence[IStreamClientEndpoint]) -> None:
         if not endpoints:
             raise ValueError("a failover endpoint needs at least one endpoint")
         self.endpoints = list(endpoints)
         self.current = 0
-        self._last_connected: int | None = None
+        self._tried = False
 
     def connect(self, protocolFactory: Any) -> defer.Deferred[Any]:  # noqa: N803 (Twisted's)
-        index = self.current
-        if self._last_connected == index and len(self.endpoints) > 1:
-            # The one connected last time (its connection is what was lost):
-            # the next instance now, not the same one again.
-            index = self.current = (index + 1) % len(self.endpoints)
-        self._last_connected = None
-
-        def connected(protocol: Any) -> Any:
-            self._last_connected = index
-            return protocol
-
-        def failed(failure: Failure) -> Failure:
-            if self.current == index:
-                self.current = (index + 1) % len(self.endpoints)
-            return failure
-
-        return self.endpoints[index].connect(protocolFactory).addCallbacks(connected, failed)
+        if self._tried:
+            self.current = (self.current + 1) % len(self.endpoints)
+        self._tried = True
+        return self.endpoints[self.current].connect(protocolFactory)

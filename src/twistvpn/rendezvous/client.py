@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twistvpn import __version__
 from twistvpn.common import auth
 from twistvpn.common.amp import Ping
+from twistvpn.common.endpoints import FailoverEndpoint
 from twistvpn.common.services import quiet
 from twistvpn.common.tls import RendezvousAddress, client_creator, parse_address
 from twistvpn.interfaces import IChannelBinding, IRendezvousListener
@@ -182,17 +183,15 @@ class RendezvousClient(Service):
         self._protocol: ControlClientProtocol | None = None
         self._clock = clock
         # One endpoint per rendezvous instance (all sharing one database and
-        # one identity); C{current} is the one connected, or tried next.
-        self._endpoints = ([endpoint] if IStreamClientEndpoint.providedBy(endpoint)
-                           else list(endpoint))  # type: ignore[arg-type]
-        if not self._endpoints:
-            raise ValueError("a rendezvous client needs at least one endpoint")
-        self.current = 0
+        # one identity), tried in turn.
+        self._endpoint = FailoverEndpoint(
+            [endpoint] if IStreamClientEndpoint.providedBy(endpoint)
+            else list(endpoint))  # type: ignore[arg-type]
         self._rng = rng or random.Random()
         self._factory = quiet(Factory.forProtocol(functools.partial(ControlClientProtocol, self)))
         self._retry_policy = retry_policy or reconnect_policy()
         # host:port of each instance, for the log
-        self.wheres = ["the rendezvous"] * len(self._endpoints)
+        self.wheres = ["the rendezvous"] * self._instances
         self._failures = 0
         self._last_failure: str | None = None
         self._attempt: defer.Deferred[Any] | None = None
@@ -204,8 +203,17 @@ class RendezvousClient(Service):
         self._stopping: ControlClientProtocol | None = None
 
     @property
+    def current(self) -> int:
+        """The instance connected, or tried last (an index of the addresses)."""
+        return self._endpoint.current
+
+    @property
+    def _instances(self) -> int:
+        return len(self._endpoint.endpoints)
+
+    @property
     def where(self) -> str:
-        """The instance connected, or tried next (host:port)."""
+        """The instance connected, or tried last (host:port)."""
         return self.wheres[self.current]
 
     @classmethod
@@ -296,7 +304,7 @@ class RendezvousClient(Service):
         if not self.running:
             return
         self.counters["attempts"] += 1
-        attempt = self._endpoints[self.current].connect(self._factory)
+        attempt = self._endpoint.connect(self._factory)
         self._attempt = attempt
 
         def connected(protocol: Any) -> Any:
@@ -313,7 +321,7 @@ class RendezvousClient(Service):
                           where=self.where, n=self._failures)
         self._failures = 0
         self._last_failure = None
-        if len(self._endpoints) > 1:
+        if self._instances > 1:
             self._schedule_liveness(protocol)
         waiters, self._waiters = self._waiters, []
         for d, _ in waiters:
@@ -360,13 +368,12 @@ class RendezvousClient(Service):
             return
         self._failures += 1
         self.counters["failed_attempts"] += 1
-        where = self.where
-        count = len(self._endpoints)
+        count = self._instances
         if count == 1:
             delay = self._retry_policy(self._failures)
         else:
-            # The next instance; backoff grows once per round of them all.
-            self.current = (self.current + 1) % count
+            # The next attempt goes to the next instance; backoff grows once
+            # per round of them all.
             delay = self._retry_policy((self._failures - 1) // count)
         why = failure.getErrorMessage()
         if self._failures == 1 or why != self._last_failure:
@@ -374,7 +381,7 @@ class RendezvousClient(Service):
             self.log.info(
                 "cannot reach the rendezvous {where}: {why}; retrying with backoff "
                 "(next attempt in {delay} s), quietly until it answers or the reason changes",
-                where=where, why=why, delay=f"{delay:.1f}",
+                where=self.where, why=why, delay=f"{delay:.1f}",
             )
         self._last_failure = why
         self._fail_waiters(failure)
@@ -563,10 +570,9 @@ class RendezvousClient(Service):
         # A connection that worked is retried at once (after a little
         # jitter); backoff grows only with attempts that fail.  With several
         # instances, the next one, spread over FAILOVER_SPREAD seconds.
-        if len(self._endpoints) == 1:
+        if self._instances == 1:
             self._schedule(self._retry_policy(0))
         else:
-            self.current = (self.current + 1) % len(self._endpoints)
             self.counters["failovers"] += 1
             self._schedule(self._rng.uniform(0.1, FAILOVER_SPREAD))
 
