@@ -87,6 +87,7 @@ def worker_main(spec_path: str) -> None:
 
     from twistvpn.interfaces import IRendezvousListener
     from twistvpn.rendezvous.client import RendezvousClient
+    from twistvpn.testing.sharedmaps import SharedMapReader
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -159,6 +160,8 @@ def worker_main(spec_path: str) -> None:
             pass
 
     clients: list[RendezvousClient] = []
+    # This process's nodes share their parsed maps (each receives its own).
+    reader = SharedMapReader()
 
     def emit(event: dict[str, Any]) -> None:
         commands.sendLine(json.dumps(event).encode())
@@ -192,6 +195,7 @@ def worker_main(spec_path: str) -> None:
                 name,
                 Listener(name, public_key(private), network_id),
                 networks=[network_id],
+                reader=reader,
                 source=f"127.{1 + index // 62500}.{index // 250 % 250}.{index % 250 + 1}",
             )
             clients.append(client)

@@ -66,7 +66,8 @@ class Triggers:
         if not self._bus.delivering:
             self._sender(channel, payload)
 
-    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
+    def members_changed(self, network_id: str, authorized: frozenset[bytes],
+                        devices: frozenset[bytes]) -> None:
         self._send(MEMBERS_CHANNEL, network_id)
 
     def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:

@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,6 +23,7 @@ from twistvpn.common import auth
 from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, IRendezvousListener
+from twistvpn.rendezvous import client as client_module
 from twistvpn.rendezvous.client import (
     FAILOVER_SPREAD,
     LIVENESS_INTERVAL,
@@ -35,10 +37,14 @@ from twistvpn.rendezvous.client import (
     reconnect_policy,
 )
 from twistvpn.rendezvous.controller import InvalidArgumentError, NotFoundError, node_id_of
+from twistvpn.rendezvous.netmap import COMPRESS_ABOVE, MapReader, NetworkMap, inflate
 from twistvpn.rendezvous.protocol import (
     Challenge,
     Join,
+    MapDeltaPush,
     Register,
+    RequestMap,
+    encoded_push,
 )
 from twistvpn.rendezvous.server import PING_INTERVAL, PING_TIMEOUT, REGISTER_TIMEOUT
 from twistvpn.wireguard.keys import public_key
@@ -637,6 +643,71 @@ class Membership(SynchronousTestCase):
         netmap = la.maps()[-1]
         self.assertEqual(len(netmap.members), 401)
         self.assertGreater(len(netmap.to_json()), 65535)
+
+
+class RecordingReader(MapReader):
+    """A node's reader that keeps the bytes it was given."""
+
+    def __init__(self) -> None:
+        self.pushed: list[bytes] = []
+
+    def read_map(self, data: bytes) -> NetworkMap:
+        self.pushed.append(data)
+        return super().read_map(data)
+
+    def apply_delta(self, base: NetworkMap, data: bytes) -> NetworkMap:
+        self.pushed.append(data)
+        return super().apply_delta(base, data)
+
+
+class Compressed(SynchronousTestCase):
+    """Big maps and deltas reach nodes compressed; nodes that do not read that get JSON."""
+
+    def setUp(self) -> None:
+        self.world = World()
+        self.net = self.world.controller.create_network("big", "10.9.0.0/16",
+                                                        private=False)["id"]
+
+    def members(self, count: int) -> list[tuple[RendezvousClient, RecordingReader]]:
+        nodes = []
+        for i in range(count):
+            reader = RecordingReader()
+            client, _, _ = self.world.node(f"node-with-a-long-name-{i:03d}",
+                                           networks=(self.net,), reader=reader)
+            nodes.append((client, reader))
+        self.world.settle()
+        return nodes
+
+    def test_big_pushes_compressed(self) -> None:
+        nodes = self.members(30)
+        client, reader = nodes[0]
+        self.assertEqual(len(client.maps[self.net].members), 30)
+        self.assertTrue(all(len(d) for d in reader.pushed))
+        big = [d for d in reader.pushed if len(inflate(d)) > COMPRESS_ABOVE]
+        self.assertTrue(big)
+        self.assertTrue(all(d[:1] != b"{" for d in big))
+
+    def test_json_for_nodes_without_zlib(self) -> None:
+        self.patch(client_module, "ZLIB", "something-else")
+        nodes = self.members(30)
+        client, reader = nodes[0]
+        self.assertEqual(len(client.maps[self.net].members), 30)
+        self.assertTrue(all(d[:1] == b"{" for d in reader.pushed))
+
+
+class EncodedPush(SynchronousTestCase):
+    """A push is encoded once for all members: the bytes AMP itself would send."""
+
+    def test_same_bytes_as_amp(self) -> None:
+        transport = StringTransport()
+        protocol = amp.AMP()
+        protocol.makeConnection(transport)
+        protocol.callRemote(MapDeltaPush, network_id="0123456789abcdef", delta=b"x" * 70000)
+        self.assertEqual(encoded_push(MapDeltaPush, network_id="0123456789abcdef",
+                                      delta=b"x" * 70000), transport.value())
+
+    def test_only_pushes(self) -> None:
+        self.assertRaises(ValueError, encoded_push, RequestMap, network_id="0123456789abcdef")
 
 
 class BadInput(SynchronousTestCase):

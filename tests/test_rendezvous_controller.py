@@ -5,11 +5,14 @@ state and coalesced pushes, with fake sessions and a Clock.
 
 from __future__ import annotations
 
+import collections
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.support.rendezvous import FakeSession, new_key
+from tests.support.rendezvous import FakeSession, RecordingObserver, new_key
 from twistvpn.interfaces import IControlSession, INetworkController
 from twistvpn.rendezvous.controller import (
     ConflictError,
@@ -18,8 +21,9 @@ from twistvpn.rendezvous.controller import (
     NotFoundError,
     node_id_of,
 )
+from twistvpn.rendezvous.publisher import MAX_PUSH_WINDOW
 from twistvpn.rendezvous.store import open_store
-from twistvpn.wireguard.keys import encode_key
+from twistvpn.wireguard.keys import decode_key, encode_key
 
 
 class SubnetTests(SynchronousTestCase):
@@ -324,3 +328,134 @@ class Members(ControllerTestCase):
         self.controller.close()
         self.assertEqual(session.closed, ["the rendezvous is stopping"])
         self.assertEqual(self.controller.status()["online"], 0)
+
+
+class CountingStore:
+    """A store that counts the calls of each of its methods."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+class JoinCost(SynchronousTestCase):
+    """
+    Joining a network of thousands costs a few indexed look-ups, not a
+    listing of every member: the joins of N nodes must not cost N².
+    """
+
+    def setUp(self) -> None:
+        self.store = CountingStore(open_store(":memory:"))
+        self.controller = Controller(self.store, Clock())
+        self.net = self.controller.create_network("big", "10.9.0.0/16", private=False)["id"]
+
+    def join(self, name: str) -> bytes:
+        _, public = new_key()
+        self.controller.register_node(public, name, FakeSession(public))
+        self.controller.join(public, self.net)
+        return public
+
+    def test_joins_do_not_list_members(self) -> None:
+        self.store.calls.clear()
+        keys = [self.join(f"n{i}") for i in range(300)]
+        for listing in ("list_members", "used_ips", "authorized_devices", "authorized_members"):
+            self.assertLessEqual(self.store.calls[listing], 1, listing)
+        ips = [self.controller.get_member(self.net, encode_key(k))["ip"] for k in keys]
+        self.assertEqual(ips[:3], ["10.9.0.1", "10.9.0.2", "10.9.0.3"])
+        self.assertEqual(len(set(ips)), 300)
+        self.assertEqual(ips[-1], "10.9.1.44")  # .255 and .0 of 10.9.0.0/24 are hosts of a /16
+
+    def test_freed_addresses_are_taken_first(self) -> None:
+        keys = [self.join(f"n{i}") for i in range(5)]
+        self.controller.delete_member(self.net, encode_key(keys[3]))
+        self.controller.set_ip(self.net, encode_key(keys[1]), "10.9.0.100")
+        self.assertEqual(self.controller.get_member(self.net, encode_key(self.join("a")))["ip"],
+                         "10.9.0.2")
+        self.assertEqual(self.controller.get_member(self.net, encode_key(self.join("b")))["ip"],
+                         "10.9.0.4")
+        self.assertEqual(self.controller.get_member(self.net, encode_key(self.join("c")))["ip"],
+                         "10.9.0.6")
+
+    def test_observers_get_every_member(self) -> None:
+        """The sets told on a join are the store's, though not read from it."""
+        observer = RecordingObserver()
+        self.controller.add_membership_observer(observer)
+        keys = {self.join(f"n{i}") for i in range(20)}
+        device = self.controller.add_device(self.net, "phone", new_key()[1])
+        last = [e for e in observer.events if e[0] == "members"][-1]
+        self.assertEqual(last[2], self.controller.authorized_members()[self.net])
+        self.assertEqual(last[2] - {decode_key(device["public_key"])}, keys)
+        self.assertEqual(last[3], {decode_key(device["public_key"])})
+        self.join("late")
+        last = [e for e in observer.events if e[0] == "members"][-1]
+        self.assertEqual(len(last[2]), 22)
+        self.assertEqual(last[3], {decode_key(device["public_key"])})
+
+
+class SlowSession(FakeSession):
+    """A session whose every push takes C{cost} seconds of the rendezvous's time."""
+
+    def __init__(self, public_key: bytes, clock: Clock) -> None:
+        super().__init__(public_key)
+        self.clock = clock
+        self.cost = 0.004
+
+    def send_map(self, network_id: str, netmap: Any) -> None:
+        self.clock.rightNow += self.cost
+        super().send_map(network_id, netmap)
+
+    def send_map_delta(self, network_id: str, delta: Any) -> None:
+        self.clock.rightNow += self.cost
+        super().send_map_delta(network_id, delta)
+
+
+class PushWindow(ControllerTestCase):
+    """
+    After a push, the next waits as long as that one took: in a big network
+    the rendezvous is not kept pushing all the time, and a change after a
+    quiet spell still goes out after push_delay.
+    """
+
+    def slow_network(self, size: int) -> list[SlowSession]:
+        net = self.controller.create_network("big", "10.9.0.0/16", private=False)["id"]
+        sessions = []
+        for i in range(size):
+            _, public = new_key()
+            sessions.append(SlowSession(public, self.clock))
+            self.controller.register_node(public, f"n{i}", sessions[-1])
+            self.controller.join(public, net)
+        return sessions
+
+    def test_pause_follows_the_push(self) -> None:
+        sessions = self.slow_network(100)
+        self.clock.advance(0.05)  # one map to each of 100 at 4 ms each: 0.4 s
+        self.assertEqual([len(s.maps) for s in sessions], [1] * 100)
+        self.assertAlmostEqual(self.controller.publisher.quiet_until, 0.85)
+        self.controller.rename_node(sessions[0].public_key, "renamed")
+        self.clock.advance(0.35)
+        self.assertEqual(len(sessions[1].maps), 1)  # still pausing
+        self.clock.advance(0.06)
+        self.assertEqual(len(sessions[1].maps), 2)
+        self.assertEqual(sessions[1].maps[-1][1].member(sessions[0].public_key).name, "renamed")
+        # A quiet spell: the next change waits push_delay only.
+        self.clock.advance(2)
+        self.controller.rename_node(sessions[0].public_key, "again")
+        self.clock.advance(0.051)
+        self.assertEqual(sessions[1].maps[-1][1].member(sessions[0].public_key).name, "again")
+
+    def test_pause_is_bounded(self) -> None:
+        self.slow_network(300)  # 1.2 s of pushing
+        self.clock.advance(0.05)
+        self.assertAlmostEqual(self.controller.publisher.quiet_until,
+                               self.clock.seconds() + MAX_PUSH_WINDOW)

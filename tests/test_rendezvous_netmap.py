@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import zlib
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from twistvpn.interfaces import IMapReader
 from twistvpn.rendezvous import netmap as netmap_module
 from twistvpn.rendezvous.netmap import (
     MapDelta,
     MapError,
+    MapReader,
     Member,
     NetworkMap,
     check_endpoints,
     format_endpoint,
     parse_endpoint,
 )
+from twistvpn.testing.sharedmaps import SharedMapReader
 
 
 def member(i: int, **changes: object) -> Member:
@@ -116,3 +122,99 @@ class Format(SynchronousTestCase):
         delta = MapDelta.from_json(new.diff(old).to_json())
         self.assertEqual(old.apply(delta), new)
         self.assertLessEqual(len(delta.upsert), len(new.members))
+
+
+class Readers(SynchronousTestCase):
+    """A node's reader parses every push; the benchmark's shares what is the same."""
+
+    def setUp(self) -> None:
+        self.old = netmap((member(1), member(2)))
+        self.new = netmap((member(1), member(3)), revision=2)
+        self.delta = self.new.diff(self.old).to_json()
+
+    def test_interface(self) -> None:
+        verifyObject(IMapReader, MapReader())
+        verifyObject(IMapReader, SharedMapReader())
+
+    def test_both_read_alike(self) -> None:
+        for reader in (MapReader(), SharedMapReader()):
+            base = reader.read_map(self.old.to_json())
+            self.assertEqual(base, self.old)
+            self.assertEqual(reader.apply_delta(base, self.delta), self.new)
+            self.assertRaises(MapError, reader.read_map, b"{")
+            self.assertRaises(MapError, reader.apply_delta, base, b'{"base": 1}')
+            self.assertRaises(MapError, reader.apply_delta, self.new, self.delta)
+
+    def test_shared_parses_once(self) -> None:
+        reader = SharedMapReader(size=2)
+        # Each of many nodes received its own copy of the same bytes.
+        maps = [reader.read_map(bytes(bytearray(self.old.to_json()))) for _ in range(100)]
+        self.assertTrue(all(m is maps[0] for m in maps))
+        applied = [reader.apply_delta(m, bytes(bytearray(self.delta))) for m in maps]
+        self.assertTrue(all(m is applied[0] for m in applied))
+        self.assertEqual(applied[0], self.new)
+        self.assertEqual(reader.parsed, 2)
+        # An equal map that is another object is applied to on its own.
+        other = NetworkMap.from_json(self.old.to_json())
+        self.assertEqual(reader.apply_delta(other, self.delta), self.new)
+        self.assertEqual(reader.parsed, 3)
+
+    def test_shared_maps_meet(self) -> None:
+        """
+        Nodes that got the full map of a revision and nodes whose delta
+        made it hold one map, so the next delta is applied once.
+        """
+        reader = SharedMapReader()
+        joined_early = reader.apply_delta(reader.read_map(self.old.to_json()), self.delta)
+        joined_late = reader.read_map(self.new.to_json())
+        self.assertIs(joined_late, joined_early)
+        newer = netmap((member(1), member(3), member(4)), revision=3)
+        step = newer.diff(self.new).to_json()
+        self.assertIs(reader.apply_delta(joined_early, step),
+                      reader.apply_delta(joined_late, step))
+        self.assertEqual(reader.parsed, 4)
+        # The same revision with other members (another rendezvous
+        # instance's numbering) is another map.
+        other = netmap((member(5),), revision=2)
+        self.assertEqual(reader.read_map(other.to_json()), other)
+
+    def test_shared_forgets_the_oldest(self) -> None:
+        reader = SharedMapReader(size=2)
+        for revision in (1, 2, 3):
+            reader.read_map(netmap((member(1),), revision=revision).to_json())
+        reader.read_map(netmap((member(1),), revision=3).to_json())
+        self.assertEqual(reader.parsed, 3)
+        reader.read_map(netmap((member(1),), revision=1).to_json())
+        self.assertEqual(reader.parsed, 4)
+
+
+class Compression(SynchronousTestCase):
+    """Big maps and deltas go compressed to nodes that read that; readers take both."""
+
+    def big(self) -> NetworkMap:
+        return NetworkMap("0123456789abcdef", "big", "10.9.0.0/16", 7,
+                          tuple(member(i % 250, node_id=f"{i:010x}") for i in range(300)))
+
+    def test_big_compressed_small_not(self) -> None:
+        big = self.big()
+        packed = big.compressed()
+        self.assertLess(len(packed), len(big.to_json()) / 4)
+        self.assertEqual(NetworkMap.from_json(packed), big)
+        self.assertIs(big.compressed(), packed)  # made once
+        small = netmap((member(1),))
+        self.assertEqual(small.compressed(), small.to_json())
+        delta = big.diff(netmap((member(1),)))
+        self.assertEqual(MapDelta.from_json(delta.compressed()), delta)
+        self.assertEqual(MapReader().read_map(packed), big)
+
+    def test_bad_streams_refused(self) -> None:
+        packed = self.big().compressed()
+        for bad in (packed[:-10], b"\x78\x01garbage", b"", b"\x00"):
+            self.assertRaises(MapError, NetworkMap.from_json, bad)
+
+    def test_bomb_refused(self) -> None:
+        """A stream inflating beyond MAX_INFLATED is refused, not inflated."""
+        bomb = zlib.compress(b"{" + b" " * (netmap_module.MAX_INFLATED + 10), 9)
+        self.assertLess(len(bomb), 100_000)
+        e = self.assertRaises(MapError, NetworkMap.from_json, bomb)
+        self.assertIn("at most", str(e))

@@ -158,7 +158,7 @@ class Revocation(SynchronousTestCase):
         self.assertEqual(heard.events, [])
         self.call(api, "POST", f"/api/v1/networks/{network}/members/{node_id_of(key)}",
                   {"authorized": True})
-        self.assertEqual(heard.events, [("members", network, frozenset({key}))])
+        self.assertEqual(heard.events, [("members", network, frozenset({key}), frozenset())])
 
 
 class RealProcess(SynchronousTestCase):

@@ -686,18 +686,40 @@ class IRendezvousListener(Interface):
 
 
 
+class IMapReader(Interface):
+    """
+    How a node's rendezvous client turns pushed bytes into network maps.
+    Maps are immutable, so a reader may hand the same map to many clients
+    (the benchmark's thousands of simulated nodes in one process).
+    """
+
+    def read_map(data):
+        """
+        The L{twistvpn.rendezvous.netmap.NetworkMap} in C{data} (JSON);
+        raises L{twistvpn.rendezvous.netmap.MapError} if it is malformed.
+        """
+
+    def apply_delta(base, data):
+        """
+        The map C{base} becomes with the delta in C{data} (JSON); raises
+        L{twistvpn.rendezvous.netmap.MapError} if C{data} is malformed or
+        is not based on C{base}'s revision.
+        """
+
+
 class IMembershipObserver(Interface):
     """
     Told of every change of networks and their members as it is made (the
     map publisher, the relays' policy), so nothing needs to poll.
     """
 
-    def members_changed(network_id, authorized):
+    def members_changed(network_id, authorized, devices):
         """
         What the members of C{network_id} see may have changed (an
         authorization, an address, a member gone); C{authorized} is the
         frozenset of the network's authorized members' public keys now
-        (empty when the network was deleted).
+        (empty when the network was deleted), C{devices} the frozenset of
+        those that are stock WireGuard devices.
         """
 
     def member_revoked(network_id, public_key, reason):

@@ -115,8 +115,9 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
 
-    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
-        self.events.append(("members", network_id, authorized))
+    def members_changed(self, network_id: str, authorized: frozenset[bytes],
+                        devices: frozenset[bytes]) -> None:
+        self.events.append(("members", network_id, authorized, devices))
 
     def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
         self.events.append(("revoked", network_id, public_key, reason))

@@ -193,10 +193,10 @@ class ControllerMembership:
 
     # -- IMembershipObserver ----------------------------------------------------------
 
-    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
+    def members_changed(self, network_id: str, authorized: frozenset[bytes],
+                        devices: frozenset[bytes]) -> None:
         self.policy.set_members(network_id, authorized)
-        devices = self.controller.authorized_devices(network_id)
-        self.policy.set_devices(network_id, devices.get(network_id, ()))
+        self.policy.set_devices(network_id, devices)
 
     def member_revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
         """The change itself follows as L{members_changed}."""

@@ -38,10 +38,10 @@ from twistvpn.common.amp import Ping
 from twistvpn.common.endpoints import FailoverEndpoint
 from twistvpn.common.services import quiet
 from twistvpn.common.tls import RendezvousAddress, client_creator, parse_address
-from twistvpn.interfaces import IChannelBinding, IRendezvousListener
+from twistvpn.interfaces import IChannelBinding, IMapReader, IRendezvousListener
 from twistvpn.rendezvous.channel import ChannelClientEndpoint
 from twistvpn.rendezvous.errors import NotFoundError
-from twistvpn.rendezvous.netmap import MapDelta, MapError, NetworkMap, Punch
+from twistvpn.rendezvous.netmap import ZLIB, MapError, MapReader, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -160,6 +160,7 @@ class RendezvousClient(Service):
         retry_policy: Callable[[int], float] | None = None,
         auth_keys: dict[str, str] | None = None,
         rng: random.Random | None = None,
+        reader: IMapReader | None = None,
     ) -> None:
         self.private_key = private_key
         self.public_key = public_key(private_key)
@@ -178,6 +179,7 @@ class RendezvousClient(Service):
         # (never logged; dropped once authorized)
         self.auth_keys: dict[str, str] = dict(auth_keys or {})
         self.maps: dict[str, NetworkMap] = {}
+        self._reader: IMapReader = reader if reader is not None else MapReader()
         self.status: dict[str, str] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._protocol: ControlClientProtocol | None = None
@@ -484,6 +486,7 @@ class RendezvousClient(Service):
             local_endpoints=sent[0],
             version=__version__,
             mapped_endpoints=sent[1],
+            accepts=[ZLIB],
         )
         self.server_key = server_key
         self.node_id = registered["node_id"]
@@ -589,7 +592,7 @@ class RendezvousClient(Service):
         if not self._current(protocol, network_id):
             return
         try:
-            netmap = NetworkMap.from_json(data)
+            netmap = self._reader.read_map(data)
         except MapError:
             self.counters["drop_bad_map"] += 1
             self.log.failure("malformed network map for {network}", network=network_id)
@@ -608,10 +611,9 @@ class RendezvousClient(Service):
             return
         base = self.maps.get(network_id)
         try:
-            delta = MapDelta.from_json(data)
             if base is None:
                 raise MapError("a delta without a map to apply it to")
-            netmap = base.apply(delta)
+            netmap = self._reader.apply_delta(base, data)
         except MapError as e:
             # Our copy is behind (or broken): ask for the whole map.
             self.counters["delta_gap"] += 1

@@ -139,6 +139,14 @@ class Membership:
         self._clock = clock
         self.counters = counters
         self._observers: list[IMembershipObserver] = []
+        # network ID -> its authorized members' and devices' keys as last told
+        # the observers: a join adds one key to them instead of listing a
+        # network of thousands from the store again.
+        self._authorized: dict[str, tuple[frozenset[bytes], frozenset[bytes]]] = {}
+        # network ID -> the lowest address that may be free (each one below
+        # was taken when last looked at): a join looks up a few addresses,
+        # not every member's.
+        self._ip_floor: dict[str, int] = {}
 
     # -- observers --------------------------------------------------------------
 
@@ -149,11 +157,29 @@ class Membership:
         if observer in self._observers:
             self._observers.remove(observer)
 
-    def _members_changed(self, network_id: str) -> None:
-        authorized = frozenset(m.public_key for m in
-                               self._store.list_members(network_id, authorized_only=True))
+    def _members_changed(self, network_id: str, joined: bytes | None = None) -> None:
+        """
+        Tell the observers C{network_id}'s members now.  C{joined}: the one
+        change is that node (not a device) joining, authorized; the sets
+        are then the last ones and it, not a query of every member.
+        """
+        last = self._authorized.get(network_id)
+        if joined is not None and last is not None:
+            authorized, devices = last[0] | {joined}, last[1]
+        else:
+            authorized = frozenset(m.public_key for m in
+                                   self._store.list_members(network_id, authorized_only=True))
+            devices = self._store.authorized_devices(network_id).get(network_id, frozenset())
+        self._authorized[network_id] = (authorized, devices)
         for observer in list(self._observers):
-            observer.members_changed(network_id, authorized)
+            observer.members_changed(network_id, authorized, devices)
+
+    def _network_gone(self, network_id: str) -> None:
+        self._authorized.pop(network_id, None)
+        self._ip_floor.pop(network_id, None)
+        for observer in list(self._observers):
+            observer.network_deleted(network_id)
+            observer.members_changed(network_id, frozenset(), frozenset())
 
     def _revoked(self, network_id: str, public_key: bytes, reason: str) -> None:
         for observer in list(self._observers):
@@ -167,15 +193,14 @@ class Membership:
         the reason): the observers here are told as if the change were ours.
         """
         gone = self._store.get_network(network_id) is None
+        self._ip_floor.pop(network_id, None)  # it may have freed addresses
         for public_key, reason in revoked:
             self._revoked(network_id, public_key, "network deleted" if gone else reason)
             node = self._registry.find(public_key)
             if node is not None and reason != "deauthorized":
                 self._registry.unsubscribe(node, network_id)
         if gone:
-            for observer in list(self._observers):
-                observer.network_deleted(network_id)
-                observer.members_changed(network_id, frozenset())
+            self._network_gone(network_id)
         else:
             self._members_changed(network_id)
 
@@ -270,9 +295,7 @@ class Membership:
         keys = self._store.delete_network(network_id)
         for key in keys:
             self._revoked(network_id, key, "network deleted")
-        for observer in list(self._observers):
-            observer.network_deleted(network_id)
-            observer.members_changed(network_id, frozenset())
+        self._network_gone(network_id)
 
     # -- members --------------------------------------------------------------
 
@@ -364,11 +387,32 @@ class Membership:
                             f"took each of the {IP_TRIES} tried; try again")
 
     def _next_free_ip(self, network: NetworkRecord) -> str:
-        used = self._store.used_ips(network.id)
-        for host in ipaddress.IPv4Network(network.subnet).hosts():
-            if str(host) not in used:
-                return str(host)
+        """
+        The lowest free host address, found from the floor up by looking
+        each up (one indexed query, usually the first is free); the floor
+        comes from every used address only when there is none yet.
+        """
+        subnet = ipaddress.IPv4Network(network.subnet)
+        first, last = int(subnet.network_address) + 1, int(subnet.broadcast_address) - 1
+        floor = self._ip_floor.get(network.id)
+        if floor is None:
+            used = {int(ipaddress.IPv4Address(ip)) for ip in self._store.used_ips(network.id)}
+            floor = first
+            while floor in used:
+                floor += 1
+        for host in range(max(floor, first), last + 1):
+            ip = str(ipaddress.IPv4Address(host))
+            if self._store.ip_holder(network.id, ip) is None:
+                self._ip_floor[network.id] = host
+                return ip
+        self._ip_floor[network.id] = last + 1
         raise ConflictError(f"no free address left in {network.subnet} of network {network.id}")
+
+    def _freed(self, network_id: str, ip: str | None) -> None:
+        """C{ip} of C{network_id} is free again: the next join may take it."""
+        if ip is not None and network_id in self._ip_floor:
+            host = int(ipaddress.IPv4Address(ip))
+            self._ip_floor[network_id] = min(self._ip_floor[network_id], host)
 
     def join(self, public_key: bytes, network: NetworkRecord,
              auth_key: str | None = None) -> tuple[MemberRecord, str | None]:
@@ -394,7 +438,7 @@ class Membership:
         member = add(None) if network.private else self._with_free_ip(network, add)
         self.counters["joins"] += 1
         if member.authorized:
-            self._members_changed(network.id)
+            self._members_changed(network.id, joined=public_key)
         return member, refused
 
     # -- pre-auth keys ----------------------------------------------------------
@@ -493,6 +537,8 @@ class Membership:
             except WriteConflictError:
                 raise ConflictError(f"{new_ip} was taken by another member meanwhile") from None
         if (new_authorized, new_ip, new_name) != (member.authorized, member.ip, member.name):
+            if new_ip != member.ip:
+                self._freed(network.id, member.ip)
             if member.authorized and not new_authorized:
                 self._revoked(network.id, node.public_key, "deauthorized")
             if member.authorized or new_authorized:
@@ -504,6 +550,7 @@ class Membership:
     def delete_member(self, network_id: str, node_name: str) -> None:
         network, node, member = self.member(network_id, node_name)
         self._store.delete_member(network.id, node.public_key)
+        self._freed(network.id, member.ip)
         self._revoked(network.id, node.public_key, "deleted")
         self._registry.unsubscribe(node, network.id)
         if member.authorized:

@@ -55,6 +55,9 @@ class Register(amp.Command):
         (b"version", amp.Unicode(optional=True)),
         # Addresses its gateway forwards to it (PCP, NAT-PMP): reachable by any peer.
         (b"mapped_endpoints", amp.ListOf(amp.Unicode(), optional=True)),
+        # What else the node reads: "zlib", maps and deltas compressed
+        # (netmap.compress).  Older rendezvous ignore it, older nodes omit it.
+        (b"accepts", amp.ListOf(amp.Unicode(), optional=True)),
     ]
     response = [
         (b"node_id", amp.Unicode()),
@@ -164,3 +167,16 @@ class RevokedPush(amp.Command):
 
     arguments = [(b"network_id", amp.Unicode()), (b"reason", amp.Unicode())]
     requiresAnswer = False
+
+
+def encoded_push(command: type[amp.Command], **arguments: object) -> bytes:
+    """
+    The AMP box of a push (a command that wants no answer) as bytes: the
+    same for every node a push goes to, so a push to the thousands of
+    members of a network is encoded once, not once per member.
+    """
+    if command.requiresAnswer:
+        raise ValueError(f"{command.__name__} wants an answer: its boxes differ by their tag")
+    box = command.makeArguments(arguments, None)
+    box[amp.COMMAND] = command.commandName
+    return box.serialize()

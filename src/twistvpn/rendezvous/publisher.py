@@ -5,9 +5,14 @@ controller's map publisher.
 It holds each network's one map revision: counted up on every change a
 member could see, carried by every map and delta, and stored with the
 network whenever a map goes out, so that after a restart revisions go on
-from where they were.  Changes are coalesced per network for
-C{push_delay} seconds, so that a burst of changes (a hundred nodes coming
-online) costs one map per member, not a hundred.
+from where they were.  Changes are coalesced for C{push_delay} seconds, so
+that a burst of changes (a hundred nodes coming online) costs one map per
+member, not a hundred.  And after a push, the next waits at least as long
+as that one took: in a network of thousands, where one push is thousands
+of sends, the rendezvous spends at most half its time pushing however fast
+changes come (a network of 10,000 joining: one delta to everyone every few
+hundred milliseconds, not one per join), while a change after a quiet
+spell goes out after C{push_delay}.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from twistvpn.rendezvous.errors import NotFoundError
 from twistvpn.rendezvous.netmap import Member, NetworkMap
 from twistvpn.rendezvous.registry import SessionRegistry
 from twistvpn.rendezvous.store import NetworkRecord
+
+# The longest the pause after a push may be (it is as long as the push took).
+MAX_PUSH_WINDOW = 0.5
 
 
 class LatencyHistogram:
@@ -66,6 +74,9 @@ class MapPublisher:
         self._clock = clock
         self.counters = counters
         self._push_delay = push_delay
+        # No push before this (clock time): the last one ended, and then as
+        # long again as it took (up to MAX_PUSH_WINDOW).
+        self.quiet_until = float("-inf")
         self._relays = tuple(relays)
         self._revisions: dict[str, int] = store.revisions()
         # network ID -> the map last pushed (the base of the next delta)
@@ -104,14 +115,17 @@ class MapPublisher:
         self._dirty.add(network_id)
         self._changed_at.setdefault(network_id, self._clock.seconds())
         if self._flush_call is None:
-            self._flush_call = self._clock.callLater(self._push_delay, self.flush)
+            now = self._clock.seconds()
+            due = max(now + self._push_delay, self.quiet_until)
+            self._flush_call = self._clock.callLater(due - now, self.flush)
 
     def node_changed(self, public_key: bytes) -> None:
         """A node's facts changed (online, endpoints): its networks' maps show them."""
         for network_id in self._store.member_networks(public_key):
             self.changed(network_id)
 
-    def members_changed(self, network_id: str, authorized: frozenset[bytes]) -> None:
+    def members_changed(self, network_id: str, authorized: frozenset[bytes],
+                        devices: frozenset[bytes]) -> None:
         if authorized or self._store.get_network(network_id) is not None:
             self.changed(network_id)
 
@@ -139,6 +153,7 @@ class MapPublisher:
             self._flush_call.cancel()
         self._flush_call = None
         dirty, self._dirty = self._dirty, set()
+        started = self._clock.seconds()
         for network_id in sorted(dirty):
             network = self._store.get_network(network_id)
             if network is not None:
@@ -146,6 +161,8 @@ class MapPublisher:
             since = self._changed_at.pop(network_id, None)
             if since is not None:
                 self.push_latency.observe(self._clock.seconds() - since)
+        ended = self._clock.seconds()
+        self.quiet_until = ended + min(MAX_PUSH_WINDOW, ended - started)
 
     def _push(self, network: NetworkRecord) -> None:
         """

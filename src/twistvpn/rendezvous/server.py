@@ -20,7 +20,7 @@ from twistvpn.common.amp import BoundedAMP, Ping
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IChannelBinding, IControlSession, INetworkController
 from twistvpn.rendezvous.errors import InvalidArgumentError
-from twistvpn.rendezvous.netmap import MapDelta, NetworkMap, Punch
+from twistvpn.rendezvous.netmap import ZLIB, MapDelta, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -36,6 +36,7 @@ from twistvpn.rendezvous.protocol import (
     SetLocalEndpoints,
     SetMappedEndpoints,
     SetName,
+    encoded_push,
 )
 from twistvpn.wireguard.keys import public_key
 
@@ -50,6 +51,24 @@ MAX_CHALLENGES = 8
 CLOSE_TIMEOUT = 2.0
 
 
+def _push_of(obj: NetworkMap | MapDelta, network_id: str, compressed: bool) -> bytes:
+    """
+    The push of a map or delta as it goes on the wire, encoded on its first
+    send and kept with it (a push sends the one object to every member).
+    """
+    boxes: dict[tuple[str, bool], bytes] = obj.__dict__.get("_boxes") or {}
+    box = boxes.get((network_id, compressed))
+    if box is None:
+        payload = obj.compressed() if compressed else obj.to_json()
+        if isinstance(obj, NetworkMap):
+            box = encoded_push(NetworkMapPush, network_id=network_id, netmap=payload)
+        else:
+            box = encoded_push(MapDeltaPush, network_id=network_id, delta=payload)
+        boxes[(network_id, compressed)] = box
+        object.__setattr__(obj, "_boxes", boxes)  # frozen, and not a field
+    return box
+
+
 @implementer(IControlSession)
 class ControlServerProtocol(BoundedAMP):
     """One node's control connection."""
@@ -60,6 +79,7 @@ class ControlServerProtocol(BoundedAMP):
         super().__init__()
         self._service = service
         self.public_key: bytes | None = None
+        self._compressed = False  # whether the node reads compressed maps (ZLIB)
         self.node_id: str | None = None
         self.rtt: float | None = None
         self._challenge: bytes | None = None
@@ -148,6 +168,7 @@ class ControlServerProtocol(BoundedAMP):
     def register(
         self, public_key: bytes, proof: bytes, name: str, local_endpoints: list[str],
         version: str | None = None, mapped_endpoints: list[str] | None = None,
+        accepts: list[str] | None = None,
     ) -> dict[str, Any]:
         # The challenge is used up by any attempt, right or wrong, so a
         # proof can never be replayed, not even on this connection.
@@ -173,6 +194,7 @@ class ControlServerProtocol(BoundedAMP):
         node_id = controller.register_node(public_key, name, self)
         controller.set_version(public_key, (version or "")[:32])
         self.public_key, self.node_id = public_key, node_id
+        self._compressed = ZLIB in (accepts or ())
         try:
             controller.set_local_endpoints(public_key, local_endpoints)
             controller.set_mapped_endpoints(public_key, mapped_endpoints or [])
@@ -236,12 +258,12 @@ class ControlServerProtocol(BoundedAMP):
     # -- IControlSession --------------------------------------------------------
 
     def send_map(self, network_id: str, netmap: NetworkMap) -> None:
-        if not self._closed:
-            self.callRemote(NetworkMapPush, network_id=network_id, netmap=netmap.to_json())
+        if not self._closed and self.transport is not None:
+            self.transport.write(_push_of(netmap, network_id, self._compressed))
 
     def send_map_delta(self, network_id: str, delta: MapDelta) -> None:
-        if not self._closed:
-            self.callRemote(MapDeltaPush, network_id=network_id, delta=delta.to_json())
+        if not self._closed and self.transport is not None:
+            self.transport.write(_push_of(delta, network_id, self._compressed))
 
     def send_punch(self, network_id: str, punch: Punch) -> None:
         if not self._closed:
