@@ -9,9 +9,10 @@ import random
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from twistvpn.interfaces import IDatagramHandler
+from twistvpn.interfaces import IDatagramHandler, IPeerDemand
 from twistvpn.testing.natsim import Internet
 from twistvpn.testing.pathsim import SimNode
 from twistvpn.traversal import probe
@@ -197,3 +198,55 @@ class ProbeServiceAloneTests(SynchronousTestCase):
         a.probes.send_probe(key, ("203.0.113.200", 1), "punch")
         self.assertEqual(len(a.probes._pending), 1)
         self.assertIsInstance(a.probes, ProbeService)
+
+
+@implementer(IPeerDemand)
+class ProbeDemand:
+    """Names the one member it knows and makes its peer when asked."""
+
+    def __init__(self, probes: ProbeService, key: bytes, listener: Listener) -> None:
+        self.probes, self.key, self.listener = probes, key, listener
+        self.made: list[bytes] = []
+
+    def peer_for_address(self, destination: bytes) -> bool:
+        return False
+
+    def peer_for_key(self, public_key: bytes) -> bool:
+        self.made.append(public_key)
+        self.probes.add_peer(public_key, self.listener)
+        return True
+
+    def key_for_probe_id(self, sender_id: bytes) -> bytes | None:
+        return self.key if sender_id == probe.peer_id(self.key) else None
+
+
+class LazyPeerTests(ServiceTests):
+    """B keeps no peer for A until A's authenticated probe makes it."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.b.probes.remove_peer(self.a.public_key)
+        self.demand = ProbeDemand(self.b.probes, self.a.public_key, self.lb)
+        self.b.probes.demand = self.demand
+
+    def test_probe_makes_the_peer(self) -> None:
+        verifyObject(IPeerDemand, self.demand)
+        self.a.probes.send_probe(self.b.public_key, self.b.local, "punch")
+        self.net.run(1.0)
+        self.assertEqual(self.demand.made, [self.a.public_key])
+        self.assertEqual(self.lb.probed, [(self.a.local, "punch")])
+        self.assertEqual(len(self.la.verified), 1)
+        self.assertEqual(self.b.probes.counters["peer_demanded"], 1)
+
+    def test_forged_probe_makes_nothing(self) -> None:
+        forged = probe.encode_probe(bytes(32), probe.peer_id(self.a.public_key), b"x" * 8,
+                                    self.net.clock.seconds(), "punch")
+        self.evil_port.write(forged, self.b.local)
+        stranger = probe.encode_probe(bytes(32), b"\1" * 8, b"y" * 8,
+                                      self.net.clock.seconds(), "punch")
+        self.evil_port.write(stranger, self.b.local)
+        self.net.run(1.0)
+        self.assertEqual(self.demand.made, [])
+        self.assertEqual(self.b.probes.counters["drop_unauthenticated"], 1)
+        self.assertEqual(self.b.probes.counters["drop_unknown_peer"], 1)
+        self.assertEqual(self.sniffed.received, [])

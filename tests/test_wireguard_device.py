@@ -5,8 +5,11 @@ L{Clock}, no sockets, no real time.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.support.wireguard import (
@@ -18,7 +21,7 @@ from tests.support.wireguard import (
     ipv6_packet,
     pair,
 )
-from twistvpn.interfaces import IWireGuardDevice, IWireGuardPeer
+from twistvpn.interfaces import IPeerDemand, IWireGuardDevice, IWireGuardPeer
 from twistvpn.wire import (
     WG_HANDSHAKE_INITIATION,
     WG_HANDSHAKE_RESPONSE,
@@ -701,3 +704,67 @@ class TimerTests(SynchronousTestCase):
         self.assertIs(peer.previous, first)
         a.datagram_received(held[0], "b")
         self.assertEqual(network.delivered["a"], [B_TO_A])
+
+
+@implementer(IPeerDemand)
+class Demand:
+    """Makes a peer when asked, as a node with lazy peers does."""
+
+    def __init__(self, device: Any, key: bytes, allowed: list[str], known: bool = True) -> None:
+        self.device, self.key, self.allowed, self.known = device, key, allowed, known
+        self.asked: list[bytes] = []
+
+    def _make(self) -> bool:
+        if self.known:
+            self.device.add_peer(self.key, allowed_ips=self.allowed)
+        return self.known
+
+    def peer_for_address(self, destination: bytes) -> bool:
+        self.asked.append(destination)
+        return self._make()
+
+    def peer_for_key(self, public_key: bytes) -> bool:
+        self.asked.append(public_key)
+        return public_key == self.key and self._make()
+
+    def key_for_probe_id(self, sender_id: bytes) -> bytes | None:
+        return None
+
+
+class LazyPeers(SynchronousTestCase):
+    """A device asks for the peers it meets but has not (a big network's lazy peers)."""
+
+    def test_handshake_from_an_unknown_key(self) -> None:
+        network, a, b = pair()
+        b.remove_peer(a.public_key)
+        b.demand = Demand(b, a.public_key, ["10.0.0.1/32"])
+        verifyObject(IPeerDemand, b.demand)
+        a.send_packet(A_TO_B)
+        network.flush()
+        self.assertEqual(network.delivered["b"], [A_TO_B])
+        self.assertEqual(b.demand.asked, [a.public_key])
+        self.assertEqual(b.get_peer(a.public_key).endpoint, "a")
+
+    def test_packet_to_an_unknown_address(self) -> None:
+        network, a, b = pair()
+        a.remove_peer(b.public_key)
+        a.demand = Demand(a, b.public_key, ["10.0.0.2/32"])
+        a.send_packet(A_TO_B)
+        self.assertEqual(a.demand.asked, [bytes([10, 0, 0, 2])])
+        a.get_peer(b.public_key).endpoint = "b"  # the path the node's manager finds
+        a.get_peer(b.public_key).send_staged()
+        network.flush()
+        self.assertEqual(network.delivered["b"], [A_TO_B])  # the packet that asked
+
+    def test_not_a_member(self) -> None:
+        network, a, b = pair()
+        b.remove_peer(a.public_key)
+        b.demand = Demand(b, a.public_key, ["10.0.0.1/32"], known=False)
+        a.send_packet(A_TO_B)
+        network.flush()
+        self.assertEqual(network.delivered["b"], [])
+        self.assertEqual(b.counters["drop_no_peer"], 1)
+        a.remove_peer(b.public_key)
+        a.demand = Demand(a, b.public_key, [], known=False)
+        a.send_packet(A_TO_B)
+        self.assertEqual(a.counters["drop_no_route"], 1)

@@ -250,6 +250,34 @@ class IWireGuardDevice(Interface):
         """
 
 
+class IPeerDemand(Interface):
+    """
+    Where a node's data plane turns when it meets a member it keeps no peer
+    for (lazy peers in big networks, docs/node.md): a packet to the
+    member's address, a handshake or a probe from its key.  The node makes
+    the peer then, or says there is none.
+    """
+
+    def peer_for_address(destination):
+        """
+        A packet is going to C{destination} (4 or 16 bytes): make the peer
+        of the member with that overlay address, if there is one.  True
+        when a peer routes it now.
+        """
+
+    def peer_for_key(public_key):
+        """
+        C{public_key} proved itself (a handshake, a probe's MAC): make its
+        peer if it is a member.  True when the peer exists now.
+        """
+
+    def key_for_probe_id(sender_id):
+        """
+        The public key of the member whose probes carry C{sender_id}
+        (L{twistvpn.traversal.probe.peer_id}), or None.
+        """
+
+
 class IWireGuardPeer(Interface):
     """
     One peer of an L{IWireGuardDevice}, as other pieces see it.

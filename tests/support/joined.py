@@ -42,7 +42,7 @@ class SimJoinedNode:
     """One joined node on a simulated host, built as the service builds it."""
 
     def __init__(self, mesh: Mesh, host: Host, name: str, networks: list[str],
-                 seed: int) -> None:
+                 seed: int, **node_options: Any) -> None:
         rng = random.Random(seed)
         self.mesh = mesh
         self.host = host
@@ -66,7 +66,7 @@ class SimJoinedNode:
             device=self.device, tun=self.tun, probes=self.probes, relay=self.relay,
             listen_port=lambda: NODE_PORT, local_addresses=lambda: [host.ip],
             make_discovery=self._discovery, discovery_host=mesh.rendezvous_host.ip,
-            rng=random.Random(seed + 1))
+            rng=random.Random(seed + 1), **node_options)
         self.endpoint = MemoryEndpoint(mesh.world)
         self.client = RendezvousClient(
             self.endpoint, self.private_key, name, self.node, clock=mesh.clock,
@@ -103,7 +103,8 @@ class SimJoinedNode:
 class Mesh:
     """The rendezvous, a relay, and joined nodes on one simulated internet."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, **node_options: Any) -> None:
+        self.node_options = node_options  # for every JoinedNode (eager_peers, ...)
         self.internet = Internet(seed=seed)
         self.clock = self.internet.clock
         self.world = World(clock=self.clock)
@@ -141,7 +142,7 @@ class Mesh:
     def add(self, name: str, host: Host, networks: list[str] | None = None) -> SimJoinedNode:
         node = SimJoinedNode(self, host, name,
                              [self.network] if networks is None else networks,
-                             self._seed * 100 + len(self.nodes))
+                             self._seed * 100 + len(self.nodes), **self.node_options)
         self.nodes.append(node)
         self.run(0.5)
         return node

@@ -11,6 +11,14 @@ relay paths.  Endpoint discovery runs from the node's one UDP socket, so
 the endpoint the rendezvous sees is the mapping WireGuard's packets use, and
 re-runs periodically to keep that mapping open.
 
+In a big network (more than C{eager_peers} peers) peers are made lazily,
+as Tailscale's lazy WireGuard configuration and ZeroTier do: the node keeps
+every member's map entry but makes a member's WireGuard peer and path
+manager only when traffic needs it (a packet to its address, its handshake
+or probe, a punch the rendezvous arranges, C{twistvpn ping}), and retires
+it after C{lazy_idle} seconds without traffic.  So a node in a network of
+10,000 probes and keeps alive the few paths it uses, not 9,999.
+
 Everything is injected (clock, TUN, device, forwarder, probe service, relay
 client, interface enumeration, discovery), so the whole node runs on the
 simulated NAT network in tests.
@@ -26,12 +34,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistvpn.common.metrics import Family
-from twistvpn.interfaces import IDatagramHandler, INameService, IRendezvousListener
+from twistvpn.interfaces import (
+    IDatagramHandler,
+    INameService,
+    IPeerDemand,
+    IRendezvousListener,
+)
 from twistvpn.node.devicepath import DevicePath
 from twistvpn.node.names import NameTable, name_table, network_domain
 from twistvpn.relay.client import RelayInfo
@@ -53,7 +66,7 @@ from twistvpn.traversal.candidates import (
     preserved_mapping,
 )
 from twistvpn.traversal.manager import DIRECT, LAN, NONE, PathConfig, PathManager
-from twistvpn.traversal.probe import address_of
+from twistvpn.traversal.probe import address_of, peer_id
 from twistvpn.wire import DISCOVERY_RESPONSE
 from twistvpn.wireguard.keys import encode_key
 
@@ -62,6 +75,11 @@ Address = tuple[str, int]
 # (and so the endpoint peers punch to) open, and notices a new mapping.
 DISCOVERY_INTERVAL = 20.0
 PING_TAG = "ping"
+# Up to this many peers, every member's peer and path are made at once (a
+# first packet finds its path ready); beyond, peers are made lazily.
+EAGER_PEERS = 100
+# A lazily made peer with no traffic for this long is retired.
+LAZY_IDLE = 300.0
 
 
 def host_addresses(exclude: Iterable[str] = ()) -> list[str]:
@@ -274,7 +292,7 @@ class PeerNotFoundError(KeyError):
         return str(self.args[0])
 
 
-@implementer(IRendezvousListener)
+@implementer(IRendezvousListener, IPeerDemand)
 class JoinedNode:
     """The node's state as the rendezvous describes it, applied live."""
 
@@ -292,7 +310,9 @@ class JoinedNode:
                  path_config: PathConfig | None = None,
                  rng: random.Random | None = None,
                  on_join_status: Callable[[str, str], object] | None = None,
-                 names: INameService | None = None) -> None:
+                 names: INameService | None = None,
+                 eager_peers: int = EAGER_PEERS,
+                 lazy_idle: float = LAZY_IDLE) -> None:
         self.clock = clock
         self.on_join_status = on_join_status
         self.mapped: Address | None = None  # what our gateway forwards to us
@@ -324,6 +344,19 @@ class JoinedNode:
         # network ID -> why its subnet is not routed (it covers our underlay)
         self.refused_routes: dict[str, str] = {}
         self.peers: dict[bytes, JoinedPeer] = {}
+        # public key -> its map entries (network ID -> Member): every peer we
+        # may have, made or not (lazy).
+        self.members: dict[bytes, dict[str, Member]] = {}
+        self.eager_peers = eager_peers
+        self.lazy_idle = lazy_idle
+        # Look-ups for lazy peers, made when first needed after a change:
+        # overlay address (packed) -> key; probe sender ID -> key.
+        self._by_address: dict[bytes, bytes] | None = None
+        self._by_probe_id: dict[bytes, bytes] | None = None
+        self._probe_ids: dict[bytes, bytes] = {}  # key -> its probe ID (kept: BLAKE2s each)
+        # key -> (rx + tx bytes, when that last changed), for retiring lazy peers
+        self._traffic: dict[bytes, tuple[int, float]] = {}
+        self._retirer: LoopingCall | None = None
         self.addresses: tuple[str, ...] = ()
         self.routes: list[str] = []
         self.route_sources: dict[str, str] = {}
@@ -428,8 +461,8 @@ class JoinedNode:
         self._apply()
 
     def punch_requested(self, network_id: str, punch: Punch) -> None:
-        peer = self.peers.get(punch.peer_key)
-        if peer is None:
+        # A peer that wants to reach us: made now if it is a lazy member.
+        if not self._demand(punch.peer_key, punch=False):
             return
         self.clock.callLater(max(0.0, punch.delay), self._punch, punch.peer_key)
 
@@ -466,12 +499,16 @@ class JoinedNode:
         for network_id, netmap in maps.items():
             for member in netmap.peers(self.public_key):
                 wanted.setdefault(member.public_key, {})[network_id] = member
+        self.members = wanted
+        self._by_address = self._by_probe_id = None
+        lazy = self.lazy
         for key in [k for k in self.peers if k not in wanted]:
             self._remove_peer(key)
         for key, members in wanted.items():
             peer = self.peers.get(key)
             if peer is None:
-                self._add_peer(key, members)
+                if not lazy or _is_device(members):  # a device's relay session waits for it
+                    self._add_peer(key, members)
             else:
                 self._update_peer(peer, members)
         self.name_table = name_table(maps)
@@ -480,6 +517,72 @@ class JoinedNode:
                 self.names.update(self.name_table, self.addresses)
             except Exception:
                 self.log.failure("updating the name server failed")
+
+    # -- lazy peers (IPeerDemand) -------------------------------------------------
+
+    @property
+    def lazy(self) -> bool:
+        """Whether peers are made when traffic needs them (a big network)."""
+        return len(self.members) > self.eager_peers
+
+    def peer_for_address(self, destination: bytes) -> bool:
+        if self._by_address is None:
+            index: dict[bytes, bytes] = {}
+            for key, members in self.members.items():
+                for network_id, m in members.items():
+                    index[ipaddress.IPv4Address(m.ip).packed] = key
+                    index[ipaddress.IPv6Address(overlay6(network_id, m.node_id)).packed] = key
+            self._by_address = index
+        found = self._by_address.get(bytes(destination))
+        return found is not None and self._demand(found, punch=True)
+
+    def peer_for_key(self, public_key: bytes) -> bool:
+        return self._demand(public_key, punch=False)
+
+    def key_for_probe_id(self, sender_id: bytes) -> bytes | None:
+        if self._by_probe_id is None:
+            ids = self._probe_ids
+            for key in [k for k in ids if k not in self.members]:
+                del ids[key]
+            for key in self.members:
+                if key not in ids:
+                    ids[key] = peer_id(key)
+            self._by_probe_id = {probe: key for key, probe in ids.items()}
+        return self._by_probe_id.get(bytes(sender_id))
+
+    def _demand(self, key: bytes, punch: bool) -> bool:
+        """
+        Make C{key}'s peer now, if it is a member.  C{punch}: we want to
+        reach it (a packet of ours), and it may not know yet, so we have the
+        rendezvous start both sides whichever key is lower.
+        """
+        if key in self.peers:
+            return True
+        members = self.members.get(key)
+        if members is None or self._stopped:
+            return False
+        self._add_peer(key, members, punch=punch)
+        return True
+
+    def _retire_idle(self) -> None:
+        """Retire lazily made peers that carried no traffic for lazy_idle seconds."""
+        if not self.lazy:
+            self._traffic.clear()
+            return
+        now = self.clock.seconds()
+        for key, peer in list(self.peers.items()):
+            if peer.device:
+                continue
+            total = peer.wg.rx_bytes + peer.wg.tx_bytes
+            seen = self._traffic.get(key)
+            if seen is None or seen[0] != total:
+                self._traffic[key] = (total, now)
+            elif now - seen[1] >= self.lazy_idle:
+                self._remove_peer(key)
+                self.log.info("peer {name} retired after {idle:.0f} s without traffic",
+                              name=peer.name, idle=now - seen[1])
+        for key in [k for k in self._traffic if k not in self.peers]:
+            del self._traffic[key]
 
     def underlay(self) -> list[tuple[str, str]]:
         """(address, what it is) of everything the tunnel must not take over."""
@@ -562,7 +665,7 @@ class JoinedNode:
             self.relay_infos = tuple(infos.values())
             self.relay.set_relays(self.relay_infos)
 
-    def _add_peer(self, key: bytes, members: dict[str, Member]) -> None:
+    def _add_peer(self, key: bytes, members: dict[str, Member], punch: bool = False) -> None:
         peer_members = dict(members)
         wg = self.device.add_peer(key, allowed_ips=allowed_ips(peer_members))
         if _is_device(peer_members):
@@ -577,6 +680,11 @@ class JoinedNode:
         self.log.info("peer {name} added: {ips}, key {key}", name=peer.name,
                       ips=", ".join(peer.ips), key=encode_key(key))
         manager.start()
+        if punch:
+            # A lazy peer we have a packet for: the other side has no peer
+            # for us yet, so we ask for the punch whichever key is lower.
+            self.request_punch(peer)
+            return
         # Both sides start when they see each other in the map, a few
         # milliseconds apart; the rendezvous's punch starts them again at
         # one moment, as simultaneous open needs.
@@ -795,8 +903,18 @@ class JoinedNode:
     def start(self) -> None:
         """Start reading the TUN device and using the relays."""
         self.tun.start_reading(self.device.send_packet)
+        self._ask_us(self)
+        self._retirer = LoopingCall(self._retire_idle)
+        self._retirer.clock = self.clock
+        self._retirer.start(self.lazy_idle / 10, now=False)
         if self.relay is not None:
             self.relay.start()
+
+    def _ask_us(self, demand: IPeerDemand | None) -> None:
+        """Have the data plane (or no one) make lazy peers when it meets them."""
+        for part in (self.device, self.probes):
+            if part is not None:
+                part.demand = demand
 
     def stop(self) -> None:
         """Stop every path manager and timer; remove peers and routes."""
@@ -805,6 +923,9 @@ class JoinedNode:
         self._stopped = True
         if self._reapply is not None and self._reapply.active():
             self._reapply.cancel()
+        if self._retirer is not None and self._retirer.running:
+            self._retirer.stop()
+        self._ask_us(None)
         for discovery in (self.discovery, self.discovery6):
             if discovery is not None:
                 discovery.stop()
@@ -825,6 +946,12 @@ class JoinedNode:
             if (query in (encode_key(peer.public_key), *peer.ips)
                     or any(query in (m.name, m.node_id) for m in peer.members.values())):
                 return peer
+        # A member whose peer is not made (lazy): made now, as traffic would.
+        for key, members in self.members.items():
+            if (query in (encode_key(key), *member_ips(members))
+                    or any(query in (m.name, m.node_id) for m in members.values())):
+                self._demand(key, punch=True)
+                return self.peers[key]
         raise PeerNotFoundError(f"no peer {query!r}")
 
     def status(self) -> dict[str, Any]:

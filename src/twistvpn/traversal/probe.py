@@ -264,6 +264,8 @@ class ProbeService:
         self.public_key = public_key
         self._id = peer_id(public_key)
         self._peers: dict[bytes, _Peer] = {}
+        # Asked about probes from members with no peer here (IPeerDemand).
+        self.demand: Any = None
         self._pending: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
         self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self.max_skew = max_skew
@@ -334,9 +336,10 @@ class ProbeService:
             return
         peer = self._peers.get(message.sender)
         if peer is None:
-            self.counters["drop_unknown_peer"] += 1
-            return
-        if not hmac.compare_digest(_mac(peer.key, message.signed), message.mac):
+            peer = self._demanded(message)  # (counting its drops)
+            if peer is None:
+                return
+        elif not hmac.compare_digest(_mac(peer.key, message.signed), message.mac):
             self.counters["drop_unauthenticated"] += 1
             return
         now = self.clock.seconds()
@@ -344,6 +347,28 @@ class ProbeService:
             self._probe(peer, message, addr, now)
         else:
             self._reply(peer, message, addr, now)
+
+    def _demanded(self, message: Message) -> _Peer | None:
+        """
+        A probe from a member we keep no peer for (a big network's lazy
+        peers): its MAC checked first, then the node makes the peer.
+        """
+        demand = self.demand
+        public_key = None
+        if demand is not None and message.kind == PROBE:
+            public_key = demand.key_for_probe_id(message.sender)
+        if public_key is None:
+            self.counters["drop_unknown_peer"] += 1
+            return None
+        key = probe_key(self._private, self.public_key, public_key)
+        if not hmac.compare_digest(_mac(key, message.signed), message.mac):
+            self.counters["drop_unauthenticated"] += 1
+            return None
+        if not demand.peer_for_key(public_key):
+            self.counters["drop_unknown_peer"] += 1
+            return None
+        self.counters["peer_demanded"] += 1
+        return self._peers.get(message.sender)
 
     def _probe(self, peer: _Peer, message: Message, addr: Any, now: float) -> None:
         if abs(now - message.timestamp) > self.max_skew:

@@ -580,6 +580,9 @@ class WireGuardDevice:
         self.counters: collections.Counter[str] = collections.Counter()
         self.closed = False
         self._peers: dict[bytes, Peer] = {}
+        # Asked to make a peer for a packet no peer routes, or a handshake
+        # from a key no peer has (IPeerDemand; None: such packets are dropped).
+        self.demand: Any = None
         self._keypairs: dict[int, Keypair] = {}
         self._handshakes: dict[int, Peer] = {}
         self._routes = AllowedIPs()
@@ -729,8 +732,12 @@ class WireGuardDevice:
             routes = self._routes
             peer: Peer | None = routes.cache.get(destination) or routes.lookup(destination)
             if peer is None:
-                self.counters["drop_no_route"] += 1
-                return
+                demand = self.demand
+                if demand is not None and demand.peer_for_address(destination):
+                    peer = routes.lookup(destination)
+                if peer is None:
+                    self.counters["drop_no_route"] += 1
+                    return
             keypair = peer.current
             now = self._seconds()
             if (
@@ -868,10 +875,15 @@ class WireGuardDevice:
         except NoiseError:
             self.counters["drop_handshake_decrypt"] += 1
             return
-        peer = self._peers.get(handshake.remote_static)  # type: ignore[arg-type]
+        remote: bytes = handshake.remote_static  # type: ignore[assignment]
+        peer = self._peers.get(remote)
         if peer is None:
-            self.counters["drop_no_peer"] += 1
-            return
+            demand = self.demand
+            if demand is not None and demand.peer_for_key(remote):
+                peer = self._peers.get(remote)
+            if peer is None:
+                self.counters["drop_no_peer"] += 1
+                return
         now = self._seconds()
         if timestamp <= peer.last_timestamp:
             # A replayed (or reordered, older) initiation.
