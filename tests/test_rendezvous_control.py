@@ -24,6 +24,7 @@ from twistvpn.common.amp import MAX_INBOUND_BOX
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IControlSession, IRendezvousListener
 from twistvpn.rendezvous import client as client_module
+from twistvpn.rendezvous import controller as controller_module
 from twistvpn.rendezvous.client import (
     FAILOVER_SPREAD,
     LIVENESS_INTERVAL,
@@ -903,6 +904,29 @@ class FailoverTests(SynchronousTestCase):
         busiest = max(sum(1 for t in took if start <= t < start + 0.5)
                       for start in [i * 0.05 for i in range(100)])
         self.assertLess(busiest, len(clients) / 6)
+
+    def test_spread_follows_the_instance_size(self) -> None:
+        """
+        An instance says, in its answers to liveness pings, how long its
+        nodes should spread a move over: its node count over what a
+        survivor registers per second.
+        """
+        self.patch(controller_module, "FAILOVER_RATE", 30.0)
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        clients = [self.client([one, two], seed) for seed in range(300)]
+        self.until_connected(clients, 1)
+        self.world.settle(LIVENESS_INTERVAL + 0.5)  # one ping each
+        self.assertEqual({c.failover_spread for c in clients}, {10.0})
+        one.refuse = True
+        for pump in list(one.pumps):
+            pump.serverIO.loseConnection()
+        self.world.flush()
+        took = self.until_connected(clients, 15)
+        self.assertLessEqual(max(took), 10.05)
+        self.assertGreater(max(took), 8.0)  # not FAILOVER_SPREAD's 5 s
+        busiest = max(sum(1 for t in took if start <= t < start + 0.5)
+                      for start in [i * 0.05 for i in range(200)])
+        self.assertLess(busiest, len(clients) / 12)
 
     def test_backoff_grows_per_round(self) -> None:
         """Both down: the instances are tried in turn, waits growing once per round."""

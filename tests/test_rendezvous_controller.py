@@ -14,7 +14,11 @@ from zope.interface.verify import verifyObject
 
 from tests.support.rendezvous import FakeSession, RecordingObserver, new_key
 from twistvpn.interfaces import IControlSession, INetworkController
+from twistvpn.rendezvous import controller as controller_module
 from twistvpn.rendezvous.controller import (
+    FAILOVER_RATE,
+    FAILOVER_SPREAD_MAX,
+    FAILOVER_SPREAD_MIN,
     ConflictError,
     Controller,
     InvalidArgumentError,
@@ -459,3 +463,18 @@ class PushWindow(ControllerTestCase):
         self.clock.advance(0.05)
         self.assertAlmostEqual(self.controller.publisher.quiet_until,
                                self.clock.seconds() + MAX_PUSH_WINDOW)
+
+
+class FailoverSpread(ControllerTestCase):
+    """Over how long this instance's nodes spread a move if it dies: in proportion to them."""
+
+    def test_in_proportion_to_the_nodes_here(self) -> None:
+        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD_MIN)
+        for i in range(2000):
+            self.node(f"n{i}")
+        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD_MIN)  # a second old
+        self.clock.advance(1)
+        self.assertEqual(self.controller.failover_spread(), 2000 / FAILOVER_RATE)
+        self.patch(controller_module, "FAILOVER_RATE", 1.0)
+        self.clock.advance(1)
+        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD_MAX)

@@ -553,6 +553,13 @@ class INetworkController(Interface):
     def is_registered(public_key):
         """Whether C{public_key} ever registered (discovery answers only those)."""
 
+    def failover_spread():
+        """
+        Over how many seconds this instance's nodes should spread their
+        moves to the others if it dies: its node count over what the
+        survivors can register, so that they are not all met at once.
+        """
+
     def status():
         """Counts and counters for the admin API (a dict)."""
 
@@ -766,6 +773,8 @@ class IRendezvousCluster(Interface):
     database: what only this instance knows (who is connected here, and
     where discovery sees them) goes to the others through it.
     """
+
+    alive = Attribute("How many instances the database has sessions of (this one too).")
 
     def node_changed(node):
         """

@@ -61,10 +61,14 @@ class BigBytes(amp.Argument):
 
 
 class Ping(amp.Command):
-    """Either way: liveness and round-trip time."""
+    """
+    Either way: liveness and round-trip time.  A rendezvous instance's answer
+    to a node also says over how many seconds to spread a move to another
+    instance should it die (controller.failover_spread).
+    """
 
     arguments = []
-    response = []
+    response = [(b"failover_spread", amp.Float(optional=True))]
 
 
 BAD_REQUEST = b"BAD_REQUEST"

@@ -969,6 +969,7 @@ class JoinedNode:
                 "domain": network_domain(netmap) if netmap else None,
                 "ip": me.ip if me else None,
                 "ip6": netmap.ip6(me) if netmap is not None and me is not None else None,
+                "members": len(netmap.members) if netmap is not None else None,
                 "route_refused": self.refused_routes.get(network_id),
             }
         result = self.netcheck_result

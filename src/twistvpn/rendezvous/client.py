@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -126,7 +127,10 @@ RECONNECT_JITTER = 1.5
 # to the next one after a random wait of up to this many seconds, so that
 # the nodes of a dead instance reach the survivors spread over this time
 # rather than all in one instant (docs/rendezvous.md, "High availability").
+# The instance's answers to liveness pings replace it with one in proportion
+# to its number of nodes (up to FAILOVER_SPREAD_MAX).
 FAILOVER_SPREAD = 5.0
+FAILOVER_SPREAD_MAX = 120.0
 # With several instances, the node pings its own every LIVENESS_INTERVAL
 # seconds and leaves one silent for LIVENESS_TIMEOUT (a machine that died
 # without closing its connections): the next instance within about 10 s.
@@ -182,6 +186,8 @@ class RendezvousClient(Service):
         self._reader: IMapReader = reader if reader is not None else MapReader()
         self.status: dict[str, str] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        # Seconds over which a move to another instance is spread (see FAILOVER_SPREAD).
+        self.failover_spread = FAILOVER_SPREAD
         self._protocol: ControlClientProtocol | None = None
         self._clock = clock
         # One endpoint per rendezvous instance (all sharing one database and
@@ -349,7 +355,10 @@ class RendezvousClient(Service):
 
         timeout = self._clock.callLater(LIVENESS_TIMEOUT, silent)
 
-        def answered(_: Any) -> None:
+        def answered(answer: dict[str, Any]) -> None:
+            spread = answer.get("failover_spread")
+            if spread is not None and math.isfinite(spread):
+                self.failover_spread = min(FAILOVER_SPREAD_MAX, max(0.1, spread))
             if timeout.active():
                 timeout.cancel()
                 self._schedule_liveness(protocol)
@@ -572,12 +581,12 @@ class RendezvousClient(Service):
         self.listener.disconnected(reason.getErrorMessage())
         # A connection that worked is retried at once (after a little
         # jitter); backoff grows only with attempts that fail.  With several
-        # instances, the next one, spread over FAILOVER_SPREAD seconds.
+        # instances, the next one, spread over failover_spread seconds.
         if self._instances == 1:
             self._schedule(self._retry_policy(0))
         else:
             self.counters["failovers"] += 1
-            self._schedule(self._rng.uniform(0.1, FAILOVER_SPREAD))
+            self._schedule(self._rng.uniform(0.1, self.failover_spread))
 
     # -- pushes ---------------------------------------------------------------
 

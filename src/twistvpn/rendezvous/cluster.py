@@ -114,6 +114,7 @@ class Cluster:
         self._send = send  # (channel, payload): a notification to every instance
         self.counters = counters
         self.instance: int | None = None  # ours, once the database said it
+        self.alive = 1  # instances alive, ours included
         self._relays_here: tuple[dict[str, Any], ...] = ()
         # instance -> the relays it announced (its embedded one, those linked to it)
         self._relays: dict[int, tuple[dict[str, Any], ...]] = {}
@@ -248,6 +249,7 @@ class Cluster:
         The instances the database has sessions of now: the others' nodes
         are offline, and their relays no longer listed.
         """
+        self.alive = max(1, len(alive))
         self._registry.instances_gone(alive)
         gone = [instance for instance in self._relays if instance not in alive]
         for instance in gone:

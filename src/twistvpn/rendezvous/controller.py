@@ -42,6 +42,13 @@ from twistvpn.rendezvous.publisher import MapPublisher
 from twistvpn.rendezvous.registry import SessionRegistry, node_id_of
 from twistvpn.wireguard.keys import encode_key
 
+# Registrations a surviving instance completes per second (about 250 on the
+# fail-over benchmark's 2 cores, docs/performance.md): a dead instance's
+# nodes spread their moves over their number divided by the survivors' rate.
+FAILOVER_RATE = 250.0
+FAILOVER_SPREAD_MIN = 5.0
+FAILOVER_SPREAD_MAX = 120.0
+
 __all__ = [
     "ConflictError",
     "Controller",
@@ -75,6 +82,8 @@ class Controller:
         self.membership.add_observer(self.publisher)
         self._own_relays = tuple(relays)
         self._cluster: IRendezvousCluster | None = None
+        self._clock = clock
+        self._spread: tuple[float, float] | None = None  # (seconds, when worked out)
 
     @property
     def relays(self) -> tuple[dict[str, Any], ...]:
@@ -282,6 +291,16 @@ class Controller:
         }
 
     # -- the service ----------------------------------------------------------
+
+    def failover_spread(self) -> float:
+        """Worked out at most once a second: every node's liveness ping asks."""
+        now = self._clock.seconds()
+        if self._spread is None or not 0 <= now - self._spread[1] < 1.0:
+            survivors = max(1, (self._cluster.alive if self._cluster is not None else 1) - 1)
+            here = len(self.registry.connected_here())
+            spread = here / (FAILOVER_RATE * survivors)
+            self._spread = (min(FAILOVER_SPREAD_MAX, max(FAILOVER_SPREAD_MIN, spread)), now)
+        return self._spread[0]
 
     def status(self) -> dict[str, Any]:
         """Numbers for the admin API and the log."""

@@ -253,7 +253,7 @@ class ControlServerProtocol(BoundedAMP):
 
     @Ping.responder
     def ping(self) -> dict[str, Any]:
-        return {}
+        return {"failover_spread": self._service.controller.failover_spread()}
 
     # -- IControlSession --------------------------------------------------------
 

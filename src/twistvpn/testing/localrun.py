@@ -28,8 +28,12 @@ class LocalRendezvous:
         control_port: int = 0,
         log: BinaryIO | None = None,
         extra_args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.extra_args = extra_args
+        # What the command runs under ("ip", "netns", "exec", NAME: in a
+        # namespace; it execs, so the pid stays the rendezvous's own).
+        self.prefix = prefix
         self.data_dir = data_dir
         self.control_port = control_port
         self.log = log
@@ -48,6 +52,7 @@ class LocalRendezvous:
             os.unlink(state)  # left by a process that was killed
         self.process = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-c",
                 TWISTD,
