@@ -40,6 +40,7 @@ from rendezvous import (  # noqa: E402
 )
 
 from twistvpn.rendezvous.admin_cli import AdminClient  # noqa: E402
+from twistvpn.rendezvous.client import LIVENESS_INTERVAL  # noqa: E402
 from twistvpn.testing.localrun import LocalRendezvous  # noqa: E402
 from twistvpn.testing.postgres import Cluster, postgres_missing  # noqa: E402
 from twistvpn.wireguard.keys import encode_key, generate_private_key  # noqa: E402
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
             raise RuntimeError(f"only {total(workers, 'connected')} of {nodes} registered")
         if wait_until(workers, "settled", nodes, args.timeout) is None:
             raise RuntimeError("not every node got its network's map")
-        time.sleep(2)
+        # Every node has heard its instance's spread (a liveness ping's answer).
+        time.sleep(LIVENESS_INTERVAL + 1)
         survivor = two.pid
         cpu0, rss0 = cpu_seconds(survivor), two.rss_kib()
         killed = time.time()
@@ -88,14 +90,18 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         # Until every node has registered again (asked of the workers each
         # second: their progress reports may still show the old connections).
         times: list[float] = []
+        again = failed = 0
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             time.sleep(1)
             times = []
+            again = failed = 0
             for w in workers:
                 w.send({"cmd": "reconnects"})
                 event = w.wait_for("reconnects", time.monotonic() + 30)
                 times += [t - killed for t in (event or {}).get("times", [])]
+                again += (event or {}).get("again", 0)
+                failed += (event or {}).get("failed_attempts", 0)
             if len(times) >= nodes:
                 break
         back = max(times) if len(times) >= nodes else None
@@ -107,10 +113,18 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
             "network_size": args.network_size,
             "reconnected": len(times),
             "all_back_seconds": back,
+            "p10": percentile(times, 10),
+            "p25": percentile(times, 25),
             "p50": percentile(times, 50),
+            "p75": percentile(times, 75),
+            "p90": percentile(times, 90),
+            "arrivals_per_second": [per_second.get(i, 0) for i in range(int(max(times)) + 1)]
+            if times else [],
             "p99": percentile(times, 99),
             "max": max(times) if times else None,
             "busiest_second": max(per_second.values()) if per_second else 0,
+            "connected_again": again,
+            "failed_attempts": failed,  # since the nodes started (the kill's and any before)
             "survivor_cpu_seconds": cpu,
             "survivor_rss_kib_before": rss0,
             "survivor_rss_kib_after": two.rss_kib(),
@@ -119,6 +133,7 @@ def run(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
               f"instance 1 killed:")
         print(f"  registered with instance 2: {len(times)}, all within "
               f"{record['max']:.2f} s (p50 {record['p50']:.2f}, p99 {record['p99']:.2f})")
+        print(f"  dropped and connected again after that: {again}; failed attempts: {failed}")
         print(f"  busiest second: {record['busiest_second']} arrivals; survivor CPU "
               f"{cpu:.1f} s, RSS {rss0 / 1024:.0f} -> {record['survivor_rss_kib_after'] / 1024:.0f}"
               " MiB")

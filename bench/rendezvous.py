@@ -101,7 +101,9 @@ def worker_main(spec_path: str) -> None:
         "settled": set(),
         "watch": None,
         "seen": set(),  # nodes connected at least once
-        "reconnects": [],  # when a node connected again (wall clock)
+        "reconnects": [],  # when each node first connected again (wall clock)
+        "back": set(),  # nodes that did
+        "again": 0,  # connections of nodes already back (dropped again meanwhile)
     }
     # (network, revision) -> whether that revision carries the watched change
     verdicts: dict[tuple[str, int], bool] = {}
@@ -127,8 +129,11 @@ def worker_main(spec_path: str) -> None:
 
         def connected(self, node_id: str) -> None:
             state["connected"] += 1
-            if self.name in state["seen"]:
+            if self.name in state["back"]:
+                state["again"] += 1
+            elif self.name in state["seen"]:
                 state["reconnects"].append(time.time())
+                state["back"].add(self.name)
             state["seen"].add(self.name)
 
         def disconnected(self, reason: str) -> None:
@@ -267,7 +272,9 @@ def worker_main(spec_path: str) -> None:
             elif what == "report":
                 report()
             elif what == "reconnects":
-                emit({"ev": "reconnects", "times": state["reconnects"]})
+                emit({"ev": "reconnects", "times": state["reconnects"],
+                      "again": state["again"],
+                      "failed_attempts": sum(c.counters["failed_attempts"] for c in clients)})
             elif what == "stop":
                 stop()
 

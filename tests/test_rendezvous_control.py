@@ -887,6 +887,37 @@ class FailoverTests(SynchronousTestCase):
                              + 0.1)
         self.assertEqual((client.current, client.counters["liveness_timeouts"]), (1, 1))
 
+    def test_busy_instance_kept(self) -> None:
+        """
+        An instance late with the ping's answer but still sending (a
+        survivor busy with a dead one's nodes) is not left: leaving would
+        add a reconnection to its load.  Once it says nothing at all for
+        the timeout, it is left.
+        """
+        one, two = MemoryEndpoint(self.world), MemoryEndpoint(self.world)
+        client = self.client([one, two])
+        self.until_connected([client], 1)
+        server = one.pumps[-1].serverIO  # no answers from now on...
+        server.write = server.writeSequence = lambda data: None
+        protocol = client._protocol
+        for _ in range(40):  # ...but bytes arrive every 0.5 s, for 20 s
+            protocol.heard = self.world.clock.seconds()
+            self.world.settle(0.5)
+        self.assertIs(client._protocol, protocol)
+        self.assertEqual(client.counters["liveness_timeouts"], 0)
+        self.assertGreater(client.counters["liveness_slow"], 0)
+        one.refuse = True
+        silent_from = self.world.clock.seconds()
+        for _ in range(200):
+            if client.counters["liveness_timeouts"]:
+                break
+            self.world.settle(0.1)
+        self.assertEqual(client.counters["liveness_timeouts"], 1)
+        self.assertLessEqual(self.world.clock.seconds() - silent_from,
+                             LIVENESS_INTERVAL + 2 * LIVENESS_TIMEOUT + 0.2)
+        self.until_connected([client], 20)
+        self.assertEqual(client.current, 1)
+
     def test_no_thundering_herd(self) -> None:
         """
         The nodes of a dead instance reach the survivor spread over

@@ -380,6 +380,34 @@ class JoinCost(SynchronousTestCase):
         self.assertEqual(len(set(ips)), 300)
         self.assertEqual(ips[-1], "10.9.1.44")  # .255 and .0 of 10.9.0.0/24 are hosts of a /16
 
+    def test_pushes_read_members_once_per_change(self) -> None:
+        """
+        Nodes coming and going change what the map shows but not who is a
+        member: those pushes read no member list; an admin's change does.
+        """
+        sessions = {}
+        for i in range(20):
+            _, public = new_key()
+            sessions[public] = FakeSession(public)
+            self.controller.register_node(public, f"n{i}", sessions[public])
+            self.controller.join(public, self.net)
+        self.controller.publisher.flush()
+        self.store.calls.clear()
+        first = next(iter(sessions))
+        for _ in range(5):
+            self.controller.detach(sessions[first])
+            self.controller.publisher.flush()
+            self.controller.register_node(first, "n0", sessions[first])
+            self.controller.publisher.flush()
+        self.assertEqual(self.store.calls["list_members"], 0)
+        last = sessions[list(sessions)[-1]].maps[-1][1]
+        self.assertTrue(last.member(first).online)
+        self.controller.update_member(self.net, encode_key(first), name="renamed")
+        self.controller.publisher.flush()
+        self.assertEqual(self.store.calls["list_members"], 2)  # the observers' sets, the map
+        last = sessions[list(sessions)[-1]].maps[-1][1]
+        self.assertEqual(last.member(first).name, "renamed")
+
     def test_freed_addresses_are_taken_first(self) -> None:
         keys = [self.join(f"n{i}") for i in range(5)]
         self.controller.delete_member(self.net, encode_key(keys[3]))

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support.ports import free_tcp_port
 from tests.support.rendezvous import RecordingListener
@@ -30,6 +30,7 @@ from twistvpn.rendezvous.client import RendezvousClient
 from twistvpn.rendezvous.controller import node_id_of
 from twistvpn.rendezvous.discovery import DiscoveryClient
 from twistvpn.rendezvous.files import STATE_FILE
+from twistvpn.rendezvous.service import CONTROL_BACKLOG, with_backlog
 from twistvpn.testing.localrun import LocalRendezvous
 from twistvpn.wireguard.keys import generate_private_key
 
@@ -172,6 +173,30 @@ class RealProcess(TestCase):
         # once it has shut down, so the status is "killed by SIGTERM")
         self.assertEqual(self.rendezvous.kill(signal.SIGTERM), -signal.SIGTERM)
         self.assertFalse(os.path.exists(os.path.join(self.data_dir, STATE_FILE)))
+
+
+class Backlog(SynchronousTestCase):
+    """The control port queues a fail-over's herd instead of dropping its SYNs."""
+
+    def test_added_unless_given(self) -> None:
+        self.assertEqual(with_backlog("tcp:8443"), f"tcp:8443:backlog={CONTROL_BACKLOG}")
+        self.assertEqual(with_backlog("tcp6:port=8443:interface=\\:\\:1"),
+                         f"tcp6:port=8443:interface=\\:\\:1:backlog={CONTROL_BACKLOG}")
+        self.assertEqual(with_backlog("tcp:8443:backlog=10"), "tcp:8443:backlog=10")
+        self.assertEqual(with_backlog("unix:/run/x.sock"), "unix:/run/x.sock")
+
+    def test_real_listener(self) -> None:
+        """The kernel's queue of the listening socket (what ss shows as Send-Q)."""
+        if shutil.which("ss") is None:
+            raise SkipTest("ss (iproute2) is not installed")
+        tmp = tempfile.mkdtemp(prefix="tvb")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        rendezvous = LocalRendezvous(os.path.join(tmp, "data"), free_tcp_port())
+        self.addCleanup(rendezvous.kill)
+        rendezvous.start()
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{rendezvous.control_port}"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        self.assertEqual(out.split()[2], str(CONTROL_BACKLOG), out)
 
 
 class PortInUse(TestCase):

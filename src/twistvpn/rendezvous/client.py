@@ -83,6 +83,11 @@ class ControlClientProtocol(amp.AMP):
         super().__init__()
         self._client = client
         self.lost = False
+        self.heard = float("-inf")  # clock time the rendezvous last sent anything
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self.heard = self._client._clock.seconds()
+        super().dataReceived(data)
 
     @NetworkMapPush.responder
     def map_pushed(self, network_id: str, netmap: bytes) -> dict[str, Any]:
@@ -343,7 +348,18 @@ class RendezvousClient(Service):
         if protocol is not self._protocol:
             return
 
+        since = self._clock.seconds()
+
         def silent() -> None:
+            nonlocal since
+            if protocol.heard > since:
+                # It spoke meanwhile, only not the answer yet: a busy
+                # instance (a survivor taking a dead one's nodes), not a dead
+                # one.  Wait on; leaving would only add to its load.
+                self.counters["liveness_slow"] += 1
+                since = self._clock.seconds()
+                self._liveness = self._clock.callLater(LIVENESS_TIMEOUT, silent)
+                return
             self.counters["liveness_timeouts"] += 1
             self.log.info("rendezvous {where} silent for {t} s; trying the next instance",
                           where=self.where, t=LIVENESS_TIMEOUT)
@@ -353,21 +369,25 @@ class RendezvousClient(Service):
             if transport is not None:
                 transport.abortConnection()
 
-        timeout = self._clock.callLater(LIVENESS_TIMEOUT, silent)
+        def pending() -> bool:
+            """Whether this ping's timeout still runs (else it fired, or a stop ended it)."""
+            call = self._liveness
+            if protocol is self._protocol and call is not None and call.active():
+                call.cancel()
+                return True
+            return False
 
         def answered(answer: dict[str, Any]) -> None:
             spread = answer.get("failover_spread")
             if spread is not None and math.isfinite(spread):
                 self.failover_spread = min(FAILOVER_SPREAD_MAX, max(0.1, spread))
-            if timeout.active():
-                timeout.cancel()
+            if pending():
                 self._schedule_liveness(protocol)
 
         def failed(_: Failure) -> None:
-            if timeout.active():
-                timeout.cancel()
+            pending()
 
-        self._liveness = timeout
+        self._liveness = self._clock.callLater(LIVENESS_TIMEOUT, silent)
         self._call(protocol, Ping).addCallbacks(answered, failed)
 
     def _attempt_failed(self, failure: Failure) -> None:

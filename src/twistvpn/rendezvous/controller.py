@@ -45,7 +45,7 @@ from twistvpn.wireguard.keys import encode_key
 # Registrations a surviving instance completes per second (about 250 on the
 # fail-over benchmark's 2 cores, docs/performance.md): a dead instance's
 # nodes spread their moves over their number divided by the survivors' rate.
-FAILOVER_RATE = 250.0
+FAILOVER_RATE = 200.0
 FAILOVER_SPREAD_MIN = 5.0
 FAILOVER_SPREAD_MAX = 120.0
 

@@ -27,7 +27,7 @@ from twistvpn.interfaces import IMembershipObserver, IRendezvousStore
 from twistvpn.rendezvous.errors import NotFoundError
 from twistvpn.rendezvous.netmap import Member, NetworkMap
 from twistvpn.rendezvous.registry import SessionRegistry
-from twistvpn.rendezvous.store import NetworkRecord
+from twistvpn.rendezvous.store import MemberRecord, NetworkRecord
 
 # The longest the pause after a push may be (it is as long as the push took).
 MAX_PUSH_WINDOW = 0.5
@@ -81,6 +81,10 @@ class MapPublisher:
         self._revisions: dict[str, int] = store.revisions()
         # network ID -> the map last pushed (the base of the next delta)
         self._pushed: dict[str, NetworkMap] = {}
+        # network ID -> its authorized members' records, as the store last
+        # listed them: kept until membership changes (members_changed), so
+        # that a push for a node coming online reads no database.
+        self._records: dict[str, list[MemberRecord]] = {}
         self._dirty: set[str] = set()
         self._flush_call: IDelayedCall | None = None
         # network ID -> when the oldest change not yet pushed was made
@@ -126,6 +130,7 @@ class MapPublisher:
 
     def members_changed(self, network_id: str, authorized: frozenset[bytes],
                         devices: frozenset[bytes]) -> None:
+        self._records.pop(network_id, None)
         if authorized or self._store.get_network(network_id) is not None:
             self.changed(network_id)
 
@@ -143,6 +148,7 @@ class MapPublisher:
         self._registry.forget_network(network_id)
         self._revisions.pop(network_id, None)
         self._pushed.pop(network_id, None)
+        self._records.pop(network_id, None)
         self._dirty.discard(network_id)
 
     # -- pushing -----------------------------------------------------------------------
@@ -219,8 +225,14 @@ class MapPublisher:
 
     def network_map(self, network: NetworkRecord) -> NetworkMap:
         """The map every authorized member of C{network} receives."""
+        records = self._records.get(network.id)
+        if records is None:
+            records = self._records[network.id] = self._store.list_members(
+                network.id, authorized_only=True)
         members = []
-        for member in self._store.list_members(network.id, authorized_only=True):
+        for member in records:
+            if member.ip is None:
+                continue  # (authorized members have one: without, none could reach it)
             node = self._registry.node(member.public_key)
             members.append(
                 Member(

@@ -67,6 +67,20 @@ _LISTENER_OPTIONS = {"control": "--control", "udp0": "--udp-port", "udp1": "--ud
 # How often the rendezvous hands freed memory back to the system (after a
 # flood of connections, say): a few milliseconds each time.
 TRIM_INTERVAL = 30.0
+# Connections the kernel holds for the control port until they are accepted.
+# A dead instance's nodes reach a survivor by the hundred a second; with
+# Twisted's default of 50 the kernel drops the rest's SYNs, and TCP sends
+# them again only after 1, 3, 7... s (the fail-over benchmark's stragglers).
+CONTROL_BACKLOG = 1024
+
+
+def with_backlog(description: str, backlog: int = CONTROL_BACKLOG) -> str:
+    """A TCP endpoint description with C{backlog}, unless it names its own."""
+    if description.split(":", 1)[0].lower() in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
 _Listener = TypeVar("_Listener", StreamListener, DatagramListenService)
 
 
@@ -257,7 +271,8 @@ class RendezvousService(MultiService):
         self.channel_factory = ChannelFactory(control_tls, False, self.control_factory,
                                               clock=reactor)
         self.control = self._add(
-            "control", StreamListener(serverFromString(reactor, control), self.channel_factory)
+            "control", StreamListener(serverFromString(reactor, with_backlog(control)),
+                                      self.channel_factory)
         )
         self.relay_settings = relays
         self._trimmer: LoopingCall | None = None
