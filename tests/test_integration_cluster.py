@@ -118,11 +118,14 @@ class TwoInstances(TestCase):
         self.node(self.one, "laptop")
         yield self.until("instance 2 sees the laptop online",
                          lambda: self.members(gpu) == {"gpu": True, "laptop": True})
+        yield self.until("each instance counts two", lambda: (
+            self.one._cluster.alive, self.two._cluster.alive) == (2, 2))
         # As kill -9 leaves it: no goodbye, its database sessions just end.
         self.one.service.stopService()
         self.one.store.db.close()
         yield self.until("instance 2 marks the laptop offline",
                          lambda: self.members(gpu) == {"gpu": True, "laptop": False})
+        self.assertEqual(self.two._cluster.alive, 1)
         _, phone = self.node(self.two, "phone")
         three = self.instance()
         _, watch = self.node(three, "watch")

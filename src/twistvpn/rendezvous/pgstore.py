@@ -35,6 +35,9 @@ from twistvpn.rendezvous.store import SQLiteStore, WriteConflictError
 # How every instance's sessions are named in pg_stat_activity: an instance
 # whose sessions are gone is gone.
 APPLICATION_NAME = "twistvpn-rendezvous"
+# The LISTEN connection's: only store connections (one per instance, its ID)
+# carry APPLICATION_NAME, so that counting them counts instances.
+LISTEN_APPLICATION_NAME = "twistvpn-rendezvous-listen"
 # How often an instance asks the database which instances are still there.
 ALIVE_INTERVAL = 2.0
 
@@ -261,7 +264,8 @@ class ClusterService(Service):
         if not self.running:
             return
         try:
-            raw = psycopg.connect(self._dsn, autocommit=True, application_name=APPLICATION_NAME)
+            raw = psycopg.connect(self._dsn, autocommit=True,
+                                  application_name=LISTEN_APPLICATION_NAME)
             for channel in (MEMBERS_CHANNEL, NODES_CHANNEL):
                 raw.execute(f"LISTEN {channel}")
         except psycopg.Error as e:
