@@ -13,6 +13,7 @@ overlay addresses and tells systemd-resolved to send the domains there
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import shutil
@@ -60,7 +61,13 @@ def member_labels(members: Iterable[Member]) -> dict[bytes, str]:
     return labels
 
 
+@functools.lru_cache(maxsize=1 << 15)
 def reverse_name(ip: str) -> str:
+    """
+    C{ip}'s PTR name.  Kept for the members of a network of thousands: the
+    name table is made again on every map change, from mostly the same
+    addresses (ipaddress's reverse_pointer is 10 µs each).
+    """
     return ipaddress.ip_address(ip).reverse_pointer
 
 

@@ -30,6 +30,7 @@ joining node is sent one.  Readers tell the two apart by the first byte
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import zlib
@@ -64,10 +65,18 @@ def overlay6_prefix(network_id: str) -> str:
     return str(ipaddress.IPv6Network(f"fd{n[0:2]}:{n[2:6]}:{n[6:10]}:{n[10:14]}::/64"))
 
 
+@functools.lru_cache(maxsize=1 << 15)
 def overlay6(network_id: str, node_id: str) -> str:
-    """A member's IPv6 overlay address: the network's prefix and its 40-bit node ID."""
-    prefix = ipaddress.IPv6Network(overlay6_prefix(network_id))
-    return str(prefix.network_address + int(node_id, 16))
+    """
+    A member's IPv6 overlay address: the network's prefix and its 40-bit
+    node ID.  Kept: a node works out every member's on each map change.
+    """
+    return str(ipaddress.IPv6Address(_prefix6(network_id) + int(node_id, 16)))
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix6(network_id: str) -> int:
+    return int(ipaddress.IPv6Network(overlay6_prefix(network_id)).network_address)
 
 
 class MapError(ValueError):
