@@ -486,6 +486,16 @@ class PushWindow(ControllerTestCase):
         self.clock.advance(0.051)
         self.assertEqual(sessions[1].maps[-1][1].member(sessions[0].public_key).name, "again")
 
+    def test_clock_stepping_back_delays_at_most_the_window(self) -> None:
+        sessions = self.slow_network(100)
+        self.clock.advance(0.05)
+        self.clock.rightNow -= 3600  # the wall clock stepped back an hour
+        for s in sessions:
+            s.cost = 0.0
+        self.controller.rename_node(sessions[0].public_key, "renamed")
+        self.clock.advance(MAX_PUSH_WINDOW + 0.01)
+        self.assertEqual(sessions[1].maps[-1][1].member(sessions[0].public_key).name, "renamed")
+
     def test_pause_is_bounded(self) -> None:
         self.slow_network(300)  # 1.2 s of pushing
         self.clock.advance(0.05)
@@ -506,3 +516,4 @@ class FailoverSpread(ControllerTestCase):
         self.patch(controller_module, "FAILOVER_RATE", 1.0)
         self.clock.advance(1)
         self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD_MAX)
+

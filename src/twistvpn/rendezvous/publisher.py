@@ -120,7 +120,8 @@ class MapPublisher:
         self._changed_at.setdefault(network_id, self._clock.seconds())
         if self._flush_call is None:
             now = self._clock.seconds()
-            due = max(now + self._push_delay, self.quiet_until)
+            # (Bounded, should the clock have stepped back since the last push.)
+            due = max(now + self._push_delay, min(self.quiet_until, now + MAX_PUSH_WINDOW))
             self._flush_call = self._clock.callLater(due - now, self.flush)
 
     def node_changed(self, public_key: bytes) -> None:
