@@ -26,7 +26,6 @@ from twistvpn.interfaces import IControlSession, IRendezvousListener
 from twistvpn.rendezvous import client as client_module
 from twistvpn.rendezvous import controller as controller_module
 from twistvpn.rendezvous.client import (
-    FAILOVER_SPREAD,
     LIVENESS_INTERVAL,
     LIVENESS_TIMEOUT,
     NOT_FOUND,
@@ -40,6 +39,7 @@ from twistvpn.rendezvous.client import (
 from twistvpn.rendezvous.controller import InvalidArgumentError, NotFoundError, node_id_of
 from twistvpn.rendezvous.netmap import COMPRESS_ABOVE, MapReader, NetworkMap, inflate
 from twistvpn.rendezvous.protocol import (
+    FAILOVER_SPREAD,
     Challenge,
     Join,
     MapDeltaPush,

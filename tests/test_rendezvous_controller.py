@@ -17,14 +17,13 @@ from twistvpn.interfaces import IControlSession, INetworkController
 from twistvpn.rendezvous import controller as controller_module
 from twistvpn.rendezvous.controller import (
     FAILOVER_RATE,
-    FAILOVER_SPREAD_MAX,
-    FAILOVER_SPREAD_MIN,
     ConflictError,
     Controller,
     InvalidArgumentError,
     NotFoundError,
     node_id_of,
 )
+from twistvpn.rendezvous.protocol import FAILOVER_SPREAD, FAILOVER_SPREAD_MAX
 from twistvpn.rendezvous.publisher import MAX_PUSH_WINDOW
 from twistvpn.rendezvous.store import open_store
 from twistvpn.wireguard.keys import decode_key, encode_key
@@ -507,10 +506,10 @@ class FailoverSpread(ControllerTestCase):
     """Over how long this instance's nodes spread a move if it dies: in proportion to them."""
 
     def test_in_proportion_to_the_nodes_here(self) -> None:
-        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD_MIN)
+        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD)
         for i in range(2000):
             self.node(f"n{i}")
-        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD_MIN)  # a second old
+        self.assertEqual(self.controller.failover_spread(), FAILOVER_SPREAD)  # a second old
         self.clock.advance(1)
         self.assertEqual(self.controller.failover_spread(), 2000 / FAILOVER_RATE)
         self.patch(controller_module, "FAILOVER_RATE", 1.0)

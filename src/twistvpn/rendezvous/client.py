@@ -44,6 +44,8 @@ from twistvpn.rendezvous.channel import ChannelClientEndpoint
 from twistvpn.rendezvous.errors import NotFoundError
 from twistvpn.rendezvous.netmap import ZLIB, MapError, MapReader, NetworkMap, Punch
 from twistvpn.rendezvous.protocol import (
+    FAILOVER_SPREAD,
+    FAILOVER_SPREAD_MAX,
     PROTOCOL_VERSION,
     Challenge,
     Join,
@@ -128,14 +130,6 @@ class ControlClientProtocol(amp.AMP):
 # that restarts is not met by all of them in the same instant.
 RECONNECT_MAX = 8.0
 RECONNECT_JITTER = 1.5
-# With several rendezvous instances, a node whose instance went away moves
-# to the next one after a random wait of up to this many seconds, so that
-# the nodes of a dead instance reach the survivors spread over this time
-# rather than all in one instant (docs/rendezvous.md, "High availability").
-# The instance's answers to liveness pings replace it with one in proportion
-# to its number of nodes (up to FAILOVER_SPREAD_MAX).
-FAILOVER_SPREAD = 5.0
-FAILOVER_SPREAD_MAX = 120.0
 # With several instances, the node pings its own every LIVENESS_INTERVAL
 # seconds and leaves one silent for LIVENESS_TIMEOUT (a machine that died
 # without closing its connections): the next instance within about 10 s.
@@ -191,7 +185,8 @@ class RendezvousClient(Service):
         self._reader: IMapReader = reader if reader is not None else MapReader()
         self.status: dict[str, str] = {}
         self.counters: collections.Counter[str] = collections.Counter()
-        # Seconds over which a move to another instance is spread (see FAILOVER_SPREAD).
+        # Seconds over which a move to another instance is spread
+        # (protocol.FAILOVER_SPREAD; the instance's liveness answers set it).
         self.failover_spread = FAILOVER_SPREAD
         self._protocol: ControlClientProtocol | None = None
         self._clock = clock

@@ -38,6 +38,7 @@ from twistvpn.rendezvous.errors import (
 )
 from twistvpn.rendezvous.membership import _UNCHANGED, Membership
 from twistvpn.rendezvous.netmap import NetworkMap, format_endpoint, overlay6
+from twistvpn.rendezvous.protocol import FAILOVER_SPREAD, FAILOVER_SPREAD_MAX
 from twistvpn.rendezvous.publisher import MapPublisher
 from twistvpn.rendezvous.registry import SessionRegistry, node_id_of
 from twistvpn.wireguard.keys import encode_key
@@ -48,8 +49,6 @@ from twistvpn.wireguard.keys import encode_key
 # 10,000 clients, took 350 a second on average and 700 at its busiest,
 # docs/performance.md; more arrive queued, not refused).
 FAILOVER_RATE = 400.0
-FAILOVER_SPREAD_MIN = 5.0
-FAILOVER_SPREAD_MAX = 120.0
 
 __all__ = [
     "ConflictError",
@@ -301,7 +300,7 @@ class Controller:
             survivors = max(1, (self._cluster.alive if self._cluster is not None else 1) - 1)
             here = len(self.registry.connected_here())
             spread = here / (FAILOVER_RATE * survivors)
-            self._spread = (min(FAILOVER_SPREAD_MAX, max(FAILOVER_SPREAD_MIN, spread)), now)
+            self._spread = (min(FAILOVER_SPREAD_MAX, max(FAILOVER_SPREAD, spread)), now)
         return self._spread[0]
 
     def status(self) -> dict[str, Any]:

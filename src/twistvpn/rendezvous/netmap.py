@@ -34,12 +34,13 @@ import functools
 import ipaddress
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from zope.interface import implementer
 
+from twistvpn.common.amp import MAX_MAP_BYTES
 from twistvpn.common.dnsname import check_domain
 from twistvpn.interfaces import IMapReader
 from twistvpn.options import is_decimal
@@ -50,9 +51,9 @@ MAX_NAME_LENGTH = 64
 # What a node says it reads, and what is compressed for it.
 ZLIB = "zlib"
 COMPRESS_ABOVE = 1024
-# The most a compressed map may inflate to (what the control channel bounds
-# an uncompressed one to).
-MAX_INFLATED = 16 * 1024 * 1024
+# The most a compressed map may inflate to: what the control channel bounds
+# an uncompressed one to.
+MAX_INFLATED = MAX_MAP_BYTES
 
 
 def overlay6_prefix(network_id: str) -> str:
@@ -342,28 +343,37 @@ class MapDelta:
         return _load(data, "map delta", build)
 
 
-def _dump_once(obj: NetworkMap | MapDelta, fields: Callable[[], dict[str, Any]]) -> bytes:
+def kept(obj: NetworkMap | MapDelta, key: Hashable, make: Callable[[], bytes]) -> bytes:
     """
-    C{obj} as JSON, made on the first call and kept: one push sends the
-    same map or delta to every member of a network, and serializing it
-    once per member made a change in a network of N cost N serializations.
+    C{make()}, made on the first call for C{key} and kept with C{obj}: one
+    push sends the same map or delta to every member of a network, and
+    encoding it once per member made a change in a network of N cost N
+    encodings (its JSON, compressed form and wire box alike).
     """
-    data: bytes | None = obj.__dict__.get("_json")
+    made: dict[Hashable, bytes] | None = obj.__dict__.get("_kept")
+    if made is None:
+        made = {}
+        object.__setattr__(obj, "_kept", made)  # frozen, and not a field
+    data = made.get(key)
     if data is None:
-        data = _dump(obj, fields())
-        object.__setattr__(obj, "_json", data)  # frozen, and not a field
+        data = made[key] = make()
     return data
+
+
+def _dump_once(obj: NetworkMap | MapDelta, fields: Callable[[], dict[str, Any]]) -> bytes:
+    """C{obj} as JSON, kept (L{kept})."""
+    return kept(obj, "json", lambda: _dump(obj, fields()))
 
 
 def _compress_once(obj: NetworkMap | MapDelta) -> bytes:
-    """C{obj.to_json()}, compressed if longer than COMPRESS_ABOVE; kept as that is."""
-    data: bytes | None = obj.__dict__.get("_compressed")
-    if data is None:
+    """C{obj.to_json()}, compressed if longer than COMPRESS_ABOVE; kept (L{kept})."""
+
+    def compress() -> bytes:
         data = obj.to_json()
-        if len(data) > COMPRESS_ABOVE:
-            data = zlib.compress(data, 1)  # level 1: most of the gain, a tenth of the time
-        object.__setattr__(obj, "_compressed", data)
-    return data
+        # level 1: most of the gain, a tenth of the time
+        return zlib.compress(data, 1) if len(data) > COMPRESS_ABOVE else data
+
+    return kept(obj, "compressed", compress)
 
 
 def inflate(data: bytes) -> bytes:

@@ -22,6 +22,14 @@ from twistvpn.rendezvous.errors import (
 )
 
 PROTOCOL_VERSION = 1
+# With several rendezvous instances, a node whose instance went away moves
+# to the next one after a random wait of up to its spread, so that a dead
+# instance's nodes reach the survivors spread out, not in one instant.  An
+# instance's answers to liveness pings say how long (its node count over
+# what the survivors register), FAILOVER_SPREAD to FAILOVER_SPREAD_MAX
+# seconds; FAILOVER_SPREAD before the first answer.
+FAILOVER_SPREAD = 5.0
+FAILOVER_SPREAD_MAX = 120.0
 
 ERRORS: dict[type[Exception], bytes] = {
     AuthError: b"AUTH_FAILED",

@@ -20,7 +20,7 @@ from twistvpn.common.amp import BoundedAMP, Ping
 from twistvpn.common.ratelimit import TokenBuckets
 from twistvpn.interfaces import IChannelBinding, IControlSession, INetworkController
 from twistvpn.rendezvous.errors import InvalidArgumentError
-from twistvpn.rendezvous.netmap import ZLIB, MapDelta, NetworkMap, Punch
+from twistvpn.rendezvous.netmap import ZLIB, MapDelta, NetworkMap, Punch, kept
 from twistvpn.rendezvous.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -51,22 +51,16 @@ MAX_CHALLENGES = 8
 CLOSE_TIMEOUT = 2.0
 
 
-def _push_of(obj: NetworkMap | MapDelta, network_id: str, compressed: bool) -> bytes:
-    """
-    The push of a map or delta as it goes on the wire, encoded on its first
-    send and kept with it (a push sends the one object to every member).
-    """
-    boxes: dict[tuple[str, bool], bytes] = obj.__dict__.get("_boxes") or {}
-    box = boxes.get((network_id, compressed))
-    if box is None:
+def _push_of(obj: NetworkMap | MapDelta, compressed: bool) -> bytes:
+    """The push of a map or delta as it goes on the wire, encoded once (netmap.kept)."""
+
+    def encode() -> bytes:
         payload = obj.compressed() if compressed else obj.to_json()
         if isinstance(obj, NetworkMap):
-            box = encoded_push(NetworkMapPush, network_id=network_id, netmap=payload)
-        else:
-            box = encoded_push(MapDeltaPush, network_id=network_id, delta=payload)
-        boxes[(network_id, compressed)] = box
-        object.__setattr__(obj, "_boxes", boxes)  # frozen, and not a field
-    return box
+            return encoded_push(NetworkMapPush, network_id=obj.network_id, netmap=payload)
+        return encoded_push(MapDeltaPush, network_id=obj.network_id, delta=payload)
+
+    return kept(obj, ("box", compressed), encode)
 
 
 @implementer(IControlSession)
@@ -259,11 +253,11 @@ class ControlServerProtocol(BoundedAMP):
 
     def send_map(self, network_id: str, netmap: NetworkMap) -> None:
         if not self._closed and self.transport is not None:
-            self.transport.write(_push_of(netmap, network_id, self._compressed))
+            self.transport.write(_push_of(netmap, self._compressed))
 
     def send_map_delta(self, network_id: str, delta: MapDelta) -> None:
         if not self._closed and self.transport is not None:
-            self.transport.write(_push_of(delta, network_id, self._compressed))
+            self.transport.write(_push_of(delta, self._compressed))
 
     def send_punch(self, network_id: str, punch: Punch) -> None:
         if not self._closed:
