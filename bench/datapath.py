@@ -3,21 +3,25 @@ Data-path benchmark: CPU per packet of twistvpn's per-packet Python, in
 process, for the compiled build against the pure-Python one in the same
 run (`.venv/bin/python bench/datapath.py`; no root).
 
-Two L{WireGuardDevice}s with a session between them, in memory.  Each
-round sends a batch of 64 TCP segments of 1,368 bytes (a TUN read batch)
-from A: C{send_packet}, padding, the counter, ChaCha20-Poly1305 (the
-``send`` column); hands each datagram to B's L{Forwarder} as the socket
-would: dispatch, the session, the AEAD, the replay window, AllowedIPs
-(``receive``); and joins B's decrypted batch for the TUN device
-(L{coalesce}, ``coalesce``).  The TUN device, the sockets and the reactor
-are not here (bench/throughput.py measures them, with the kernel).
+Two L{WireGuardDevice}s with a session between them, in memory. Each round
+cuts a TSO packet of 46 segments as a TUN read with TSO hands it over
+(L{twistvpn.node.offload.segment}: the headers and checksums of each
+segment, the ``segment`` column, per segment), then sends a batch of 64
+TCP segments of 1,368 bytes (a TUN read batch) from A: C{send_packet},
+padding, the counter, ChaCha20-Poly1305 (the ``send`` column); hands each
+datagram to B's L{Forwarder} as the socket would: dispatch, the session,
+the AEAD, the replay window, AllowedIPs (``receive``); and joins B's
+decrypted batch for the TUN device (L{coalesce}, ``coalesce``). The TUN
+device, the sockets and the reactor are not here (bench/throughput.py
+measures them, with the kernel).
 
 Each build runs in a child process (the pure one with
 TWISTVPN_PURE_PYTHON=1, twistvpn.build), the runs interleaved; the table
-shows medians of CPU microseconds per packet.  With C{--worth}, also
-builds one wheel per compiled module, that module left out, and measures
-each: what compiling that module is worth on this path.  Writes JSON to
-bench/results/.
+shows medians of CPU microseconds per packet; the total leaves out the
+cutting, which only a node with TSO does (the compiled build's default).
+With C{--worth}, also builds one wheel per compiled module, that module
+left out, and measures each: what compiling that module is worth on this
+path. Writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -44,15 +48,16 @@ HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parent
 BATCH = 64
 PAYLOAD = 1368
-STAGES = ("send", "receive", "coalesce")
+STAGES = ("segment", "send", "receive", "coalesce")
+TSO_SEGMENTS = 46  # 46 x 1,368 bytes and the headers: what fits in 64 KiB
 
 
-def _segment(seq: int) -> bytes:
+def _segment(seq: int, payload: int = PAYLOAD) -> bytes:
     """A TCP/IPv4 segment of the overlay (checksums are not checked on this path)."""
     tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 7, 5 << 4, 0x10, 500, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + PAYLOAD, 1, 0x4000, 64, 6, 0,
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + payload, 1, 0x4000, 64, 6, 0,
                      bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2]))
-    return ip + tcp + bytes(PAYLOAD)
+    return ip + tcp + os.urandom(payload)
 
 
 def child(rounds: int) -> dict[str, Any]:
@@ -61,7 +66,7 @@ def child(rounds: int) -> dict[str, Any]:
 
     from twistvpn import build
     from twistvpn.node.forwarder import Forwarder
-    from twistvpn.node.offload import coalesce
+    from twistvpn.node.offload import coalesce, segment
     from twistvpn.wireguard.device import WireGuardDevice
     from twistvpn.wireguard.keys import generate_private_key
 
@@ -95,7 +100,13 @@ def child(rounds: int) -> dict[str, Any]:
     seq = 0
     totals = dict.fromkeys(STAGES, 0.0)
     clock_time = time.process_time
+    tso = _segment(0, TSO_SEGMENTS * PAYLOAD)
     for _ in range(rounds):
+        started = clock_time()
+        cut = segment(tso, 20, PAYLOAD)
+        totals["segment"] += (clock_time() - started) * BATCH / TSO_SEGMENTS
+        if cut is None or len(cut) != TSO_SEGMENTS:
+            raise SystemExit("datapath benchmark: the TSO packet was not cut")
         packets = []
         for _ in range(BATCH):
             packets.append(_segment(seq))
@@ -182,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, _ in variants:
         medians = {s: statistics.median(r[s] for r in runs[name]) for s in STAGES}
         results.append({"variant": name, "build": runs[name][0]["build"], **medians,
-                        "total": sum(medians.values()), "runs": runs[name]})
+                        "total": sum(medians[s] for s in STAGES if s != "segment"),
+                        "runs": runs[name]})
     base = results[0]["total"]
     print(columns(
-        ("variant", "build", *(f"{s} µs" for s in STAGES), "total µs", "vs installed"),
+        ("variant", "build", *(f"{s} µs" for s in STAGES), "total µs (no segment)",
+         "vs installed"),
         [(r["variant"], r["build"], *(f"{r[s]:.2f}" for s in STAGES), f"{r['total']:.2f}",
           f"{r['total'] / base:.2f}") for r in results],
     ))

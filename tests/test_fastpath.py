@@ -490,6 +490,8 @@ class AnswerWaitOptionTests(unittest.TestCase):
         self.assertEqual(parse()["stay-awake-ms"], round(DEFAULT_STAY_AWAKE * 1e3))
         self.assertEqual(parse("--answer-wait-us", "0")["answer-wait-us"], 0)
         self.assertEqual(parse("--stay-awake-ms", "0")["stay-awake-ms"], 0)
+        self.assertEqual(parse()["tso"], "auto")
+        self.assertEqual(parse("--tso", "off")["tso"], "off")
         for option, bad in [
             ("answer-wait-us", "-1"),
             ("answer-wait-us", "10001"),
@@ -497,23 +499,25 @@ class AnswerWaitOptionTests(unittest.TestCase):
             ("stay-awake-ms", "-1"),
             ("stay-awake-ms", "1001"),
             ("stay-awake-ms", "often"),
+            ("tso", "yes"),
         ]:
             e = self.assertRaises(usage.UsageError, parse, f"--{option}", bad)
             self.assertIn(f"--{option}", str(e))
 
     def test_device_gets_them(self) -> None:
-        """makeService opens the TUN device with both options, in seconds."""
+        """makeService opens the TUN device with the options (seconds; TSO None for auto)."""
         from twistvpn.node import node_tap, tun
         from twistvpn.node.config import InterfaceConfig
 
         made: list[dict[str, Any]] = []
         self.patch(node_tap, "load_config", lambda path: InterfaceConfig(private_key=bytes(32)))
         self.patch(tun, "TunDevice", lambda *args, **kwargs: made.append(kwargs))
-        options = node_tap.Options()
-        options.parseOptions(
-            ["--config", "wg0.conf", "--answer-wait-us", "300", "--stay-awake-ms", "5"]
-        )
-        top = node_tap.makeService(options, reactor=Clock())
-        [node] = [s for s in top if isinstance(s, node_tap.StaticNodeService)]
-        node.datapath._open_tun("tvtest0", 1420)
-        self.assertEqual(made, [{"answer_wait": 300e-6, "stay_awake": 5e-3}])
+        for tso in ("auto", "on", "off"):
+            options = node_tap.Options()
+            options.parseOptions(["--config", "wg0.conf", "--answer-wait-us", "300",
+                                  "--stay-awake-ms", "5", "--tso", tso])
+            top = node_tap.makeService(options, reactor=Clock())
+            [node] = [s for s in top if isinstance(s, node_tap.StaticNodeService)]
+            node.datapath._open_tun("tvtest0", 1420)
+        self.assertEqual(made, [{"answer_wait": 300e-6, "stay_awake": 5e-3, "tso": wanted}
+                                for wanted in (None, True, False)])

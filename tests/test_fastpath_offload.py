@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 
@@ -16,14 +17,21 @@ from twistvpn.node.awake import IDLE_LOOK
 from twistvpn.node.fastpath import BatchWindow
 from twistvpn.node.offload import (
     PLAIN,
+    TUN_OFFLOADS,
+    TUNSETOFFLOAD,
     VNET_F_NEEDS_CSUM,
     VNET_GSO_TCPV4,
     VNET_GSO_TCPV6,
     VNET_HEADER,
     VNET_HEADER_SIZE,
     coalesce,
+    complete_checksum,
+    internet_sum,
     ipv4_header_checksum,
     tcp_pseudo_header_sum,
+)
+from twistvpn.node.offload import (
+    segment as cut,
 )
 from twistvpn.node.tun import TunDevice
 
@@ -144,6 +152,93 @@ class ChecksumTests(unittest.TestCase):
     def test_pseudo_header_sum(self, addresses: bytes, length: int) -> None:
         expected = ones_complement_sum(addresses + struct.pack("!BBH", 0, 6, length))
         self.assertEqual(tcp_pseudo_header_sum(addresses, length) % 0xFFFF, expected % 0xFFFF)
+
+    @given(st.binary(max_size=300), st.data())
+    def test_internet_sum(self, data: bytes, draw: st.DataObject) -> None:
+        start = draw.draw(st.integers(0, len(data)))
+        end = draw.draw(st.integers(start, len(data)))
+        self.assertEqual(internet_sum(data, start, end), ones_complement_sum(data[start:end]))
+
+    def test_complete_checksum(self) -> None:
+        """A CHECKSUM_PARTIAL packet (the pseudo-header's sum in the field) made whole."""
+        packet = segment(1000, os.urandom(777))  # odd: the padded last byte
+        partial = bytearray(packet)
+        partial[36:38] = tcp_pseudo_header_sum(SRC + DST, len(packet) - 20).to_bytes(2, "big")
+        self.assertEqual(complete_checksum(bytes(partial), 20, 16), packet)
+        six = segment6(5, os.urandom(100))
+        partial = bytearray(six)
+        partial[56:58] = tcp_pseudo_header_sum(SRC6 + DST6, len(six) - 40).to_bytes(2, "big")
+        self.assertEqual(complete_checksum(bytes(partial), 40, 16), six)
+
+    def test_complete_checksum_zero_is_sent_as_ffff(self) -> None:
+        """RFC 768: a UDP checksum that comes out 0 goes as 0xFFFF (TCP takes both)."""
+        # Two words summing to 0xFFFF, the field (at 4) holding 0: checksum 0.
+        self.assertEqual(complete_checksum(b"\x12\x34\xed\xcb\0\0", 0, 4),
+                         b"\x12\x34\xed\xcb\xff\xff")
+
+    def test_complete_checksum_out_of_bounds(self) -> None:
+        for start, offset in ((0, 19), (18, 1), (30, 0), (-1, 4), (4, -1)):
+            self.assertIsNone(complete_checksum(bytes(20), start, offset))
+
+
+def tso_packet(payload: bytes, flags: int = 0x18, seq: int = 1000, ident: int = 7) -> bytes:
+    """What the kernel hands over with TSO: one TCP/IPv4 packet, its checksum left partial."""
+    packet = bytearray(segment(seq, payload, flags=flags, ident=ident))
+    packet[36:38] = b"\x12\x34"  # whatever it holds is not used
+    return bytes(packet)
+
+
+class SegmentTests(unittest.TestCase):
+    """L{offload.segment} cuts a TSO packet as the kernel's tcp_gso_segment would."""
+
+    def test_ipv4(self) -> None:
+        payload = os.urandom(1368 * 45 + 100)
+        got = cut(tso_packet(payload, flags=0x18 | 0x80 | 0x01), 20, 1368)
+        pieces = [payload[i:i + 1368] for i in range(0, len(payload), 1368)]
+        expected = [
+            segment(1000 + 1368 * i, piece, ident=7 + i,
+                    flags=(0x19 if i == len(pieces) - 1 else 0x10) | (0x80 if i == 0 else 0))
+            for i, piece in enumerate(pieces)
+        ]
+        self.assertEqual(len(got or []), 46)
+        self.assertEqual(got, expected)  # checksums, lengths, IDs, flags and all
+
+    def test_ipv6_and_sequence_wrap(self) -> None:
+        payload = os.urandom(1000 * 3)
+        seq = 0xFFFFFFFF - 1500
+        packet = bytearray(segment6(seq, payload, flags=0x18))
+        packet[56:58] = b"\xff\xff"
+        expected = [segment6((seq + 1000 * i) & 0xFFFFFFFF, payload[1000 * i:1000 * (i + 1)],
+                             flags=0x18 if i == 2 else 0x10) for i in range(3)]
+        self.assertEqual(cut(bytes(packet), 40, 1000), expected)
+
+    def test_rejoined(self) -> None:
+        """Cut, then joined by the receiving side, it is the same TCP data."""
+        payload = os.urandom(1368 * 10)
+        segments = cut(tso_packet(payload), 20, 1368)
+        assert segments is not None
+        [write] = coalesce(segments)
+        self.assertEqual(resegment(write)[0][52:], payload[:1368])
+        self.assertEqual(b"".join(p[52:] for p in resegment(write)), payload)
+
+    def test_refused(self) -> None:
+        good = tso_packet(os.urandom(3000))
+        for packet, tcp, size in (
+            (good, 20, 0),  # no segment size
+            (good, 24, 1368),  # TCP is not where the IPv4 header ends
+            (good[:40], 20, 1368),  # headers only
+            (good[:30], 20, 1368),
+            (b"\x15" + good[1:], 20, 1368),  # IP version 1
+            (good[:9] + b"\x11" + good[10:], 20, 1368),  # UDP
+            (segment6(1, b"x" * 100), 20, 1368),  # IPv6 with TCP inside its header
+        ):
+            self.assertIsNone(cut(packet, tcp, size))
+
+    @given(st.binary(max_size=200), st.integers(-5, 100), st.integers(-5, 100))
+    def test_garbage(self, packet: bytes, tcp: int, size: int) -> None:
+        """Whatever arrives, the answer is segments or None, never an exception."""
+        got = cut(packet, tcp, size)
+        self.assertTrue(got is None or all(isinstance(p, bytes) for p in got))
 
 
 class CoalesceTests(unittest.TestCase):
@@ -308,7 +403,7 @@ class OffloadTunTests(unittest.TestCase):
     def setUp(self) -> None:
         patch_pytun(self, offload=True)
         self.clock = FDClock()
-        self.device = TunDevice(self.clock, "tvtest0", 1420, iproute=FakeIPRoute())
+        self.device = TunDevice(self.clock, "tvtest0", 1420, iproute=FakeIPRoute(), tso=False)
         self.addCleanup(self.device.close)
         self.written: list[bytes] = []
         self.patch(os, "write", self._write)
@@ -523,6 +618,76 @@ class OffloadTunTests(unittest.TestCase):
         self.device.write(b"\x45" + bytes(19))
         self.device.flush()
         self.assertEqual(waits, [1, 1])
+
+
+class TSOTunTests(unittest.TestCase):
+    """A TUN device reading with TSO on: segments and completed checksums handed on."""
+
+    def setUp(self) -> None:
+        patch_pytun(self, offload=True)
+        self.asked: list[tuple[int, int]] = []
+        self.patch(fcntl, "ioctl", lambda fd, request, arg: self.asked.append((request, arg)))
+        self.clock = FDClock()
+        self.device = TunDevice(self.clock, "tvtest0", 1420, iproute=FakeIPRoute(), tso=True)
+        self.addCleanup(self.device.close)
+        self.received: list[bytes] = []
+        self.device.start_reading(self.received.append)
+        self.batches: list[int] = []
+        self.device.read_batch_window = BatchWindow(
+            self.clock, lambda: self.batches.append(len(self.received)))
+
+    def read(self, reads: list[bytes]) -> None:
+        self.patch(os, "read", lambda fd, size: reads.pop(0) if reads else _again())
+        self.patch(self.device, "_poll", lambda timeout: reads[:1])
+        self.device.doRead()
+
+    def test_asked_for(self) -> None:
+        self.assertEqual(self.asked, [(TUNSETOFFLOAD, TUN_OFFLOADS)])
+        self.assertTrue(self.device.tso)
+        self.assertGreaterEqual(self.device._read_size, 65535 + VNET_HEADER_SIZE)
+
+    def test_refused_by_the_kernel(self) -> None:
+        """An old kernel without TSO for TUN: plain reads, as before."""
+        def refuse(fd: int, request: int, arg: int) -> None:
+            raise OSError(22, "Invalid argument")
+
+        self.patch(fcntl, "ioctl", refuse)
+        device = TunDevice(self.clock, "tvtest1", 1420, iproute=FakeIPRoute(), tso=True)
+        self.addCleanup(device.close)
+        self.assertFalse(device.tso)
+        self.flushLoggedErrors()
+
+    def test_segments_handed_on_as_one_batch(self) -> None:
+        payload = os.urandom(1368 * 3)
+        big = VNET_HEADER.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, 1368, 20, 16)
+        lone = segment(1, b"ack")
+        partial = bytearray(lone)
+        partial[36:38] = tcp_pseudo_header_sum(SRC + DST, len(lone) - 20).to_bytes(2, "big")
+        self.read([big + tso_packet(payload), VNET_HEADER.pack(VNET_F_NEEDS_CSUM, 0, 0, 0, 20, 16)
+                   + bytes(partial)])
+        self.assertEqual(self.received, [*cut(tso_packet(payload), 20, 1368), lone])  # type: ignore[misc]
+        self.assertEqual(self.batches, [4])  # one flush, at the end
+        self.assertEqual(self.device.counters["rx_packets"], 4)
+        self.assertEqual(self.device.counters["rx_tso"], 1)
+
+    def test_malformed_dropped(self) -> None:
+        self.read([
+            VNET_HEADER.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, 1368, 20, 16) + b"short",
+            VNET_HEADER.pack(VNET_F_NEEDS_CSUM, 0, 0, 0, 20, 160) + segment(1, b"x"),
+            VNET_HEADER.pack(0, VNET_GSO_TCPV6, 52, 1368, 40, 16) + segment6(1, b"x" * 3000),
+            VNET_HEADER.pack(VNET_F_NEEDS_CSUM, 5, 52, 1368, 20, 16) + segment(1, b"x" * 3000),
+            PLAIN + b"ping",
+        ])
+        self.assertEqual(self.received, [b"ping"])
+        self.assertEqual(self.device.counters["drop_offload"], 4)
+
+    def test_bounded_per_wakeup(self) -> None:
+        """A wake-up stops reading once a read batch's worth was handed on."""
+        big = VNET_HEADER.pack(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, 1368, 20, 16)
+        reads = [big + tso_packet(os.urandom(1368 * 40)) for _ in range(3)]
+        self.read(reads)
+        self.assertEqual(len(self.received), 80)
+        self.assertEqual(len(reads), 1)  # left for the next wake-up
 
 
 def _again() -> bytes:

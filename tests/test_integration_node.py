@@ -15,6 +15,7 @@ import textwrap
 from pyroute2 import NetNS
 from twisted.trial import unittest
 
+from twistvpn import build
 from twistvpn.testing import netns
 from twistvpn.testing.netns import TWISTVPN, WIREGUARD_GO
 
@@ -108,8 +109,23 @@ class InteropTests(NamespaceTestCase):
 
     def test_twistvpn_and_twistvpn(self) -> None:
         a, b = self.check_pair([TWISTVPN, TWISTVPN])
+        self.assertUsedTSO(a)
         self.assertStopsCleanly(a)
         self.assertStopsCleanly(b)
+
+    def assertUsedTSO(self, node: netns.VpnNode) -> None:
+        """
+        The compiled build asks for TSO (the plain-Python build does not): the
+        kernel handed the sender's transfer over in packets of many segments,
+        and the receiver got every byte (the transfers above, hashes equal).
+        """
+        if not build.compiled_modules(["twistvpn.node.offload"]):
+            return
+        segments = TRANSFER_BYTES // 1368
+        path = f"/sys/class/net/{node.ifname}/statistics/tx_packets"
+        handed = int(self.network.run(node.namespace, ["cat", path]).stdout)
+        # Its own transfer's packets, plus ACKs and pings for the other way.
+        self.assertLess(handed, segments // 2, "the kernel handed over plain segments")
 
     def test_preshared_keys_and_keepalive(self) -> None:
         """PresharedKey and PersistentKeepalive interoperate both ways."""

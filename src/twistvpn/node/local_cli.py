@@ -434,7 +434,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "set", help="change a setting (name: at once; the others at the next start)")
     p.add_argument("key", help="name, rendezvous, port, interface, metrics, answer-wait-us, "
-                               "stay-awake-ms")
+                               "stay-awake-ms, tso")
     p.add_argument("value")
     common(p)
     p.set_defaults(func=set_setting)

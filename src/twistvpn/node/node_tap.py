@@ -99,6 +99,14 @@ class Options(OneLineOptions):
             f"wake-ups a second; 0: never (0 to 1000; default {round(DEFAULT_STAY_AWAKE * 1e3)}).",
         ],
         [
+            "tso",
+            None,
+            None,
+            "Ask the kernel to hand over TCP packets of up to 64 KiB and cut them into "
+            "segments here (TSO), one read for some 45 segments: auto (default: where the "
+            "build is compiled, see twistvpn --version), on or off.",
+        ],
+        [
             "private-key-file",
             None,
             None,
@@ -172,12 +180,12 @@ class Options(OneLineOptions):
         defaults = {"interface": DEFAULT_NAME, "dns-port": DEFAULT_DNS_PORT,
                     "system-dns": "auto", "port-mapping": "auto",
                     "answer-wait-us": round(DEFAULT_ANSWER_WAIT * 1e6),
-                    "stay-awake-ms": round(DEFAULT_STAY_AWAKE * 1e3)}
+                    "stay-awake-ms": round(DEFAULT_STAY_AWAKE * 1e3), "tso": "auto"}
         for key, value in defaults.items():
             if self[key] is None:
                 self[key] = value
         for key in ("interface", "answer-wait-us", "stay-awake-ms", "dns-port", "system-dns",
-                    "port-mapping"):
+                    "port-mapping", "tso"):
             self._check(key)
 
     def _check(self, key: str) -> None:
@@ -288,6 +296,7 @@ def makeService(config: Options, reactor: Any = None) -> service.MultiService:
             mtu,
             answer_wait=config["answer-wait-us"] / 1e6,
             stay_awake=config["stay-awake-ms"] / 1e3,
+            tso={"on": True, "off": False}.get(config["tso"]),
         )
 
     node: service.Service

@@ -156,6 +156,13 @@ def check_port_mapping(value: Any) -> str:
     return str(value)
 
 
+def check_tso(value: Any) -> str:
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"{str(value)[:40]!r} is not auto (where the build is compiled), "
+                         "on or off")
+    return str(value)
+
+
 # Every key the file may hold, with its check; the node's option of the same name.
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "rendezvous": check_rendezvous,
@@ -169,6 +176,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "port-mapping": check_port_mapping,
     "answer-wait-us": _integer(0, MAX_ANSWER_WAIT_US),
     "stay-awake-ms": _integer(0, 1000),
+    "tso": check_tso,
 }
 # What `twistvpn set` may change, and whether the running node applies it at once.
 SETTABLE: dict[str, bool] = {
@@ -182,6 +190,7 @@ SETTABLE: dict[str, bool] = {
     "port-mapping": False,
     "answer-wait-us": False,
     "stay-awake-ms": False,
+    "tso": False,
 }
 
 

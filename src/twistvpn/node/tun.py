@@ -11,6 +11,7 @@ knows which it has.
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 from collections import Counter
@@ -27,11 +28,20 @@ from twistvpn.interfaces import IWindowedTunDevice
 from twistvpn.node.awake import DEFAULT_STAY_AWAKE, StayAwake
 from twistvpn.node.fastpath import DEFAULT_ANSWER_WAIT, BatchWindow, Readiness, hold
 from twistvpn.node.offload import (
+    MAX_IP_PACKET,
     PLAIN,
+    TUN_OFFLOADS,
+    TUNSETOFFLOAD,
     VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE,
+    VNET_GSO_TCPV4,
+    VNET_GSO_TCPV6,
+    VNET_HEADER,
     VNET_HEADER_SIZE,
     coalesce,
+    complete_read,
+    segment,
+    tso_pays,
 )
 from twistvpn.node.reactor import add_reader
 
@@ -125,8 +135,11 @@ class TunDevice(TunBase):
     (IFF_VNET_HDR): packets written in one reactor iteration are written
     at its end, runs of TCP segments joined into one
     (L{twistvpn.node.offload.coalesce}), so that the kernel's TCP stack
-    takes them in one pass.  Reads are unchanged: the kernel is not asked
-    for offloads (TUNSETOFFLOAD), so it hands over plain packets.
+    takes them in one pass.  With C{tso} (the default where
+    L{twistvpn.node.offload} runs compiled) the kernel is also asked for
+    TSO and checksum offload (TUNSETOFFLOAD): it hands over TCP packets of
+    up to 64 KiB, cut here into the segments it would have sent
+    (L{twistvpn.node.offload.segment}), and leaves checksums to us.
 
     The device exists from construction until L{close}; it is not
     persistent, so the kernel also removes it (and its routes) if the
@@ -143,6 +156,7 @@ class TunDevice(TunBase):
         read_after_write: bool = True,
         answer_wait: float = DEFAULT_ANSWER_WAIT,
         stay_awake: float = DEFAULT_STAY_AWAKE,
+        tso: bool | None = None,
     ) -> None:
         import pytun  # only the real device needs the C extension
 
@@ -156,6 +170,15 @@ class TunDevice(TunBase):
         except OSError as e:
             raise TunError(_explain(name, e)) from e
         self.offload = offload
+        self.tso = False
+        if offload and (tso_pays() if tso is None else tso):
+            try:
+                fcntl.ioctl(self._tun.fileno(), TUNSETOFFLOAD, TUN_OFFLOADS)
+            except OSError as e:
+                _log.warn("{name}: no TSO ({error}); reading plain packets",
+                          name=name, error=e)
+            else:
+                self.tso = True
         # Read at once after writing a batch (see flush).
         self.read_after_write = read_after_write
         # Seconds to wait for the answer after sending a lone packet
@@ -180,7 +203,10 @@ class TunDevice(TunBase):
         self._poll = self._readiness.poll  # poll(0): non-empty when a packet is queued
         # Room for a packet bigger than the MTU, so that one is read whole
         # and can be counted rather than split.
-        self._read_size = max(mtu, 1500) + 64 + (VNET_HEADER_SIZE if offload else 0)
+        self._read_size = (
+            MAX_IP_PACKET + VNET_HEADER_SIZE if self.tso
+            else max(mtu, 1500) + 64 + (VNET_HEADER_SIZE if offload else 0)
+        )
         if iproute is None:
             from pyroute2 import IPRoute
 
@@ -245,14 +271,32 @@ class TunDevice(TunBase):
                 if not packet:
                     break
                 if offload:
-                    # No offloads were enabled, so the kernel has no reason to
-                    # send a GSO packet or a partial checksum; refuse them.
-                    if len(packet) <= VNET_HEADER_SIZE or packet[1] != VNET_GSO_NONE or (
-                        packet[0] & VNET_F_NEEDS_CSUM
-                    ):
+                    if len(packet) <= VNET_HEADER_SIZE:
                         counters["drop_offload"] += 1
                         continue
-                    packet = packet[VNET_HEADER_SIZE:]
+                    if packet[1] != VNET_GSO_NONE:
+                        # A TSO packet (without TSO the kernel sends none).
+                        segments = self._segmented(packet) if self.tso else None
+                        if segments is None:
+                            counters["drop_offload"] += 1
+                            continue
+                        # Bulk: held from the first segment, as a GRO buffer.
+                        counters["rx_tso"] += 1
+                        if not held:
+                            held = hold(window)
+                        delivered += self._deliver_segments(segments, receiver)
+                        if self._receiver is not receiver or delivered >= READ_BATCH:
+                            break
+                        continue
+                    if packet[0] & VNET_F_NEEDS_CSUM:
+                        # A checksum left to us (with TSO only).
+                        done = complete_read(packet) if self.tso else None
+                        if done is None:
+                            counters["drop_offload"] += 1
+                            continue
+                        packet = done
+                    else:
+                        packet = packet[VNET_HEADER_SIZE:]
                 first = not delivered
                 if first and window is not None:
                     window.lone += 1
@@ -281,6 +325,29 @@ class TunDevice(TunBase):
         awake = self._awake
         if awake is not None and delivered and awake.idle:
             awake.poke()  # traffic after a quiet spell
+
+    def _segmented(self, data: bytes) -> list[bytes] | None:
+        """The segments of a TSO read (virtio-net header, packet); None if malformed."""
+        flags, gso, _, size, start, _ = VNET_HEADER.unpack_from(data)
+        if (gso == VNET_GSO_TCPV4 or gso == VNET_GSO_TCPV6) and flags & VNET_F_NEEDS_CSUM:
+            return segment(data, start, size, VNET_HEADER_SIZE)
+        return None
+
+    def _deliver_segments(self, segments: list[bytes], receiver: Receiver) -> int:
+        """Hand on the segments of one read; how many were handed on."""
+        counters = self.counters
+        count = 0
+        for packet in segments:
+            counters["rx_packets"] += 1
+            count += 1
+            try:
+                receiver(packet)
+            except Exception:
+                counters["drop_receiver_error"] += 1
+                _log.failure("packet receiver raised")
+            if self._receiver is not receiver:
+                break
+        return count
 
     def connectionLost(self, reason: Failure) -> None:
         self._reading = False

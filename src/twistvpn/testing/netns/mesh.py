@@ -144,14 +144,16 @@ def start_wireguard_go(
 
 TWISTVPN = "twistvpn"
 # The same node, for the benchmarks: its pure-Python build (in a compiled
-# install, twistvpn.build), and without the stay-awake timer.
+# install, twistvpn.build), without the stay-awake timer, and without TSO.
 TWISTVPN_PURE = "twistvpn-pure"
 TWISTVPN_NO_STAY_AWAKE = "twistvpn-no-stay-awake"
+TWISTVPN_NO_TSO = "twistvpn-no-tso"
 # kind -> (environment added, options added)
 TWISTVPN_KINDS: dict[str, tuple[dict[str, str] | None, tuple[str, ...]]] = {
     TWISTVPN: (None, ()),
     TWISTVPN_PURE: ({PURE_ENV: "1"}, ()),
     TWISTVPN_NO_STAY_AWAKE: (None, ("--stay-awake-ms", "0")),
+    TWISTVPN_NO_TSO: (None, ("--tso", "off")),
 }
 
 
