@@ -300,13 +300,9 @@ class TunDevice(TunBase):
                 first = not delivered
                 if first and window is not None:
                     window.lone += 1
-                counters["rx_packets"] += 1
                 delivered += 1
                 try:
-                    receiver(packet)
-                except Exception:
-                    counters["drop_receiver_error"] += 1
-                    _log.failure("packet receiver raised")
+                    self._hand_on(receiver, packet)
                 finally:
                     if first and window is not None:
                         window.lone -= 1
@@ -333,18 +329,21 @@ class TunDevice(TunBase):
             return segment(data, start, size, VNET_HEADER_SIZE)
         return None
 
+    def _hand_on(self, receiver: Receiver, packet: bytes) -> None:
+        """One packet read, counted; what the receiver raises is logged, not raised."""
+        self.counters["rx_packets"] += 1
+        try:
+            receiver(packet)
+        except Exception:
+            self.counters["drop_receiver_error"] += 1
+            _log.failure("packet receiver raised")
+
     def _deliver_segments(self, segments: list[bytes], receiver: Receiver) -> int:
         """Hand on the segments of one read; how many were handed on."""
-        counters = self.counters
         count = 0
         for packet in segments:
-            counters["rx_packets"] += 1
             count += 1
-            try:
-                receiver(packet)
-            except Exception:
-                counters["drop_receiver_error"] += 1
-                _log.failure("packet receiver raised")
+            self._hand_on(receiver, packet)
             if self._receiver is not receiver:
                 break
         return count
