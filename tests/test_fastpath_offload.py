@@ -212,6 +212,25 @@ class SegmentTests(unittest.TestCase):
                              flags=0x18 if i == 2 else 0x10) for i in range(3)]
         self.assertEqual(cut(bytes(packet), 40, 1000), expected)
 
+    def test_ipv4_options(self) -> None:
+        """Each segment's IPv4 header checksum covers its options too."""
+        payload = os.urandom(1000 * 3)
+        plain = segment(5, payload)
+        options = b"\x01\x01\x01\x00"  # NOP, NOP, NOP, end
+        header = bytearray(plain[:20] + options)
+        header[0] = 0x46
+        header[2:4] = (len(plain) + 4).to_bytes(2, "big")
+        packet = bytes(header) + plain[20:]
+        segments = cut(packet, 24, 1000)
+        assert segments is not None
+        self.assertEqual(len(segments), 3)
+        for piece in segments:
+            self.assertEqual(piece[20:24], options)
+            self.assertEqual(ones_complement_sum(piece[:24]), 0xFFFF)
+            pseudo = SRC + DST + struct.pack("!BBH", 0, 6, len(piece) - 24)
+            self.assertEqual(ones_complement_sum(pseudo + piece[24:]), 0xFFFF)
+        self.assertEqual(b"".join(p[24 + 32:] for p in segments), payload)
+
     def test_rejoined(self) -> None:
         """Cut, then joined by the receiving side, it is the same TCP data."""
         payload = os.urandom(1368 * 10)

@@ -27,7 +27,9 @@ segments the kernel would have cut, each with its checksums, and
 L{complete_checksum} completes the checksum of a packet that is not cut.
 One read and one pass through the sending TCP stack then carry some 45
 segments instead of one.  The checksum loop is what makes this pay only
-when compiled: about 0.5 µs for 1,368 bytes, against 2 µs in plain Python.
+when compiled: about 0.45 µs for 1,368 bytes, against 55 µs interpreted
+(and 2 µs for the quickest plain-Python form, C{int.from_bytes} and a
+modulo).
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ TUN_OFFLOADS: Final = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 PLAIN: Final = bytes(VNET_HEADER_SIZE)
 _CSUM_FIELDS: Final = struct.Struct("=HH")  # csum_start, csum_offset: at 6 in the header
 _U16: Final = struct.Struct("!H")
-_U32: Final = struct.Struct("!I")
 
 # TCP flags a segment may carry and still be joined (ACK, and PSH which
 # ends the joined packet).
@@ -204,7 +205,7 @@ def segment(packet: bytes, tcp: i64, size: i64, ip: i64 = 0) -> list[bytes] | No
     else:
         template[4:6] = bytes(2)
     fixed = bytes(template)
-    ip_sum: i64 = internet_sum(fixed, 0, 20) if version == 4 else 0
+    ip_sum: i64 = internet_sum(fixed, 0, tcp) if version == 4 else 0  # options and all
     # The pseudo-header's addresses and protocol, and the TCP header.
     tcp_sum: i64 = addresses % 0xFFFF + 6 + internet_sum(fixed, tcp, header_length)
     # Each segment's headers in one pack: the template's constant runs
