@@ -56,7 +56,6 @@ TUN_F_TSO4: Final = 0x02
 TUN_F_TSO6: Final = 0x04
 TUN_OFFLOADS: Final = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 PLAIN: Final = bytes(VNET_HEADER_SIZE)
-_CSUM_FIELDS: Final = struct.Struct("=HH")  # csum_start, csum_offset: at 6 in the header
 _U16: Final = struct.Struct("!H")
 
 # TCP flags a segment may carry and still be joined (ACK, and PSH which
@@ -160,7 +159,7 @@ def complete_read(data: bytes) -> bytes | None:
     virtio-net header, then the packet), its checksum completed; None if
     the header's offsets do not fit.
     """
-    start, offset = _CSUM_FIELDS.unpack_from(data, 6)
+    _, _, _, _, start, offset = VNET_HEADER.unpack_from(data)
     return complete_checksum(data, start, offset, VNET_HEADER_SIZE)
 
 
@@ -180,11 +179,11 @@ def segment(packet: bytes, tcp: i64, size: i64, ip: i64 = 0) -> list[bytes] | No
     if version == 4:
         if tcp != (packet[ip] & 15) * 4 or tcp < 20 or packet[ip + 9] != 6:
             return None
-        addresses = int.from_bytes(packet[ip + 12:ip + 20], "big")
+        addresses = packet[ip + 12:ip + 20]
     elif version == 6:
         if tcp < 40:
             return None
-        addresses = int.from_bytes(packet[ip + 8:ip + 40], "big")
+        addresses = packet[ip + 8:ip + 40]
     else:
         return None
     header_length = tcp + ((packet[ip + tcp + 12] >> 4) << 2)
@@ -206,8 +205,8 @@ def segment(packet: bytes, tcp: i64, size: i64, ip: i64 = 0) -> list[bytes] | No
         template[4:6] = bytes(2)
     fixed = bytes(template)
     ip_sum: i64 = internet_sum(fixed, 0, tcp) if version == 4 else 0  # options and all
-    # The pseudo-header's addresses and protocol, and the TCP header.
-    tcp_sum: i64 = addresses % 0xFFFF + 6 + internet_sum(fixed, tcp, header_length)
+    # The pseudo-header (its length added per segment) and the TCP header.
+    tcp_sum: i64 = tcp_pseudo_header_sum(addresses, 0) + internet_sum(fixed, tcp, header_length)
     # Each segment's headers in one pack: the template's constant runs
     # between the fields that change.
     tail = fixed[tcp + 18:]
